@@ -1,0 +1,141 @@
+"""The guest process skeleton: attach to one VM, take irqfds, count interrupts.
+
+Started by a VMM (or a test) with a scoped VM channel inherited as an fd::
+
+    python -m guestemu.guest --channel-fd N [--name vm0]
+
+It attaches to its VM; the broker then hands it, as notices carrying real eventfds,
+every irqfd (gsi + eventfd [+ resamplefd]) and ioeventfd of the VM, now and whenever
+the VMM assigns more. It waits on the irqfds with epoll, counts signals per gsi, EOIs
+level-triggered lines (signaling their resamplefds), and acknowledges detach requests
+only after it has stopped watching and drained the eventfd -- so once the VMM's
+deassign returns, no further interrupt from that binding is counted.
+
+Control commands (JSON lines on stdin): ``stats``, ``wait_total {gsi, total, timeout}``,
+``io_write {addr, len, value, pio}`` (the ioeventfd fast path), ``quit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from typing import Any
+
+from guestemu.irq import InterruptController, IoEventFd, IoEventTable
+from shared import wire
+from shared.channel import Channel
+from shared.fds import EventNotifier, OwnedFd
+from shared.loop import Agent, ControlPipe, setup_logging
+
+
+class GuestAgent(Agent):
+    name = "guest"
+
+    def __init__(self, channel: Channel, control: ControlPipe) -> None:
+        super().__init__(channel, control)
+        self.irq = InterruptController()
+        self.io = IoEventTable()
+        self.detached: list[dict[str, Any]] = []
+        self._waiters: list[tuple[dict[str, Any], int, int, float]] = []
+
+    # ------------------------------------------------------------------ notices
+
+    def handle_notice(self, msg: wire.Message) -> None:
+        if isinstance(msg, wire.IrqfdAttach | wire.IrqfdAttachResample):
+            resample = msg.fds[1].move() if len(msg.fds) == 2 else None
+            line = self.irq.add(msg.binding, msg.gsi, msg.fds[0].move(), resample)
+            self.loop.watch(line.consumer.fileno(), functools.partial(self._on_irq, msg.binding))
+            # A signal already pending at assign time is seen by the first epoll pass.
+            self.emit("irqfd_attached", binding=msg.binding, gsi=msg.gsi,
+                      level=resample is not None)
+        elif isinstance(msg, wire.IoeventfdAttach):
+            pio = bool(msg.flags & wire.IOEVENTFD_FLAG_PIO)
+            dm = msg.datamatch if msg.flags & wire.IOEVENTFD_FLAG_DATAMATCH else None
+            self.io.add(IoEventFd(msg.binding, pio, msg.addr, msg.len, dm,
+                                  EventNotifier(msg.fds[0].move())))
+            self.emit("ioeventfd_attached", binding=msg.binding, addr=msg.addr)
+        elif isinstance(msg, wire.Detach):
+            self._detach(msg.binding, wire.DetachReason(msg.reason))
+        elif isinstance(msg, wire.PeerGone) and msg.kind == wire.PeerKind.VM:
+            self.loop.stop()
+        msg.close_fds()
+
+    def _detach(self, binding: int, reason: wire.DetachReason) -> None:
+        event: dict[str, Any] = {"binding": binding, "reason": reason.name.lower()}
+        line = self.irq.lines.get(binding)
+        if line is not None:
+            self.loop.unwatch(line.consumer.fileno())
+            event.update(gsi=line.gsi, drained=self.irq.remove(binding))
+        elif self.io.remove(binding):
+            event.update(kind="ioeventfd")
+        # Only now, with nothing left to deliver, may the broker answer the deassign.
+        self.channel.ack_detach(binding)
+        self.detached.append(event)
+        self.emit("detached", **event)
+
+    def _on_irq(self, binding: int) -> None:
+        if binding not in self.irq.lines:
+            return
+        if self.irq.deliver(binding):
+            line = self.irq.lines[binding]
+            if line.resample is not None:
+                self.irq.eoi(line.gsi)  # the skeleton's handler services it at once
+            self._check_waiters()
+
+    # ------------------------------------------------------------------ commands
+
+    def _stats(self) -> dict[str, Any]:
+        return {"delivered": {str(k): v for k, v in self.irq.delivered.items()},
+                "wakeups": {str(k): v for k, v in self.irq.wakeups.items()},
+                "drained_at_detach": {str(k): v for k, v in self.irq.drained_at_detach.items()},
+                "eois": {str(k): v for k, v in self.irq.eois.items()},
+                "irqfds": sorted(line.gsi for line in self.irq.lines.values()),
+                "ioeventfds": len(self.io.entries), "detached": self.detached}
+
+    def _check_waiters(self) -> None:
+        keep = []
+        for cmd, gsi, total, deadline in self._waiters:
+            have = self.irq.delivered[gsi]
+            if have >= total:
+                self.reply(cmd, ok=have == total, delivered=have)
+            elif time.monotonic() >= deadline:
+                self.reply(cmd, ok=False, delivered=have, error="timeout")
+            else:
+                keep.append((cmd, gsi, total, deadline))
+        self._waiters = keep
+
+    def handle_command(self, cmd: dict[str, Any]) -> dict[str, Any] | None:
+        name = cmd.get("cmd")
+        if name == "stats":
+            return self._stats()
+        if name == "wait_total":
+            deadline = time.monotonic() + float(cmd.get("timeout", 10.0))
+            self._waiters.append((cmd, int(cmd["gsi"]), int(cmd["total"]), deadline))
+            self.loop.call_at(deadline, self._check_waiters)
+            self._check_waiters()
+            return None
+        if name == "io_write":
+            hit = self.io.write(bool(cmd.get("pio", False)), int(cmd["addr"]),
+                                int(cmd["len"]), int(cmd.get("value", 0)))
+            return {"hit": hit}
+        raise KeyError(name)
+
+    def shutdown(self) -> None:
+        self.irq.close()
+        self.io.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="vbusemu guest process")
+    parser.add_argument("--channel-fd", type=int, required=True,
+                        help="inherited fd of the VM channel the VMM opened")
+    parser.add_argument("--name", default="guest")
+    args = parser.parse_args(argv)
+    setup_logging(args.name)
+    agent = GuestAgent(Channel.adopt(OwnedFd(args.channel_fd)), ControlPipe())
+    return agent.run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""The guest's interrupt controller and its ioeventfd table (no loop, no sockets).
+
+Invariants
+----------
+* Each irqfd binding the broker attached is one :class:`IrqLine` holding the guest's own
+  copies of the eventfd (and, for level-triggered lines, the resamplefd).
+* ``delivered[gsi]`` counts *signals* (the sum of every counter value drained from the
+  gsi's eventfds while attached); ``wakeups[gsi]`` counts interrupt deliveries (one per
+  drain that found a non-zero counter). Signals still pending when a line detaches are
+  drained without injection -- like KVM's irqfd shutdown -- and counted in
+  ``drained_at_detach``, so ``delivered + drained_at_detach`` always equals what was
+  signaled while the binding existed.
+* Level-triggered lines (RESAMPLE): a delivery asserts the line; :meth:`eoi` de-asserts
+  it and signals the resamplefd so the device can re-assert if it still needs service.
+* An ioeventfd match follows KVM: same bus and exact address; length 0 matches any
+  width; otherwise equal width and (wildcard or value == datamatch). A hit signals the
+  eventfd with 1 (the in-kernel fast path); a miss is an exit to the VMM.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from shared.fds import EventConsumer, EventNotifier, OwnedFd
+
+
+@dataclass(eq=False)
+class IrqLine:
+    binding: int
+    gsi: int
+    consumer: EventConsumer
+    resample: EventNotifier | None = None
+    asserted: bool = False
+
+    def close(self) -> None:
+        self.consumer.close()
+        if self.resample is not None:
+            self.resample.close()
+
+
+@dataclass(eq=False)
+class IoEventFd:
+    binding: int
+    pio: bool
+    addr: int
+    length: int
+    datamatch: int | None
+    notifier: EventNotifier
+
+    def matches(self, pio: bool, addr: int, length: int, value: int) -> bool:
+        if pio != self.pio or addr != self.addr:
+            return False
+        if self.length == 0:
+            return True
+        return length == self.length and (self.datamatch is None or value == self.datamatch)
+
+
+class InterruptController:
+    """gsi bookkeeping for irqfds: deliver, EOI/resample, detach."""
+
+    def __init__(self) -> None:
+        self.lines: dict[int, IrqLine] = {}
+        self.delivered: Counter[int] = Counter()
+        self.wakeups: Counter[int] = Counter()
+        self.drained_at_detach: Counter[int] = Counter()
+        self.eois: Counter[int] = Counter()
+
+    def add(self, binding: int, gsi: int, fd: OwnedFd, resample: OwnedFd | None = None) -> IrqLine:
+        line = IrqLine(binding, gsi, EventConsumer(fd),
+                       EventNotifier(resample) if resample is not None else None)
+        self.lines[binding] = line
+        return line
+
+    def deliver(self, binding: int) -> int:
+        """The line's eventfd is readable: drain it and inject. Returns signals drained."""
+        line = self.lines[binding]
+        n = line.consumer.drain()
+        if n:
+            self.delivered[line.gsi] += n
+            self.wakeups[line.gsi] += 1
+            if line.resample is not None:
+                line.asserted = True
+        return n
+
+    def eoi(self, gsi: int) -> int:
+        """End of interrupt on ``gsi``: de-assert level lines and signal their resamplefds."""
+        count = 0
+        for line in self.lines.values():
+            if line.gsi == gsi and line.asserted and line.resample is not None:
+                line.asserted = False
+                line.resample.notify(1)
+                count += 1
+        self.eois[gsi] += count
+        return count
+
+    def remove(self, binding: int) -> int:
+        """Detach: drain without injecting, close our copies. Returns signals drained."""
+        line = self.lines.pop(binding)
+        n = line.consumer.drain()
+        self.drained_at_detach[line.gsi] += n
+        line.close()
+        return n
+
+    def close(self) -> None:
+        for binding in list(self.lines):
+            self.remove(binding)
+
+
+class IoEventTable:
+    """The guest's view of the VM's ioeventfds (kept current by the broker)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, IoEventFd] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def add(self, entry: IoEventFd) -> None:
+        self.entries[entry.binding] = entry
+
+    def remove(self, binding: int) -> bool:
+        entry = self.entries.pop(binding, None)
+        if entry is None:
+            return False
+        entry.notifier.close()
+        return True
+
+    def write(self, pio: bool, addr: int, length: int, value: int) -> bool:
+        """A guest write: signal the matching eventfd (True) or exit to the VMM (False)."""
+        for entry in self.entries.values():
+            if entry.matches(pio, addr, length, value):
+                entry.notifier.notify(1)
+                self.hits += 1
+                return True
+        self.misses += 1
+        return False
+
+    def close(self) -> None:
+        for binding in list(self.entries):
+            self.remove(binding)

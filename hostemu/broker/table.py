@@ -1,0 +1,937 @@
+"""The broker's object table: the emulated host kernel's state, with no I/O.
+
+Theory of operation
+-------------------
+The server loop feeds this class three kinds of events -- a connection appeared
+(:meth:`ObjectTable.connect`), a decoded request arrived (:meth:`ObjectTable.handle`),
+a connection ended (:meth:`ObjectTable.disconnect`) -- plus the passing of time
+(:meth:`ObjectTable.expire`). Each call returns a list of *actions* for the loop to
+perform: :class:`Send` a message (with fds the action owns) to a connection,
+:class:`Disconnect` one, or :class:`OpenChannel` (create a scoped socketpair).
+Nothing here touches a socket, so every rule is unit-testable without processes.
+
+Ownership and the two reference layers (DESIGN §1)
+--------------------------------------------------
+* Every kernel object (eventfd, shared memory) is held by the broker as one
+  :class:`~shared.fds.OwnedFd` -- its own dup of the real fd.
+* *Handles* are the "file" references: per-connection small integers, like a process's
+  fd table. ``obj.handles`` counts them across all connections. A connection can only
+  name handles it holds; its end (close or crash) drops them all, like process exit.
+* *Bindings* (irqfd, ioeventfd, shm-signal, memory slot) are the "context" references
+  (``obj.ctx_refs``). A binding keeps its references until it is fully detached.
+* The broker closes its fd when both layers reach zero.
+
+Release policies
+----------------
+``HUP``: when an eventfd's last handle goes, every irqfd and shm-signal bound to it is
+detached with reason HUP (the irqfd first, as KVM's POLLHUP path does); ioeventfds and
+resamplefd references stay (they register no waiter, so they have no HUP path).
+``REFCOUNT``: handles going to zero changes nothing; bindings keep the eventfd alive
+until their explicit DEASSIGN (or VM/device teardown).
+
+Synchronous detach
+------------------
+Consumers and producers run in other processes and hold their own copies of the real
+eventfd. Deactivating a binding removes it from every index at once (so the same
+eventfd may be bound again immediately), sends :class:`~shared.wire.Detach` to the
+process using it and marks it *detaching*; the binding drops its references only when
+that process acknowledges (:class:`~shared.wire.DetachAck`) or is gone. The request
+that caused the detach (deassign, close, destroy) is answered only after every detach
+it started has finished: after the reply, no interrupt from that binding is delivered.
+A process that does not acknowledge within ``ack_timeout`` seconds is disconnected
+(treated as gone), which also finishes its detaches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+from shared import wire
+from shared.errors import BrokerError
+from shared.fds import EVENTFD_MAX, OwnedFd, eventfd_info, memory_fd_size, new_eventfd
+from shared.wire import DetachReason, PeerKind, Policy, Scope
+
+MAX_GSI = 1024
+MAX_MEMSLOTS = 512
+MAX_SIGNALS = 64
+PAGE_SIZE = 4096
+IOEVENTFD_LENGTHS = frozenset({0, 1, 2, 4, 8})
+ADDR_LIMIT = 1 << 64
+DEFAULT_ACK_TIMEOUT = 2.0
+DEFAULT_MAX_HANDLES = 1 << 16
+
+
+# ------------------------------------------------------------------------------ actions
+
+
+@dataclass
+class Send:
+    """Send ``msg`` to ``conn``; the loop closes ``msg.fds`` (our dups) once sent."""
+
+    conn: int
+    msg: wire.Message
+
+
+@dataclass
+class Disconnect:
+    """Drop ``conn`` (the table has already forgotten it)."""
+
+    conn: int
+    reason: str
+
+
+@dataclass
+class OpenChannel:
+    """Make a socketpair scoped to ``scope``/``target``; call :meth:`ObjectTable.channel_opened`
+    with the new connection and reply to ``requester`` with the other end."""
+
+    requester: int
+    seq: int
+    scope: Scope
+    target: int
+
+
+Action: TypeAlias = Send | Disconnect | OpenChannel
+
+
+def _fail(name: str, message: str) -> BrokerError:
+    return BrokerError.named(name, message)
+
+
+# ------------------------------------------------------------------------------ objects
+
+
+@dataclass(eq=False)
+class KernelObject:
+    """A real fd the broker owns, with its two reference counts."""
+
+    id: int
+    fd: OwnedFd
+    handles: int = 0
+    ctx_refs: int = 0
+
+    @property
+    def kind(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class EventfdObj(KernelObject):
+    kernel_id: int = -1
+    semaphore: bool = False
+    irqfd: IrqfdBinding | None = None  # the one irqfd (as trigger) allowed per eventfd
+    bindings: dict[int, Binding] = field(default_factory=dict)  # active and detaching
+
+    @property
+    def kind(self) -> str:
+        return "eventfd"
+
+
+@dataclass(eq=False)
+class MemoryObj(KernelObject):
+    size: int = 0
+
+    @property
+    def kind(self) -> str:
+        return "memory"
+
+
+@dataclass(eq=False, kw_only=True)
+class Binding:
+    id: int
+    eventfd: EventfdObj
+    consumer: int | None = None  # connection that holds a copy and must ack a detach
+    state: str = "active"  # active -> detaching -> released
+
+    kind = "binding"
+
+    def refs(self) -> list[EventfdObj]:
+        return [self.eventfd]
+
+
+@dataclass(eq=False, kw_only=True)
+class IrqfdBinding(Binding):
+    vm: Vm
+    gsi: int
+    resample: EventfdObj | None = None
+    kind = "irqfd"
+
+    def refs(self) -> list[EventfdObj]:
+        return [self.eventfd] + ([self.resample] if self.resample else [])
+
+
+@dataclass(eq=False, kw_only=True)
+class IoeventfdBinding(Binding):
+    vm: Vm
+    pio: bool
+    addr: int
+    length: int
+    datamatch: int | None  # None: wildcard
+    kind = "ioeventfd"
+
+
+@dataclass(eq=False, kw_only=True)
+class ShmSignalBinding(Binding):
+    device: Device
+    sigid: int
+    kind = "shmsignal"
+
+
+@dataclass(eq=False)
+class Memslot:
+    slot: int
+    gpa: int
+    size: int
+    offset: int
+    memory: MemoryObj
+
+
+@dataclass(eq=False)
+class Vm:
+    id: int
+    owner: int
+    ngsi: int
+    irqchip: bool = False
+    guest: int | None = None
+    irqfds: dict[int, IrqfdBinding] = field(default_factory=dict)
+    ioeventfds: dict[tuple[bool, int], list[IoeventfdBinding]] = field(default_factory=dict)
+    memslots: dict[int, Memslot] = field(default_factory=dict)
+    devices: dict[int, Device] = field(default_factory=dict)
+
+    def bindings(self) -> Iterator[Binding]:
+        yield from self.irqfds.values()
+        for bucket in self.ioeventfds.values():
+            yield from bucket
+
+
+@dataclass(eq=False)
+class Device:
+    id: int
+    owner: int
+    vm: Vm
+    nsignals: int
+    process: int | None = None
+    signals: dict[int, ShmSignalBinding] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Conn:
+    id: int
+    pid: int
+    uid: int
+    scope: Scope
+    target: int
+    handles: dict[int, KernelObject] = field(default_factory=dict)
+    next_handle: int = 0
+    vms: dict[int, Vm] = field(default_factory=dict)
+    devices: dict[int, Device] = field(default_factory=dict)
+    state_cache: bytes = b""
+
+
+@dataclass(eq=False)
+class PendingOp:
+    """A request whose reply waits for detach acknowledgements."""
+
+    requester: int | None
+    reply: wire.Message | None
+    waiting: set[int] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class Detaching:
+    binding: Binding
+    consumer: int
+    deadline: float
+    ops: list[PendingOp] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ the table
+
+
+Handler = Callable[[Conn, Any, PendingOp], wire.Message | None]
+
+
+class ObjectTable:
+    """Every object the emulated host kernel owns, and the rules that change them."""
+
+    def __init__(
+        self,
+        policy: Policy = Policy.HUP,
+        *,
+        ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+        max_handles: int = DEFAULT_MAX_HANDLES,
+        clock: Callable[[], float] = time.monotonic,
+        process_info: Callable[[], dict[str, Any]] = dict,
+    ) -> None:
+        self.policy = policy
+        self.ack_timeout = ack_timeout
+        self.max_handles = max_handles
+        self._clock = clock
+        self._process_info = process_info
+        self._ids = itertools.count(1)
+        self.conns: dict[int, Conn] = {}
+        self.objects: dict[int, KernelObject] = {}
+        self._by_kernel_id: dict[int, EventfdObj] = {}
+        self.vms: dict[int, Vm] = {}
+        self.devices: dict[int, Device] = {}
+        self._detaching: dict[int, Detaching] = {}
+        self._out: list[Action] = []
+        self._handlers: dict[type[wire.Message], Handler] = {
+            wire.Hello: self._hello,
+            wire.Ping: self._ping,
+            wire.GetState: self._get_state,
+            wire.EventfdCreate: self._eventfd_create,
+            wire.EventfdImport: self._eventfd_import,
+            wire.MemoryImport: self._memory_import,
+            wire.HandleDup: self._handle_dup,
+            wire.HandleClose: self._handle_close,
+            wire.HandleGetFd: self._handle_get_fd,
+            wire.VmCreate: self._vm_create,
+            wire.VmDestroy: self._vm_destroy,
+            wire.IrqchipCreate: self._irqchip_create,
+            wire.MemslotSet: self._memslot_set,
+            wire.DeviceCreate: self._device_create,
+            wire.DeviceDestroy: self._device_destroy,
+            wire.Irqfd: self._irqfd,
+            wire.Ioeventfd: self._ioeventfd,
+            wire.ShmSignal: self._shmsignal,
+            wire.ChannelOpen: self._channel_open,
+            wire.Attach: self._attach,
+        }
+        # Requests a scoped (guest or device) channel may make; everything else is EPERM.
+        self._scoped_allowed: frozenset[type[wire.Message]] = frozenset(
+            {
+                wire.Hello,
+                wire.Ping,
+                wire.Attach,
+                wire.EventfdCreate,
+                wire.EventfdImport,
+                wire.HandleDup,
+                wire.HandleClose,
+                wire.HandleGetFd,
+            }
+        )
+
+    # ----------------------------------------------------------------- entry points
+
+    def connect(self, conn_id: int, *, pid: int, uid: int,
+                scope: Scope = Scope.HOST, target: int = 0) -> list[Action]:
+        self.conns[conn_id] = Conn(conn_id, pid, uid, scope, target)
+        return self._flush()
+
+    def handle(self, conn_id: int, msg: wire.Message) -> list[Action]:
+        """Apply one request. Fds the table keeps are *taken* from ``msg``; the caller
+        closes whatever is left in ``msg.fds`` afterwards."""
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            return []
+        if isinstance(msg, wire.DetachAck):
+            self._ack(conn, msg.binding)
+            return self._flush()
+        op = PendingOp(conn_id, None)
+        try:
+            handler = self._handlers.get(type(msg))
+            if handler is None:
+                raise _fail("EINVAL", f"{type(msg).__name__} is not a request")
+            if conn.scope is not Scope.HOST and type(msg) not in self._scoped_allowed:
+                raise _fail("EPERM", f"a {conn.scope.name} channel may not {type(msg).__name__}")
+            reply = handler(conn, msg, op)
+            reply = reply if reply is not None else wire.Ok()
+        except BrokerError as e:
+            reply = wire.Error(errno=e.errno, text=e.message)
+        op.reply = _with_seq(reply, msg.seq)
+        if not op.waiting:
+            self._complete(op)
+        return self._flush()
+
+    def disconnect(self, conn_id: int) -> list[Action]:
+        """A connection ended (close or crash): exactly like process exit."""
+        self._drop_conn(conn_id)
+        return self._flush()
+
+    def channel_opened(self, requester: int, seq: int, conn_id: int, pid: int,
+                       uid: int, scope: Scope, target: int) -> list[Action]:
+        """The loop created a scoped channel for an :class:`OpenChannel` action."""
+        self.conns[conn_id] = Conn(conn_id, pid, uid, scope, target)
+        return self._flush()
+
+    def expire(self) -> list[Action]:
+        """Disconnect every consumer that missed its acknowledgement deadline."""
+        now = self._clock()
+        late = {d.consumer for d in self._detaching.values() if d.deadline <= now}
+        for conn_id in sorted(late):
+            self._out.append(Disconnect(conn_id, "did not acknowledge a detach in time"))
+            self._drop_conn(conn_id)
+        return self._flush()
+
+    def next_deadline(self) -> float | None:
+        return min((d.deadline for d in self._detaching.values()), default=None)
+
+    # ----------------------------------------------------------------- plumbing
+
+    def _flush(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+    def _send(self, conn_id: int | None, msg: wire.Message) -> None:
+        if conn_id is not None and conn_id in self.conns:
+            self._out.append(Send(conn_id, msg))
+        else:
+            msg.close_fds()
+
+    def _complete(self, op: PendingOp) -> None:
+        if op.reply is not None:
+            self._send(op.requester, op.reply)
+            op.reply = None
+
+    def _new_handle(self, conn: Conn, obj: KernelObject) -> int:
+        if len(conn.handles) >= self.max_handles:
+            raise _fail("EMFILE", f"connection holds {self.max_handles} handles already")
+        while conn.next_handle in conn.handles or conn.next_handle == wire.NO_HANDLE:
+            conn.next_handle = (conn.next_handle + 1) & 0xFFFFFFFF
+        h = conn.next_handle
+        conn.next_handle = (conn.next_handle + 1) & 0xFFFFFFFF
+        conn.handles[h] = obj
+        obj.handles += 1
+        return h
+
+    def _lookup(self, conn: Conn, handle: int) -> KernelObject:
+        obj = conn.handles.get(handle)
+        if obj is None:
+            raise _fail("EBADF", f"handle {handle} is not open on this connection")
+        return obj
+
+    def _eventfd(self, conn: Conn, handle: int) -> EventfdObj:
+        obj = self._lookup(conn, handle)
+        if not isinstance(obj, EventfdObj):
+            raise _fail("EINVAL", f"handle {handle} is a {obj.kind}, not an eventfd")
+        return obj
+
+    def _own_vm(self, conn: Conn, vm_id: int) -> Vm:
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise _fail("ENOENT", f"no VM {vm_id}")
+        if vm.owner != conn.id:
+            raise _fail("EPERM", f"VM {vm_id} belongs to another connection")
+        return vm
+
+    def _own_device(self, conn: Conn, dev_id: int) -> Device:
+        dev = self.devices.get(dev_id)
+        if dev is None:
+            raise _fail("ENOENT", f"no device {dev_id}")
+        if dev.owner != conn.id:
+            raise _fail("EPERM", f"device {dev_id} belongs to another connection")
+        return dev
+
+    def _add_object(self, obj: KernelObject) -> None:
+        self.objects[obj.id] = obj
+        if isinstance(obj, EventfdObj) and obj.kernel_id >= 0:
+            self._by_kernel_id[obj.kernel_id] = obj
+
+    def _maybe_free(self, obj: KernelObject) -> None:
+        """Close the broker's fd once both reference layers are empty."""
+        if obj.handles == 0 and obj.ctx_refs == 0 and obj.id in self.objects:
+            del self.objects[obj.id]
+            if isinstance(obj, EventfdObj) and self._by_kernel_id.get(obj.kernel_id) is obj:
+                del self._by_kernel_id[obj.kernel_id]
+            obj.fd.close()
+
+    # ----------------------------------------------------------------- handles
+
+    def _drop_handle(self, conn: Conn, handle: int, op: PendingOp) -> None:
+        obj = conn.handles.pop(handle)
+        obj.handles -= 1
+        if obj.handles == 0 and isinstance(obj, EventfdObj) and self.policy is Policy.HUP:
+            # The file is released: like eventfd_release()'s POLLHUP, every waiter
+            # (irqfd first, then shm-signal producers) detaches. ioeventfd and resample
+            # references register no waiter and stay.
+            hup = [b for b in obj.bindings.values()
+                   if b.state == "active" and b.eventfd is obj
+                   and isinstance(b, IrqfdBinding | ShmSignalBinding)]
+            hup.sort(key=lambda b: (not isinstance(b, IrqfdBinding), b.id))
+            for b in hup:
+                self._deactivate(b, DetachReason.HUP, op)
+        self._maybe_free(obj)
+
+    # ----------------------------------------------------------------- bindings
+
+    def _bind(self, b: Binding) -> None:
+        for obj in b.refs():
+            obj.ctx_refs += 1
+            obj.bindings[b.id] = b
+        consumer = self._consumer_of(b)
+        if consumer is not None:
+            self._attach_notice(b, consumer)
+
+    def _consumer_of(self, b: Binding) -> int | None:
+        if isinstance(b, ShmSignalBinding):
+            return b.device.process
+        if isinstance(b, IrqfdBinding | IoeventfdBinding):
+            return b.vm.guest
+        return None
+
+    def _attach_notice(self, b: Binding, consumer: int) -> None:
+        msg: wire.Message
+        if isinstance(b, IrqfdBinding) and b.resample is not None:
+            msg = wire.IrqfdAttachResample(binding=b.id, gsi=b.gsi,
+                                           fds=(b.eventfd.fd.dup(), b.resample.fd.dup()))
+        elif isinstance(b, IrqfdBinding):
+            msg = wire.IrqfdAttach(binding=b.id, gsi=b.gsi, fds=(b.eventfd.fd.dup(),))
+        elif isinstance(b, IoeventfdBinding):
+            flags = (wire.IOEVENTFD_FLAG_PIO if b.pio else 0) | (
+                wire.IOEVENTFD_FLAG_DATAMATCH if b.datamatch is not None else 0)
+            msg = wire.IoeventfdAttach(binding=b.id, addr=b.addr, len=b.length, flags=flags,
+                                       datamatch=b.datamatch or 0, fds=(b.eventfd.fd.dup(),))
+        elif isinstance(b, ShmSignalBinding):
+            msg = wire.ShmSignalAttach(binding=b.id, sigid=b.sigid, fds=(b.eventfd.fd.dup(),))
+        else:  # pragma: no cover - exhaustive
+            raise AssertionError(b)
+        b.consumer = consumer
+        self._send(consumer, msg)
+
+    def _deactivate(self, b: Binding, reason: DetachReason, op: PendingOp | None) -> None:
+        """Unhook ``b`` from every index now; release its references after the ack."""
+        if b.state != "active":
+            return
+        b.state = "detaching"
+        if isinstance(b, IrqfdBinding):
+            del b.vm.irqfds[b.id]
+            if b.eventfd.irqfd is b:
+                b.eventfd.irqfd = None
+        elif isinstance(b, IoeventfdBinding):
+            bucket = b.vm.ioeventfds[(b.pio, b.addr)]
+            bucket.remove(b)
+            if not bucket:
+                del b.vm.ioeventfds[(b.pio, b.addr)]
+        elif isinstance(b, ShmSignalBinding):
+            del b.device.signals[b.sigid]
+        if b.consumer is not None and b.consumer in self.conns:
+            d = Detaching(b, b.consumer, self._clock() + self.ack_timeout)
+            if op is not None:
+                d.ops.append(op)
+                op.waiting.add(b.id)
+            self._detaching[b.id] = d
+            self._send(b.consumer, wire.Detach(binding=b.id, reason=reason))
+        else:
+            self._release(b)
+
+    def _release(self, b: Binding) -> None:
+        b.state = "released"
+        b.consumer = None
+        for obj in b.refs():
+            obj.ctx_refs -= 1
+            obj.bindings.pop(b.id, None)
+            self._maybe_free(obj)
+
+    def _finish_detach(self, binding_id: int) -> None:
+        d = self._detaching.pop(binding_id)
+        self._release(d.binding)
+        for op in d.ops:
+            op.waiting.discard(binding_id)
+            if not op.waiting:
+                self._complete(op)
+
+    def _ack(self, conn: Conn, binding_id: int) -> None:
+        d = self._detaching.get(binding_id)
+        if d is not None and d.consumer == conn.id:
+            self._finish_detach(binding_id)
+        # A stale ack (after a timeout) or a guess at someone else's binding is ignored.
+
+    # ----------------------------------------------------------------- teardown
+
+    def _drop_conn(self, conn_id: int) -> None:
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            return
+        # 1. It will never acknowledge: finish its detaches.
+        for bid in [bid for bid, d in self._detaching.items() if d.consumer == conn_id]:
+            self._finish_detach(bid)
+        # 2. A guest or device process leaving: its bindings lose their consumer.
+        self._unattach(conn)
+        # 3. Its handles go, as at process exit (may HUP bindings elsewhere).
+        del self.conns[conn_id]
+        op = PendingOp(None, None)
+        for h in list(conn.handles):
+            self._drop_handle(conn, h, op)
+        # 4. Objects it owns are destroyed (VM teardown deactivates every binding).
+        for dev in list(conn.devices.values()):
+            self._destroy_device(dev, op)
+        for vm in list(conn.vms.values()):
+            self._destroy_vm(vm, op)
+
+    def _unattach(self, conn: Conn) -> None:
+        if conn.scope is Scope.VM:
+            vm = self.vms.get(conn.target)
+            if vm is not None and vm.guest == conn.id:
+                vm.guest = None
+                for b in vm.bindings():
+                    b.consumer = None
+                self._send(vm.owner, wire.PeerGone(kind=PeerKind.GUEST, id=vm.id))
+                for dev in vm.devices.values():
+                    self._send(dev.process, wire.PeerGone(kind=PeerKind.GUEST, id=vm.id))
+        elif conn.scope is Scope.DEVICE:
+            device = self.devices.get(conn.target)
+            if device is not None and device.process == conn.id:
+                device.process = None
+                for sig in device.signals.values():
+                    sig.consumer = None
+                self._send(device.owner, wire.PeerGone(kind=PeerKind.DEVICE, id=device.id))
+                self._send(device.vm.guest, wire.PeerGone(kind=PeerKind.DEVICE, id=device.id))
+
+    def _destroy_device(self, dev: Device, op: PendingOp) -> None:
+        for b in list(dev.signals.values()):
+            self._deactivate(b, DetachReason.TEARDOWN, op)
+        self._send(dev.process, wire.PeerGone(kind=PeerKind.DEVICE, id=dev.id))
+        dev.vm.devices.pop(dev.id, None)
+        self.devices.pop(dev.id, None)
+        owner = self.conns.get(dev.owner)
+        if owner is not None:
+            owner.devices.pop(dev.id, None)
+
+    def _destroy_vm(self, vm: Vm, op: PendingOp) -> None:
+        for dev in list(vm.devices.values()):
+            self._destroy_device(dev, op)
+        # KVM order: irqfds first (kvm_irqfd_release), then the io buses.
+        for irqfd in list(vm.irqfds.values()):
+            self._deactivate(irqfd, DetachReason.TEARDOWN, op)
+        for b in list(vm.bindings()):
+            self._deactivate(b, DetachReason.TEARDOWN, op)
+        for slot in list(vm.memslots.values()):
+            self._drop_memslot(vm, slot)
+        self._send(vm.guest, wire.PeerGone(kind=PeerKind.VM, id=vm.id))
+        self.vms.pop(vm.id, None)
+        owner = self.conns.get(vm.owner)
+        if owner is not None:
+            owner.vms.pop(vm.id, None)
+
+    def _drop_memslot(self, vm: Vm, slot: Memslot) -> None:
+        del vm.memslots[slot.slot]
+        slot.memory.ctx_refs -= 1
+        self._maybe_free(slot.memory)
+
+    # ----------------------------------------------------------------- request handlers
+
+    def _hello(self, conn: Conn, msg: wire.Hello, op: PendingOp) -> wire.Message:
+        return wire.HelloReply(client=conn.id, policy=self.policy, scope=conn.scope,
+                               target=conn.target, broker_pid=os.getpid())
+
+    def _ping(self, conn: Conn, msg: wire.Ping, op: PendingOp) -> wire.Message:
+        return wire.Pong(token=msg.token)
+
+    def _get_state(self, conn: Conn, msg: wire.GetState, op: PendingOp) -> wire.Message:
+        if msg.offset == 0 or not conn.state_cache:
+            conn.state_cache = json.dumps(self.snapshot(), sort_keys=True).encode()
+        data = conn.state_cache
+        if msg.offset > len(data):
+            raise _fail("EINVAL", f"offset {msg.offset} past the end ({len(data)} bytes)")
+        chunk = data[msg.offset : msg.offset + CHUNK]
+        # Never split a UTF-8 sequence: the JSON is ASCII (json.dumps escapes by default).
+        if msg.offset + len(chunk) >= len(data):
+            conn.state_cache = b""
+        return wire.StateReply(total=len(data), offset=msg.offset, text=chunk.decode())
+
+    def _eventfd_create(self, conn: Conn, msg: wire.EventfdCreate, op: PendingOp) -> wire.Message:
+        if msg.flags & ~wire.EFD_FLAG_SEMAPHORE:
+            raise _fail("EINVAL", f"unknown eventfd flags {msg.flags:#x}")
+        if msg.initval > EVENTFD_MAX:
+            raise _fail("EINVAL", f"initval {msg.initval:#x} exceeds {EVENTFD_MAX:#x}")
+        self._check_handle_room(conn)
+        fd = new_eventfd(msg.initval, semaphore=bool(msg.flags & wire.EFD_FLAG_SEMAPHORE))
+        info = eventfd_info(fd.fd)
+        obj = EventfdObj(next(self._ids), fd, kernel_id=info.eventfd_id if info else -1,
+                         semaphore=bool(msg.flags & wire.EFD_FLAG_SEMAPHORE))
+        self._add_object(obj)
+        return wire.HandleReply(handle=self._new_handle(conn, obj))
+
+    def _check_handle_room(self, conn: Conn) -> None:
+        if len(conn.handles) >= self.max_handles:
+            raise _fail("EMFILE", f"connection holds {self.max_handles} handles already")
+
+    def _eventfd_import(self, conn: Conn, msg: wire.EventfdImport, op: PendingOp) -> wire.Message:
+        info = eventfd_info(msg.fds[0].fd)
+        if info is None:
+            raise _fail("EINVAL", "the fd is not an eventfd")
+        self._check_handle_room(conn)
+        known = self._by_kernel_id.get(info.eventfd_id) if info.eventfd_id >= 0 else None
+        if known is not None:  # the same kernel object: one broker object, one more handle
+            return wire.HandleReply(handle=self._new_handle(conn, known))
+        obj = EventfdObj(next(self._ids), msg.fds[0].move(), kernel_id=info.eventfd_id,
+                         semaphore=info.semaphore)
+        self._add_object(obj)
+        return wire.HandleReply(handle=self._new_handle(conn, obj))
+
+    def _memory_import(self, conn: Conn, msg: wire.MemoryImport, op: PendingOp) -> wire.Message:
+        size = memory_fd_size(msg.fds[0].fd)
+        if size is None:
+            raise _fail("EINVAL", "the fd is not a shared-memory object")
+        if msg.size == 0 or msg.size > size:
+            raise _fail("EINVAL", f"claimed size {msg.size} but the object holds {size} bytes")
+        self._check_handle_room(conn)
+        obj = MemoryObj(next(self._ids), msg.fds[0].move(), size=msg.size)
+        self._add_object(obj)
+        return wire.HandleReply(handle=self._new_handle(conn, obj))
+
+    def _handle_dup(self, conn: Conn, msg: wire.HandleDup, op: PendingOp) -> wire.Message:
+        return wire.HandleReply(handle=self._new_handle(conn, self._lookup(conn, msg.handle)))
+
+    def _handle_close(self, conn: Conn, msg: wire.HandleClose, op: PendingOp) -> None:
+        self._lookup(conn, msg.handle)
+        self._drop_handle(conn, msg.handle, op)
+
+    def _handle_get_fd(self, conn: Conn, msg: wire.HandleGetFd, op: PendingOp) -> wire.Message:
+        return wire.FdReply(fds=(self._lookup(conn, msg.handle).fd.dup(),))
+
+    def _vm_create(self, conn: Conn, msg: wire.VmCreate, op: PendingOp) -> wire.Message:
+        if not 0 < msg.ngsi <= MAX_GSI:
+            raise _fail("EINVAL", f"ngsi must be 1..{MAX_GSI}, got {msg.ngsi}")
+        vm = Vm(next(self._ids), conn.id, msg.ngsi)
+        self.vms[vm.id] = conn.vms[vm.id] = vm
+        return wire.IdReply(id=vm.id)
+
+    def _vm_destroy(self, conn: Conn, msg: wire.VmDestroy, op: PendingOp) -> None:
+        self._destroy_vm(self._own_vm(conn, msg.vm), op)
+
+    def _irqchip_create(self, conn: Conn, msg: wire.IrqchipCreate, op: PendingOp) -> None:
+        vm = self._own_vm(conn, msg.vm)
+        if vm.irqchip:
+            raise _fail("EEXIST", f"VM {vm.id} already has an interrupt controller")
+        vm.irqchip = True
+
+    def _memslot_set(self, conn: Conn, msg: wire.MemslotSet, op: PendingOp) -> None:
+        vm = self._own_vm(conn, msg.vm)
+        if msg.slot >= MAX_MEMSLOTS:
+            raise _fail("EINVAL", f"slot {msg.slot} out of range (< {MAX_MEMSLOTS})")
+        old = vm.memslots.get(msg.slot)
+        if msg.size == 0:
+            if old is None:
+                raise _fail("EINVAL", f"slot {msg.slot} does not exist")
+            self._drop_memslot(vm, old)
+            return
+        if old is not None:
+            raise _fail("EEXIST", f"slot {msg.slot} exists; delete it first")
+        for name, value in (("gpa", msg.gpa), ("size", msg.size), ("offset", msg.offset)):
+            if value % PAGE_SIZE:
+                raise _fail("EINVAL", f"{name} {value:#x} is not {PAGE_SIZE}-byte aligned")
+        if msg.gpa + msg.size > ADDR_LIMIT:
+            raise _fail("EINVAL", f"gpa {msg.gpa:#x} + size {msg.size:#x} overflows")
+        mem = self._lookup(conn, msg.handle)
+        if not isinstance(mem, MemoryObj):
+            raise _fail("EINVAL", f"handle {msg.handle} is a {mem.kind}, not memory")
+        if msg.offset + msg.size > mem.size:
+            raise _fail("EINVAL", f"offset+size {msg.offset + msg.size:#x} exceeds the "
+                                  f"{mem.size:#x}-byte object")
+        for s in vm.memslots.values():
+            if msg.gpa < s.gpa + s.size and s.gpa < msg.gpa + msg.size:
+                raise _fail("EEXIST", f"[{msg.gpa:#x}, +{msg.size:#x}) overlaps slot {s.slot}")
+        vm.memslots[msg.slot] = Memslot(msg.slot, msg.gpa, msg.size, msg.offset, mem)
+        mem.ctx_refs += 1
+
+    def _device_create(self, conn: Conn, msg: wire.DeviceCreate, op: PendingOp) -> wire.Message:
+        vm = self._own_vm(conn, msg.vm)
+        if not 0 < msg.nsignals <= MAX_SIGNALS:
+            raise _fail("EINVAL", f"nsignals must be 1..{MAX_SIGNALS}, got {msg.nsignals}")
+        dev = Device(next(self._ids), conn.id, vm, msg.nsignals)
+        self.devices[dev.id] = conn.devices[dev.id] = vm.devices[dev.id] = dev
+        return wire.IdReply(id=dev.id)
+
+    def _device_destroy(self, conn: Conn, msg: wire.DeviceDestroy, op: PendingOp) -> None:
+        self._destroy_device(self._own_device(conn, msg.device), op)
+
+    def _irqfd(self, conn: Conn, msg: wire.Irqfd, op: PendingOp) -> wire.Message | None:
+        if msg.flags & ~(wire.IRQFD_FLAG_DEASSIGN | wire.IRQFD_FLAG_RESAMPLE):
+            raise _fail("EINVAL", f"unknown irqfd flags {msg.flags:#x}")
+        vm = self._own_vm(conn, msg.vm)
+        if msg.flags & wire.IRQFD_FLAG_DEASSIGN:
+            if msg.handle == wire.NO_HANDLE:
+                # vbusemu extension for the refcount policy: after close(fd) the VMM can
+                # no longer name the eventfd, so it deassigns every irqfd on the gsi.
+                found = [b for b in vm.irqfds.values() if b.gsi == msg.gsi]
+            else:
+                efd = self._eventfd(conn, msg.handle)
+                b = efd.irqfd
+                found = [b] if b is not None and b.vm is vm and b.gsi == msg.gsi else []
+            for b in found:
+                self._deactivate(b, DetachReason.DEASSIGN, op)
+            return None  # deassigning a pair never assigned succeeds (KVM)
+        if not vm.irqchip:
+            raise _fail("EAGAIN", f"VM {vm.id} has no interrupt controller yet")
+        efd = self._eventfd(conn, msg.handle)
+        if msg.gsi >= vm.ngsi:
+            raise _fail("EINVAL", f"gsi {msg.gsi} out of range (VM has {vm.ngsi})")
+        resample = None
+        if msg.flags & wire.IRQFD_FLAG_RESAMPLE:
+            resample = self._eventfd(conn, msg.resample_handle)
+        if efd.irqfd is not None:
+            raise _fail("EBUSY", f"eventfd already bound as irqfd (VM {efd.irqfd.vm.id}, "
+                                 f"gsi {efd.irqfd.gsi})")
+        b = IrqfdBinding(id=next(self._ids), eventfd=efd, vm=vm, gsi=msg.gsi, resample=resample)
+        efd.irqfd = vm.irqfds[b.id] = b
+        self._bind(b)
+        return wire.IdReply(id=b.id)
+
+    def _ioeventfd(self, conn: Conn, msg: wire.Ioeventfd, op: PendingOp) -> wire.Message | None:
+        # Validation order follows KVM (DESIGN §2).
+        known = (wire.IOEVENTFD_FLAG_DATAMATCH | wire.IOEVENTFD_FLAG_PIO
+                 | wire.IOEVENTFD_FLAG_DEASSIGN)
+        if msg.len not in IOEVENTFD_LENGTHS:
+            raise _fail("EINVAL", f"length {msg.len} not in {{0,1,2,4,8}}")
+        if msg.addr + msg.len >= ADDR_LIMIT:  # KVM: u64 addr + len < addr (wraps, even to 0)
+            raise _fail("EINVAL", f"addr {msg.addr:#x} + len {msg.len} overflows")
+        if msg.flags & ~known:
+            raise _fail("EINVAL", f"unknown ioeventfd flags {msg.flags:#x}")
+        pio = bool(msg.flags & wire.IOEVENTFD_FLAG_PIO)
+        wildcard = not msg.flags & wire.IOEVENTFD_FLAG_DATAMATCH
+        if msg.len == 0 and (pio or not wildcard):
+            raise _fail("EINVAL", "length 0 is only allowed for wildcard MMIO")
+        vm = self._own_vm(conn, msg.vm)
+        efd = self._eventfd(conn, msg.handle)
+        datamatch = None if wildcard else msg.datamatch
+        bucket = vm.ioeventfds.get((pio, msg.addr), [])
+        if msg.flags & wire.IOEVENTFD_FLAG_DEASSIGN:
+            for b in bucket:
+                if (b.eventfd is efd and b.length == msg.len and b.datamatch == datamatch):
+                    self._deactivate(b, DetachReason.DEASSIGN, op)
+                    return None
+            raise _fail("ENOENT", "no such ioeventfd")
+        for b in bucket:
+            if (b.length == 0 or msg.len == 0 or (b.length == msg.len and (
+                    b.datamatch is None or datamatch is None or b.datamatch == datamatch))):
+                raise _fail("EEXIST", f"collides with ioeventfd at {msg.addr:#x}")
+        b = IoeventfdBinding(id=next(self._ids), eventfd=efd, vm=vm, pio=pio, addr=msg.addr,
+                             length=msg.len, datamatch=datamatch)
+        vm.ioeventfds.setdefault((pio, msg.addr), []).append(b)
+        self._bind(b)
+        return wire.IdReply(id=b.id)
+
+    def _shmsignal(self, conn: Conn, msg: wire.ShmSignal, op: PendingOp) -> wire.Message | None:
+        if msg.flags & ~wire.SHMSIGNAL_FLAG_DEASSIGN:
+            raise _fail("EINVAL", f"unknown shm-signal flags {msg.flags:#x}")
+        dev = self._own_device(conn, msg.device)
+        deassign = bool(msg.flags & wire.SHMSIGNAL_FLAG_DEASSIGN)
+        # Deassign may name the signal by sigid alone (VBUS_SHMSIGNAL_DEASSIGN {sigid}):
+        # under the refcount policy the VMM has closed its handle by then.
+        efd = None if deassign and msg.handle == wire.NO_HANDLE else self._eventfd(
+            conn, msg.handle)
+        if msg.sigid >= dev.nsignals:
+            raise _fail("EINVAL", f"sigid {msg.sigid} out of range (device has {dev.nsignals})")
+        current = dev.signals.get(msg.sigid)
+        if deassign:
+            if current is None or (efd is not None and current.eventfd is not efd):
+                raise _fail("ENOENT", f"sigid {msg.sigid} is not bound to that eventfd")
+            self._deactivate(current, DetachReason.DEASSIGN, op)
+            return None
+        assert efd is not None
+        if current is not None:
+            raise _fail("EEXIST", f"sigid {msg.sigid} is already bound")
+        b = ShmSignalBinding(id=next(self._ids), eventfd=efd, device=dev, sigid=msg.sigid)
+        dev.signals[msg.sigid] = b
+        self._bind(b)
+        return wire.IdReply(id=b.id)
+
+    def _channel_open(self, conn: Conn, msg: wire.ChannelOpen, op: PendingOp) -> None:
+        if msg.scope == Scope.VM:
+            self._own_vm(conn, msg.target)
+        elif msg.scope == Scope.DEVICE:
+            self._own_device(conn, msg.target)
+        else:
+            raise _fail("EINVAL", f"channels are scoped to a VM or a device, not {msg.scope}")
+        self._out.append(OpenChannel(conn.id, msg.seq, Scope(msg.scope), msg.target))
+        op.requester = None  # the loop replies with the channel's fd
+        return None
+
+    def _attach(self, conn: Conn, msg: wire.Attach, op: PendingOp) -> None:
+        bindings: Iterable[Binding]
+        if conn.scope is Scope.VM:
+            vm = self.vms.get(conn.target)
+            if vm is None:
+                raise _fail("ENOENT", f"VM {conn.target} is gone")
+            if vm.guest is not None:
+                raise _fail("EBUSY", f"VM {vm.id} already has a guest process")
+            vm.guest = conn.id
+            bindings = list(vm.bindings())
+        elif conn.scope is Scope.DEVICE:
+            dev = self.devices.get(conn.target)
+            if dev is None:
+                raise _fail("ENOENT", f"device {conn.target} is gone")
+            if dev.process is not None:
+                raise _fail("EBUSY", f"device {dev.id} already has a process")
+            dev.process = conn.id
+            bindings = list(dev.signals.values())
+        else:
+            raise _fail("EINVAL", "only a VM or device channel can attach")
+        for b in bindings:
+            self._attach_notice(b, conn.id)
+
+    # ----------------------------------------------------------------- introspection
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the broker owns, as plain JSON-able data (for ``vbusemu ps``)."""
+
+        def binding(b: Binding) -> dict[str, Any]:
+            d: dict[str, Any] = {"id": b.id, "kind": b.kind, "eventfd": b.eventfd.id,
+                                 "state": b.state, "consumer": b.consumer}
+            if isinstance(b, IrqfdBinding):
+                d.update(vm=b.vm.id, gsi=b.gsi,
+                         resamplefd=b.resample.id if b.resample else None)
+            elif isinstance(b, IoeventfdBinding):
+                d.update(vm=b.vm.id, bus="pio" if b.pio else "mmio", addr=b.addr,
+                         len=b.length, datamatch=b.datamatch)
+            elif isinstance(b, ShmSignalBinding):
+                d.update(device=b.device.id, sigid=b.sigid)
+            return d
+
+        bindings: dict[int, Binding] = {}
+        for obj in self.objects.values():
+            if isinstance(obj, EventfdObj):
+                bindings.update(obj.bindings)
+        return {
+            "policy": self.policy.name.lower(),
+            "process": self._process_info(),
+            "connections": [
+                {"id": c.id, "pid": c.pid, "uid": c.uid, "scope": c.scope.name.lower(),
+                 "target": c.target, "handles": dict(sorted(
+                     (str(h), o.id) for h, o in c.handles.items()))}
+                for c in self.conns.values()],
+            "objects": [
+                {"id": o.id, "kind": o.kind, "handles": o.handles, "bindings": o.ctx_refs,
+                 "fd": o.fd.fd, **self._object_extra(o)}
+                for o in self.objects.values()],
+            "vms": [
+                {"id": v.id, "owner": v.owner, "ngsi": v.ngsi, "irqchip": v.irqchip,
+                 "guest": v.guest, "devices": sorted(v.devices),
+                 "memslots": [{"slot": s.slot, "gpa": s.gpa, "size": s.size,
+                               "offset": s.offset, "memory": s.memory.id}
+                              for s in sorted(v.memslots.values(), key=lambda s: s.gpa)]}
+                for v in self.vms.values()],
+            "devices": [
+                {"id": d.id, "owner": d.owner, "vm": d.vm.id, "nsignals": d.nsignals,
+                 "process": d.process} for d in self.devices.values()],
+            "bindings": [binding(b) for _, b in sorted(bindings.items())],
+        }
+
+    @staticmethod
+    def _object_extra(o: KernelObject) -> dict[str, Any]:
+        if isinstance(o, EventfdObj):
+            return {"semaphore": o.semaphore}
+        if isinstance(o, MemoryObj):
+            return {"size": o.size}
+        return {}
+
+    def is_empty(self) -> bool:
+        """No objects, VMs, devices or pending detaches (connections may remain)."""
+        return not (self.objects or self.vms or self.devices or self._detaching)
+
+
+CHUNK = wire.MAX_PAYLOAD - 64
+
+
+def _with_seq(msg: wire.Message, seq: int) -> wire.Message:
+    """Replies echo the request's sequence number."""
+    return dataclasses.replace(msg, seq=seq)

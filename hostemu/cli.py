@@ -1,0 +1,120 @@
+"""The ``vbusemu`` command: thin entry points, no logic of their own.
+
+    vbusemu demo [--policy hup|refcount|both] [--signals N]   the 2009 scenario
+    vbusemu broker [--socket PATH] [--policy hup|refcount]    run a broker
+    vbusemu ps [--socket PATH] [--json]                       what a broker owns
+    vbusemu guest|device --channel-fd N                       agent processes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from shared.channel import Channel
+from shared.errors import VbusError
+from shared.wire import Policy
+
+
+def _policy(name: str) -> Policy:
+    try:
+        return Policy[name.upper()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"policy must be hup or refcount, not {name!r}") \
+            from None
+
+
+def format_state(state: dict[str, Any]) -> str:
+    """The human table of ``vbusemu ps``."""
+    proc = state.get("process", {})
+    lines = [f"broker pid {proc.get('pid')}  policy {state['policy']}  "
+             f"socket {proc.get('socket')}  open fds {proc.get('open_fds')}", ""]
+    lines.append("CONNECTIONS  id  pid      uid    scope   target  handles")
+    for c in state["connections"]:
+        lines.append(f"             {c['id']:<3} {c['pid']:<8} {c['uid']:<6} {c['scope']:<7} "
+                     f"{c['target']:<7} {len(c['handles'])}")
+    lines.append("OBJECTS      id  kind     handles  bindings  broker-fd")
+    for o in state["objects"]:
+        lines.append(f"             {o['id']:<3} {o['kind']:<8} {o['handles']:<8} "
+                     f"{o['bindings']:<9} {o['fd']}")
+    lines.append("VMS          id  owner  ngsi  irqchip  guest  devices  memslots")
+    for v in state["vms"]:
+        lines.append(f"             {v['id']:<3} {v['owner']:<6} {v['ngsi']:<5} "
+                     f"{v['irqchip']!s:<8} {v['guest']!s:<6} {v['devices']!s:<8} "
+                     f"{len(v['memslots'])}")
+    lines.append("DEVICES      id  owner  vm   nsignals  process")
+    for d in state["devices"]:
+        lines.append(f"             {d['id']:<3} {d['owner']:<6} {d['vm']:<4} "
+                     f"{d['nsignals']:<9} {d['process']}")
+    lines.append("BINDINGS     id  kind       eventfd  state      consumer  where")
+    for b in state["bindings"]:
+        where = {k: v for k, v in b.items()
+                 if k not in ("id", "kind", "eventfd", "state", "consumer")}
+        lines.append(f"             {b['id']:<3} {b['kind']:<10} {b['eventfd']:<8} "
+                     f"{b['state']:<10} {b['consumer']!s:<9} {where}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hostemu.broker.server import default_socket_path
+
+    parser = argparse.ArgumentParser(prog="vbusemu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="the 2009 assign-then-close scenario in real processes")
+    p.add_argument("--policy", default="both", choices=["hup", "refcount", "both"])
+    p.add_argument("--signals", type=int, default=1000)
+    p = sub.add_parser("broker", help="run a broker (the emulated host kernel)")
+    p.add_argument("--socket", default=default_socket_path())
+    p.add_argument("--policy", type=_policy, default=Policy.HUP)
+    p.add_argument("--ack-timeout", type=float, default=2.0,
+                   help="seconds a consumer may take to acknowledge a detach")
+    p.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
+    p = sub.add_parser("ps", help="list what a broker owns, with both reference counts")
+    p.add_argument("--socket", default=default_socket_path())
+    p.add_argument("--json", action="store_true")
+    for name in ("guest", "device"):
+        p = sub.add_parser(name, help=f"run a {name} process on an inherited channel")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "demo":
+            from hostemu.demo import run_demo
+
+            policies = list(Policy) if args.policy == "both" else [_policy(args.policy)]
+            return run_demo(policies, signals=args.signals)
+        if args.command == "broker":
+            from hostemu.broker.server import run_broker
+            from shared.loop import setup_logging
+
+            setup_logging("broker")
+            return run_broker(args.socket, args.policy, ready_fd=args.ready_fd,
+                              ack_timeout=args.ack_timeout)
+        if args.command == "ps":
+            with Channel.connect(args.socket) as ch:
+                state = ch.state()
+            print(json.dumps(state, indent=2, sort_keys=True) if args.json
+                  else format_state(state))
+            return 0
+        if args.command == "guest":
+            from guestemu.guest import main as guest_main
+
+            return guest_main(args.rest)
+        if args.command == "device":
+            from hostemu.device import main as device_main
+
+            return device_main(args.rest)
+    except VbusError as e:
+        print(f"vbusemu {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Starting, driving and stopping vbusemu's processes: the only process-management file.
+
+Every child is a :class:`ManagedProcess` addressed by its ``Popen`` object, i.e. by pid
+-- never by name. Stopping is graceful, then hard: close its control pipe (an agent
+exits on stdin EOF) or send SIGTERM (the broker), wait, and SIGKILL only if it is still
+there after the grace period. Every wait has a timeout.
+
+Agent processes (guest, device) speak JSON lines: :meth:`ManagedProcess.call` sends
+``{"id": n, "cmd": ...}`` and returns the matching ``{"id": n, "ok": ...}`` reply;
+``{"event": ...}`` lines seen meanwhile are kept in :attr:`ManagedProcess.events`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import IO, Any
+
+from shared.errors import PeerGoneError, UsageError, VbusError
+from shared.fds import OwnedFd
+from shared.wire import Policy
+
+GRACE = 5.0
+
+
+class AgentError(VbusError):
+    """An agent process answered a command with ``ok: false``; it keeps running."""
+
+
+class ManagedProcess:
+    """One child process we started; optionally driven over a JSON-lines control pipe."""
+
+    def __init__(self, name: str, argv: Sequence[str], *, pass_fds: Sequence[int] = (),
+                 control: bool = True, stderr: IO[Any] | int | None = None,
+                 stdout: IO[Any] | int | None = None) -> None:
+        self.name = name
+        self.events: list[dict[str, Any]] = []
+        self._buf = b""
+        self._next_id = 0
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.proc = subprocess.Popen(
+            list(argv), pass_fds=tuple(pass_fds), env=env, close_fds=True,
+            stdin=subprocess.PIPE if control else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if control else stdout, stderr=stderr)
+        self.control = control
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    # ------------------------------------------------------------------ control pipe
+
+    def _lines(self, deadline: float) -> dict[str, Any]:
+        """The next JSON line from the child, waiting until ``deadline``."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PeerGoneError(f"{self.name} (pid {self.pid}) did not answer in time")
+            r, _, _ = select.select([fd], [], [], left)
+            if not r:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise PeerGoneError(f"{self.name} (pid {self.pid}) exited "
+                                    f"(status {self.proc.wait(GRACE)})")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        obj: dict[str, Any] = json.loads(line)
+        return obj
+
+    def call(self, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+        """Send a command and return its reply; ``ok: false`` raises :class:`AgentError`."""
+        if not self.control or self.proc.stdin is None:
+            raise UsageError(f"{self.name} has no control pipe")
+        self._next_id += 1
+        ident = self._next_id
+        self.proc.stdin.write((json.dumps({"id": ident, "cmd": cmd, **args}) + "\n").encode())
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while True:
+            obj = self._lines(deadline)
+            if "event" in obj:
+                self.events.append(obj)
+            elif obj.get("id") == ident:
+                if not obj.get("ok"):
+                    raise AgentError(f"{self.name}: {cmd} failed: {obj.get('error', obj)}")
+                return obj
+
+    def wait_event(self, event: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
+        """Return the first event named ``event`` whose fields include ``match``."""
+        seen = 0
+        deadline = time.monotonic() + timeout
+        while True:
+            for obj in self.events[seen:]:
+                if obj.get("event") == event and all(obj.get(k) == v for k, v in match.items()):
+                    self.events.remove(obj)
+                    return obj
+            seen = len(self.events)
+            self.events.append(self._lines(deadline))
+
+    # ------------------------------------------------------------------ stopping
+
+    def stop(self, timeout: float = GRACE) -> int:
+        """Graceful then hard: EOF on stdin (or SIGTERM), wait, then SIGKILL."""
+        if self.proc.poll() is None:
+            if self.control and self.proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self.proc.stdin.close()
+            else:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout)
+        self._close_pipes()
+        return self.proc.returncode
+
+    def kill(self) -> int:
+        """SIGKILL (a crash, for fault tests) and reap."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(GRACE)
+        self._close_pipes()
+        return self.proc.returncode
+
+    def _close_pipes(self) -> None:
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def start_broker(path: str, policy: Policy = Policy.HUP, *, ack_timeout: float = 2.0,
+                 stderr: IO[Any] | int | None = None, stdout: IO[Any] | int | None = None,
+                 timeout: float = 15.0) -> ManagedProcess:
+    """Start a broker process and wait until it accepts connections."""
+    r, w = os.pipe()
+    with OwnedFd(r) as rfd, OwnedFd(w) as wfd:
+        proc = ManagedProcess("broker", python_module(
+            "hostemu.broker", "--socket", path, "--policy", policy.name.lower(),
+            "--ack-timeout", str(ack_timeout), "--ready-fd", str(wfd.fd)),
+            pass_fds=[wfd.fd], control=False, stderr=stderr, stdout=stdout)
+        wfd.close()  # only the child holds the write end now: EOF means it died
+        ready, _, _ = select.select([rfd.fd], [], [], timeout)
+        if not ready or os.read(rfd.fd, 16) != b"ready\n":
+            status = proc.stop()
+            raise PeerGoneError(f"broker did not start (exit status {status}); see its log")
+    return proc
+
+
+def spawn_agent(module: str, channel: OwnedFd, name: str, *,
+                stderr: IO[Any] | int | None = None) -> ManagedProcess:
+    """Start a guest or device process on a scoped channel; our copy is closed."""
+    with channel:
+        return ManagedProcess(name, python_module(
+            module, "--channel-fd", str(channel.fd), "--name", name),
+            pass_fds=[channel.fd], stderr=stderr)
+
+
+def spawn_guest(channel: OwnedFd, name: str = "guest", **kw: Any) -> ManagedProcess:
+    return spawn_agent("guestemu.guest", channel, name, **kw)
+
+
+def spawn_device(channel: OwnedFd, name: str = "device", **kw: Any) -> ManagedProcess:
+    return spawn_agent("hostemu.device", channel, name, **kw)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# vbusemu bootstrap: ./run.sh [test [pytest args] | <vbusemu args>]
+#   no argument  -> the main job (vbusemu demo until the data plane lands)
+#   test         -> the whole pytest suite (extra args go to pytest)
+#   anything else-> vbusemu <args>
+# Creates .venv with the machine's python3 when missing, or reinstalls when
+# pyproject.toml changed since the last install. Quiet when nothing to do.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here"
+venv="$here/.venv"
+stamp="$venv/.vbusemu-installed"
+log="$venv/install.log"
+
+die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
+
+python="${PYTHON:-python3}"
+command -v "$python" >/dev/null 2>&1 || die "python3 not found on PATH (need Python >= 3.10)"
+"$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
+  || die "$("$python" -V 2>&1) is too old: vbusemu needs Python >= 3.10"
+
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+have="$(cat "$stamp" 2>/dev/null || true)"
+if [ ! -x "$venv/bin/python" ] || [ "$want" != "$have" ]; then
+  echo "run.sh: setting up $venv (first run or pyproject.toml changed) ..." >&2
+  if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv "$venv" || die "could not create a virtualenv in $venv (is python3-venv installed?)"
+  fi
+  rm -f "$stamp"
+  if ! { "$venv/bin/python" -m pip install -q --upgrade pip \
+         && "$venv/bin/python" -m pip install -q -e ".[test,dev]"; } >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    die "installing vbusemu into $venv failed (full log: $log)"
+  fi
+  echo "$want" >"$stamp"
+fi
+
+export PATH="$venv/bin:$PATH"
+case "${1-}" in
+  "")   exec "$venv/bin/vbusemu" demo ;;
+  test) shift; exec "$venv/bin/python" -m pytest "$@" ;;
+  *)    exec "$venv/bin/vbusemu" "$@" ;;
+esac

@@ -1,0 +1,231 @@
+"""The event loop of guest and device processes: one of vbusemu's few I/O files.
+
+Theory of operation
+-------------------
+An *agent* is a process that holds one broker channel (usually a scoped one handed over
+by the VMM) and reacts to three sources, all watched by one ``selectors`` (epoll) loop:
+
+* the broker channel -- notices such as attach (with real eventfds), detach, peer gone;
+* its own fds -- irqfds for a guest, for example -- registered with :meth:`EventLoop.watch`;
+* a *control pipe*: JSON-lines commands on stdin from whoever started it (the launcher,
+  a test, the demo), answered on stdout as ``{"id": n, "ok": true, ...}``; unsolicited
+  progress is reported as ``{"event": "..."}`` lines.
+
+Every loop watches a stop eventfd that SIGINT/SIGTERM write, so a signal ends the loop at
+the next wakeup with a clean exit (no traceback, fds closed). EOF on stdin (the parent
+went away) also stops it. EOF on the broker channel is a peer-gone: the agent reports
+``broker_gone`` and exits with :data:`EXIT_BROKER_GONE`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import signal
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, TextIO
+
+from shared import wire
+from shared.channel import Channel
+from shared.errors import PeerGoneError, VbusError
+from shared.fds import new_eventfd
+
+EXIT_OK = 0
+EXIT_BROKER_GONE = 3
+EXIT_ERROR = 1
+
+log = logging.getLogger("vbusemu.agent")
+
+
+class EventLoop:
+    """A selectors loop with a stop eventfd and one-shot timers."""
+
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self.stop_fd = new_eventfd()
+        self._sel.register(self.stop_fd.fileno(), selectors.EVENT_READ, None)
+        self.stopping = False
+        self._timers: list[tuple[float, Callable[[], None]]] = []
+
+    def install_signal_handlers(self) -> None:
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            if not self.stop_fd.closed:
+                os.eventfd_write(self.stop_fd.fd, 1)
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        self._sel.register(fd, selectors.EVENT_READ, callback)
+
+    def unwatch(self, fd: int) -> None:
+        self._sel.unregister(fd)
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> None:
+        self._timers.append((when, callback))
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        while not self.stopping:
+            timeout = None
+            if self._timers:
+                timeout = max(0.0, min(t for t, _ in self._timers) - time.monotonic())
+            for key, _ in self._sel.select(timeout):
+                if key.data is None:
+                    self.stopping = True
+                    break
+                key.data()
+                if self.stopping:
+                    break
+            now = time.monotonic()
+            due = [cb for t, cb in self._timers if t <= now]
+            self._timers = [(t, cb) for t, cb in self._timers if t > now]
+            for cb in due:
+                cb()
+
+    def close(self) -> None:
+        self._sel.close()
+        self.stop_fd.close()
+
+
+class ControlPipe:
+    """JSON-lines commands in (a non-blocking fd), replies and events out."""
+
+    def __init__(self, infd: int = 0, out: TextIO | None = None) -> None:
+        self.infd = infd
+        self.out = out if out is not None else sys.stdout
+        os.set_blocking(infd, False)
+        self._buf = b""
+        self.eof = False
+
+    def read_commands(self) -> list[dict[str, Any]]:
+        try:
+            chunk = os.read(self.infd, 65536)
+        except BlockingIOError:
+            return []
+        if not chunk:
+            self.eof = True
+            return []
+        self._buf += chunk
+        *lines, self._buf = self._buf.split(b"\n")
+        cmds: list[dict[str, Any]] = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                self.emit({"event": "bad_command", "line": line[:200].decode("replace")})
+                continue
+            if isinstance(obj, dict):
+                cmds.append(obj)
+            else:
+                self.emit({"event": "bad_command", "line": line[:200].decode("replace")})
+        return cmds
+
+    def emit(self, obj: dict[str, Any]) -> None:
+        try:
+            self.out.write(json.dumps(obj, sort_keys=True) + "\n")
+            self.out.flush()
+        except BrokenPipeError:  # the parent is gone; the stdin EOF will stop us
+            self.eof = True
+
+
+class Agent:
+    """Base of guest and device processes: broker notices + control commands."""
+
+    name = "agent"
+
+    def __init__(self, channel: Channel, control: ControlPipe) -> None:
+        self.channel = channel
+        self.control = control
+        self.loop = EventLoop()
+        self.exit_code = EXIT_OK
+        channel.on_notice = self._on_notice
+
+    # subclasses override these ------------------------------------------------
+    def on_attach(self) -> None:
+        """Called once attached; attach notices have been handled."""
+
+    def handle_notice(self, msg: wire.Message) -> None:
+        msg.close_fds()
+
+    def handle_command(self, cmd: dict[str, Any]) -> dict[str, Any] | None:
+        """Return a reply dict, or None if the reply will be sent later."""
+        raise KeyError(cmd.get("cmd"))
+
+    def shutdown(self) -> None:
+        """Release everything (called once, on every exit path)."""
+
+    # ------------------------------------------------------------------------------
+    def _on_notice(self, msg: wire.Message) -> None:
+        if isinstance(msg, wire.PeerGone):
+            self.emit("peer_gone", kind=wire.PeerKind(msg.kind).name.lower(), id=msg.id)
+        self.handle_notice(msg)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self.control.emit({"event": event, **fields})
+
+    def reply(self, cmd: dict[str, Any], ok: bool = True, **fields: Any) -> None:
+        self.control.emit({"id": cmd.get("id"), "ok": ok, **fields})
+
+    def _on_channel(self) -> None:
+        try:
+            self.channel.pump()
+        except PeerGoneError as e:
+            self.emit("broker_gone", reason=str(e))
+            self.exit_code = EXIT_BROKER_GONE
+            self.loop.stop()
+
+    def _on_control(self) -> None:
+        for cmd in self.control.read_commands():
+            if cmd.get("cmd") == "quit":
+                self.reply(cmd)
+                self.loop.stop()
+                return
+            try:
+                result = self.handle_command(cmd)
+            except KeyError as e:
+                self.reply(cmd, ok=False, error=f"unknown command {e}")
+                continue
+            except VbusError as e:
+                self.reply(cmd, ok=False, error=str(e))
+                continue
+            if result is not None:
+                self.reply(cmd, **result)
+        if self.control.eof:
+            self.loop.stop()
+
+    def run(self) -> int:
+        self.loop.install_signal_handlers()
+        try:
+            try:
+                self.channel.attach()
+            except PeerGoneError as e:
+                self.emit("broker_gone", reason=str(e))
+                return EXIT_BROKER_GONE
+            self.on_attach()
+            self.emit("attached", pid=os.getpid())
+            self.loop.watch(self.channel.fileno(), self._on_channel)
+            self.loop.watch(self.control.infd, self._on_control)
+            self._on_channel()  # notices that arrived with the attach reply
+            self.loop.run()
+            return self.exit_code
+        finally:
+            self.shutdown()
+            self.channel.close()
+            self.loop.close()
+
+
+def setup_logging(name: str) -> None:
+    """Log lines to stderr as ``name: LEVEL message``."""
+    logging.basicConfig(level=os.environ.get("VBUSEMU_LOG", "WARNING").upper(),
+                        format=f"{name}[%(process)d]: %(levelname)s %(message)s",
+                        stream=sys.stderr)

@@ -1,0 +1,147 @@
+"""Shared fixtures: every test fails if it leaks an fd, a /dev/shm entry or a process.
+
+The leak guard is autouse. It snapshots this process's open fds, ``/dev/shm`` and our
+child processes before the test and compares afterwards. Leftover children are killed
+by pid (never by name) and reported; leftover /dev/shm entries are removed and
+reported; leaked fds are listed with what they point to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from hostemu.launcher import ManagedProcess, start_broker
+from shared.channel import Channel
+from shared.wire import Policy
+
+
+def open_fds() -> dict[int, str]:
+    fds: dict[int, str] = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return fds
+
+
+def children() -> set[int]:
+    me = str(os.getpid())
+    kids: set[int] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # field 4 is the ppid; the command name (field 2) may contain spaces
+        if stat.rsplit(")", 1)[1].split()[1] == me:
+            kids.add(int(name))
+    return kids
+
+
+def shm_entries() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+@pytest.fixture(autouse=True)
+def leak_guard() -> Iterator[None]:
+    fds_before = open_fds()
+    shm_before = shm_entries()
+    kids_before = children()
+    yield
+    if set(open_fds()) - set(fds_before):
+        gc.collect()  # only when needed: a full collection per test is slow
+    problems: list[str] = []
+    deadline = time.monotonic() + 5.0
+    stray = children() - kids_before
+    while stray and time.monotonic() < deadline:  # let exiting children be reaped
+        for pid in stray:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.01)
+        stray = children() - kids_before
+    for pid in stray:
+        problems.append(f"child process {pid} left running (killed)")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    for entry in sorted(shm_entries() - shm_before):
+        problems.append(f"/dev/shm/{entry} left behind (removed)")
+        with contextlib.suppress(OSError):
+            os.unlink(f"/dev/shm/{entry}")
+    fds_after = open_fds()
+    for fd in sorted(set(fds_after) - set(fds_before)):
+        problems.append(f"fd {fd} leaked -> {fds_after[fd]}")
+    if problems:
+        pytest.fail("leak guard:\n  " + "\n  ".join(problems))
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A private 0700 directory short enough for AF_UNIX paths (108 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="vb-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@dataclass
+class BrokerHandle:
+    path: str
+    proc: ManagedProcess
+    log: Path
+    channels: list[Channel] = field(default_factory=list)
+
+    def connect(self) -> Channel:
+        ch = Channel.connect(self.path)
+        self.channels.append(ch)
+        return ch
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+@pytest.fixture
+def broker_factory(sockdir: Path) -> Iterator[Callable[..., BrokerHandle]]:
+    """Start brokers (real processes); all are stopped and their logs checked after."""
+    started: list[BrokerHandle] = []
+
+    def start(policy: Policy = Policy.HUP, ack_timeout: float = 2.0,
+              name: str = "broker") -> BrokerHandle:
+        run = sockdir / name
+        run.mkdir(mode=0o700)
+        log = sockdir / f"{name}.log"
+        with open(log, "w") as logf:
+            proc = start_broker(str(run / "broker.sock"), policy, ack_timeout=ack_timeout,
+                                stderr=logf, stdout=logf)
+        handle = BrokerHandle(str(run / "broker.sock"), proc, log)
+        started.append(handle)
+        return handle
+
+    yield start
+    for b in started:
+        for ch in b.channels:
+            ch.close()
+        if b.proc.alive:
+            status = b.proc.stop()
+            assert status == 0, f"broker exited with {status}:\n{b.log_text()}"
+        assert "Traceback" not in b.log_text(), b.log_text()
+
+
+@pytest.fixture
+def broker(broker_factory: Callable[..., BrokerHandle]) -> BrokerHandle:
+    return broker_factory()
