@@ -20,29 +20,56 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 from guestemu.irq import InterruptController, IoEventFd, IoEventTable
+from guestemu.vcpu import ADAPTIVE, Vcpu
+from guestemu.workloads import run_echo
 from shared import wire
 from shared.channel import Channel
+from shared.errors import VbusError
 from shared.fds import EventNotifier, OwnedFd
-from shared.loop import Agent, ControlPipe, setup_logging
+from shared.loop import EXIT_ERROR, Agent, ControlPipe, setup_logging
+from shared.memory import SlotMapper
 
 
 class GuestAgent(Agent):
     name = "guest"
 
-    def __init__(self, channel: Channel, control: ControlPipe) -> None:
+    def __init__(self, channel: Channel, control: ControlPipe,
+                 workload: Callable[[GuestAgent], dict[str, Any]] | None = None,
+                 halt_poll_ns: int = ADAPTIVE) -> None:
         super().__init__(channel, control)
         self.irq = InterruptController()
         self.io = IoEventTable()
+        self.memory = SlotMapper()
+        self.vcpu = Vcpu(self, halt_poll_ns=halt_poll_ns)
+        self.workload = workload
         self.detached: list[dict[str, Any]] = []
         self._waiters: list[tuple[dict[str, Any], int, int, float]] = []
+
+    def main(self) -> None:
+        """Without a workload, serve events; with one, run it on the vCPU and report."""
+        if self.workload is None:
+            super().main()
+            return
+        try:
+            result = self.workload(self)
+        except VbusError as e:
+            result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        self.emit("workload_done", **result)
+        if not result.get("ok"):
+            self.exit_code = EXIT_ERROR
 
     # ------------------------------------------------------------------ notices
 
     def handle_notice(self, msg: wire.Message) -> None:
-        if isinstance(msg, wire.IrqfdAttach | wire.IrqfdAttachResample):
+        if isinstance(msg, wire.MemslotAttach):
+            self.memory.attach(msg.slot, msg.gpa, msg.size, msg.offset, msg.fds[0].move())
+        elif isinstance(msg, wire.MemslotDetach):
+            self.memory.detach(msg.slot)
+        elif isinstance(msg, wire.IrqfdAttach | wire.IrqfdAttachResample):
             resample = msg.fds[1].move() if len(msg.fds) == 2 else None
             line = self.irq.add(msg.binding, msg.gsi, msg.fds[0].move(), resample)
             self.loop.watch(line.consumer.fileno(), functools.partial(self._on_irq, msg.binding))
@@ -124,6 +151,7 @@ class GuestAgent(Agent):
     def shutdown(self) -> None:
         self.irq.close()
         self.io.close()
+        self.memory.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,9 +159,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channel-fd", type=int, required=True,
                         help="inherited fd of the VM channel the VMM opened")
     parser.add_argument("--name", default="guest")
+    parser.add_argument("--workload", choices=["echo"], default=None,
+                        help="run this workload after boot, report it, and exit")
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rebind", action="store_true",
+                        help="echo: move the BAR, then the MSI vectors, mid-transfer")
+    parser.add_argument("--halt-poll-ns", type=int, default=ADAPTIVE,
+                        help="halt-polling window; -1 = adaptive (default), 0 = never poll")
     args = parser.parse_args(argv)
     setup_logging(args.name)
-    agent = GuestAgent(Channel.adopt(OwnedFd(args.channel_fd)), ControlPipe())
+    workload = None
+    if args.workload == "echo":
+        def workload(agent: GuestAgent) -> dict[str, Any]:
+            return run_echo(agent, args.count, args.size, args.batch, args.rebind)
+    agent = GuestAgent(Channel.adopt(OwnedFd(args.channel_fd)), ControlPipe(), workload,
+                       halt_poll_ns=args.halt_poll_ns)
     return agent.run()
 
 

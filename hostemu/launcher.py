@@ -100,6 +100,30 @@ class ManagedProcess:
                     raise AgentError(f"{self.name}: {cmd} failed: {obj.get('error', obj)}")
                 return obj
 
+    def stdout_fd(self) -> int:
+        """The control pipe's read end, for a caller's selector (see :meth:`poll_lines`)."""
+        if self.proc.stdout is None:
+            raise UsageError(f"{self.name} has no control pipe")
+        return self.proc.stdout.fileno()
+
+    def poll_lines(self) -> list[dict[str, Any]] | None:
+        """Non-blocking: every complete JSON line available now (None once at EOF).
+        Events are also kept in :attr:`events`."""
+        fd = self.stdout_fd()
+        if select.select([fd], [], [], 0)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self._buf += chunk
+        out: list[dict[str, Any]] = []
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            obj: dict[str, Any] = json.loads(line)
+            if "event" in obj:
+                self.events.append(obj)
+            out.append(obj)
+        return out
+
     def wait_event(self, event: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
         """Return the first event named ``event`` whose fields include ``match``."""
         seen = 0
@@ -171,12 +195,12 @@ def start_broker(path: str, policy: Policy = Policy.HUP, *, ack_timeout: float =
     return proc
 
 
-def spawn_agent(module: str, channel: OwnedFd, name: str, *,
+def spawn_agent(module: str, channel: OwnedFd, name: str, *args: str,
                 stderr: IO[Any] | int | None = None) -> ManagedProcess:
     """Start a guest or device process on a scoped channel; our copy is closed."""
     with channel:
         return ManagedProcess(name, python_module(
-            module, "--channel-fd", str(channel.fd), "--name", name),
+            module, *args, "--channel-fd", str(channel.fd), "--name", name),
             pass_fds=[channel.fd], stderr=stderr)
 
 

@@ -32,7 +32,7 @@ from typing import Any, TextIO
 
 from shared import wire
 from shared.channel import Channel
-from shared.errors import PeerGoneError, VbusError
+from shared.errors import PeerGoneError, ProtocolError, VbusError
 from shared.fds import new_eventfd
 
 EXIT_OK = 0
@@ -74,21 +74,29 @@ class EventLoop:
 
     def run(self) -> None:
         while not self.stopping:
-            timeout = None
-            if self._timers:
-                timeout = max(0.0, min(t for t, _ in self._timers) - time.monotonic())
-            for key, _ in self._sel.select(timeout):
-                if key.data is None:
-                    self.stopping = True
-                    break
-                key.data()
-                if self.stopping:
-                    break
-            now = time.monotonic()
-            due = [cb for t, cb in self._timers if t <= now]
-            self._timers = [(t, cb) for t, cb in self._timers if t > now]
-            for cb in due:
-                cb()
+            self.poll_once(None)
+
+    def poll_once(self, timeout: float | None) -> int:
+        """Wait up to ``timeout`` (None: until something happens, 0: don't wait), run the
+        callbacks of every ready fd and due timer; returns how many ran."""
+        if self._timers:
+            due_in = max(0.0, min(t for t, _ in self._timers) - time.monotonic())
+            timeout = due_in if timeout is None else min(timeout, due_in)
+        ran = 0
+        for key, _ in self._sel.select(timeout):
+            if key.data is None:
+                self.stopping = True
+                break
+            key.data()
+            ran += 1
+            if self.stopping:
+                break
+        now = time.monotonic()
+        due = [cb for t, cb in self._timers if t <= now]
+        self._timers = [(t, cb) for t, cb in self._timers if t > now]
+        for cb in due:
+            cb()
+        return ran + len(due)
 
     def close(self) -> None:
         self._sel.close()
@@ -161,6 +169,10 @@ class Agent:
         """Return a reply dict, or None if the reply will be sent later."""
         raise KeyError(cmd.get("cmd"))
 
+    def main(self) -> None:
+        """What the process does once attached; by default, serve events until stopped."""
+        self.loop.run()
+
     def shutdown(self) -> None:
         """Release everything (called once, on every exit path)."""
 
@@ -182,6 +194,11 @@ class Agent:
         except PeerGoneError as e:
             self.emit("broker_gone", reason=str(e))
             self.exit_code = EXIT_BROKER_GONE
+            self.loop.stop()
+        except ProtocolError as e:
+            log.error("the broker broke the protocol: %s", e)
+            self.emit("protocol_error", reason=str(e))
+            self.exit_code = EXIT_ERROR
             self.loop.stop()
 
     def _on_control(self) -> None:
@@ -216,7 +233,7 @@ class Agent:
             self.loop.watch(self.channel.fileno(), self._on_channel)
             self.loop.watch(self.control.infd, self._on_control)
             self._on_channel()  # notices that arrived with the attach reply
-            self.loop.run()
+            self.main()
             return self.exit_code
         finally:
             self.shutdown()

@@ -436,3 +436,42 @@ class GuestMemoryMap:
         if n < 0:
             raise MemoryAccessError(f"negative count {n}")
         return self.translate(gpa, n * dt.itemsize).view(dt)
+
+
+class SlotMapper:
+    """Guest memory as one process sees it: the slots the broker announced, mapped.
+
+    The broker sends ``MemslotAttach{slot, gpa, size, offset}`` with the memory fd to a
+    VM's guest and device processes; :meth:`attach` maps ``[offset, offset + size)`` of
+    that object at ``gpa`` in :attr:`map`. Re-announcing a slot replaces it. Sizes are
+    checked again here (the broker is trusted, but a mapping must never exceed the object).
+    """
+
+    def __init__(self) -> None:
+        self.map = GuestMemoryMap()
+        self._regions: dict[int, SharedRegion] = {}
+
+    def attach(self, slot: int, gpa: int, size: int, offset: int, fd: OwnedFd) -> MemorySlot:
+        """Map a slot; takes ownership of ``fd`` (closed on failure)."""
+        if slot in self._regions:
+            self.detach(slot)
+        region = SharedRegion.from_fd(fd, offset + size)
+        try:
+            added = self.map.add(slot, gpa, region.view(offset, size))
+        except Exception:
+            region.close()
+            raise
+        self._regions[slot] = region
+        return added
+
+    def detach(self, slot: int) -> bool:
+        region = self._regions.pop(slot, None)
+        if region is None:
+            return False
+        self.map.remove(slot)
+        region.close()
+        return True
+
+    def close(self) -> None:
+        for slot in list(self._regions):
+            self.detach(slot)

@@ -90,6 +90,7 @@ class Message:
     KIND: ClassVar[Kind] = Kind.REQUEST
     NFDS: ClassVar[int] = 0
     TEXT: ClassVar[bool] = False
+    NO_REPLY: ClassVar[bool] = False  # a request the broker never answers (acknowledgements)
     _STRUCT: ClassVar[struct.Struct] = struct.Struct("<")
     _NAMES: ClassVar[tuple[str, ...]] = ()
 
@@ -254,6 +255,8 @@ IOEVENTFD_FLAG_DATAMATCH = 0x1
 IOEVENTFD_FLAG_PIO = 0x2
 IOEVENTFD_FLAG_DEASSIGN = 0x4
 SHMSIGNAL_FLAG_DEASSIGN = 0x1
+KICKFD_FLAG_DEASSIGN = 0x1
+MAX_QUEUES = 64
 NO_HANDLE = 0xFFFFFFFF
 
 # ----------------------------------------------------------------------------- requests
@@ -415,7 +418,73 @@ class Attach(Message):
 class DetachAck(Message):
     """Sent (no reply) once a binding is fully detached in this process."""
 
+    NO_REPLY = True
+
     binding: int = u64()
+
+
+@message(22, R)
+@dataclass(frozen=True, kw_only=True)
+class DeviceKickfd(Message):
+    """Like vhost-user SET_VRING_KICK: the device process consumes this eventfd as the
+    doorbell of ``queue`` (the same eventfd the VMM binds as the queue's ioeventfd)."""
+
+    device: int = u32()
+    queue: int = u32()
+    handle: int = u32()
+    flags: int = u32(0)
+
+
+@message(23, R)
+@dataclass(frozen=True, kw_only=True)
+class IoExit(Message):
+    """A guest MMIO/PIO access no ioeventfd caught: an exit to the VMM, answered
+    synchronously with :class:`IoExitReply` (the value read, or 0 for a write)."""
+
+    pio: int = u32(0)
+    write: int = u32(0)
+    len: int = u32()
+    addr: int = u64()
+    value: int = u64(0)
+
+
+@message(24, R)
+@dataclass(frozen=True, kw_only=True)
+class IoExitDone(Message):
+    """The VMM's answer to :class:`IoExitNotice` ``token`` (errno 0 = success)."""
+
+    token: int = u64()
+    value: int = u64(0)
+    errno: int = u32(0)
+
+
+@message(25, R, text=True)
+@dataclass(frozen=True, kw_only=True)
+class DeviceConfig(Message):
+    """VMM -> device process (through the broker), like vhost-user SET_VRING_ADDR: a JSON
+    document; the reply waits for the device's :class:`DeviceConfigDone`."""
+
+    device: int = u32()
+    text: str = ""
+
+
+@message(26, R, text=True)
+@dataclass(frozen=True, kw_only=True)
+class DeviceConfigDone(Message):
+    """The device's answer to :class:`DeviceConfigNotice` ``token`` (no reply)."""
+
+    NO_REPLY = True
+    token: int = u64()
+    errno: int = u32(0)
+    text: str = ""
+
+
+@message(27, R, text=True)
+@dataclass(frozen=True, kw_only=True)
+class DeviceReport(Message):
+    """Device process -> its VMM: a JSON event (queue broken, counters ...)."""
+
+    text: str = ""
 
 
 # ----------------------------------------------------------------------------- replies
@@ -478,6 +547,12 @@ class HelloReply(Message):
     broker_pid: int = u32()
 
 
+@message(72, P)
+@dataclass(frozen=True, kw_only=True)
+class IoExitReply(Message):
+    value: int = u64(0)
+
+
 # ----------------------------------------------------------------------------- notices
 
 
@@ -533,6 +608,72 @@ class Detach(Message):
 @dataclass(frozen=True, kw_only=True)
 class PeerGone(Message):
     """A peer or object this connection depends on went away (kind: PeerKind)."""
+
+    kind: int = u32()
+    id: int = u32()
+
+
+@message(134, N, nfds=1)
+@dataclass(frozen=True, kw_only=True)
+class KickfdAttach(Message):
+    """To a device process: this eventfd is the doorbell of ``queue``."""
+
+    binding: int = u64()
+    queue: int = u32()
+
+
+@message(135, N, nfds=1)
+@dataclass(frozen=True, kw_only=True)
+class MemslotAttach(Message):
+    """To a VM's guest and device processes: guest memory ``[gpa, gpa+size)`` is the
+    shared-memory object in the fd, from byte ``offset`` (like vhost-user SET_MEM_TABLE)."""
+
+    slot: int = u32()
+    gpa: int = u64()
+    size: int = u64()
+    offset: int = u64()
+
+
+@message(136, N)
+@dataclass(frozen=True, kw_only=True)
+class MemslotDetach(Message):
+    slot: int = u32()
+
+
+@message(137, N)
+@dataclass(frozen=True, kw_only=True)
+class IoExitNotice(Message):
+    """To a VM's owner (the VMM): handle this access, then send :class:`IoExitDone`."""
+
+    token: int = u64()
+    vm: int = u32()
+    pio: int = u32()
+    write: int = u32()
+    len: int = u32()
+    addr: int = u64()
+    value: int = u64()
+
+
+@message(138, N, text=True)
+@dataclass(frozen=True, kw_only=True)
+class DeviceConfigNotice(Message):
+    """To a device process: apply this JSON configuration, then send DeviceConfigDone."""
+
+    token: int = u64()
+    text: str = ""
+
+
+@message(139, N, text=True)
+@dataclass(frozen=True, kw_only=True)
+class DeviceReportNotice(Message):
+    device: int = u32()
+    text: str = ""
+
+
+@message(140, N)
+@dataclass(frozen=True, kw_only=True)
+class PeerAttached(Message):
+    """To an owner: a guest (kind GUEST, id = VM) or device process (DEVICE) attached."""
 
     kind: int = u32()
     id: int = u32()

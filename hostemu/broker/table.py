@@ -44,18 +44,37 @@ A process that does not acknowledge within ``ack_timeout`` seconds is disconnect
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+from hostemu.broker.objects import (
+    Binding,
+    Conn,
+    Detaching,
+    Device,
+    EventfdObj,
+    Forward,
+    IoeventfdBinding,
+    IrqfdBinding,
+    KernelObject,
+    KickfdBinding,
+    MemoryObj,
+    Memslot,
+    PendingOp,
+    ShmSignalBinding,
+    Vm,
+)
+from hostemu.broker.relay import RelayTable
 from shared import wire
 from shared.errors import BrokerError
-from shared.fds import EVENTFD_MAX, OwnedFd, eventfd_info, memory_fd_size, new_eventfd
+from shared.fds import EVENTFD_MAX, eventfd_info, memory_fd_size, new_eventfd
 from shared.wire import DetachReason, PeerKind, Policy, Scope
 
 MAX_GSI = 1024
@@ -66,6 +85,7 @@ IOEVENTFD_LENGTHS = frozenset({0, 1, 2, 4, 8})
 ADDR_LIMIT = 1 << 64
 DEFAULT_ACK_TIMEOUT = 2.0
 DEFAULT_MAX_HANDLES = 1 << 16
+DEFAULT_RELAY_TIMEOUT = 10.0
 
 
 # ------------------------------------------------------------------------------ actions
@@ -105,153 +125,6 @@ def _fail(name: str, message: str) -> BrokerError:
     return BrokerError.named(name, message)
 
 
-# ------------------------------------------------------------------------------ objects
-
-
-@dataclass(eq=False)
-class KernelObject:
-    """A real fd the broker owns, with its two reference counts."""
-
-    id: int
-    fd: OwnedFd
-    handles: int = 0
-    ctx_refs: int = 0
-
-    @property
-    def kind(self) -> str:
-        raise NotImplementedError
-
-
-@dataclass(eq=False)
-class EventfdObj(KernelObject):
-    kernel_id: int = -1
-    semaphore: bool = False
-    irqfd: IrqfdBinding | None = None  # the one irqfd (as trigger) allowed per eventfd
-    bindings: dict[int, Binding] = field(default_factory=dict)  # active and detaching
-
-    @property
-    def kind(self) -> str:
-        return "eventfd"
-
-
-@dataclass(eq=False)
-class MemoryObj(KernelObject):
-    size: int = 0
-
-    @property
-    def kind(self) -> str:
-        return "memory"
-
-
-@dataclass(eq=False, kw_only=True)
-class Binding:
-    id: int
-    eventfd: EventfdObj
-    consumer: int | None = None  # connection that holds a copy and must ack a detach
-    state: str = "active"  # active -> detaching -> released
-
-    kind = "binding"
-
-    def refs(self) -> list[EventfdObj]:
-        return [self.eventfd]
-
-
-@dataclass(eq=False, kw_only=True)
-class IrqfdBinding(Binding):
-    vm: Vm
-    gsi: int
-    resample: EventfdObj | None = None
-    kind = "irqfd"
-
-    def refs(self) -> list[EventfdObj]:
-        return [self.eventfd] + ([self.resample] if self.resample else [])
-
-
-@dataclass(eq=False, kw_only=True)
-class IoeventfdBinding(Binding):
-    vm: Vm
-    pio: bool
-    addr: int
-    length: int
-    datamatch: int | None  # None: wildcard
-    kind = "ioeventfd"
-
-
-@dataclass(eq=False, kw_only=True)
-class ShmSignalBinding(Binding):
-    device: Device
-    sigid: int
-    kind = "shmsignal"
-
-
-@dataclass(eq=False)
-class Memslot:
-    slot: int
-    gpa: int
-    size: int
-    offset: int
-    memory: MemoryObj
-
-
-@dataclass(eq=False)
-class Vm:
-    id: int
-    owner: int
-    ngsi: int
-    irqchip: bool = False
-    guest: int | None = None
-    irqfds: dict[int, IrqfdBinding] = field(default_factory=dict)
-    ioeventfds: dict[tuple[bool, int], list[IoeventfdBinding]] = field(default_factory=dict)
-    memslots: dict[int, Memslot] = field(default_factory=dict)
-    devices: dict[int, Device] = field(default_factory=dict)
-
-    def bindings(self) -> Iterator[Binding]:
-        yield from self.irqfds.values()
-        for bucket in self.ioeventfds.values():
-            yield from bucket
-
-
-@dataclass(eq=False)
-class Device:
-    id: int
-    owner: int
-    vm: Vm
-    nsignals: int
-    process: int | None = None
-    signals: dict[int, ShmSignalBinding] = field(default_factory=dict)
-
-
-@dataclass(eq=False)
-class Conn:
-    id: int
-    pid: int
-    uid: int
-    scope: Scope
-    target: int
-    handles: dict[int, KernelObject] = field(default_factory=dict)
-    next_handle: int = 0
-    vms: dict[int, Vm] = field(default_factory=dict)
-    devices: dict[int, Device] = field(default_factory=dict)
-    state_cache: bytes = b""
-
-
-@dataclass(eq=False)
-class PendingOp:
-    """A request whose reply waits for detach acknowledgements."""
-
-    requester: int | None
-    reply: wire.Message | None
-    waiting: set[int] = field(default_factory=set)
-
-
-@dataclass(eq=False)
-class Detaching:
-    binding: Binding
-    consumer: int
-    deadline: float
-    ops: list[PendingOp] = field(default_factory=list)
-
-
 # ------------------------------------------------------------------------------ the table
 
 
@@ -267,12 +140,14 @@ class ObjectTable:
         *,
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         max_handles: int = DEFAULT_MAX_HANDLES,
+        relay_timeout: float = DEFAULT_RELAY_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         process_info: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         self.policy = policy
         self.ack_timeout = ack_timeout
         self.max_handles = max_handles
+        self.relay_timeout = relay_timeout
         self._clock = clock
         self._process_info = process_info
         self._ids = itertools.count(1)
@@ -304,6 +179,12 @@ class ObjectTable:
             wire.ShmSignal: self._shmsignal,
             wire.ChannelOpen: self._channel_open,
             wire.Attach: self._attach,
+            wire.DeviceKickfd: self._device_kickfd,
+            wire.IoExit: self._io_exit,
+            wire.IoExitDone: self._io_exit_done,
+            wire.DeviceConfig: self._device_config,
+            wire.DeviceConfigDone: self._device_config_done,
+            wire.DeviceReport: self._device_report,
         }
         # Requests a scoped (guest or device) channel may make; everything else is EPERM.
         self._scoped_allowed: frozenset[type[wire.Message]] = frozenset(
@@ -316,8 +197,12 @@ class ObjectTable:
                 wire.HandleDup,
                 wire.HandleClose,
                 wire.HandleGetFd,
+                wire.IoExit,  # VM channels only (checked by the handler)
+                wire.DeviceConfigDone,  # device channels only
+                wire.DeviceReport,  # device channels only
             }
         )
+        self.relay = RelayTable()
 
     # ----------------------------------------------------------------- entry points
 
@@ -334,6 +219,13 @@ class ObjectTable:
             return []
         if isinstance(msg, wire.DetachAck):
             self._ack(conn, msg.binding)
+            return self._flush()
+        if msg.NO_REPLY:  # an answer to something we relayed: a stale one is ignored
+            handler = self._handlers.get(type(msg))
+            if handler is not None and (conn.scope is Scope.HOST
+                                        or type(msg) in self._scoped_allowed):
+                with contextlib.suppress(BrokerError):
+                    handler(conn, msg, PendingOp(None, None))
             return self._flush()
         op = PendingOp(conn_id, None)
         try:
@@ -363,16 +255,23 @@ class ObjectTable:
         return self._flush()
 
     def expire(self) -> list[Action]:
-        """Disconnect every consumer that missed its acknowledgement deadline."""
+        """Disconnect every consumer that missed its acknowledgement deadline; fail every
+        relayed request whose responder missed its deadline (ETIMEDOUT)."""
         now = self._clock()
         late = {d.consumer for d in self._detaching.values() if d.deadline <= now}
         for conn_id in sorted(late):
             self._out.append(Disconnect(conn_id, "did not acknowledge a detach in time"))
             self._drop_conn(conn_id)
+        for fwd in self.relay.expired(now):
+            self._relay_failed(fwd, "ETIMEDOUT", "no answer in time")
         return self._flush()
 
     def next_deadline(self) -> float | None:
-        return min((d.deadline for d in self._detaching.values()), default=None)
+        deadlines = [d.deadline for d in self._detaching.values()]
+        relay = self.relay.next_deadline()
+        if relay is not None:
+            deadlines.append(relay)
+        return min(deadlines, default=None)
 
     # ----------------------------------------------------------------- plumbing
 
@@ -471,7 +370,7 @@ class ObjectTable:
             self._attach_notice(b, consumer)
 
     def _consumer_of(self, b: Binding) -> int | None:
-        if isinstance(b, ShmSignalBinding):
+        if isinstance(b, ShmSignalBinding | KickfdBinding):
             return b.device.process
         if isinstance(b, IrqfdBinding | IoeventfdBinding):
             return b.vm.guest
@@ -491,6 +390,8 @@ class ObjectTable:
                                        datamatch=b.datamatch or 0, fds=(b.eventfd.fd.dup(),))
         elif isinstance(b, ShmSignalBinding):
             msg = wire.ShmSignalAttach(binding=b.id, sigid=b.sigid, fds=(b.eventfd.fd.dup(),))
+        elif isinstance(b, KickfdBinding):
+            msg = wire.KickfdAttach(binding=b.id, queue=b.queue, fds=(b.eventfd.fd.dup(),))
         else:  # pragma: no cover - exhaustive
             raise AssertionError(b)
         b.consumer = consumer
@@ -512,6 +413,8 @@ class ObjectTable:
                 del b.vm.ioeventfds[(b.pio, b.addr)]
         elif isinstance(b, ShmSignalBinding):
             del b.device.signals[b.sigid]
+        elif isinstance(b, KickfdBinding):
+            del b.device.kicks[b.queue]
         if b.consumer is not None and b.consumer in self.conns:
             d = Detaching(b, b.consumer, self._clock() + self.ack_timeout)
             if op is not None:
@@ -553,8 +456,12 @@ class ObjectTable:
         # 1. It will never acknowledge: finish its detaches.
         for bid in [bid for bid, d in self._detaching.items() if d.consumer == conn_id]:
             self._finish_detach(bid)
-        # 2. A guest or device process leaving: its bindings lose their consumer.
+        # 2. A guest or device process leaving: its bindings lose their consumer; what
+        #    was relayed to it fails, what it asked for is answered to no one.
         self._unattach(conn)
+        for fwd in self.relay.responder_gone(conn_id):
+            self._relay_failed(fwd, "EPIPE", "the process that had to answer is gone")
+        self.relay.requester_gone(conn_id)
         # 3. Its handles go, as at process exit (may HUP bindings elsewhere).
         del self.conns[conn_id]
         op = PendingOp(None, None)
@@ -580,13 +487,13 @@ class ObjectTable:
             device = self.devices.get(conn.target)
             if device is not None and device.process == conn.id:
                 device.process = None
-                for sig in device.signals.values():
+                for sig in device.bindings():
                     sig.consumer = None
                 self._send(device.owner, wire.PeerGone(kind=PeerKind.DEVICE, id=device.id))
                 self._send(device.vm.guest, wire.PeerGone(kind=PeerKind.DEVICE, id=device.id))
 
     def _destroy_device(self, dev: Device, op: PendingOp) -> None:
-        for b in list(dev.signals.values()):
+        for b in list(dev.bindings()):
             self._deactivate(b, DetachReason.TEARDOWN, op)
         self._send(dev.process, wire.PeerGone(kind=PeerKind.DEVICE, id=dev.id))
         dev.vm.devices.pop(dev.id, None)
@@ -611,7 +518,21 @@ class ObjectTable:
         if owner is not None:
             owner.vms.pop(vm.id, None)
 
+    def _memory_holders(self, vm: Vm) -> list[int]:
+        """The processes that map a VM's memory: its guest and its device processes."""
+        holders = [vm.guest] + [d.process for d in vm.devices.values()]
+        return [h for h in holders if h is not None]
+
+    def _memslot_notice(self, slot: Memslot, conn_id: int) -> None:
+        self._send(conn_id, wire.MemslotAttach(slot=slot.slot, gpa=slot.gpa, size=slot.size,
+                                               offset=slot.offset,
+                                               fds=(slot.memory.fd.dup(),)))
+
     def _drop_memslot(self, vm: Vm, slot: Memslot) -> None:
+        # Peers unmap when they read the notice. Nothing waits for them: unlike a kernel
+        # page, a shared-memory mapping that outlives the slot cannot be a use-after-free.
+        for holder in self._memory_holders(vm):
+            self._send(holder, wire.MemslotDetach(slot=slot.slot))
         del vm.memslots[slot.slot]
         slot.memory.ctx_refs -= 1
         self._maybe_free(slot.memory)
@@ -730,8 +651,10 @@ class ObjectTable:
         for s in vm.memslots.values():
             if msg.gpa < s.gpa + s.size and s.gpa < msg.gpa + msg.size:
                 raise _fail("EEXIST", f"[{msg.gpa:#x}, +{msg.size:#x}) overlaps slot {s.slot}")
-        vm.memslots[msg.slot] = Memslot(msg.slot, msg.gpa, msg.size, msg.offset, mem)
+        slot = vm.memslots[msg.slot] = Memslot(msg.slot, msg.gpa, msg.size, msg.offset, mem)
         mem.ctx_refs += 1
+        for holder in self._memory_holders(vm):
+            self._memslot_notice(slot, holder)
 
     def _device_create(self, conn: Conn, msg: wire.DeviceCreate, op: PendingOp) -> wire.Message:
         vm = self._own_vm(conn, msg.vm)
@@ -847,6 +770,8 @@ class ObjectTable:
         return None
 
     def _attach(self, conn: Conn, msg: wire.Attach, op: PendingOp) -> None:
+        """Become the VM's guest / the device's process: receive its memory, then every
+        binding it consumes or produces (a restarted process gets them all again)."""
         bindings: Iterable[Binding]
         if conn.scope is Scope.VM:
             vm = self.vms.get(conn.target)
@@ -855,7 +780,7 @@ class ObjectTable:
             if vm.guest is not None:
                 raise _fail("EBUSY", f"VM {vm.id} already has a guest process")
             vm.guest = conn.id
-            bindings = list(vm.bindings())
+            bindings, owner, kind = list(vm.bindings()), vm.owner, PeerKind.GUEST
         elif conn.scope is Scope.DEVICE:
             dev = self.devices.get(conn.target)
             if dev is None:
@@ -863,11 +788,91 @@ class ObjectTable:
             if dev.process is not None:
                 raise _fail("EBUSY", f"device {dev.id} already has a process")
             dev.process = conn.id
-            bindings = list(dev.signals.values())
+            vm = dev.vm
+            bindings, owner, kind = list(dev.bindings()), dev.owner, PeerKind.DEVICE
         else:
             raise _fail("EINVAL", "only a VM or device channel can attach")
+        for slot in sorted(vm.memslots.values(), key=lambda s: s.gpa):
+            self._memslot_notice(slot, conn.id)
         for b in bindings:
             self._attach_notice(b, conn.id)
+        self._send(owner, wire.PeerAttached(kind=kind, id=conn.target))
+
+    # ----------------------------------------------------------------- data plane
+
+    def _device_kickfd(self, conn: Conn, msg: wire.DeviceKickfd,
+                       op: PendingOp) -> wire.Message | None:
+        if msg.flags & ~wire.KICKFD_FLAG_DEASSIGN:
+            raise _fail("EINVAL", f"unknown kickfd flags {msg.flags:#x}")
+        dev = self._own_device(conn, msg.device)
+        if msg.queue >= wire.MAX_QUEUES:
+            raise _fail("EINVAL", f"queue {msg.queue} out of range (< {wire.MAX_QUEUES})")
+        current = dev.kicks.get(msg.queue)
+        if msg.flags & wire.KICKFD_FLAG_DEASSIGN:
+            efd = None if msg.handle == wire.NO_HANDLE else self._eventfd(conn, msg.handle)
+            if current is None or (efd is not None and current.eventfd is not efd):
+                raise _fail("ENOENT", f"queue {msg.queue} has no such kickfd")
+            self._deactivate(current, DetachReason.DEASSIGN, op)
+            return None
+        efd = self._eventfd(conn, msg.handle)
+        if current is not None:
+            raise _fail("EEXIST", f"queue {msg.queue} already has a kickfd")
+        b = KickfdBinding(id=next(self._ids), eventfd=efd, device=dev, queue=msg.queue)
+        dev.kicks[msg.queue] = b
+        self._bind(b)
+        return wire.IdReply(id=b.id)
+
+    def _relay_failed(self, fwd: Forward, name: str, why: str) -> None:
+        err = BrokerError.named(name, why)
+        self._send(fwd.requester, wire.Error(seq=fwd.seq, errno=err.errno, text=err.message))
+
+    def _io_exit(self, conn: Conn, msg: wire.IoExit, op: PendingOp) -> None:
+        vm = self.vms.get(conn.target) if conn.scope is Scope.VM else None
+        if vm is None or vm.guest != conn.id:
+            raise _fail("EPERM", "only an attached guest makes I/O exits")
+        if msg.len not in (1, 2, 4, 8) or msg.addr + msg.len > ADDR_LIMIT:
+            raise _fail("EINVAL", f"bad access: {msg.len} bytes at {msg.addr:#x}")
+        fwd = self.relay.open("ioexit", conn.id, msg.seq, vm.owner,
+                              self._clock() + self.relay_timeout)
+        self._send(vm.owner, wire.IoExitNotice(token=fwd.token, vm=vm.id, pio=msg.pio,
+                                               write=msg.write, len=msg.len, addr=msg.addr,
+                                               value=msg.value))
+        op.requester = None  # answered when the VMM is done
+
+    def _io_exit_done(self, conn: Conn, msg: wire.IoExitDone, op: PendingOp) -> None:
+        fwd = self.relay.answer(msg.token, conn.id, "ioexit")
+        if fwd is None:
+            raise _fail("ENOENT", f"no I/O exit {msg.token} is waiting for this connection")
+        if msg.errno:
+            self._send(fwd.requester, wire.Error(seq=fwd.seq, errno=msg.errno,
+                                                 text="the VMM refused the access"))
+        else:
+            self._send(fwd.requester, wire.IoExitReply(seq=fwd.seq, value=msg.value))
+
+    def _device_config(self, conn: Conn, msg: wire.DeviceConfig, op: PendingOp) -> None:
+        dev = self._own_device(conn, msg.device)
+        if dev.process is None:
+            raise _fail("ENOTCONN", f"device {dev.id} has no process attached")
+        fwd = self.relay.open("config", conn.id, msg.seq, dev.process,
+                              self._clock() + self.relay_timeout)
+        self._send(dev.process, wire.DeviceConfigNotice(token=fwd.token, text=msg.text))
+        op.requester = None  # answered when the device process is done
+
+    def _device_config_done(self, conn: Conn, msg: wire.DeviceConfigDone,
+                            op: PendingOp) -> None:
+        fwd = self.relay.answer(msg.token, conn.id, "config")
+        if fwd is None:
+            raise _fail("ENOENT", f"no configuration {msg.token} is waiting for this "
+                                  "connection")
+        reply: wire.Message = wire.Ok(seq=fwd.seq) if not msg.errno else wire.Error(
+            seq=fwd.seq, errno=msg.errno, text=msg.text or "the device refused")
+        self._send(fwd.requester, reply)
+
+    def _device_report(self, conn: Conn, msg: wire.DeviceReport, op: PendingOp) -> None:
+        dev = self.devices.get(conn.target) if conn.scope is Scope.DEVICE else None
+        if dev is None or dev.process != conn.id:
+            raise _fail("EPERM", "only an attached device process reports")
+        self._send(dev.owner, wire.DeviceReportNotice(device=dev.id, text=msg.text))
 
     # ----------------------------------------------------------------- introspection
 
@@ -885,6 +890,8 @@ class ObjectTable:
                          len=b.length, datamatch=b.datamatch)
             elif isinstance(b, ShmSignalBinding):
                 d.update(device=b.device.id, sigid=b.sigid)
+            elif isinstance(b, KickfdBinding):
+                d.update(device=b.device.id, queue=b.queue)
             return d
 
         bindings: dict[int, Binding] = {}

@@ -205,6 +205,9 @@ class Harness:
         self.absorb(self.t.channel_opened(owner, seq, c, 2000 + c, 1000, scope, target))
         if attach:
             assert isinstance(self.req(c, wire.Attach()), wire.Ok)
+            kind = PeerKind.GUEST if scope is Scope.VM else PeerKind.DEVICE
+            assert self.notices(owner, wire.PeerAttached) == [
+                wire.PeerAttached(kind=kind, id=target)]
         return c
 
     def guest(self, owner: int, vm: int, *, attach: bool = True) -> int:
@@ -1536,6 +1539,7 @@ def test_host_disconnect_destroys_its_vms_and_devices(h: Harness) -> None:
     hup = DetachReason.HUP if h.t.policy is Policy.HUP else DetachReason.TEARDOWN
     assert h.notices(w.guest) == [wire.Detach(binding=irq, reason=hup),
                                   wire.Detach(binding=io, reason=DetachReason.TEARDOWN),
+                                  wire.MemslotDetach(slot=0),
                                   wire.PeerGone(kind=PeerKind.VM, id=w.vm)]
     assert h.notices(w.proc) == [wire.Detach(binding=sig, reason=hup),
                                  wire.PeerGone(kind=PeerKind.DEVICE, id=w.dev)]

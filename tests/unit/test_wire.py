@@ -418,7 +418,10 @@ class TestRejections:
                     pytest.fail(f"unknown type {t} accepted")
 
     def test_unknown_type_closes_fds(self) -> None:
-        for t in (0, 22, 63, 72, 127, 134, 0xFFFF):
+        unused = [t for t in (0, 22, 50, 63, 72, 90, 127, 134, 200, 0xFFFF)
+                  if t not in MESSAGE_TYPES]
+        assert len(unused) >= 5
+        for t in unused:
             for nfds in (1, 2):
                 data = HEADER.pack(PROTOCOL_VERSION, t, 0, nfds, 0, 0, 4) + b"\x00" * 4
                 assert_rejected(data, fresh_fds(nfds), "unknown", f"type {t}")

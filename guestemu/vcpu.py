@@ -1,0 +1,95 @@
+"""The guest's vCPU: memory-mapped I/O and halting.
+
+Theory of operation
+-------------------
+A guest process runs its drivers and workload as ordinary code on one thread -- the vCPU.
+Two things leave that code:
+
+* **MMIO/PIO accesses** (:meth:`Vcpu.read`, :meth:`Vcpu.write`). A write that matches an
+  ioeventfd the broker attached signals that eventfd directly and returns at once: KVM's
+  in-kernel fast path, no exit. Every other access is an *exit*: a synchronous
+  ``IoExit`` request the broker relays to the VMM; the vCPU waits for the answer (meanwhile
+  it still acknowledges detach notices, so a VMM that rebinds in response cannot
+  deadlock against it).
+* **Halting** (:meth:`Vcpu.halt`): waiting for a condition such as "the device returned
+  buffers". Like KVM's halt-polling, the vCPU first polls -- the condition, and its irqfds
+  without blocking -- for a window, and only then sleeps in epoll on irqfds, the broker
+  channel and its control pipe. The window is adaptive by default (grows when a wakeup
+  came soon after sleeping, shrinks when the sleep was long, as ``halt_poll_ns`` does);
+  a fixed window, including 0 (never poll), can be configured.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from shared import wire
+
+if TYPE_CHECKING:
+    from guestemu.guest import GuestAgent
+
+ADAPTIVE = -1
+DEFAULT_MAX_POLL_NS = 200_000
+GROW_START_NS = 10_000
+
+
+class Vcpu:
+    def __init__(self, agent: GuestAgent, *, halt_poll_ns: int = ADAPTIVE,
+                 max_poll_ns: int = DEFAULT_MAX_POLL_NS) -> None:
+        self.agent = agent
+        self.adaptive = halt_poll_ns == ADAPTIVE
+        self.max_poll_ns = max_poll_ns
+        self.poll_ns = 0 if self.adaptive else max(0, halt_poll_ns)
+        self.counters: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ I/O
+
+    def read(self, addr: int, size: int) -> int:
+        self.counters["exits"] += 1
+        reply = self.agent.channel.call(wire.IoExit(write=0, len=size, addr=addr),
+                                        wire.IoExitReply)
+        return reply.value
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        if self.agent.io.write(False, addr, size, value):
+            self.counters["fast_writes"] += 1  # the ioeventfd fired; no exit
+            return
+        self.counters["exits"] += 1
+        self.agent.channel.call(wire.IoExit(write=1, len=size, addr=addr, value=value),
+                                wire.IoExitReply)
+
+    # ------------------------------------------------------------------ halting
+
+    def halt(self, until: Callable[[], bool], timeout: float = 30.0) -> bool:
+        """Return once ``until()`` is true (True) or after ``timeout`` seconds (False)."""
+        if until():
+            return True
+        loop = self.agent.loop
+        start = time.monotonic_ns()
+        poll_end = start + self.poll_ns
+        while time.monotonic_ns() < poll_end:
+            loop.poll_once(0)  # irqfds and notices, without blocking
+            if until():
+                self.counters["halt_polls_ok"] += 1
+                return True
+        self.counters["halts"] += 1
+        deadline = time.monotonic() + timeout
+        while not until():
+            left = deadline - time.monotonic()
+            if left <= 0 or loop.stopping:
+                return False
+            loop.poll_once(left)
+        self._adapt(time.monotonic_ns() - start)
+        return True
+
+    def _adapt(self, blocked_ns: int) -> None:
+        if not self.adaptive:
+            return
+        if blocked_ns <= self.max_poll_ns:
+            # A short sleep: polling a little longer would have avoided it.
+            self.poll_ns = min(self.max_poll_ns, max(GROW_START_NS, self.poll_ns * 2))
+        else:
+            self.poll_ns //= 2  # long sleeps: polling only burns the CPU

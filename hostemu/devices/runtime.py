@@ -1,0 +1,219 @@
+"""The device-process runtime: guest memory, doorbells, interrupts and rings for a model.
+
+Theory of operation
+-------------------
+A device process attaches on its scoped device channel. The broker then hands it, as
+notices: the VM's memory slots (mapped with :class:`~shared.memory.SlotMapper`), one
+*kickfd* per queue (the eventfd the VMM also bound as that queue's ioeventfd: a guest
+write to the notify register signals it directly) and one *shm-signal* eventfd per MSI
+vector (the eventfd the VMM also bound as an irqfd: signaling it interrupts the guest).
+The VMM relays the guest's queue programming as a ``DeviceConfigNotice`` (JSON, like
+vhost-user's SET_VRING_ADDR); the runtime builds a :class:`~shared.ring.DeviceRing` for it
+and answers ``DeviceConfigDone``.
+
+On a kick the runtime drains the kickfd and runs the model's queue handler in passes of
+at most :data:`BUDGET` chains, so a doorbell storm cannot monopolize the process; if work
+remains it schedules another pass rather than looping. A handler completes chains with
+:meth:`DeviceRuntime.complete`, which signals the queue's vector only when the ring says
+the driver wants an interrupt (EVENT_IDX / NO_INTERRUPT suppression); counters record
+delivered and suppressed interrupts. A ring the guest corrupted is marked broken by the
+ring code; the runtime reports it to the VMM (``DeviceReport``) and ignores that queue
+until it is reset -- the other queues and the process keep running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from hostemu.device import DeviceAgent
+from shared import wire
+from shared.channel import Channel
+from shared.errors import BrokerError, PeerGoneError, VbusError
+from shared.fds import EventConsumer
+from shared.loop import ControlPipe
+from shared.memory import SlotMapper
+from shared.ring import DeviceRing
+
+BUDGET = 256
+"""Chains one pass of a queue handler may take before yielding to other events."""
+
+
+@dataclass(eq=False)
+class Queue:
+    index: int
+    ring: DeviceRing
+    vector: int
+    reported_broken: bool = False
+
+
+class DeviceModel:
+    """What a device does with its queues. Subclasses override :meth:`on_queue`."""
+
+    name = "model"
+
+    def attach(self, runtime: DeviceRuntime) -> None:
+        self.runtime = runtime
+
+    def on_queue(self, q: Queue) -> bool:
+        """Process available chains of ``q``; return True if work may remain."""
+        return False
+
+    def on_queue_ready(self, q: Queue) -> None:
+        """``q`` was (re)configured by the driver."""
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        """Release the model's own resources (files, peers)."""
+
+
+class DeviceRuntime(DeviceAgent):
+    """A device process with guest memory, kickfds, vectors and rings."""
+
+    def __init__(self, channel: Channel, control: ControlPipe, model: DeviceModel) -> None:
+        super().__init__(channel, control)
+        self.memory = SlotMapper()
+        self.kicks: dict[int, tuple[int, EventConsumer]] = {}  # queue -> (binding, fd)
+        self.queues: dict[int, Queue] = {}
+        self.counters: Counter[str] = Counter()
+        self.model = model
+        self._scheduled: set[int] = set()
+        model.attach(self)
+
+    # ------------------------------------------------------------------ notices
+
+    def handle_notice(self, msg: wire.Message) -> None:
+        if isinstance(msg, wire.MemslotAttach):
+            self.memory.attach(msg.slot, msg.gpa, msg.size, msg.offset, msg.fds[0].move())
+        elif isinstance(msg, wire.MemslotDetach):
+            self.memory.detach(msg.slot)
+        elif isinstance(msg, wire.KickfdAttach):
+            consumer = EventConsumer(msg.fds[0].move())
+            self.kicks[msg.queue] = (msg.binding, consumer)
+            self.loop.watch(consumer.fileno(), functools.partial(self._on_kick, msg.queue))
+        elif isinstance(msg, wire.Detach) and self._detach_kick(msg.binding):
+            self.channel.ack_detach(msg.binding)
+        elif isinstance(msg, wire.DeviceConfigNotice):
+            self._configure(msg.token, msg.text)
+        else:
+            super().handle_notice(msg)
+            return
+        msg.close_fds()
+
+    def _detach_kick(self, binding: int) -> bool:
+        for queue, (b, consumer) in list(self.kicks.items()):
+            if b == binding:
+                self.loop.unwatch(consumer.fileno())
+                consumer.close()
+                del self.kicks[queue]
+                return True
+        return False
+
+    def _configure(self, token: int, text: str) -> None:
+        errno, detail = 0, ""
+        try:
+            self.apply_config(json.loads(text))
+        except (ValueError, KeyError, TypeError, VbusError) as e:
+            errno, detail = 22, f"bad device configuration: {e}"  # EINVAL
+        self.channel.send(wire.DeviceConfigDone(token=token, errno=errno, text=detail))
+
+    def apply_config(self, cfg: dict[str, Any]) -> None:
+        op = cfg["op"]
+        if op == "queue":
+            q = int(cfg["queue"])
+            ring = DeviceRing(self.memory.map, int(cfg["desc"]), int(cfg["avail"]),
+                              int(cfg["used"]), int(cfg["size"]),
+                              event_idx=bool(cfg.get("event_idx", False)))
+            queue = self.queues[q] = Queue(q, ring, int(cfg["vector"]))
+            self.model.on_queue_ready(queue)
+            if ring.broken:
+                self._report_broken(queue)
+            else:
+                self.schedule(q)  # buffers posted before enable must not be missed
+        elif op == "disable":
+            self.queues.pop(int(cfg["queue"]), None)
+        elif op == "reset":
+            self.queues.clear()
+        else:
+            raise KeyError(f"op {op!r}")
+
+    # ------------------------------------------------------------------ data path
+
+    def _on_kick(self, queue: int) -> None:
+        entry = self.kicks.get(queue)
+        if entry is None:
+            return
+        if entry[1].drain():
+            self.counters["kicks"] += 1
+        self._run_queue(queue)
+
+    def schedule(self, queue: int) -> None:
+        """Run ``queue``'s handler on the next loop pass (bounded work per pass)."""
+        if queue not in self._scheduled:
+            self._scheduled.add(queue)
+            self.loop.call_at(time.monotonic(), functools.partial(self._run_queue, queue))
+
+    def _run_queue(self, queue: int) -> None:
+        self._scheduled.discard(queue)
+        q = self.queues.get(queue)
+        if q is None or q.ring.broken:
+            return
+        more = self.model.on_queue(q)
+        if q.ring.broken:
+            self._report_broken(q)
+        elif more:
+            self.schedule(queue)
+
+    def complete(self, q: Queue, ids: Any, lens: Any) -> None:
+        """Return chains to the driver; interrupt it only if it asked to be."""
+        if q.ring.push_used(ids, lens):
+            self.interrupt(q.vector)
+        else:
+            self.counters["interrupts_suppressed"] += 1
+
+    def interrupt(self, vector: int) -> None:
+        entry = self.signals.get(vector)
+        if entry is None:
+            self.counters["interrupts_unrouted"] += 1  # the driver has not programmed it
+            return
+        entry[1].notify(1)
+        self.counters["interrupts"] += 1
+
+    def _report_broken(self, q: Queue) -> None:
+        if q.reported_broken:
+            return
+        q.reported_broken = True
+        self.counters["queues_broken"] += 1
+        self.emit("queue_broken", queue=q.index, reason=q.ring.broken)
+        # If the broker refuses or is gone, the guest still sees the queue stop.
+        with contextlib.suppress(BrokerError, PeerGoneError):
+            self.channel.request(wire.DeviceReport(text=json.dumps(
+                {"event": "queue_broken", "queue": q.index, "reason": q.ring.broken})))
+
+    # ------------------------------------------------------------------ control
+
+    def handle_command(self, cmd: dict[str, Any]) -> dict[str, Any] | None:
+        if cmd.get("cmd") == "stats":
+            return {**super().handle_command(cmd), **self.device_stats()}  # type: ignore[dict-item]
+        return super().handle_command(cmd)
+
+    def device_stats(self) -> dict[str, Any]:
+        return {"counters": dict(self.counters), "model": self.model.stats(),
+                "queues": {str(i): {"broken": q.ring.broken, "in_flight": q.ring.in_flight}
+                           for i, q in self.queues.items()}}
+
+    def shutdown(self) -> None:
+        self.model.close()
+        for _, consumer in self.kicks.values():
+            consumer.close()
+        self.kicks.clear()
+        self.queues.clear()
+        self.memory.close()
+        super().shutdown()

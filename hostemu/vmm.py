@@ -1,0 +1,386 @@
+"""The VMM: creates VMs, their RAM and devices, and wires the signaling the 2009 way.
+
+Theory of operation
+-------------------
+For each VM the VMM creates, through the broker: the VM (with an interrupt controller),
+its RAM (a :class:`~shared.memory.SharedRegion`, imported and registered as memory slot
+0 at guest-physical 0), and one vbus device per device model. It publishes each device to
+the guest as a PCI-like function (:class:`~hostemu.pci.PciFunction` on a
+:class:`~hostemu.pci.PciBus`) and starts the device processes, then the guest process,
+each on its own scoped channel.
+
+The guest's driver reaches the VMM only through I/O exits (config space, BAR registers,
+any notify write no ioeventfd caught). The VMM applies each to the bus model and turns the
+resulting events into broker calls -- the hooks the seed describes:
+
+* **BAR programmed / moved** -> for each queue, ``IOEVENTFD`` deassign at the old notify
+  address and assign at the new one (``len 4, datamatch = queue``), always with the
+  queue's one doorbell eventfd, which the device process consumes as its kickfd; a BAR
+  move therefore never loses or duplicates a kick.
+* **MSI vector programmed** -> ``fd = eventfd()``; ``IRQFD_ASSIGN {fd, gsi}``;
+  ``SHMSIGNAL_ASSIGN {device, sigid = vector, fd}``; then ``close(fd)`` under the
+  ``refcount`` policy -- exactly the seed. Under ``hup`` closing would HUP both bindings,
+  so the VMM keeps the handle, as qemu does on Linux. Reprogramming deassigns the old pair
+  (both deassigns return only after the old consumer and producer acknowledged) and the
+  old eventfd is released.
+* **Queue enabled / disabled, device reset** -> a ``DeviceConfig`` relayed to the device
+  process (like vhost-user SET_VRING_ADDR); replayed when a device process re-attaches.
+
+Only after the events are applied does the VMM complete the exit, so when the guest's
+register write returns, the binding it implied is in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from hostemu.launcher import ManagedProcess, spawn_agent
+from hostemu.pci import (
+    BarMoved,
+    DeviceReset,
+    Event,
+    MsiProgrammed,
+    PciBus,
+    PciFunction,
+    QueueDisabled,
+    QueueEnabled,
+    QueueNotifyExit,
+)
+from shared import pci_layout as pl
+from shared import wire
+from shared.channel import Channel
+from shared.errors import BrokerError, PeerGoneError, VbusError
+from shared.fds import EventNotifier
+from shared.loop import EventLoop, setup_logging
+from shared.memory import SharedRegion
+from shared.wire import Policy, Scope
+
+log = logging.getLogger("vbusemu.vmm")
+
+F_EVENT_IDX = 1
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    model: str
+    name: str
+    queues: int = 2
+    vectors: int = 2
+    queue_size_max: int = 256
+    device_id: int = pl.DEVICE_ECHO
+    args: tuple[str, ...] = ()
+    config: bytes = b""
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    name: str
+    memory: int = 16 << 20
+    ngsi: int = 32
+    devices: tuple[DeviceSpec, ...] = ()
+    workload: tuple[str, ...] = ()
+
+
+@dataclass(eq=False)
+class VmmDevice:
+    spec: DeviceSpec
+    id: int
+    function: PciFunction
+    doorbells: dict[int, int] = field(default_factory=dict)  # queue -> eventfd handle
+    kick_writers: dict[int, EventNotifier] = field(default_factory=dict)
+    vectors: dict[int, tuple[int, int | None]] = field(default_factory=dict)  # v -> (gsi, h)
+    process: ManagedProcess | None = None
+
+
+@dataclass(eq=False)
+class VmmVm:
+    spec: VmSpec
+    id: int
+    bus: PciBus
+    devices: dict[int, VmmDevice] = field(default_factory=dict)  # by PCI slot
+    guest: ManagedProcess | None = None
+    exits: int = 0
+
+
+class Vmm:
+    """Owns the VMs it creates and the processes it starts for them."""
+
+    def __init__(self, channel: Channel, *, stderr: Any = None) -> None:
+        self.channel = channel
+        self.policy = Policy(channel.hello().policy)
+        self.stderr = stderr
+        self.vms: dict[int, VmmVm] = {}
+        self.reports: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+
+    # ------------------------------------------------------------------ building
+
+    def create_vm(self, spec: VmSpec) -> VmmVm:
+        ch = self.channel
+        vm_id = ch.vm_create(spec.ngsi)
+        with SharedRegion.create(spec.memory) as ram:
+            handle = ch.memory_import(ram.fd, spec.memory)
+            ch.memslot_set(vm_id, 0, 0, spec.memory, handle)
+            ch.handle_close(handle)  # the slot holds the memory; the VMM needs no handle
+        vm = VmmVm(spec, vm_id, PciBus())
+        for slot, dspec in enumerate(spec.devices):
+            dev_id = ch.device_create(vm_id, nsignals=max(1, dspec.vectors))
+            fn = PciFunction(slot, dspec.device_id, num_queues=dspec.queues,
+                             num_vectors=dspec.vectors, queue_size_max=dspec.queue_size_max,
+                             features=F_EVENT_IDX, device_config=dspec.config)
+            vm.bus.add(fn)
+            dev = vm.devices[slot] = VmmDevice(dspec, dev_id, fn)
+            for q in range(dspec.queues):
+                # One doorbell eventfd per queue for the device's life: bound as the queue's
+                # kickfd now, and as an ioeventfd wherever the guest puts the BAR.
+                h = dev.doorbells[q] = ch.eventfd_create()
+                ch.call(wire.DeviceKickfd(device=dev_id, queue=q, handle=h), wire.IdReply)
+                dev.kick_writers[q] = EventNotifier(ch.handle_fd(h))
+        self.vms[vm_id] = vm
+        return vm
+
+    def start(self, vm: VmmVm, timeout: float = 20.0) -> None:
+        """Start the device processes, wait until they attached, then the guest."""
+        for dev in vm.devices.values():
+            dev.process = spawn_agent(
+                "hostemu.devices", self.channel.channel_open(Scope.DEVICE, dev.id),
+                f"{vm.spec.name}/{dev.spec.name}", dev.spec.model, *dev.spec.args,
+                stderr=self.stderr)
+        for dev in vm.devices.values():
+            assert dev.process is not None
+            dev.process.wait_event("attached", timeout)
+        vm.guest = spawn_agent("guestemu.guest", self.channel.channel_open(Scope.VM, vm.id),
+                               vm.spec.name, *vm.spec.workload, stderr=self.stderr)
+
+    # ------------------------------------------------------------------ exits
+
+    def process_notices(self) -> None:
+        while (msg := self.channel.next_notice(0)) is not None:
+            try:
+                self.on_notice(msg)
+            finally:
+                msg.close_fds()
+
+    def on_notice(self, msg: wire.Message) -> None:
+        if isinstance(msg, wire.IoExitNotice):
+            self.on_exit(msg)
+        elif isinstance(msg, wire.DeviceReportNotice):
+            report = {"device": msg.device, **json.loads(msg.text)}
+            self.reports.append(report)
+            self._mark_broken(msg.device, report)
+        elif isinstance(msg, wire.PeerAttached) and msg.kind == wire.PeerKind.DEVICE:
+            self._replay_queues(msg.id)
+        elif isinstance(msg, wire.PeerGone):
+            self.reports.append({"event": "peer_gone",
+                                 "kind": wire.PeerKind(msg.kind).name.lower(), "id": msg.id})
+
+    def on_exit(self, ex: wire.IoExitNotice) -> None:
+        vm = self.vms.get(ex.vm)
+        value, errno = 0, 0
+        if vm is None or ex.pio:
+            value = (1 << (8 * ex.len)) - 1  # nothing decodes it: all ones
+        elif ex.write:
+            vm.exits += 1
+            for event in vm.bus.mmio_write(ex.addr, ex.len, ex.value):
+                self.apply(vm, event)
+        else:
+            vm.exits += 1
+            value = vm.bus.mmio_read(ex.addr, ex.len)
+        self.channel.call(wire.IoExitDone(token=ex.token, value=value, errno=errno), wire.Ok)
+
+    def apply(self, vm: VmmVm, event: Event) -> None:
+        """Turn one bus event into broker calls; a refusal is recorded, never fatal."""
+        dev = vm.devices.get(event.function)
+        if dev is None:
+            return
+        try:
+            if isinstance(event, BarMoved):
+                self._move_doorbells(vm, dev, event.old, event.new)
+            elif isinstance(event, MsiProgrammed):
+                self._program_vector(vm, dev, event.vector, event.new_gsi)
+            elif isinstance(event, QueueEnabled):
+                self._configure(dev, self._queue_config(event))
+            elif isinstance(event, QueueDisabled):
+                self._configure(dev, {"op": "disable", "queue": event.queue})
+            elif isinstance(event, DeviceReset):
+                self._configure(dev, {"op": "reset"})
+            elif isinstance(event, QueueNotifyExit):
+                dev.kick_writers[event.queue].notify(1)
+        except BrokerError as e:
+            self.errors.append(f"{vm.spec.name}/{dev.spec.name}: {type(event).__name__}: {e}")
+            log.warning("%s", self.errors[-1])
+
+    def _move_doorbells(self, vm: VmmVm, dev: VmmDevice, old: int | None,
+                        new: int | None) -> None:
+        for q, handle in dev.doorbells.items():
+            if old is not None:
+                self.channel.ioeventfd(vm.id, handle, old + pl.notify_offset(q), pl.NOTIFY_SIZE,
+                                       datamatch=q, deassign=True)
+            if new is not None:
+                self.channel.ioeventfd(vm.id, handle, new + pl.notify_offset(q), pl.NOTIFY_SIZE,
+                                       datamatch=q)
+
+    def _program_vector(self, vm: VmmVm, dev: VmmDevice, vector: int,
+                        gsi: int | None) -> None:
+        ch = self.channel
+        if vector in dev.vectors:
+            old_gsi, old_handle = dev.vectors.pop(vector)
+            ch.shmsignal_deassign(dev.id, vector, old_handle)
+            ch.irqfd_deassign(vm.id, old_handle, old_gsi)
+            if old_handle is not None:
+                ch.handle_close(old_handle)  # the old eventfd is released
+        if gsi is None:
+            return
+        handle = ch.eventfd_create()  # fd = eventfd(0, 0)
+        try:
+            ch.irqfd_assign(vm.id, handle, gsi)  # KVM_IRQFD_ASSIGN {fd, gsi}
+            ch.shmsignal_assign(dev.id, vector, handle)  # VBUS_SHMSIGNAL_ASSIGN {sigid, fd}
+        except BrokerError:
+            ch.irqfd_deassign(vm.id, handle, gsi)
+            ch.handle_close(handle)
+            raise
+        if self.policy is Policy.REFCOUNT:
+            ch.handle_close(handle)  # close(fd): the bindings keep it alive
+            dev.vectors[vector] = (gsi, None)
+        else:
+            dev.vectors[vector] = (gsi, handle)  # under hup, close would HUP both sides
+
+    @staticmethod
+    def _queue_config(ev: QueueEnabled) -> dict[str, Any]:
+        return {"op": "queue", "queue": ev.queue, "size": ev.size, "desc": ev.desc,
+                "avail": ev.avail, "used": ev.used,
+                "vector": -1 if ev.vector is None else ev.vector, "event_idx": ev.event_idx}
+
+    def _configure(self, dev: VmmDevice, cfg: dict[str, Any]) -> None:
+        try:
+            self.channel.call(wire.DeviceConfig(device=dev.id, text=json.dumps(cfg)), wire.Ok)
+        except BrokerError as e:
+            if cfg.get("op") == "queue":
+                dev.function.set_queue_broken(int(cfg["queue"]), str(e))
+            raise
+
+    def _replay_queues(self, device_id: int) -> None:
+        """A (re)started device process gets the queues the driver already enabled."""
+        for vm in self.vms.values():
+            for dev in vm.devices.values():
+                if dev.id != device_id:
+                    continue
+                for q in range(dev.spec.queues):
+                    cfg = dev.function.queue_config(q)
+                    if cfg is not None:
+                        self.apply(vm, cfg)
+
+    def _mark_broken(self, device_id: int, report: dict[str, Any]) -> None:
+        for vm in self.vms.values():
+            for dev in vm.devices.values():
+                if dev.id == device_id and "queue" in report:
+                    dev.function.set_queue_broken(int(report["queue"]),
+                                                  str(report.get("reason")))
+
+    # ------------------------------------------------------------------ running
+
+    def run_until_guests_exit(self, loop: EventLoop, timeout: float) -> dict[str, Any]:
+        """Serve exits until every guest process has exited; collect their results."""
+        results: dict[str, Any] = {}
+        pending = {vm.guest.stdout_fd(): vm for vm in self.vms.values() if vm.guest}
+
+        def guest_output(fd: int) -> None:
+            vm = pending[fd]
+            assert vm.guest is not None
+            lines = vm.guest.poll_lines()
+            for obj in lines or []:
+                if obj.get("event") == "workload_done":
+                    results[vm.spec.name] = obj
+                elif obj.get("event") == "console":
+                    print(f"[{vm.spec.name}] {obj.get('text', '')}", flush=True)
+            if lines is None:
+                loop.unwatch(fd)
+                del pending[fd]
+
+        loop.watch(self.channel.fileno(), lambda: None)
+        for fd in pending:
+            loop.watch(fd, lambda fd=fd: guest_output(fd))  # type: ignore[misc]
+        deadline = time.monotonic() + timeout
+        while pending and not loop.stopping and time.monotonic() < deadline:
+            self.channel.pump()
+            self.process_notices()
+            loop.poll_once(min(0.5, max(0.0, deadline - time.monotonic())))
+            self.channel.pump()
+            self.process_notices()
+        loop.unwatch(self.channel.fileno())
+        for fd in list(pending):
+            loop.unwatch(fd)
+        if pending:
+            self.errors.append(f"guests still running after {timeout}s: "
+                               f"{[v.spec.name for v in pending.values()]}")
+        return results
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for vm in self.vms.values():
+            devs = {}
+            for dev in vm.devices.values():
+                if dev.process is not None and dev.process.alive:
+                    try:
+                        devs[dev.spec.name] = dev.process.call("stats", timeout=5)
+                    except VbusError as e:
+                        devs[dev.spec.name] = {"error": str(e)}
+            out[vm.spec.name] = {"exits": vm.exits, "devices": devs}
+        return out
+
+    def shutdown(self) -> None:
+        """Destroy every VM (the guest and device processes get peer-gone and exit), then
+        make sure every process we started is gone: gracefully, then hard."""
+        for vm in list(self.vms.values()):
+            for dev in vm.devices.values():
+                for writer in dev.kick_writers.values():
+                    writer.close()
+            try:
+                self.channel.vm_destroy(vm.id)
+            except (BrokerError, PeerGoneError) as e:
+                self.errors.append(f"destroying {vm.spec.name}: {e}")
+            procs = [vm.guest] + [d.process for d in vm.devices.values()]
+            for p in procs:
+                if p is not None:
+                    p.stop()
+            del self.vms[vm.id]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hostemu.vmm --socket PATH --spec JSON``: build, run, report, tear down."""
+    parser = argparse.ArgumentParser(description="vbusemu VMM process")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--spec", required=True, help="JSON list of VM specs")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    setup_logging("vmm")
+    specs = [VmSpec(name=v["name"], memory=int(v.get("memory", 16 << 20)),
+                    ngsi=int(v.get("ngsi", 32)),
+                    devices=tuple(DeviceSpec(**d) for d in v.get("devices", [])),
+                    workload=tuple(v.get("workload", [])))
+             for v in json.loads(args.spec)]
+    loop = EventLoop()
+    loop.install_signal_handlers()
+    with Channel.connect(args.socket) as ch:
+        vmm = Vmm(ch)
+        try:
+            for spec in specs:
+                vmm.start(vmm.create_vm(spec))
+            results = vmm.run_until_guests_exit(loop, args.timeout)
+            stats = vmm.stats()
+        finally:
+            vmm.shutdown()
+            loop.close()
+    print(json.dumps({"event": "vmm_done", "results": results, "stats": stats,
+                      "reports": vmm.reports, "errors": vmm.errors}), flush=True)
+    return 0 if not vmm.errors and len(results) == len(specs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
