@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 from guestemu.irq import InterruptController, IoEventFd, IoEventTable
 from guestemu.vcpu import ADAPTIVE, Vcpu
-from guestemu.workloads import run_echo
+from guestemu.workloads import load as load_workload
 from shared import wire
 from shared.channel import Channel
 from shared.errors import VbusError
@@ -159,21 +160,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channel-fd", type=int, required=True,
                         help="inherited fd of the VM channel the VMM opened")
     parser.add_argument("--name", default="guest")
-    parser.add_argument("--workload", choices=["echo"], default=None,
-                        help="run this workload after boot, report it, and exit")
-    parser.add_argument("--count", type=int, default=1000)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rebind", action="store_true",
-                        help="echo: move the BAR, then the MSI vectors, mid-transfer")
+    parser.add_argument("--workload", default=None,
+                        help="run this workload (a module of guestemu.workloads) after boot, "
+                             "report it, and exit")
+    parser.add_argument("--params", default="{}", help="the workload's parameters (JSON)")
     parser.add_argument("--halt-poll-ns", type=int, default=ADAPTIVE,
                         help="halt-polling window; -1 = adaptive (default), 0 = never poll")
     args = parser.parse_args(argv)
     setup_logging(args.name)
     workload = None
-    if args.workload == "echo":
+    if args.workload is not None:
+        run = load_workload(args.workload)
+        params = json.loads(args.params)
+
         def workload(agent: GuestAgent) -> dict[str, Any]:
-            return run_echo(agent, args.count, args.size, args.batch, args.rebind)
+            return run(agent, params)
+
     agent = GuestAgent(Channel.adopt(OwnedFd(args.channel_fd)), ControlPipe(), workload,
                        halt_poll_ns=args.halt_poll_ns)
     return agent.run()

@@ -3,17 +3,17 @@
 Pure state machines in the h11 style: guest accesses go in, *events* come out, nothing here
 touches a socket, an eventfd or the broker. The VMM maps each event to broker calls:
 
-=====================  ===================================================================
-event                  what the VMM typically does
-=====================  ===================================================================
-:class:`BarMoved`      deassign the notify ioeventfds at ``old``, assign them at ``new``
-:class:`MsiProgrammed` deassign the vector's irqfd from ``old_gsi``, assign it to ``new_gsi``
-:class:`QueueEnabled`  build a :class:`~shared.ring.DeviceRing` and start serving the queue
-:class:`QueueDisabled` stop serving the queue, forget its ring
-:class:`StatusChanged` log; start the device on DRIVER_OK
-:class:`DeviceReset`   drop all per-driver state (follows the queues' QueueDisabled events)
-:class:`QueueNotifyExit` a notify that no ioeventfd caught: kick the queue by hand
-=====================  ===================================================================
+========================  ======================================================================
+event                     what the VMM typically does
+========================  ======================================================================
+:class:`BarMoved`         deassign the notify ioeventfds at ``old``, assign them at ``new``
+:class:`MsiProgrammed`    deassign the vector's irqfd from ``old_gsi``, assign it to ``new_gsi``
+:class:`QueueEnabled`     build a :class:`~shared.ring.DeviceRing` and start serving the queue
+:class:`QueueDisabled`    stop serving the queue, forget its ring
+:class:`StatusChanged`    log; start the device on DRIVER_OK
+:class:`DeviceReset`      drop all per-driver state (follows the queues' QueueDisabled events)
+:class:`QueueNotifyExit`  a notify that no ioeventfd caught: kick the queue by hand
+========================  ======================================================================
 
 The register ABI (offsets, bits, windows) is :mod:`shared.pci_layout`.
 

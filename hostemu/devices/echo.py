@@ -82,3 +82,9 @@ class EchoModel(DeviceModel):
 
     def stats(self) -> dict[str, Any]:
         return {"echoed": self.echoed, "bytes": self.bytes, "backlog": self.backlog_frames}
+
+
+def make_model(args: list[str]) -> DeviceModel:
+    if args:
+        raise SystemExit(f"echo takes no options, got {args}")
+    return EchoModel()

@@ -35,10 +35,10 @@ def run_vmm(broker: BrokerHandle, vms: list[dict[str, Any]],
     return result
 
 
-def echo_vm(name: str, count: int, *extra: str, size: int = 200) -> dict[str, Any]:
+def echo_vm(name: str, count: int, size: int = 200, **params: Any) -> dict[str, Any]:
+    params = {"count": count, "size": size, "batch": 16, **params}
     return {"name": name, "devices": [{"model": "echo", "name": "echo0"}],
-            "workload": ["--workload", "echo", "--count", str(count), "--size", str(size),
-                         "--batch", "16", *extra]}
+            "workload": ["--workload", "echo", "--params", json.dumps(params)]}
 
 
 @pytest.mark.parametrize("policy", list(Policy), ids=lambda p: p.name.lower())
@@ -60,7 +60,7 @@ def test_echo_round_trip_through_every_process(broker_factory, policy: Policy) -
 
 
 def test_bar_move_and_msi_reprogramming_rebind_without_loss(broker: BrokerHandle) -> None:
-    result = run_vmm(broker, [echo_vm("vm0", 1500, "--rebind")])
+    result = run_vmm(broker, [echo_vm("vm0", 1500, rebind=True)])
     assert result["returncode"] == 0, result
     r = result["results"]["vm0"]
     assert r["ok"] and r["frames"] == 1500, r

@@ -1,7 +1,5 @@
-"""Guest workloads: what a booted guest does with its devices.
-
-``echo``: send ``count`` frames of ``size`` bytes through the echo device in batches and
-check that each comes back exactly once, in order, intact. Every frame carries its
+"""The ``echo`` workload: send ``count`` frames of ``size`` bytes through the echo device
+in batches and check that each comes back exactly once, in order, intact. Every frame carries its
 sequence number and a checksum of its payload (written and verified with vectorized
 numpy). The workload keeps the RX queue full, sends as fast as TX buffers free up, and
 halts only when nothing can progress -- re-enabling interrupts first and re-checking the
@@ -17,47 +15,12 @@ import numpy as np
 
 from guestemu import pci
 from guestemu.drivers import BufferPool, GuestRam, Virtqueue, boot, find, start_device
+from guestemu.workloads.frames import HEADER, check, stamp
 from shared import pci_layout as pl
 from shared.errors import VbusError
 
 if TYPE_CHECKING:
     from guestemu.guest import GuestAgent
-
-HEADER = 8  # seq u32, checksum u32
-
-
-def stamp(frames: np.ndarray[Any, Any], seqs: np.ndarray[Any, Any]) -> None:
-    """Fill ``frames`` (N x size) with a payload derived from each seq, then its header."""
-    size = frames.shape[1]
-    body = (seqs[:, None].astype(np.uint32) * np.uint32(2654435761)
-            + np.arange(size - HEADER, dtype=np.uint32)[None, :]) >> np.uint32(24)
-    frames[:, HEADER:] = body.astype(np.uint8)
-    checksum = frames[:, HEADER:].sum(axis=1, dtype=np.uint32)
-    frames[:, 0:4] = seqs.astype("<u4")[:, None].view(np.uint8).reshape(-1, 4)
-    frames[:, 4:8] = checksum.astype("<u4")[:, None].view(np.uint8).reshape(-1, 4)
-
-
-def check(frames: np.ndarray[Any, Any], lens: np.ndarray[Any, Any],
-          expect_first: int) -> str | None:
-    """The first discrepancy in received frames, or None if all are intact and in order."""
-    n, size = frames.shape
-    seqs = frames[:, 0:4].copy().view("<u4").reshape(n)
-    want = np.arange(expect_first, expect_first + n, dtype=np.uint32)
-    bad = np.nonzero(seqs != want)[0]
-    if bad.size:
-        i = int(bad[0])
-        return f"frame {expect_first + i}: got sequence number {int(seqs[i])}"
-    short = np.nonzero(lens != size)[0]
-    if short.size:
-        i = int(short[0])
-        return f"frame {expect_first + i}: {int(lens[i])} bytes, expected {size}"
-    sums = frames[:, 4:8].copy().view("<u4").reshape(n)
-    actual = frames[:, HEADER:].sum(axis=1, dtype=np.uint32)
-    bad = np.nonzero(sums != actual)[0]
-    if bad.size:
-        return f"frame {expect_first + int(bad[0])}: checksum mismatch (payload corrupted)"
-    return None
-
 
 class EchoSession:
     """An echo device brought up by the driver, and frames pushed through it."""
@@ -176,11 +139,13 @@ class EchoSession:
                 "vcpu": dict(self.vcpu.counters), **extra}
 
 
-def run_echo(agent: GuestAgent, count: int, size: int, batch: int,
-             rebind: bool = False) -> dict[str, Any]:
-    """The echo workload; with ``rebind`` the BAR and then the MSI vectors move between
-    three equal thirds of the transfer, and every frame must still arrive."""
-    session = EchoSession(agent, size, batch)
+def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
+    """The echo workload: ``count`` frames of ``size`` bytes in batches of ``batch``. With
+    ``rebind`` the BAR and then the MSI vectors move between three equal thirds of the
+    transfer, and every frame must still arrive."""
+    count = int(params.get("count", 1000))
+    rebind = bool(params.get("rebind", False))
+    session = EchoSession(agent, int(params.get("size", 64)), int(params.get("batch", 32)))
     if not rebind:
         return session.result(session.transfer(count))
     third = max(1, count // 3)
