@@ -55,7 +55,7 @@ from hostemu.pci import (
 from shared import pci_layout as pl
 from shared import wire
 from shared.channel import Channel
-from shared.errors import BrokerError, PeerGoneError, VbusError
+from shared.errors import BrokerError, ConfigError, PeerGoneError, VbusError
 from shared.fds import EventNotifier
 from shared.loop import EventLoop, setup_logging
 from shared.memory import SharedRegion
@@ -64,18 +64,42 @@ from shared.wire import Policy, Scope
 log = logging.getLogger("vbusemu.vmm")
 
 F_EVENT_IDX = 1
+INTERNAL_EVENTS = frozenset({"attached", "irqfd_attached", "ioeventfd_attached", "detached",
+                             "peer_gone", "shmsignal_attached"})
 
 
 @dataclass(frozen=True)
 class DeviceSpec:
+    """One device of a VM. Its shape (PCI device id, queues, vectors) and its config-space
+    bytes come from the model's module (:func:`model_shape`); ``params`` are the model's
+    options, passed to the device process as ``--params JSON``."""
+
     model: str
     name: str
-    queues: int = 2
-    vectors: int = 2
+    params: dict[str, Any] = field(default_factory=dict)
     queue_size_max: int = 256
-    device_id: int = pl.DEVICE_ECHO
-    args: tuple[str, ...] = ()
-    config: bytes = b""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    device_id: int
+    queues: int
+    vectors: int
+    config: bytes
+
+
+def model_shape(spec: DeviceSpec) -> ModelShape:
+    """What the VMM publishes for a model: ``DEVICE_ID``, ``QUEUES``, ``VECTORS`` and
+    ``device_config(params) -> bytes`` of module ``hostemu.devices.<model>``."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"hostemu.devices.{spec.model}")
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"device {spec.name}: unknown model {spec.model!r}") from e
+    make_config = getattr(module, "device_config", None)
+    config = make_config(spec.params) if make_config is not None else b""
+    return ModelShape(int(module.DEVICE_ID), int(module.QUEUES), int(module.VECTORS), config)
 
 
 @dataclass(frozen=True)
@@ -90,6 +114,7 @@ class VmSpec:
 @dataclass(eq=False)
 class VmmDevice:
     spec: DeviceSpec
+    shape: ModelShape
     id: int
     function: PciFunction
     doorbells: dict[int, int] = field(default_factory=dict)  # queue -> eventfd handle
@@ -130,13 +155,14 @@ class Vmm:
             ch.handle_close(handle)  # the slot holds the memory; the VMM needs no handle
         vm = VmmVm(spec, vm_id, PciBus())
         for slot, dspec in enumerate(spec.devices):
-            dev_id = ch.device_create(vm_id, nsignals=max(1, dspec.vectors))
-            fn = PciFunction(slot, dspec.device_id, num_queues=dspec.queues,
-                             num_vectors=dspec.vectors, queue_size_max=dspec.queue_size_max,
-                             features=F_EVENT_IDX, device_config=dspec.config)
+            shape = model_shape(dspec)
+            dev_id = ch.device_create(vm_id, nsignals=max(1, shape.vectors))
+            fn = PciFunction(slot, shape.device_id, num_queues=shape.queues,
+                             num_vectors=shape.vectors, queue_size_max=dspec.queue_size_max,
+                             features=F_EVENT_IDX, device_config=shape.config)
             vm.bus.add(fn)
-            dev = vm.devices[slot] = VmmDevice(dspec, dev_id, fn)
-            for q in range(dspec.queues):
+            dev = vm.devices[slot] = VmmDevice(dspec, shape, dev_id, fn)
+            for q in range(shape.queues):
                 # One doorbell eventfd per queue for the device's life: bound as the queue's
                 # kickfd now, and as an ioeventfd wherever the guest puts the BAR.
                 h = dev.doorbells[q] = ch.eventfd_create()
@@ -150,8 +176,8 @@ class Vmm:
         for dev in vm.devices.values():
             dev.process = spawn_agent(
                 "hostemu.devices", self.channel.channel_open(Scope.DEVICE, dev.id),
-                f"{vm.spec.name}/{dev.spec.name}", dev.spec.model, *dev.spec.args,
-                stderr=self.stderr)
+                f"{vm.spec.name}/{dev.spec.name}", dev.spec.model,
+                "--params", json.dumps(dev.spec.params), stderr=self.stderr)
         for dev in vm.devices.values():
             assert dev.process is not None
             dev.process.wait_event("attached", timeout)
@@ -271,7 +297,7 @@ class Vmm:
             for dev in vm.devices.values():
                 if dev.id != device_id:
                     continue
-                for q in range(dev.spec.queues):
+                for q in range(dev.shape.queues):
                     cfg = dev.function.queue_config(q)
                     if cfg is not None:
                         self.apply(vm, cfg)
@@ -295,10 +321,13 @@ class Vmm:
             assert vm.guest is not None
             lines = vm.guest.poll_lines()
             for obj in lines or []:
-                if obj.get("event") == "workload_done":
+                event = obj.get("event")
+                if event == "workload_done":
                     results[vm.spec.name] = obj
-                elif obj.get("event") == "console":
-                    print(f"[{vm.spec.name}] {obj.get('text', '')}", flush=True)
+                elif event not in INTERNAL_EVENTS and event is not None:
+                    # progress the guest reports (console text, milestones) goes upstream
+                    print(json.dumps({**obj, "event": "guest_event", "name": event,
+                                      "vm": vm.spec.name}), flush=True)
             if lines is None:
                 loop.unwatch(fd)
                 del pending[fd]

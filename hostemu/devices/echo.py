@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from hostemu.devices.runtime import BUDGET, DeviceModel, Queue
+from shared import pci_layout as pl
+from shared.errors import ConfigError
 
 TX, RX = 0, 1
 MAX_FRAME = 64 * 1024
@@ -84,7 +86,12 @@ class EchoModel(DeviceModel):
         return {"echoed": self.echoed, "bytes": self.bytes, "backlog": self.backlog_frames}
 
 
-def make_model(args: list[str]) -> DeviceModel:
-    if args:
-        raise SystemExit(f"echo takes no options, got {args}")
+DEVICE_ID = pl.DEVICE_ECHO
+QUEUES = 2
+VECTORS = 2
+
+
+def make_model(params: dict[str, Any]) -> DeviceModel:
+    if params:
+        raise ConfigError(f"echo takes no options, got {sorted(params)}")
     return EchoModel()
