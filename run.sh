@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # vbusemu bootstrap: ./run.sh [test [pytest args] | <vbusemu args>]
-#   no argument  -> the main job (vbusemu demo until the data plane lands)
+#   no argument  -> the main job: vbusemu run (two VMs through venet, disks, consoles)
 #   test         -> the whole pytest suite (extra args go to pytest)
 #   anything else-> vbusemu <args>
 # Creates .venv with the machine's python3 when missing, or reinstalls when
@@ -37,7 +37,7 @@ fi
 
 export PATH="$venv/bin:$PATH"
 case "${1-}" in
-  "")   exec "$venv/bin/vbusemu" demo ;;
+  "")   exec "$venv/bin/vbusemu" run ;;
   test) shift; exec "$venv/bin/python" -m pytest "$@" ;;
   *)    exec "$venv/bin/vbusemu" "$@" ;;
 esac

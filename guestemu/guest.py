@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
     agent = GuestAgent(Channel.adopt(OwnedFd(args.channel_fd)), ControlPipe(), workload,
                        halt_poll_ns=args.halt_poll_ns)
+    agent.name = args.name
     return agent.run()
 
 

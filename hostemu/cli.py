@@ -1,5 +1,6 @@
 """The ``vbusemu`` command: thin entry points, no logic of their own.
 
+    vbusemu run [topology.toml] [--timeout S]                 run a topology (main job)
     vbusemu demo [--policy hup|refcount|both] [--signals N]   the 2009 scenario
     vbusemu broker [--socket PATH] [--policy hup|refcount]    run a broker
     vbusemu ps [--socket PATH] [--json]                       what a broker owns
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vbusemu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run a topology of VMs and devices (default: two VMs "
+                                   "through venet, each with a disk and a console)")
+    p.add_argument("topology", nargs="?", default=None)
+    p.add_argument("--timeout", type=float, default=120.0)
     p = sub.add_parser("demo", help="the 2009 assign-then-close scenario in real processes")
     p.add_argument("--policy", default="both", choices=["hup", "refcount", "both"])
     p.add_argument("--signals", type=int, default=1000)
@@ -81,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
+        if args.command == "run":
+            from hostemu.run import main as run_main
+
+            return run_main(args.topology, args.timeout)
         if args.command == "demo":
             from hostemu.demo import run_demo
 

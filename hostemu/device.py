@@ -22,14 +22,15 @@ from shared import wire
 from shared.channel import Channel
 from shared.errors import UsageError
 from shared.fds import EventNotifier, OwnedFd
-from shared.loop import Agent, ControlPipe, setup_logging
+from shared.loop import Agent, ControlPipe, EventLoop, setup_logging
 
 
 class DeviceAgent(Agent):
     name = "device"
 
-    def __init__(self, channel: Channel, control: ControlPipe) -> None:
-        super().__init__(channel, control)
+    def __init__(self, channel: Channel, control: ControlPipe,
+                 loop: EventLoop | None = None) -> None:
+        super().__init__(channel, control, loop)
         self.signals: dict[int, tuple[int, EventNotifier]] = {}  # sigid -> (binding, end)
         self.signaled: dict[int, int] = {}
         self.detached: list[dict[str, Any]] = []

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from shared.errors import PeerGoneError, UsageError, VbusError
-from shared.fds import OwnedFd
+from shared.fds import OwnedFd, close_all
 from shared.wire import Policy
 
 GRACE = 5.0
@@ -195,13 +195,16 @@ def start_broker(path: str, policy: Policy = Policy.HUP, *, ack_timeout: float =
     return proc
 
 
-def spawn_agent(module: str, channel: OwnedFd, name: str, *args: str,
+def spawn_agent(module: str, channel: OwnedFd | list[OwnedFd], name: str, *args: str,
                 stderr: IO[Any] | int | None = None) -> ManagedProcess:
-    """Start a guest or device process on a scoped channel; our copy is closed."""
-    with channel:
-        return ManagedProcess(name, python_module(
-            module, *args, "--channel-fd", str(channel.fd), "--name", name),
-            pass_fds=[channel.fd], stderr=stderr)
+    """Start a guest or device process on its scoped channel(s); our copies are closed."""
+    channels = channel if isinstance(channel, list) else [channel]
+    try:
+        fd_args = [word for c in channels for word in ("--channel-fd", str(c.fileno()))]
+        return ManagedProcess(name, python_module(module, *args, *fd_args, "--name", name),
+                              pass_fds=[c.fileno() for c in channels], stderr=stderr)
+    finally:
+        close_all(channels)
 
 
 def spawn_guest(channel: OwnedFd, name: str = "guest", **kw: Any) -> ManagedProcess:

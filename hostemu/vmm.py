@@ -111,6 +111,15 @@ class VmSpec:
     workload: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class SwitchSpec:
+    """A device process serving several VMs' devices (``ports``: ``"vm/device"``)."""
+
+    name: str
+    ports: tuple[str, ...]
+    model: str = "venet"
+
+
 @dataclass(eq=False)
 class VmmDevice:
     spec: DeviceSpec
@@ -143,6 +152,7 @@ class Vmm:
         self.vms: dict[int, VmmVm] = {}
         self.reports: list[dict[str, Any]] = []
         self.errors: list[str] = []
+        self.switch_procs: list[ManagedProcess] = []
 
     # ------------------------------------------------------------------ building
 
@@ -171,18 +181,49 @@ class Vmm:
         self.vms[vm_id] = vm
         return vm
 
-    def start(self, vm: VmmVm, timeout: float = 20.0) -> None:
-        """Start the device processes, wait until they attached, then the guest."""
-        for dev in vm.devices.values():
-            dev.process = spawn_agent(
-                "hostemu.devices", self.channel.channel_open(Scope.DEVICE, dev.id),
-                f"{vm.spec.name}/{dev.spec.name}", dev.spec.model,
-                "--params", json.dumps(dev.spec.params), stderr=self.stderr)
-        for dev in vm.devices.values():
-            assert dev.process is not None
-            dev.process.wait_event("attached", timeout)
-        vm.guest = spawn_agent("guestemu.guest", self.channel.channel_open(Scope.VM, vm.id),
-                               vm.spec.name, *vm.spec.workload, stderr=self.stderr)
+    def start(self, switches: list[SwitchSpec] | tuple[SwitchSpec, ...] = (),
+              timeout: float = 20.0) -> None:
+        """Start every device process (one per switch for switch ports), wait until all
+        attached, then start the guests."""
+        waiting: list[tuple[ManagedProcess, int]] = []
+        in_switch: set[tuple[str, str]] = set()
+        for sw in switches:
+            devs = [self.device_named(port) for port in sw.ports]
+            proc = spawn_agent(
+                "hostemu.devices", [self.channel.channel_open(Scope.DEVICE, d.id)
+                                    for _, d in devs],
+                f"switch/{sw.name}", sw.model, "--params",
+                json.dumps({"ports": list(range(len(devs)))}), stderr=self.stderr)
+            self.switch_procs.append(proc)
+            for _, d in devs:
+                d.process = proc
+            waiting.append((proc, len(devs)))
+            in_switch.update(tuple(p.split("/", 1)) for p in sw.ports)  # type: ignore[misc]
+        for vm in self.vms.values():
+            for dev in vm.devices.values():
+                if (vm.spec.name, dev.spec.name) in in_switch:
+                    continue
+                dev.process = spawn_agent(
+                    "hostemu.devices", self.channel.channel_open(Scope.DEVICE, dev.id),
+                    f"{vm.spec.name}/{dev.spec.name}", dev.spec.model,
+                    "--params", json.dumps(dev.spec.params), stderr=self.stderr)
+                waiting.append((dev.process, 1))
+        for proc, count in waiting:
+            for _ in range(count):
+                proc.wait_event("attached", timeout)
+        for vm in self.vms.values():
+            vm.guest = spawn_agent("guestemu.guest", self.channel.channel_open(Scope.VM, vm.id),
+                                   vm.spec.name, *vm.spec.workload, stderr=self.stderr)
+
+    def device_named(self, path: str) -> tuple[VmmVm, VmmDevice]:
+        """``"vm/device"`` -> the VM and the device."""
+        vm_name, _, dev_name = path.partition("/")
+        for vm in self.vms.values():
+            if vm.spec.name == vm_name:
+                for dev in vm.devices.values():
+                    if dev.spec.name == dev_name:
+                        return vm, dev
+        raise ConfigError(f"no device {path!r}")
 
     # ------------------------------------------------------------------ exits
 
@@ -332,9 +373,38 @@ class Vmm:
                 loop.unwatch(fd)
                 del pending[fd]
 
+        devices: dict[int, tuple[ManagedProcess, str]] = {}
+        for vm in self.vms.values():
+            for dev in vm.devices.values():
+                if dev.process is not None and dev.process.alive:
+                    devices[dev.process.stdout_fd()] = (dev.process, vm.spec.name)
+
+        def forward(proc: ManagedProcess, vm_name: str) -> list[dict[str, Any]] | None:
+            lines = proc.poll_lines()
+            for obj in lines or []:
+                event = obj.get("event")
+                if event not in INTERNAL_EVENTS and event is not None:
+                    print(json.dumps({**obj, "event": "guest_event", "name": event,
+                                      "vm": vm_name, "device": proc.name}), flush=True)
+            # poll_lines also keeps every event; a chatty console must not grow that list
+            proc.events[:] = [e for e in proc.events if e.get("event") in INTERNAL_EVENTS]
+            return lines
+
+        def device_output(fd: int) -> None:
+            proc, vm_name = devices[fd]
+            lines = forward(proc, vm_name)
+            if lines is None:  # supervision: a device process died under its guest
+                loop.unwatch(fd)
+                del devices[fd]
+                if pending:
+                    self.errors.append(f"device process {proc.name} (pid {proc.pid}) exited "
+                                       f"with status {proc.proc.wait(5)} while guests ran")
+
         loop.watch(self.channel.fileno(), lambda: None)
         for fd in pending:
             loop.watch(fd, lambda fd=fd: guest_output(fd))  # type: ignore[misc]
+        for fd in devices:
+            loop.watch(fd, lambda fd=fd: device_output(fd))  # type: ignore[misc]
         deadline = time.monotonic() + timeout
         while pending and not loop.stopping and time.monotonic() < deadline:
             self.channel.pump()
@@ -343,23 +413,39 @@ class Vmm:
             self.channel.pump()
             self.process_notices()
         loop.unwatch(self.channel.fileno())
-        for fd in list(pending):
+        for fd in [*pending, *devices]:
             loop.unwatch(fd)
+        # A device writes an event (a console line) before it returns the guest's buffer,
+        # so what a guest printed before it exited is in the pipe now: forward it, or the
+        # stats call would swallow it. Bounded: after a timeout a guest may still be talking.
+        for proc, vm_name in devices.values():
+            for _ in range(64):  # poll_lines reads at most 64 KiB per call
+                if not forward(proc, vm_name):
+                    break
         if pending:
             self.errors.append(f"guests still running after {timeout}s: "
                                f"{[v.spec.name for v in pending.values()]}")
         return results
 
     def stats(self) -> dict[str, Any]:
+        """Per VM: exits served and each device's counters (asked of its process)."""
         out: dict[str, Any] = {}
+        asked: dict[int, dict[str, Any]] = {}
         for vm in self.vms.values():
             devs = {}
             for dev in vm.devices.values():
-                if dev.process is not None and dev.process.alive:
+                p = dev.process
+                if p is None or not p.alive:
+                    continue
+                if p.pid not in asked:
                     try:
-                        devs[dev.spec.name] = dev.process.call("stats", timeout=5)
+                        asked[p.pid] = p.call("stats", timeout=5)
                     except VbusError as e:
-                        devs[dev.spec.name] = {"error": str(e)}
+                        asked[p.pid] = {"error": str(e)}
+                reply = asked[p.pid]
+                if "ports" in reply:  # a switch: this device's own port
+                    reply = reply["ports"][int(dev.spec.params.get("port", 0))]
+                devs[dev.spec.name] = reply
             out[vm.spec.name] = {"exits": vm.exits, "devices": devs}
         return out
 
@@ -379,6 +465,32 @@ class Vmm:
                 if p is not None:
                     p.stop()
             del self.vms[vm.id]
+        for p in self.switch_procs:
+            p.stop()
+
+
+def parse_spec(text: str) -> tuple[list[VmSpec], list[SwitchSpec]]:
+    """The VMM's JSON spec: a list of VMs, or ``{"vms": [...], "switches": [...]}``.
+    A switch port device gets ``params.port`` = its index on the switch."""
+    doc = json.loads(text)
+    vms_doc, sw_doc = (doc, []) if isinstance(doc, list) else (doc["vms"], doc.get("switches", []))
+    switches = [SwitchSpec(s["name"], tuple(s["ports"]), s.get("model", "venet"))
+                for s in sw_doc]
+    port_ids = {path: i for sw in switches for i, path in enumerate(sw.ports)}
+    vms = []
+    for v in vms_doc:
+        devices = []
+        for d in v.get("devices", []):
+            params = dict(d.get("params", {}))
+            path = f"{v['name']}/{d['name']}"
+            if path in port_ids:
+                params["port"] = port_ids[path]
+            devices.append(DeviceSpec(d["model"], d["name"], params,
+                                      int(d.get("queue_size_max", 256))))
+        vms.append(VmSpec(name=v["name"], memory=int(v.get("memory", 16 << 20)),
+                          ngsi=int(v.get("ngsi", 32)), devices=tuple(devices),
+                          workload=tuple(v.get("workload", []))))
+    return vms, switches
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,18 +501,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
     setup_logging("vmm")
-    specs = [VmSpec(name=v["name"], memory=int(v.get("memory", 16 << 20)),
-                    ngsi=int(v.get("ngsi", 32)),
-                    devices=tuple(DeviceSpec(**d) for d in v.get("devices", [])),
-                    workload=tuple(v.get("workload", [])))
-             for v in json.loads(args.spec)]
+    specs, switches = parse_spec(args.spec)
     loop = EventLoop()
     loop.install_signal_handlers()
     with Channel.connect(args.socket) as ch:
         vmm = Vmm(ch)
         try:
             for spec in specs:
-                vmm.start(vmm.create_vm(spec))
+                vmm.create_vm(spec)
+            vmm.start(switches)
             results = vmm.run_until_guests_exit(loop, args.timeout)
             stats = vmm.stats()
         finally:

@@ -151,10 +151,11 @@ class Agent:
 
     name = "agent"
 
-    def __init__(self, channel: Channel, control: ControlPipe) -> None:
+    def __init__(self, channel: Channel, control: ControlPipe,
+                 loop: EventLoop | None = None) -> None:
         self.channel = channel
         self.control = control
-        self.loop = EventLoop()
+        self.loop = loop if loop is not None else EventLoop()
         self.exit_code = EXIT_OK
         channel.on_notice = self._on_notice
 
@@ -220,25 +221,55 @@ class Agent:
         if self.control.eof:
             self.loop.stop()
 
+    def start(self, *, control: bool = True) -> bool:
+        """Attach and start watching the channel (and the control pipe if ``control``).
+        False if the broker is already gone."""
+        try:
+            self.channel.attach()
+        except PeerGoneError as e:
+            self.emit("broker_gone", reason=str(e))
+            self.exit_code = EXIT_BROKER_GONE
+            return False
+        self.on_attach()
+        self.emit("attached", pid=os.getpid())
+        self.loop.watch(self.channel.fileno(), self._on_channel)
+        if control:
+            self.loop.watch(self.control.infd, self._on_control)
+        self._on_channel()  # notices that arrived with the attach reply
+        return True
+
+    def close(self) -> None:
+        self.shutdown()
+        self.channel.close()
+
     def run(self) -> int:
         self.loop.install_signal_handlers()
         try:
-            try:
-                self.channel.attach()
-            except PeerGoneError as e:
-                self.emit("broker_gone", reason=str(e))
-                return EXIT_BROKER_GONE
-            self.on_attach()
-            self.emit("attached", pid=os.getpid())
-            self.loop.watch(self.channel.fileno(), self._on_channel)
-            self.loop.watch(self.control.infd, self._on_control)
-            self._on_channel()  # notices that arrived with the attach reply
-            self.main()
+            if self.start():
+                self.main()
             return self.exit_code
         finally:
-            self.shutdown()
-            self.channel.close()
+            self.close()
             self.loop.close()
+
+
+def run_group(agents: list[Agent], loop: EventLoop) -> int:
+    """Run several agents sharing one loop in one process (a switch serving many ports).
+    The first agent owns the control pipe; the worst exit code wins."""
+    loop.install_signal_handlers()
+    started: list[Agent] = []
+    try:
+        for i, agent in enumerate(agents):
+            if not agent.start(control=i == 0):
+                break
+            started.append(agent)
+        if len(started) == len(agents):
+            loop.run()
+        return max(agent.exit_code for agent in agents)
+    finally:
+        for agent in agents:
+            agent.close()
+        loop.close()
 
 
 def setup_logging(name: str) -> None:

@@ -13,42 +13,69 @@ import argparse
 import importlib
 import json
 import sys
+from types import ModuleType
 from typing import Any
 
 from hostemu.devices.runtime import DeviceModel, DeviceRuntime
 from shared.channel import Channel
 from shared.errors import ConfigError
 from shared.fds import OwnedFd
-from shared.loop import ControlPipe, setup_logging
+from shared.loop import Agent, ControlPipe, EventLoop, run_group, setup_logging
 
 
-def load_model(name: str, params: dict[str, Any]) -> DeviceModel:
+def _module(name: str) -> ModuleType:
     if not name.isidentifier() or name in ("runtime", "__main__"):
         raise ConfigError(f"unknown device model {name!r}")
     try:
-        module = importlib.import_module(f"hostemu.devices.{name}")
+        return importlib.import_module(f"hostemu.devices.{name}")
     except ModuleNotFoundError as e:
         raise ConfigError(f"unknown device model {name!r}") from e
-    model: DeviceModel = module.make_model(params)
+
+
+def load_model(name: str, params: dict[str, Any]) -> DeviceModel:
+    model: DeviceModel = _module(name).make_model(params)
     return model
+
+
+def load_group(name: str, params: dict[str, Any], count: int) -> list[DeviceModel]:
+    module = _module(name)
+    make_group = getattr(module, "make_group", None)
+    if make_group is None:
+        raise ConfigError(f"device model {name!r} serves one device per process")
+    models: list[DeviceModel] = make_group(params, count)
+    return models
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="vbusemu device process")
     parser.add_argument("model")
-    parser.add_argument("--channel-fd", type=int, required=True)
+    parser.add_argument("--channel-fd", type=int, action="append", required=True,
+                        help="a device channel; several for a model serving many devices "
+                             "(a switch's ports), if the model defines make_group")
     parser.add_argument("--name", default="device")
     parser.add_argument("--params", default="{}", help="the model's options (JSON object)")
     args = parser.parse_args(argv)
     setup_logging(args.name)
+    params = json.loads(args.params)
     try:
-        model = load_model(args.model, json.loads(args.params))
+        if len(args.channel_fd) == 1:
+            models = [load_model(args.model, params)]
+        else:
+            models = load_group(args.model, params, len(args.channel_fd))
     except (ConfigError, ValueError) as e:
         print(f"{args.name}: {e}", file=sys.stderr)
         return 2
-    runtime = DeviceRuntime(Channel.adopt(OwnedFd(args.channel_fd)), ControlPipe(), model)
-    return runtime.run()
-
+    if len(models) == 1:
+        runtime = DeviceRuntime(Channel.adopt(OwnedFd(args.channel_fd[0])), ControlPipe(),
+                                models[0])
+        return runtime.run()
+    loop = EventLoop()
+    control = ControlPipe()
+    runtimes = [DeviceRuntime(Channel.adopt(OwnedFd(fd)), control, model, loop)
+                for fd, model in zip(args.channel_fd, models, strict=True)]
+    runtimes[0].group = runtimes  # the control pipe's owner answers for every port
+    agents: list[Agent] = list(runtimes)
+    return run_group(agents, loop)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -36,7 +36,7 @@ from shared import wire
 from shared.channel import Channel
 from shared.errors import BrokerError, PeerGoneError, VbusError
 from shared.fds import EventConsumer
-from shared.loop import ControlPipe
+from shared.loop import ControlPipe, EventLoop
 from shared.memory import SlotMapper
 from shared.ring import DeviceRing
 
@@ -77,14 +77,16 @@ class DeviceModel:
 class DeviceRuntime(DeviceAgent):
     """A device process with guest memory, kickfds, vectors and rings."""
 
-    def __init__(self, channel: Channel, control: ControlPipe, model: DeviceModel) -> None:
-        super().__init__(channel, control)
+    def __init__(self, channel: Channel, control: ControlPipe, model: DeviceModel,
+                 loop: EventLoop | None = None) -> None:
+        super().__init__(channel, control, loop)
         self.memory = SlotMapper()
         self.kicks: dict[int, tuple[int, EventConsumer]] = {}  # queue -> (binding, fd)
         self.queues: dict[int, Queue] = {}
         self.counters: Counter[str] = Counter()
         self.model = model
         self._scheduled: set[int] = set()
+        self.group: list[DeviceRuntime] = []  # set on the control owner of a group
         model.attach(self)
 
     # ------------------------------------------------------------------ notices
@@ -201,6 +203,8 @@ class DeviceRuntime(DeviceAgent):
 
     def handle_command(self, cmd: dict[str, Any]) -> dict[str, Any] | None:
         if cmd.get("cmd") == "stats":
+            if self.group:  # one process serving several devices: everyone's counters
+                return {"ports": [r.device_stats() for r in self.group]}
             return {**super().handle_command(cmd), **self.device_stats()}  # type: ignore[dict-item]
         return super().handle_command(cmd)
 

@@ -1,0 +1,199 @@
+"""``vbusemu run [topology.toml]``: start a whole topology, show it live, summarize, clean up.
+
+The launcher starts the broker (in a private 0700 directory) and the VMM as separate
+processes; the VMM creates the VMs and starts the device and guest processes. While it
+runs the launcher prints what the guests report (console lines prefixed by VM name,
+milestones). At the end it prints a summary table and exits 0 only if every workload
+succeeded, naming the first discrepancy otherwise.
+
+Teardown is graceful, then forced, on completion, failure or Ctrl-C: the VMM destroys its
+VMs (guests and devices get peer-gone and exit), then the broker is stopped; any process
+still there after the grace period is killed by pid. Because a crash is a leave, even a
+VMM killed outright leaves nothing behind: once the broker goes, every guest and device
+process sees EOF and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from hostemu import topology as topo
+from hostemu.launcher import ManagedProcess, python_module, start_broker
+from shared.errors import ConfigError, PeerGoneError
+
+DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "examples" / "two-vms.toml"
+
+
+def _fmt(value: Any, unit: str = "", digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}{unit}"
+    return f"{value:,}{unit}"
+
+
+def summary_rows(done: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per VM: the numbers the summary table shows."""
+    rows = []
+    for vm, result in sorted(done.get("results", {}).items()):
+        devices = done.get("stats", {}).get(vm, {}).get("devices", {})
+        irq = sum(int(d.get("counters", {}).get("interrupts", 0)) for d in devices.values())
+        irq_off = sum(int(d.get("counters", {}).get("interrupts_suppressed", 0))
+                      for d in devices.values())
+        parts = result.get("parts", {"workload": result})
+        net = parts.get("net", {}) if "net" in parts else result
+        disk = parts.get("blk", {})
+        rows.append({
+            "vm": vm, "ok": bool(result.get("ok")),
+            "frames": net.get("frames"), "frames_per_s": net.get("frames_per_s"),
+            "mb_per_s": net.get("mb_per_s"), "rtt_p50_us": net.get("rtt_p50_us"),
+            "rtt_p99_us": net.get("rtt_p99_us"), "interrupts": irq,
+            "interrupts_suppressed": irq_off,
+            "doorbells": sum(int(p.get("doorbells", 0)) for p in parts.values()),
+            "doorbells_suppressed": sum(int(p.get("doorbells_suppressed", 0))
+                                        for p in parts.values()),
+            "disk_mb_per_s_write": disk.get("mb_per_s_write"),
+            "disk_mb_per_s_read": disk.get("mb_per_s_read"),
+            "exits": done.get("stats", {}).get(vm, {}).get("exits"),
+        })
+    return rows
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    head = ("VM", "ok", "frames", "frames/s", "MB/s", "RTT p50", "RTT p99", "irq sent/supp",
+            "doorbells rung/supp", "disk W/R MB/s", "exits")
+    lines = [head]
+    for r in rows:
+        lines.append((
+            r["vm"], "yes" if r["ok"] else "NO", _fmt(r["frames"]), _fmt(r["frames_per_s"]),
+            _fmt(r["mb_per_s"], digits=2), _fmt(r["rtt_p50_us"], " us", 0),
+            _fmt(r["rtt_p99_us"], " us", 0),
+            f"{r['interrupts']}/{r['interrupts_suppressed']}",
+            f"{r['doorbells']}/{r['doorbells_suppressed']}",
+            f"{_fmt(r['disk_mb_per_s_write'], digits=2)}/"
+            f"{_fmt(r['disk_mb_per_s_read'], digits=2)}", _fmt(r["exits"])))
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
+                     for row in lines)
+
+
+def first_discrepancy(done: dict[str, Any]) -> str | None:
+    for vm, result in sorted(done.get("results", {}).items()):
+        if not result.get("ok"):
+            return f"{vm}: {result.get('error') or 'workload failed'}"
+    for err in done.get("errors", []):
+        return str(err)
+    return None
+
+
+class Launcher:
+    def __init__(self, topology: topo.Topology, out: TextIO = sys.stdout,
+                 timeout: float = 120.0) -> None:
+        self.topology = topology
+        self.out = out
+        self.timeout = timeout
+        self.broker: ManagedProcess | None = None
+        self.vmm: ManagedProcess | None = None
+        self.logfile: Any = None
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def run(self) -> int:
+        with tempfile.TemporaryDirectory(prefix="vbusemu-") as tmp:
+            os.chmod(tmp, 0o700)
+            log_path = Path(tmp) / "processes.log"
+            with open(log_path, "w") as self.logfile:
+                try:
+                    return self._run(Path(tmp))
+                finally:
+                    self._teardown()
+                    self.logfile.flush()
+                    text = log_path.read_text()
+                    if "Traceback" in text or "ERROR" in text:
+                        self.say("--- process log ---\n" + text[-4000:])
+
+    def _run(self, tmp: Path) -> int:
+        sock = str(tmp / "broker.sock")
+        self.broker = start_broker(sock, self.topology.policy, stderr=self.logfile,
+                                   stdout=self.logfile)
+        self.say(f"broker pid {self.broker.pid} on {sock} "
+                 f"(release policy {self.topology.policy.name.lower()})")
+        spec = json.dumps(topo.to_vmm_spec(self.topology))
+        self.vmm = ManagedProcess("vmm", python_module(
+            "hostemu.vmm", "--socket", sock, "--spec", spec, "--timeout", str(self.timeout)),
+            stderr=self.logfile)
+        self.say(f"vmm pid {self.vmm.pid}: {len(self.topology.vms)} VMs")
+        done = self._follow(self.vmm)
+        if done is None:
+            self.say("FAILED: the VMM ended without a result")
+            return 1
+        rows = summary_rows(done)
+        self.say("")
+        self.say(format_summary(rows))
+        problem = first_discrepancy(done)
+        if problem is not None or not rows:
+            self.say(f"\nFAILED: {problem or 'no workload reported'}")
+            return 1
+        self.say("\nOK: every frame arrived exactly once, in order, intact; every block "
+                 "read matched")
+        return 0
+
+    def _follow(self, vmm: ManagedProcess) -> dict[str, Any] | None:
+        """Print the VMM's progress lines until its final report (or its exit)."""
+        deadline = time.monotonic() + self.timeout + 30
+        fd = vmm.stdout_fd()
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if not ready:
+                continue
+            lines = vmm.poll_lines()
+            if lines is None:
+                return None
+            for obj in lines:
+                if obj.get("event") == "vmm_done":
+                    return obj
+                if obj.get("event") == "guest_event":
+                    self._progress(obj)
+        return None
+
+    def _progress(self, ev: dict[str, Any]) -> None:
+        name, vm = ev.get("name"), ev.get("vm")
+        if name == "console":
+            self.say(f"[{vm}] {ev.get('text', '')}")
+        else:
+            fields = {k: v for k, v in ev.items() if k not in ("event", "name", "vm")}
+            self.say(f"[{vm}] {name} {json.dumps(fields, sort_keys=True)}")
+
+    def _teardown(self) -> None:
+        if self.vmm is not None:
+            self.vmm.stop()  # graceful (EOF/SIGTERM), then SIGKILL
+        if self.broker is not None:
+            self.broker.stop()
+
+
+def main(path: str | None, timeout: float = 120.0) -> int:
+    try:
+        topology = topo.load(Path(path) if path else DEFAULT_TOPOLOGY)
+    except ConfigError as e:
+        print(f"vbusemu run: {e}", file=sys.stderr)
+        return 2
+    launcher = Launcher(topology, timeout=timeout)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return launcher.run()
+    except (KeyboardInterrupt, PeerGoneError) as e:
+        print(f"vbusemu run: stopped ({type(e).__name__}: {e})", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 1
+    finally:
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(signal.SIGINT, previous)
