@@ -47,6 +47,7 @@ class GuestAgent(Agent):
         self.memory = SlotMapper()
         self.vcpu = Vcpu(self, halt_poll_ns=halt_poll_ns)
         self.workload = workload
+        self.devices_gone: set[int] = set()
         self.detached: list[dict[str, Any]] = []
         self._waiters: list[tuple[dict[str, Any], int, int, float]] = []
 
@@ -85,6 +86,8 @@ class GuestAgent(Agent):
             self.emit("ioeventfd_attached", binding=msg.binding, addr=msg.addr)
         elif isinstance(msg, wire.Detach):
             self._detach(msg.binding, wire.DetachReason(msg.reason))
+        elif isinstance(msg, wire.PeerGone) and msg.kind == wire.PeerKind.DEVICE:
+            self.devices_gone.add(msg.id)  # a halted vCPU waiting on it fails, not hangs
         elif isinstance(msg, wire.PeerGone) and msg.kind == wire.PeerKind.VM:
             self.loop.stop()
         msg.close_fds()

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shared import wire
+from shared.errors import PeerGoneError
 
 if TYPE_CHECKING:
     from guestemu.guest import GuestAgent
@@ -81,6 +82,11 @@ class Vcpu:
             left = deadline - time.monotonic()
             if left <= 0 or loop.stopping:
                 return False
+            if self.agent.devices_gone:
+                # The device process died: what we wait for will never come. Fail now,
+                # within a bound, instead of hanging until the timeout.
+                raise PeerGoneError(f"device {sorted(self.agent.devices_gone)} is gone "
+                                    "(its process exited)")
             loop.poll_once(left)
         self._adapt(time.monotonic_ns() - start)
         return True

@@ -146,6 +146,7 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
     count = int(params.get("count", 1000))
     rebind = bool(params.get("rebind", False))
     session = EchoSession(agent, int(params.get("size", 64)), int(params.get("batch", 32)))
+    agent.emit("echo_ready")
     if not rebind:
         return session.result(session.transfer(count))
     third = max(1, count // 3)

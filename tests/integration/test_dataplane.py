@@ -76,3 +76,22 @@ def test_two_vms_share_one_broker(broker: BrokerHandle) -> None:
     assert result["returncode"] == 0, result
     for name in ("vm0", "vm1"):
         assert result["results"][name]["ok"], result["results"][name]
+
+
+@pytest.mark.parametrize("halt_poll_ns", [0, -1], ids=["sleep-always", "adaptive-poll"])
+def test_no_lost_wakeup_under_suppression_many_short_bursts(broker: BrokerHandle,
+                                                            halt_poll_ns: int) -> None:
+    """Batches of 1..3 frames with EVENT_IDX suppression on both sides: every burst makes
+    each side decide whether to notify and whether to sleep; a lost wakeup is a hang."""
+    vms = []
+    for i, batch in enumerate((1, 3)):
+        vm = echo_vm(f"vm{i}", 2000, size=64, batch=batch)
+        vm["workload"] += ["--halt-poll-ns", str(halt_poll_ns)]
+        vms.append(vm)
+    result = run_vmm(broker, vms, timeout=90)
+    assert result["returncode"] == 0, result
+    for name in ("vm0", "vm1"):
+        r = result["results"][name]
+        assert r["ok"] and r["frames"] == 2000, r
+        if halt_poll_ns == 0:
+            assert r["vcpu"].get("halt_polls_ok", 0) == 0  # it really slept every time
