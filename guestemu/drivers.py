@@ -14,6 +14,7 @@ Counters record doorbells rung vs suppressed and interrupts taken.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -122,6 +123,81 @@ class BufferPool:
 
     def give(self, slots: np.ndarray[Any, Any]) -> None:
         self.free.extend(int(s) for s in slots)
+
+
+class PacketQueues:
+    """A TX/RX queue pair of fixed-size buffers (queues 0 and 1, vectors 0 and 1): the
+    driver half that echo and venet ports share. RX is kept full; TX buffers come back as
+    the device completes them; :meth:`wait` halts with interrupts on, after a re-check."""
+
+    def __init__(self, vcpu: Vcpu, ram: GuestRam, fn: Function, size: int,
+                 qsize: int = 256) -> None:
+        self.vcpu = vcpu
+        self.fn = fn
+        event_idx = bool(start_device(fn) & F_EVENT_IDX)
+        self.tx = Virtqueue(vcpu, ram, fn, 0, qsize, vector=0, event_idx=event_idx)
+        self.rx = Virtqueue(vcpu, ram, fn, 1, qsize, vector=1, event_idx=event_idx)
+        fn.driver.set_driver_ok()
+        self.size = size
+        self.tx_pool = BufferPool(ram, qsize, size)
+        self.rx_pool = BufferPool(ram, qsize, size)
+        self.tx_slot = np.full(qsize, -1, dtype=np.int64)  # head -> buffer slot
+        self.rx_slot = np.full(qsize, -1, dtype=np.int64)
+        self.post_rx()
+
+    def post_rx(self) -> None:
+        n = len(self.rx_pool.free)
+        if n:
+            slots = self.rx_pool.take(n)
+            heads = self.rx.ring.add_batch(self.rx_pool.addrs(slots), np.full(n, self.size),
+                                           True)
+            self.rx_slot[heads] = slots
+            self.rx.kick()
+
+    def send(self, frames: np.ndarray[Any, Any]) -> None:
+        """Post whole ``frames`` (N x size); the caller checked :meth:`tx_room`."""
+        n = len(frames)
+        slots = self.tx_pool.take(n)
+        self.tx_pool.data[slots] = frames
+        heads = self.tx.ring.add_batch(self.tx_pool.addrs(slots), np.full(n, self.size), False)
+        self.tx_slot[heads] = slots
+        self.tx.kick()
+
+    def tx_room(self) -> int:
+        """Free TX buffers, after taking back what the device completed."""
+        ids, _ = self.tx.ring.get_used()
+        if len(ids):
+            self.tx_pool.give(self.tx_slot[ids])
+        return len(self.tx_pool.free)
+
+    def receive(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        """Received frames (copies) and their lengths; the buffers are reposted at once."""
+        ids, lens = self.rx.ring.get_used()
+        if not len(ids):
+            return np.zeros((0, self.size), np.uint8), np.zeros(0, np.uint32)
+        slots = self.rx_slot[ids]
+        frames = self.rx_pool.data[slots]  # fancy indexing copies
+        self.rx_pool.give(slots)
+        self.post_rx()
+        return frames, lens
+
+    def broken(self) -> str | None:
+        return self.tx.ring.broken or self.rx.ring.broken
+
+    def wait(self, deadline: float) -> bool:
+        """Halt until either ring has completions (interrupts on, re-check first)."""
+        if self.rx.ring.enable_interrupts() | self.tx.ring.enable_interrupts():
+            return True
+        ok = self.vcpu.halt(lambda: self.rx.ring.has_used() or self.tx.ring.has_used(),
+                            max(0.0, deadline - time.monotonic()))
+        self.rx.ring.disable_interrupts()
+        self.tx.ring.disable_interrupts()
+        return ok
+
+    def counters(self) -> dict[str, int]:
+        return {"doorbells": self.tx.counters["doorbells"] + self.rx.counters["doorbells"],
+                "doorbells_suppressed": (self.tx.counters["doorbells_suppressed"]
+                                         + self.rx.counters["doorbells_suppressed"])}
 
 
 def find(functions: list[Function], device_id: int) -> list[Function]:

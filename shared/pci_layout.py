@@ -346,3 +346,14 @@ BLK_CONFIG_DTYPE: Final = np.dtype({"names": ["capacity"], "formats": ["<u8"], "
                                     "itemsize": 8})
 """Device-specific config of DEVICE_BLK: capacity in 512-byte sectors."""
 SECTOR_SIZE: Final = 512
+BLK_REQ_HEADER_DTYPE: Final = np.dtype(
+    {"names": ["type", "reserved", "sector"], "formats": ["<u4", "<u4", "<u8"],
+     "offsets": [0, 4, 8], "itemsize": 16})
+"""DEVICE_BLK request header (virtio-blk's ``struct virtio_blk_outhdr``)."""
+BLK_T_IN: Final = 0
+BLK_T_OUT: Final = 1
+BLK_T_FLUSH: Final = 4
+BLK_T_GET_ID: Final = 8
+BLK_S_OK: Final = 0
+BLK_S_IOERR: Final = 1
+BLK_S_UNSUPP: Final = 2

@@ -52,19 +52,15 @@ if TYPE_CHECKING:
 U8Array = npt.NDArray[np.uint8]
 
 SECTOR: Final = pl.SECTOR_SIZE
-T_IN: Final = 0
-T_OUT: Final = 1
-T_FLUSH: Final = 4
-S_OK: Final = 0
-S_IOERR: Final = 1
-S_UNSUPP: Final = 2
+T_IN: Final = pl.BLK_T_IN
+T_OUT: Final = pl.BLK_T_OUT
+T_FLUSH: Final = pl.BLK_T_FLUSH
+S_OK: Final = pl.BLK_S_OK
+S_IOERR: Final = pl.BLK_S_IOERR
+S_UNSUPP: Final = pl.BLK_S_UNSUPP
 STATUS_UNSET: Final = 0xFF
 """Preset into every status byte; the device only ever writes 0, 1 or 2."""
-REQ_HEADER_DTYPE: Final = np.dtype(
-    {"names": ["type", "reserved", "sector"], "formats": ["<u4", "<u4", "<u8"],
-     "offsets": [0, 4, 8], "itemsize": 16}
-)
-"""virtio-blk's request header, as :mod:`hostemu.devices.blk` decodes it."""
+REQ_HEADER_DTYPE: Final = pl.BLK_REQ_HEADER_DTYPE
 
 _WORDS: Final = SECTOR // 8
 _K_SECTOR: Final = np.uint64(0x9E3779B97F4A7C15)

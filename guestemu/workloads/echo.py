@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from guestemu import pci
-from guestemu.drivers import BufferPool, GuestRam, Virtqueue, boot, find, start_device
+from guestemu.drivers import GuestRam, PacketQueues, boot, find
 from guestemu.workloads.frames import HEADER, check, stamp
 from shared import pci_layout as pl
 from shared.errors import VbusError
@@ -34,73 +34,39 @@ class EchoSession:
         if not echo:
             raise VbusError("no echo device on the bus")
         self.fn = fn = echo[0]
-        event_idx = bool(start_device(fn) & 1)
-        self.tx = Virtqueue(vcpu, ram, fn, 0, qsize, vector=0, event_idx=event_idx)
-        self.rx = Virtqueue(vcpu, ram, fn, 1, qsize, vector=1, event_idx=event_idx)
-        fn.driver.set_driver_ok()
         self.size = max(size, HEADER + 1)
         self.batch = batch
-        self.tx_pool = BufferPool(ram, qsize, self.size)
-        self.rx_pool = BufferPool(ram, qsize, self.size)
-        self.tx_slot = np.full(qsize, -1, dtype=np.int64)
-        self.rx_slot = np.full(qsize, -1, dtype=np.int64)
+        self.queues = q = PacketQueues(vcpu, ram, fn, self.size, qsize)
+        # the rings and pools, for callers (and hostile tests) that need them
+        self.tx, self.rx, self.tx_pool, self.rx_pool = q.tx, q.rx, q.tx_pool, q.rx_pool
         self.sent = self.received = 0
         self.elapsed = 0.0
-        self._post_rx()
-
-    def _post_rx(self) -> None:
-        n = len(self.rx_pool.free)
-        if n:
-            slots = self.rx_pool.take(n)
-            heads = self.rx.ring.add_batch(self.rx_pool.addrs(slots), np.full(n, self.size),
-                                           True)
-            self.rx_slot[heads] = slots
-            self.rx.kick()
 
     def transfer(self, count: int, timeout: float = 60.0) -> str | None:
         """Send ``count`` more frames and receive them back; the first discrepancy or None."""
-        tx, rx, tx_pool, rx_pool = self.tx, self.rx, self.tx_pool, self.rx_pool
+        q = self.queues
         goal = self.received + count
         error: str | None = None
         start = time.monotonic()
         deadline = start + timeout
         while self.received < goal and error is None:
             progressed = False
-            n = min(self.batch, goal - self.sent, len(tx_pool.free))
+            n = min(self.batch, goal - self.sent, q.tx_room())
             if n > 0:
-                slots = tx_pool.take(n)
-                frames = tx_pool.data[slots]  # fancy indexing copies: stamp, then write back
+                frames = np.zeros((n, self.size), dtype=np.uint8)
                 stamp(frames, np.arange(self.sent, self.sent + n))
-                tx_pool.data[slots] = frames
-                heads = tx.ring.add_batch(tx_pool.addrs(slots), np.full(n, self.size), False)
-                self.tx_slot[heads] = slots
-                tx.kick()
+                q.send(frames)
                 self.sent += n
                 progressed = True
-            ids, _ = tx.ring.get_used()
-            if len(ids):
-                tx_pool.give(self.tx_slot[ids])
+            frames, lens = q.receive()
+            if len(frames):
+                error = check(frames, lens, self.received)
+                self.received += len(frames)
                 progressed = True
-            ids, lens = rx.ring.get_used()
-            if len(ids):
-                slots = self.rx_slot[ids]
-                error = check(rx_pool.data[slots], lens, self.received)
-                self.received += len(ids)
-                rx_pool.give(slots)
-                self._post_rx()
-                progressed = True
-            if tx.ring.broken or rx.ring.broken:
-                error = f"ring broken: {tx.ring.broken or rx.ring.broken}"
-            if progressed or error:
-                continue
-            # Nothing to do: ask for interrupts, re-check, then halt.
-            if rx.ring.enable_interrupts() | tx.ring.enable_interrupts():
-                continue
-            if not self.vcpu.halt(lambda: rx.ring.has_used() or tx.ring.has_used(),
-                                  max(0.0, deadline - time.monotonic())):
+            if q.broken():
+                error = f"ring broken: {q.broken()}"
+            if not progressed and error is None and not q.wait(deadline):
                 error = f"timed out: sent {self.sent}, received {self.received} of {goal}"
-            rx.ring.disable_interrupts()
-            tx.ring.disable_interrupts()
         self.elapsed += time.monotonic() - start
         return error
 

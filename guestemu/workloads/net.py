@@ -19,15 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from guestemu.drivers import (
-    BufferPool,
-    Function,
-    GuestRam,
-    Virtqueue,
-    boot,
-    find,
-    start_device,
-)
+from guestemu.drivers import Function, GuestRam, PacketQueues, boot, find
 from guestemu.workloads.frames import HEADER, check, stamp
 from shared import pci_layout as pl
 from shared.errors import VbusError
@@ -40,79 +32,16 @@ TX, RX = 0, 1
 PROBE = 0xFFFFFFFF
 
 
-class NetPort:
-    """The guest's driver for one venet port."""
+class NetPort(PacketQueues):
+    """The guest's driver for one venet port: a TX/RX pair plus the port id."""
 
     def __init__(self, agent: GuestAgent, ram: GuestRam, fn: Function, size: int,
                  qsize: int = 256) -> None:
-        self.agent = agent
-        self.vcpu = agent.vcpu
-        event_idx = bool(start_device(fn) & 1)
-        self.tx = Virtqueue(self.vcpu, ram, fn, TX, qsize, vector=0, event_idx=event_idx)
-        self.rx = Virtqueue(self.vcpu, ram, fn, RX, qsize, vector=1, event_idx=event_idx)
-        fn.driver.set_driver_ok()
+        super().__init__(agent.vcpu, ram, fn, size, qsize)
         cfg = np.frombuffer(fn.driver.read_device_config(0, pl.NET_CONFIG_DTYPE.itemsize),
                             dtype=pl.NET_CONFIG_DTYPE)
         self.port = int(cfg["port_id"][0])
-        self.size = size
-        self.tx_pool = BufferPool(ram, qsize, size)
-        self.rx_pool = BufferPool(ram, qsize, size)
-        self.tx_slot = np.full(qsize, -1, dtype=np.int64)
-        self.rx_slot = np.full(qsize, -1, dtype=np.int64)
         self.probes = 0
-        self.post_rx()
-
-    def post_rx(self) -> None:
-        n = len(self.rx_pool.free)
-        if n:
-            slots = self.rx_pool.take(n)
-            heads = self.rx.ring.add_batch(self.rx_pool.addrs(slots), np.full(n, self.size),
-                                           True)
-            self.rx_slot[heads] = slots
-            self.rx.kick()
-
-    def send(self, frames: np.ndarray[Any, Any]) -> None:
-        """Post whole ``frames`` (N x size); the caller checked :meth:`tx_room`."""
-        n = len(frames)
-        slots = self.tx_pool.take(n)
-        self.tx_pool.data[slots] = frames
-        heads = self.tx.ring.add_batch(self.tx_pool.addrs(slots), np.full(n, self.size), False)
-        self.tx_slot[heads] = slots
-        self.tx.kick()
-
-    def tx_room(self) -> int:
-        ids, _ = self.tx.ring.get_used()
-        if len(ids):
-            self.tx_pool.give(self.tx_slot[ids])
-        return len(self.tx_pool.free)
-
-    def receive(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-        ids, lens = self.rx.ring.get_used()
-        if not len(ids):
-            return np.zeros((0, self.size), np.uint8), np.zeros(0, np.uint32)
-        slots = self.rx_slot[ids]
-        frames = self.rx_pool.data[slots]  # a copy: the buffers go straight back
-        self.rx_pool.give(slots)
-        self.post_rx()
-        return frames, lens
-
-    def broken(self) -> str | None:
-        return self.tx.ring.broken or self.rx.ring.broken
-
-    def wait(self, deadline: float) -> bool:
-        """Halt until either ring has completions (interrupts on, re-check first)."""
-        if self.rx.ring.enable_interrupts() | self.tx.ring.enable_interrupts():
-            return True
-        ok = self.vcpu.halt(lambda: self.rx.ring.has_used() or self.tx.ring.has_used(),
-                            max(0.0, deadline - time.monotonic()))
-        self.rx.ring.disable_interrupts()
-        self.tx.ring.disable_interrupts()
-        return ok
-
-    def counters(self) -> dict[str, int]:
-        return {"doorbells": self.tx.counters["doorbells"] + self.rx.counters["doorbells"],
-                "doorbells_suppressed": (self.tx.counters["doorbells_suppressed"]
-                                         + self.rx.counters["doorbells_suppressed"])}
 
 
 def _frames(dst: int, src: int, seqs: np.ndarray[Any, Any], size: int) -> np.ndarray[Any, Any]:

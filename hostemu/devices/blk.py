@@ -71,20 +71,14 @@ U8Array = npt.NDArray[np.uint8]
 SECTOR: Final = pl.SECTOR_SIZE
 REQUEST_QUEUE: Final = 0
 
-T_IN: Final = 0
-T_OUT: Final = 1
-T_FLUSH: Final = 4
-T_GET_ID: Final = 8
-
-S_OK: Final = 0
-S_IOERR: Final = 1
-S_UNSUPP: Final = 2
-
-REQ_HEADER_DTYPE: Final = np.dtype(
-    {"names": ["type", "reserved", "sector"], "formats": ["<u4", "<u4", "<u8"],
-     "offsets": [0, 4, 8], "itemsize": 16}
-)
-"""The request header (virtio-blk's ``struct virtio_blk_outhdr``)."""
+T_IN: Final = pl.BLK_T_IN
+T_OUT: Final = pl.BLK_T_OUT
+T_FLUSH: Final = pl.BLK_T_FLUSH
+T_GET_ID: Final = pl.BLK_T_GET_ID
+S_OK: Final = pl.BLK_S_OK
+S_IOERR: Final = pl.BLK_S_IOERR
+S_UNSUPP: Final = pl.BLK_S_UNSUPP
+REQ_HEADER_DTYPE: Final = pl.BLK_REQ_HEADER_DTYPE
 HEADER_SIZE: Final = REQ_HEADER_DTYPE.itemsize
 ID_BYTES: Final = 20
 """GET_ID answers at most this many bytes (``VIRTIO_BLK_ID_BYTES``), NUL-padded."""
