@@ -74,7 +74,9 @@ class GuestAgent(Agent):
         elif isinstance(msg, wire.IrqfdAttach | wire.IrqfdAttachResample):
             resample = msg.fds[1].move() if len(msg.fds) == 2 else None
             line = self.irq.add(msg.binding, msg.gsi, msg.fds[0].move(), resample)
-            self.loop.watch(line.consumer.fileno(), functools.partial(self._on_irq, msg.binding))
+            if msg.gsi not in self.irq.masked:
+                self.loop.watch(line.consumer.fileno(),
+                                functools.partial(self._on_irq, msg.binding))
             # A signal already pending at assign time is seen by the first epoll pass.
             self.emit("irqfd_attached", binding=msg.binding, gsi=msg.gsi,
                       level=resample is not None)
@@ -96,7 +98,8 @@ class GuestAgent(Agent):
         event: dict[str, Any] = {"binding": binding, "reason": reason.name.lower()}
         line = self.irq.lines.get(binding)
         if line is not None:
-            self.loop.unwatch(line.consumer.fileno())
+            if line.gsi not in self.irq.masked:
+                self.loop.unwatch(line.consumer.fileno())
             event.update(gsi=line.gsi, drained=self.irq.remove(binding))
         elif self.io.remove(binding):
             event.update(kind="ioeventfd")
@@ -104,6 +107,20 @@ class GuestAgent(Agent):
         self.channel.ack_detach(binding)
         self.detached.append(event)
         self.emit("detached", **event)
+
+    def set_masked(self, gsi: int, masked: bool) -> None:
+        """Mask: stop watching the gsi's eventfds (their signals stay pending there).
+        Unmask: watch them again; what is pending is delivered on the next poll."""
+        if masked == (gsi in self.irq.masked):
+            return
+        for binding, line in self.irq.lines.items():
+            if line.gsi == gsi:
+                if masked:
+                    self.loop.unwatch(line.consumer.fileno())
+                else:
+                    self.loop.watch(line.consumer.fileno(),
+                                    functools.partial(self._on_irq, binding))
+        (self.irq.mask if masked else self.irq.unmask)(gsi)
 
     def _on_irq(self, binding: int) -> None:
         if binding not in self.irq.lines:
@@ -146,6 +163,10 @@ class GuestAgent(Agent):
             self.loop.call_at(deadline, self._check_waiters)
             self._check_waiters()
             return None
+        if name in ("mask", "unmask"):
+            gsi = int(cmd["gsi"])
+            self.set_masked(gsi, name == "mask")
+            return {"masked": sorted(self.irq.masked)}
         if name == "io_write":
             hit = self.io.write(bool(cmd.get("pio", False)), int(cmd["addr"]),
                                 int(cmd["len"]), int(cmd.get("value", 0)))

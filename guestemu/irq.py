@@ -12,6 +12,10 @@ Invariants
   signaled while the binding existed.
 * Level-triggered lines (RESAMPLE): a delivery asserts the line; :meth:`eoi` de-asserts
   it and signals the resamplefd so the device can re-assert if it still needs service.
+* A masked gsi is not drained: its signals stay pending in the eventfds (coalescing there,
+  as in hardware's pending bit) and are delivered as one interrupt on unmask. The caller
+  stops watching a masked line's fd (epoll is level-triggered) -- see :meth:`fds_of`.
+* Each gsi may have a handler, called with ``(gsi, signals)`` on every delivery.
 * An ioeventfd match follows KVM: same bus and exact address; length 0 matches any
   width; otherwise equal width and (wildcard or value == datamatch). A hit signals the
   eventfd with 1 (the in-kernel fast path); a miss is an exit to the VMM.
@@ -20,6 +24,7 @@ Invariants
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.fds import EventConsumer, EventNotifier, OwnedFd
@@ -65,6 +70,18 @@ class InterruptController:
         self.wakeups: Counter[int] = Counter()
         self.drained_at_detach: Counter[int] = Counter()
         self.eois: Counter[int] = Counter()
+        self.masked: set[int] = set()
+        self.handlers: dict[int, Callable[[int, int], None]] = {}
+
+    def fds_of(self, gsi: int) -> list[int]:
+        """The eventfds feeding ``gsi`` (to stop or resume watching on mask / unmask)."""
+        return [line.consumer.fileno() for line in self.lines.values() if line.gsi == gsi]
+
+    def mask(self, gsi: int) -> None:
+        self.masked.add(gsi)
+
+    def unmask(self, gsi: int) -> None:
+        self.masked.discard(gsi)
 
     def add(self, binding: int, gsi: int, fd: OwnedFd, resample: OwnedFd | None = None) -> IrqLine:
         line = IrqLine(binding, gsi, EventConsumer(fd),
@@ -75,12 +92,17 @@ class InterruptController:
     def deliver(self, binding: int) -> int:
         """The line's eventfd is readable: drain it and inject. Returns signals drained."""
         line = self.lines[binding]
+        if line.gsi in self.masked:
+            return 0  # stays pending in the eventfd until unmasked
         n = line.consumer.drain()
         if n:
             self.delivered[line.gsi] += n
             self.wakeups[line.gsi] += 1
             if line.resample is not None:
                 line.asserted = True
+            handler = self.handlers.get(line.gsi)
+            if handler is not None:
+                handler(line.gsi, n)
         return n
 
     def eoi(self, gsi: int) -> int:
