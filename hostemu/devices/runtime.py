@@ -136,7 +136,7 @@ class DeviceRuntime(DeviceAgent):
             queue = self.queues[q] = Queue(q, ring, int(cfg["vector"]))
             self.model.on_queue_ready(queue)
             if ring.broken:
-                self._report_broken(queue)
+                self.report_broken(queue)
             else:
                 self.schedule(q)  # buffers posted before enable must not be missed
         elif op == "disable":
@@ -168,9 +168,12 @@ class DeviceRuntime(DeviceAgent):
         if q is None or q.ring.broken:
             return
         more = self.model.on_queue(q)
-        if q.ring.broken:
-            self._report_broken(q)
-        elif more:
+        # A handler may break another queue's ring too (echo fills RX from its TX handler):
+        # report every broken queue, or one found broken there would never be reported.
+        for other in list(self.queues.values()):
+            if other.ring.broken:
+                self.report_broken(other)
+        if more and not q.ring.broken:
             self.schedule(queue)
 
     def complete(self, q: Queue, ids: Any, lens: Any) -> None:
@@ -188,7 +191,8 @@ class DeviceRuntime(DeviceAgent):
         entry[1].notify(1)
         self.counters["interrupts"] += 1
 
-    def _report_broken(self, q: Queue) -> None:
+    def report_broken(self, q: Queue) -> None:
+        """Tell the VMM (once) that ``q``'s ring is broken; the queue stays stopped."""
         if q.reported_broken:
             return
         q.reported_broken = True

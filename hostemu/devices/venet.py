@@ -103,8 +103,12 @@ class VenetPort(DeviceModel):
         if rx is not None and not rx.ring.broken:
             batch = rx.ring.pop_batch(max_n=len(frames))
             done = len(batch)
+            if rx.ring.broken:  # the receiving guest corrupted its RX ring
+                self.runtime.report_broken(rx)
             if done:
-                used = rx.ring.write_payloads(batch, frames[:done], lens[:done])
+                # a frame longer than the guest's RX buffer is truncated to it
+                fit = np.minimum(lens[:done], batch.writable_lens)
+                used = rx.ring.write_payloads(batch, frames[:done], fit)
                 self.runtime.complete(rx, batch.heads, used)
                 self.counters["rx_frames"] += done
                 self.counters["rx_bytes"] += int(np.sum(used))
