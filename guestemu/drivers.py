@@ -92,9 +92,11 @@ class Virtqueue:
         self.gsi = fn.gsis[vector]
         self.notify_addr = fn.driver.queue_notify_address(index)
         self.counters: Counter[str] = Counter()
+        self.always_kick = False  # benchmarks' "notify always" mode ignores suppression
 
     def kick(self) -> None:
-        if self.ring.kick_needed():
+        # kick_needed() runs even when forced: it keeps the ring's last-kick bookkeeping
+        if self.ring.kick_needed() or self.always_kick:
             self.vcpu.write(self.notify_addr, pl.NOTIFY_SIZE, self.index)
             self.counters["doorbells"] += 1
         else:
@@ -131,12 +133,14 @@ class PacketQueues:
     the device completes them; :meth:`wait` halts with interrupts on, after a re-check."""
 
     def __init__(self, vcpu: Vcpu, ram: GuestRam, fn: Function, size: int,
-                 qsize: int = 256) -> None:
+                 qsize: int = 256, *, event_idx: bool = True, always_kick: bool = False) -> None:
         self.vcpu = vcpu
         self.fn = fn
-        event_idx = bool(start_device(fn) & F_EVENT_IDX)
+        accepted = start_device(fn, F_EVENT_IDX if event_idx else 0)
+        event_idx = bool(accepted & F_EVENT_IDX)
         self.tx = Virtqueue(vcpu, ram, fn, 0, qsize, vector=0, event_idx=event_idx)
         self.rx = Virtqueue(vcpu, ram, fn, 1, qsize, vector=1, event_idx=event_idx)
+        self.tx.always_kick = self.rx.always_kick = always_kick
         fn.driver.set_driver_ok()
         self.size = size
         self.tx_pool = BufferPool(ram, qsize, size)
@@ -204,10 +208,10 @@ def find(functions: list[Function], device_id: int) -> list[Function]:
     return [f for f in functions if f.found.device_id == device_id]
 
 
-def start_device(fn: Function) -> int:
-    """Reset, negotiate EVENT_IDX; returns the accepted features."""
+def start_device(fn: Function, want: int = F_EVENT_IDX) -> int:
+    """Reset, negotiate ``want`` (EVENT_IDX by default); returns the accepted features."""
     fn.driver.reset()
-    accepted = fn.driver.negotiate(F_EVENT_IDX)
+    accepted = fn.driver.negotiate(want)
     if accepted is None:
         raise UsageError(f"function {fn.found.slot} refused its features")
     return accepted

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 class EchoSession:
     """An echo device brought up by the driver, and frames pushed through it."""
 
-    def __init__(self, agent: GuestAgent, size: int, batch: int, qsize: int = 256) -> None:
+    def __init__(self, agent: GuestAgent, size: int, batch: int, qsize: int = 256, *,
+                 event_idx: bool = True, always_kick: bool = False) -> None:
         self.agent = agent
         self.vcpu = vcpu = agent.vcpu
         self.ram = ram = GuestRam(agent.memory.map)
@@ -36,7 +37,10 @@ class EchoSession:
         self.fn = fn = echo[0]
         self.size = max(size, HEADER + 1)
         self.batch = batch
-        self.queues = q = PacketQueues(vcpu, ram, fn, self.size, qsize)
+        self.queues = q = PacketQueues(vcpu, ram, fn, self.size, qsize, event_idx=event_idx,
+                                       always_kick=always_kick)
+        self.window = qsize  # frames outstanding at most; 1 = stop-and-wait (round trips)
+        self.rtts: list[float] = []  # per frame, when window == 1
         # the rings and pools, for callers (and hostile tests) that need them
         self.tx, self.rx, self.tx_pool, self.rx_pool = q.tx, q.rx, q.tx_pool, q.rx_pool
         self.sent = self.received = 0
@@ -49,17 +53,22 @@ class EchoSession:
         error: str | None = None
         start = time.monotonic()
         deadline = start + timeout
+        sent_at = time.perf_counter()
         while self.received < goal and error is None:
             progressed = False
-            n = min(self.batch, goal - self.sent, q.tx_room())
+            n = min(self.batch, goal - self.sent, q.tx_room(),
+                    self.window - (self.sent - self.received))
             if n > 0:
                 frames = np.zeros((n, self.size), dtype=np.uint8)
                 stamp(frames, np.arange(self.sent, self.sent + n))
+                sent_at = time.perf_counter()
                 q.send(frames)
                 self.sent += n
                 progressed = True
             frames, lens = q.receive()
             if len(frames):
+                if self.window == 1:
+                    self.rtts.append(time.perf_counter() - sent_at)
                 error = check(frames, lens, self.received)
                 self.received += len(frames)
                 progressed = True
@@ -111,10 +120,22 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
     transfer, and every frame must still arrive."""
     count = int(params.get("count", 1000))
     rebind = bool(params.get("rebind", False))
-    session = EchoSession(agent, int(params.get("size", 64)), int(params.get("batch", 32)))
+    notify = str(params.get("notify", "event_idx"))
+    if notify not in ("always", "event_idx"):
+        raise VbusError(f"echo: notify must be 'always' or 'event_idx', not {notify!r}")
+    session = EchoSession(agent, int(params.get("size", 64)), int(params.get("batch", 32)),
+                          int(params.get("qsize", 256)), event_idx=notify == "event_idx",
+                          always_kick=notify == "always")
+    session.window = max(1, int(params.get("window", session.window)))
     agent.emit("echo_ready")
     if not rebind:
-        return session.result(session.transfer(count))
+        error = session.transfer(count)
+        extra: dict[str, Any] = {}
+        if session.rtts:
+            rtt = np.array(session.rtts) * 1e6
+            extra = {"rtt_p50_us": float(np.percentile(rtt, 50)),
+                     "rtt_p99_us": float(np.percentile(rtt, 99)), "rtt_samples": len(rtt)}
+        return session.result(error, **extra)
     third = max(1, count // 3)
     error = session.transfer(third)
     bar = session.move_bar() if error is None else None

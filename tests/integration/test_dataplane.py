@@ -53,7 +53,8 @@ def test_echo_round_trip_through_every_process(broker_factory, policy: Policy) -
     assert r["doorbells_suppressed"] > 0
     dev = result["stats"]["vm0"]["devices"]["echo0"]
     assert dev["model"]["echoed"] == 3000
-    assert dev["counters"]["interrupts"] == sum(r["interrupts"].values())
+    # every interrupt the guest took was sent by the device; several may coalesce into one
+    assert 0 < sum(r["interrupts"].values()) <= dev["counters"]["interrupts"]
     assert result["errors"] == []
     # everything the VMM created was torn down
     assert not broker.connect().state()["objects"]
