@@ -28,7 +28,7 @@ if [ ! -x "$venv/bin/python" ] || [ "$want" != "$have" ]; then
   fi
   rm -f "$stamp"
   if ! { "$venv/bin/python" -m pip install -q --upgrade pip \
-         && "$venv/bin/python" -m pip install -q -e ".[test,dev]"; } >"$log" 2>&1; then
+         && "$venv/bin/python" -m pip install -q -e ".[test,dev,bench]"; } >"$log" 2>&1; then
     tail -n 30 "$log" >&2
     die "installing vbusemu into $venv failed (full log: $log)"
   fi

@@ -1,6 +1,7 @@
 """The ``vbusemu`` command: thin entry points, no logic of their own.
 
     vbusemu run [topology.toml] [--timeout S]                 run a topology (main job)
+    vbusemu bench [--quick] [--out DIR]                       benchmarks with baselines
     vbusemu demo [--policy hup|refcount|both] [--signals N]   the 2009 scenario
     vbusemu broker [--socket PATH] [--policy hup|refcount]    run a broker
     vbusemu ps [--socket PATH] [--json]                       what a broker owns
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                                    "through venet, each with a disk and a console)")
     p.add_argument("topology", nargs="?", default=None)
     p.add_argument("--timeout", type=float, default=120.0)
+    p = sub.add_parser("bench", help="measure the data path next to its baselines")
+    p.add_argument("--quick", action="store_true", help="a reduced matrix (< 60 s)")
+    p.add_argument("--out", default=None, help="results directory (default bench-results/…)")
     p = sub.add_parser("demo", help="the 2009 assign-then-close scenario in real processes")
     p.add_argument("--policy", default="both", choices=["hup", "refcount", "both"])
     p.add_argument("--signals", type=int, default=1000)
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             from hostemu.run import main as run_main
 
             return run_main(args.topology, args.timeout)
+        if args.command == "bench":
+            from hostemu.bench.runner import main as bench_main
+
+            return bench_main(args.quick, args.out)
         if args.command == "demo":
             from hostemu.demo import run_demo
 

@@ -20,7 +20,8 @@ from shared import pci_layout as pl
 from shared.errors import ConfigError
 
 TX, RX = 0, 1
-MAX_FRAME = 64 * 1024
+MAX_FRAME = 16 << 20  # the ring's own per-buffer limit
+MAX_PASS_BYTES = 64 << 20  # copy-out memory one pass may use (bounds big-buffer batches)
 MAX_BACKLOG = 4096
 
 
@@ -30,6 +31,7 @@ class EchoModel(DeviceModel):
     def __init__(self) -> None:
         self.backlog: deque[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = deque()
         self.backlog_frames = 0
+        self._pass_limit = BUDGET
         self.echoed = 0
         self.bytes = 0
 
@@ -48,7 +50,7 @@ class EchoModel(DeviceModel):
         return more
 
     def _take_tx(self, q: Queue) -> bool:
-        room = min(BUDGET, MAX_BACKLOG - self.backlog_frames)
+        room = min(BUDGET, MAX_BACKLOG - self.backlog_frames, self._pass_limit)
         if room <= 0:
             return False
         q.ring.disable_notifications()
@@ -56,6 +58,8 @@ class EchoModel(DeviceModel):
         if len(batch) == 0:
             return q.ring.enable_notifications()  # re-check: no lost kick
         width = int(min(MAX_FRAME, max(1, int(batch.readable_lens.max()))))
+        # next pass: as many buffers of this size as fit the per-pass copy budget
+        self._pass_limit = max(1, MAX_PASS_BYTES // width)
         data, copied = q.ring.read_payloads(batch, width)
         self.runtime.complete(q, batch.heads, np.zeros(len(batch), dtype=np.uint32))
         self.backlog.append((data, copied))

@@ -1,0 +1,1 @@
+"""Benchmarks: vbusemu measured next to its baselines (``vbusemu bench``)."""

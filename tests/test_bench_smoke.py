@@ -1,0 +1,39 @@
+"""``vbusemu bench --quick`` produces well-formed results (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS = {"workload", "params", "metric", "value", "unit", "baseline", "baseline_value", "ratio",
+        "min", "max", "reps", "machine"}
+
+
+@pytest.mark.timeout(240)
+def test_bench_quick_writes_results_table_and_targets(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "hostemu.cli", "bench", "--quick", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=200, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert isinstance(rows, list) and rows
+    for row in rows:
+        assert set(row) == KEYS, row
+        assert math.isfinite(row["value"]) and row["value"] > 0, row
+        if row["baseline"] is not None:
+            assert row["baseline_value"] > 0 and row["ratio"] > 0, row
+        assert {"cores", "cpu_model", "kernel", "python", "numpy"} <= set(row["machine"])
+    workloads = {r["workload"] for r in rows}
+    assert {"small-messages", "round-trip", "bulk", "control-plane", "scale",
+            "baseline"} <= workloads
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["targets"]) == 7
+    assert all(isinstance(t["met"], bool) for t in summary["targets"])
+    table = (tmp_path / "results.md").read_text()
+    assert "| workload |" in table and "## Targets" in table
+    assert "ratio" in out.stdout

@@ -1,0 +1,98 @@
+"""Smoke tests for hostemu.bench.baselines: every baseline runs, returns sane numbers, and
+cleans up (the autouse leak guard checks fds, children and /dev/shm after each test).
+
+Durations are tiny and nothing here asserts on speed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from hostemu.bench import baselines
+
+SECONDS = 0.2
+
+
+def positive_finite(x: float) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.parametrize("kind", baselines.SMALL_KINDS)
+@pytest.mark.parametrize("batch", [1, 16])
+def test_small_messages(kind: str, batch: int) -> None:
+    assert positive_finite(baselines.small_messages(kind, 64, batch, SECONDS))
+
+
+@pytest.mark.parametrize("kind", baselines.ROUND_TRIP_KINDS)
+def test_round_trip(kind: str) -> None:
+    rtts = baselines.round_trip(kind, 64, 50)
+    assert len(rtts) == 50
+    assert all(positive_finite(x) for x in rtts)
+
+
+@pytest.mark.parametrize("kind", baselines.BULK_KINDS)
+@pytest.mark.parametrize("size", [64 << 10, 1 << 20])
+def test_bulk(kind: str, size: int) -> None:
+    assert positive_finite(baselines.bulk(kind, size, SECONDS))
+
+
+def test_bulk_odd_size() -> None:
+    """A size that is not a multiple of the socket's chunking still adds up exactly."""
+    assert positive_finite(baselines.bulk("socketpair", 100_003, SECONDS))
+
+
+def test_machine_info() -> None:
+    info = baselines.machine_info()
+    assert {"cores", "cpu_model", "kernel", "python", "numpy"} <= set(info)
+    assert isinstance(info["cores"], int) and info["cores"] >= 1
+    assert all(isinstance(info[k], str) and info[k] for k in
+               ("cpu_model", "kernel", "python", "numpy"))
+
+
+@pytest.mark.parametrize("call", [
+    lambda: baselines.small_messages("pipes", 64, 1, SECONDS),
+    lambda: baselines.small_messages("eventfd", 64, 1, SECONDS),
+    lambda: baselines.small_messages("pipe", 0, 1, SECONDS),
+    lambda: baselines.small_messages("socketpair", baselines.MAX_SMALL_PAYLOAD + 1, 1, 1.0),
+    lambda: baselines.small_messages("pipe", 64, 0, SECONDS),
+    lambda: baselines.small_messages("pipe", 64, 1, 0.0),
+    lambda: baselines.small_messages("pipe", 64, 1, math.inf),
+    lambda: baselines.round_trip("queue", 64, 10),
+    lambda: baselines.round_trip("eventfd", 64, 0),
+    lambda: baselines.round_trip("pipe", 0, 10),
+    lambda: baselines.bulk("queue", 1 << 16, SECONDS),
+    lambda: baselines.bulk("pipe", 0, SECONDS),
+    lambda: baselines.bulk("numpy-copy", 1 << 16, -1.0),
+    lambda: baselines.bulk("pipe", True, SECONDS),
+], ids=["small-kind", "small-kind-eventfd", "small-payload", "small-payload-big",
+        "small-batch", "small-seconds", "small-inf", "rtt-kind", "rtt-samples",
+        "rtt-payload", "bulk-kind", "bulk-size", "bulk-seconds", "bulk-bool"])
+def test_bad_arguments(call: object) -> None:
+    assert callable(call)
+    with pytest.raises(ValueError):
+        call()
+
+
+def _boom() -> object:
+    raise OSError("injected")
+
+
+def _hang() -> object:
+    time.sleep(60)
+    return None
+
+
+def test_failing_child_is_reported_and_peer_killed() -> None:
+    """A child that raises fails the call; its stuck peer is killed; nothing leaks."""
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="injected"):
+        baselines._run([(_boom, []), (_hang, [])], timeout=30.0)
+    assert time.monotonic() - started < 10
+
+
+def test_stuck_children_time_out() -> None:
+    with pytest.raises(TimeoutError):
+        baselines._run([(_hang, []), (_hang, [])], timeout=0.3)
