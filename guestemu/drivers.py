@@ -120,11 +120,13 @@ class BufferPool:
     def take(self, n: int) -> np.ndarray[Any, Any]:
         if n > len(self.free):
             raise UsageError(f"{n} buffers wanted, {len(self.free)} free")
-        out = np.array([self.free.pop() for _ in range(n)], dtype=np.int64)
+        taken = self.free[len(self.free) - n:]
+        del self.free[len(self.free) - n:]
+        out = np.array(taken[::-1], dtype=np.int64)  # the same order as popping one by one
         return out
 
     def give(self, slots: np.ndarray[Any, Any]) -> None:
-        self.free.extend(int(s) for s in slots)
+        self.free.extend(slots.tolist())
 
 
 class PacketQueues:

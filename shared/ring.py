@@ -1482,7 +1482,12 @@ class DeviceRing:
         groups: list[tuple[U8Array, I64Array, I64Array, int]] = []
         if bool((si < 0).any()):
             raise MemoryAccessError("a buffer is no longer in guest memory")
-        for s, length in np.unique(np.stack([si, t], axis=1), axis=0).tolist():
+        if int(si.min()) == int(si.max()) and int(t.min()) == int(t.max()):
+            keys = [(int(si[0]), int(t[0]))]  # the common case: one slot, one length
+        else:  # np.unique(axis=0) sorts rows: correct for any mix, but costly per call
+            keys = [(int(k[0]), int(k[1]))
+                    for k in np.unique(np.stack([si, t], axis=1), axis=0).tolist()]
+        for s, length in keys:
             sel = (si == s) & (t == length)
             gpa, size = table.gpas[s], table.sizes[s]
             offs = (a[sel] - np.uint64(gpa)).astype(np.int64)
