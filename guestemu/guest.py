@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -167,6 +168,13 @@ class GuestAgent(Agent):
             gsi = int(cmd["gsi"])
             self.set_masked(gsi, name == "mask")
             return {"masked": sorted(self.irq.masked)}
+        if name == "exec_probe":
+            # Fork and exec a helper that inherits every fd not marked close-on-exec
+            # (close_fds=False on purpose): it must see none of our eventfds or memory.
+            out = subprocess.run(["ls", "-l", "/proc/self/fd"], close_fds=False,
+                                 capture_output=True, text=True, timeout=10, check=False)
+            return {"fds": [line.split(" -> ", 1)[1] for line in out.stdout.splitlines()
+                            if " -> " in line]}
         if name == "io_write":
             hit = self.io.write(bool(cmd.get("pio", False)), int(cmd["addr"]),
                                 int(cmd["len"]), int(cmd.get("value", 0)))

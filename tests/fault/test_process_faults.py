@@ -1,0 +1,151 @@
+"""Fault scenarios of issue 5 that the foundation already survives (a first slice).
+
+Each test uses real processes and the shared leak guard (fds, /dev/shm, children).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from shared import wire
+from shared.errors import PeerGoneError
+from shared.fds import new_eventfd
+from shared.loop import EXIT_BROKER_GONE
+from tests.conftest import BrokerHandle
+from tests.integration.conftest import Vmm
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_broker_killed_every_client_notices_within_a_second(vmm: Vmm) -> None:
+    """Scenario 9: SIGKILL the broker; guest and device see EOF and exit cleanly."""
+    vm = vmm.channel.vm_create(ngsi=8)
+    dev = vmm.channel.device_create(vm, nsignals=1)
+    guest, device = vmm.guest(vm), vmm.device(dev)
+    killed = time.monotonic()
+    vmm.broker.proc.kill()
+    for p in (guest, device):
+        p.wait_event("broker_gone", timeout=5)
+        assert time.monotonic() - killed < 1.0, f"{p.name} noticed late"
+    for p in (guest, device):
+        assert p.proc.wait(10) == EXIT_BROKER_GONE
+    with pytest.raises(PeerGoneError):
+        vmm.channel.ping(timeout=2)
+
+
+def test_exec_helper_inherits_no_eventfd_or_memory(vmm: Vmm) -> None:
+    """Scenario 11: every fd we received is close-on-exec (MSG_CMSG_CLOEXEC)."""
+    vm = vmm.channel.vm_create(ngsi=8)
+    guest = vmm.guest(vm)
+    for gsi in (1, 2):
+        vmm.channel.irqfd_assign(vm, vmm.channel.eventfd_create(), gsi)
+        guest.wait_event("irqfd_attached", gsi=gsi)
+    fds = guest.call("exec_probe")["fds"]
+    assert len(guest.call("stats")["irqfds"]) == 2
+    leaked = [f for f in fds if "eventfd" in f or "socket" in f or "/dev/shm" in f
+              or "memfd" in f]
+    assert leaked == [], fds
+
+
+def test_stopped_guest_keeps_bindings_and_signals_coalesce(vmm: Vmm) -> None:
+    """Scenario 12: SIGSTOP the guest while its irqfd is signaled, then SIGCONT."""
+    vm = vmm.channel.vm_create(ngsi=8)
+    guest = vmm.guest(vm)
+    handle = vmm.channel.eventfd_create()
+    vmm.channel.irqfd_assign(vm, handle, 3)
+    guest.wait_event("irqfd_attached", gsi=3)
+    os.kill(guest.pid, signal.SIGSTOP)
+    try:
+        with vmm.channel.handle_fd(handle) as fd:
+            for _ in range(10_000):
+                os.eventfd_write(fd.fd, 1)
+        assert vmm.channel.ping(1) == 1  # the broker is not held up by a stopped consumer
+        assert [b["consumer"] for b in vmm.channel.state()["bindings"]] != [None]
+    finally:
+        os.kill(guest.pid, signal.SIGCONT)
+    assert guest.call("wait_total", gsi=3, total=10_000)["delivered"] == 10_000
+    assert guest.call("stats")["wakeups"]["3"] <= 2  # queued signals coalesced
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to drop privileges in a child")
+def test_peer_of_another_uid_is_refused_before_any_fd(broker: BrokerHandle) -> None:
+    """Scenario 16: the 0700 directory stops other users; and even past it, SO_PEERCRED
+    refuses a foreign uid before a single byte or fd is exchanged."""
+
+    def try_as_nobody(path: str) -> str:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: drop to nobody, try to talk to the broker
+            os.close(r)
+            result = b"?"
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                s.settimeout(5)
+                s.connect(path)
+                data, _ = wire.encode(wire.Ping(seq=1, token=7))
+                try:
+                    s.send(data)
+                    result = b"answered" if s.recv(4096) else b"closed"
+                except OSError:
+                    result = b"closed"
+            except PermissionError:
+                result = b"EACCES"
+            except OSError as e:
+                result = str(e).encode()
+            os.write(w, result)
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            out = f.read().decode()
+        os.waitpid(pid, 0)
+        return out
+
+    assert try_as_nobody(broker.path) == "EACCES"  # the private directory
+    directory = os.path.dirname(broker.path)
+    opened = [os.path.dirname(directory), directory]  # the test's temp dir and the broker's
+    for d in opened:
+        os.chmod(d, 0o711)
+    os.chmod(broker.path, 0o666)
+    try:
+        assert try_as_nobody(broker.path) == "closed"  # SO_PEERCRED uid check
+    finally:
+        for d in opened:
+            os.chmod(d, 0o700)
+        os.chmod(broker.path, 0o600)
+    assert "refused pid" in broker.log_text() and "uid 65534" in broker.log_text()
+    assert broker.connect().ping(3) == 3
+
+
+def test_fds_of_wrong_type_and_count_leave_broker_fd_count_unchanged(
+        broker: BrokerHandle) -> None:
+    """Scenario 15 (a seed of the fuzzer): wrong fd types and counts never leak an fd."""
+    from shared.fds import send_with_fds
+
+    ok = broker.connect()
+    baseline = ok.state()["process"]["open_fds"]
+    r, w = os.pipe()
+    memfd = os.memfd_create("x")
+    try:
+        for msg_type, fds in ((wire.EventfdImport, [r, memfd]), (wire.Ping, [w]),
+                              (wire.MemoryImport, [r])):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.connect(broker.path)
+            with new_eventfd() as efd:
+                data = wire.HEADER.pack(wire.PROTOCOL_VERSION, msg_type.TYPE, 0, len(fds) + 1,
+                                        0, 1, msg_type._STRUCT.size) + b"\0" * msg_type._STRUCT.size
+                send_with_fds(s, data, [*fds, efd.fd])
+            s.settimeout(5)
+            assert s.recv(4096)  # an error reply, then EOF
+            s.close()
+            assert ok.ping(2) == 2
+    finally:
+        for fd in (r, w, memfd):
+            os.close(fd)
+    assert ok.state()["process"]["open_fds"] == baseline
