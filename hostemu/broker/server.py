@@ -50,6 +50,7 @@ from shared.wire import Policy
 log = logging.getLogger("vbusemu.broker")
 
 MAX_QUEUED_FRAMES = 4096
+SEND_STALL_LIMIT = 5.0  # seconds a client may leave replies unread before it is dropped
 MAX_FRAMES_PER_PASS = 64  # fairness: one busy client cannot starve the others
 _UCRED = struct.Struct("3i")
 
@@ -108,6 +109,7 @@ class Client:
     uid: int
     outq: deque[tuple[bytes, list[OwnedFd]]] = field(default_factory=deque)
     writing: bool = False
+    stalled_since: float | None = None  # when its socket buffer first refused a frame
 
 
 class BrokerServer:
@@ -169,6 +171,10 @@ class BrokerServer:
 
     def run_once(self, timeout: float | None) -> None:
         deadline = self.table.next_deadline()
+        stalls = [c.stalled_since + SEND_STALL_LIMIT for c in self._clients.values()
+                  if c.stalled_since is not None]
+        if stalls:
+            deadline = min([*stalls, *([deadline] if deadline is not None else [])])
         if deadline is not None:
             left = max(0.0, deadline - time.monotonic())
             timeout = left if timeout is None else min(timeout, left)
@@ -186,6 +192,11 @@ class BrokerServer:
                 self._flush(client)
             if events & selectors.EVENT_READ and client.id in self._clients:
                 self._read(client)
+        now = time.monotonic()
+        for client in list(self._clients.values()):
+            if client.stalled_since is not None and now - client.stalled_since > \
+                    SEND_STALL_LIMIT:
+                self._drop(client.id, f"stopped reading for {SEND_STALL_LIMIT:.0f} s")
         self._apply(self.table.expire())
 
     def close(self) -> None:
@@ -359,6 +370,10 @@ class BrokerServer:
             client.outq.popleft()
             close_all(fds)
         want = bool(client.outq)
+        if not want:
+            client.stalled_since = None
+        elif client.stalled_since is None:
+            client.stalled_since = time.monotonic()
         if want != client.writing:
             client.writing = want
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)

@@ -149,3 +149,37 @@ def test_fds_of_wrong_type_and_count_leave_broker_fd_count_unchanged(
         for fd in (r, w, memfd):
             os.close(fd)
     assert ok.state()["process"]["open_fds"] == baseline
+
+
+def test_client_that_stops_reading_is_dropped_and_others_see_no_delay(
+        broker: BrokerHandle) -> None:
+    """Scenario 10: a client floods requests and never reads a reply: the broker never
+    blocks on it, drops it once its queue overflows, and others are served meanwhile."""
+    other = broker.connect()
+    flood = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    flood.connect(broker.path)
+    flood.setblocking(False)
+    data, _ = wire.encode(wire.Ping(seq=1, token=1))
+    sent = 0
+    worst = 0.0
+    dropped = False
+    deadline = time.monotonic() + 60
+    while not dropped and time.monotonic() < deadline:
+        try:
+            flood.send(data)
+            sent += 1
+        except BlockingIOError:  # our own buffer is full: check on the others meanwhile
+            t0 = time.monotonic()
+            assert other.ping(sent) == sent
+            worst = max(worst, time.monotonic() - t0)
+        except (BrokenPipeError, ConnectionResetError):
+            dropped = True
+        if sent % 1000 == 0:
+            t0 = time.monotonic()
+            assert other.ping(sent) == sent
+            worst = max(worst, time.monotonic() - t0)
+    flood.close()
+    assert dropped, f"the broker never dropped a client that sent {sent} unread requests"
+    assert worst < 1.0, f"another client waited {worst:.2f} s"
+    assert other.ping(9) == 9
+    assert len(other.state()["connections"]) == 1  # only `other` is left
