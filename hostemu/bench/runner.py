@@ -289,6 +289,15 @@ def markdown(rows: list[Row], targets: list[dict[str, Any]], machine: dict[str, 
     return "\n".join(lines) + "\n"
 
 
+def _save(plt: Any, fig: Any, ax: Any, path: Path, **settings: str) -> str:
+    ax.set(**settings)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
 def plots(rows: list[Row], outdir: Path) -> list[str]:
     """PNG plots if matplotlib is installed; returns the files written."""
     try:
@@ -310,13 +319,9 @@ def plots(rows: list[Row], outdir: Path) -> list[str]:
                  and "batch" in r.params)
     if pts:
         ax.plot(*zip(*pts, strict=True), marker="s", linestyle="--", label="multiprocessing.Pipe")
-    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="messages/s",
-           title="64 B messages: throughput vs batch size")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(outdir / "throughput_vs_batch.png")
-    written.append("throughput_vs_batch.png")
-    plt.close(fig)
+    written.append(_save(plt, fig, ax, outdir / "throughput_vs_batch.png", xscale="log",
+                         yscale="log", xlabel="batch size", ylabel="messages/s",
+                         title="64 B messages: throughput vs batch size"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     series: list[tuple[str, Callable[[Row], bool]]] = [
@@ -328,13 +333,9 @@ def plots(rows: list[Row], outdir: Path) -> list[str]:
         pts = sorted((r.params["size"], r.value / 1e6) for r in rows if pred(r))
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-    ax.set(xscale="log", yscale="log", xlabel="payload size (bytes)", ylabel="MB/s",
-           title="bulk: throughput vs payload size")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(outdir / "throughput_vs_payload.png")
-    written.append("throughput_vs_payload.png")
-    plt.close(fig)
+    written.append(_save(plt, fig, ax, outdir / "throughput_vs_payload.png", xscale="log",
+                         yscale="log", xlabel="payload size (bytes)", ylabel="MB/s",
+                         title="bulk: throughput vs payload size"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     labels, p50, p99 = [], [], []
@@ -349,12 +350,8 @@ def plots(rows: list[Row], outdir: Path) -> list[str]:
     ax.bar([x - 0.2 for x in xs], p50, width=0.4, label="p50")
     ax.bar([x + 0.2 for x in xs], p99, width=0.4, label="p99")
     ax.set_xticks(list(xs), labels, fontsize=8)
-    ax.set(ylabel="round trip (us)", yscale="log", title="round-trip latency")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(outdir / "latency.png")
-    written.append("latency.png")
-    plt.close(fig)
+    written.append(_save(plt, fig, ax, outdir / "latency.png", ylabel="round trip (us)",
+                         yscale="log", title="round-trip latency"))
     return written
 
 
