@@ -143,6 +143,9 @@ class PacketQueues:
         self.tx = Virtqueue(vcpu, ram, fn, 0, qsize, vector=0, event_idx=event_idx)
         self.rx = Virtqueue(vcpu, ram, fn, 1, qsize, vector=1, event_idx=event_idx)
         self.tx.always_kick = self.rx.always_kick = always_kick
+        # interrupts only while halted waiting for something (see wait())
+        self.tx.ring.disable_interrupts()
+        self.rx.ring.disable_interrupts()
         fn.driver.set_driver_ok()
         self.size = size
         self.tx_pool = BufferPool(ram, qsize, size)
@@ -190,14 +193,21 @@ class PacketQueues:
     def broken(self) -> str | None:
         return self.tx.ring.broken or self.rx.ring.broken
 
-    def wait(self, deadline: float) -> bool:
-        """Halt until either ring has completions (interrupts on, re-check first)."""
-        if self.rx.ring.enable_interrupts() | self.tx.ring.enable_interrupts():
+    def wait(self, deadline: float, *, need_tx: bool | None = None) -> bool:
+        """Halt until RX has completions -- or TX, when ``need_tx`` (default: when no TX
+        buffer is free); interrupts on for those, re-check first. TX completions are
+        otherwise reclaimed lazily: being woken for them would double the wakeups of a
+        request/response exchange."""
+        if need_tx is None:
+            need_tx = not self.tx_pool.free
+        if self.rx.ring.enable_interrupts() | (need_tx and self.tx.ring.enable_interrupts()):
             return True
-        ok = self.vcpu.halt(lambda: self.rx.ring.has_used() or self.tx.ring.has_used(),
-                            max(0.0, deadline - time.monotonic()))
+        ok = self.vcpu.halt(
+            lambda: self.rx.ring.has_used() or (need_tx and self.tx.ring.has_used()),
+            max(0.0, deadline - time.monotonic()))
         self.rx.ring.disable_interrupts()
-        self.tx.ring.disable_interrupts()
+        if need_tx:
+            self.tx.ring.disable_interrupts()
         return ok
 
     def counters(self) -> dict[str, int]:

@@ -148,7 +148,7 @@ def reflect(port: NetPort, count: int, timeout: float) -> dict[str, Any]:
             error = f"timed out after reflecting {done} of {count}"
     # let the last frames leave before the guest exits
     while error is None and port.tx_room() < len(port.tx_pool.data):
-        if not port.wait(deadline):
+        if not port.wait(deadline, need_tx=True):
             error = "timed out waiting for the last frames to leave"
     return {"role": "reflect", "ok": error is None, "error": error, "frames": done - probes,
             "probes": probes, **port.counters()}
