@@ -183,3 +183,31 @@ def test_client_that_stops_reading_is_dropped_and_others_see_no_delay(
     assert worst < 1.0, f"another client waited {worst:.2f} s"
     assert other.ping(9) == 9
     assert len(other.state()["connections"]) == 1  # only `other` is left
+
+
+def test_connect_close_and_assign_deassign_cycles_leave_nothing(broker: BrokerHandle) -> None:
+    """Scenario 20, CI-sized (VBUSEMU_CYCLES raises it, e.g. to 100000): repeated
+    connect/close and assign/deassign keep the broker's fd count flat and its table empty."""
+    from shared.channel import Channel
+
+    cycles = int(os.environ.get("VBUSEMU_CYCLES", "3000"))
+    ctl = broker.connect()
+    baseline = ctl.state()["process"]["open_fds"]
+    for i in range(cycles):
+        with Channel.connect(broker.path) as ch:
+            if i % 10 == 0:  # every tenth also leaves objects behind: a crash is a leave
+                vm = ch.vm_create(4)
+                ch.irqfd_assign(vm, ch.eventfd_create(), 1)
+    vm = ctl.vm_create(8)
+    handle = ctl.eventfd_create()
+    for i in range(cycles):
+        ctl.irqfd_assign(vm, handle, 1 + i % 7)
+        ctl.ioeventfd(vm, handle, 0x1000 + 8 * (i % 64), 4, datamatch=i % 3)
+        ctl.ioeventfd(vm, handle, 0x1000 + 8 * (i % 64), 4, datamatch=i % 3, deassign=True)
+        ctl.irqfd_deassign(vm, handle, 1 + i % 7)
+    ctl.vm_destroy(vm)
+    ctl.handle_close(handle)
+    state = ctl.state()
+    assert not state["objects"] and not state["vms"] and not state["bindings"], state
+    assert len(state["connections"]) == 1
+    assert state["process"]["open_fds"] == baseline
