@@ -47,9 +47,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from hostemu.devices.runtime import BUDGET, DeviceModel, Queue
+from hostemu.devices.runtime import BUDGET, DeviceModel, Queue, no_params
 from shared import pci_layout as pl
-from shared.errors import ConfigError
 
 TX: Final = 0
 MAX_LINE: Final = 4096
@@ -183,6 +182,5 @@ VECTORS = 1
 
 
 def make_model(params: dict[str, Any]) -> DeviceModel:
-    if params:
-        raise ConfigError(f"console takes no options, got {sorted(params)}")
+    no_params("console", params)
     return ConsoleModel()

@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from hostemu.devices.runtime import BUDGET, DeviceModel, Queue
+from hostemu.devices.runtime import BUDGET, DeviceModel, Queue, no_params
 from shared import pci_layout as pl
-from shared.errors import ConfigError
 
 TX, RX = 0, 1
 MAX_FRAME = 16 << 20  # the ring's own per-buffer limit
@@ -97,6 +96,5 @@ VECTORS = 2
 
 
 def make_model(params: dict[str, Any]) -> DeviceModel:
-    if params:
-        raise ConfigError(f"echo takes no options, got {sorted(params)}")
+    no_params("echo", params)
     return EchoModel()

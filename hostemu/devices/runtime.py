@@ -34,7 +34,7 @@ from typing import Any
 from hostemu.device import DeviceAgent
 from shared import wire
 from shared.channel import Channel
-from shared.errors import BrokerError, PeerGoneError, VbusError
+from shared.errors import BrokerError, ConfigError, PeerGoneError, VbusError
 from shared.fds import EventConsumer
 from shared.loop import ControlPipe, EventLoop
 from shared.memory import SlotMapper
@@ -72,6 +72,12 @@ class DeviceModel:
 
     def close(self) -> None:
         """Release the model's own resources (files, peers)."""
+
+
+def no_params(model: str, params: dict[str, Any]) -> None:
+    """For models that take no options: a stray option is a configuration error."""
+    if params:
+        raise ConfigError(f"{model} takes no options, got {sorted(params)}")
 
 
 class DeviceRuntime(DeviceAgent):
