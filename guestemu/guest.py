@@ -41,14 +41,18 @@ class GuestAgent(Agent):
 
     def __init__(self, channel: Channel, control: ControlPipe,
                  workload: Callable[[GuestAgent], dict[str, Any]] | None = None,
-                 halt_poll_ns: int = ADAPTIVE) -> None:
+                 halt_poll_ns: int = ADAPTIVE, device_grace: float = 0.0) -> None:
         super().__init__(channel, control)
         self.irq = InterruptController()
         self.io = IoEventTable()
         self.memory = SlotMapper()
         self.vcpu = Vcpu(self, halt_poll_ns=halt_poll_ns)
         self.workload = workload
-        self.devices_gone: set[int] = set()
+        # device id -> when its process went away; a halted vCPU waiting on it fails once
+        # ``device_grace`` seconds passed without the device coming back (restarted).
+        self.devices_gone: dict[int, float] = {}
+        self.device_grace = max(0.0, device_grace)
+        self.device_returns = 0
         self.detached: list[dict[str, Any]] = []
         self._waiters: list[tuple[dict[str, Any], int, int, float]] = []
 
@@ -90,10 +94,19 @@ class GuestAgent(Agent):
         elif isinstance(msg, wire.Detach):
             self._detach(msg.binding, wire.DetachReason(msg.reason))
         elif isinstance(msg, wire.PeerGone) and msg.kind == wire.PeerKind.DEVICE:
-            self.devices_gone.add(msg.id)  # a halted vCPU waiting on it fails, not hangs
+            self.devices_gone.setdefault(msg.id, time.monotonic())  # halts fail, not hang
+        elif isinstance(msg, wire.PeerAttached) and msg.kind == wire.PeerKind.DEVICE:
+            if self.devices_gone.pop(msg.id, None) is not None:
+                self.device_returns += 1
+                self.emit("device_returned", device=msg.id)
         elif isinstance(msg, wire.PeerGone) and msg.kind == wire.PeerKind.VM:
             self.loop.stop()
         msg.close_fds()
+
+    def lost_devices(self) -> list[int]:
+        """Devices gone for longer than the grace period: what waits on them never comes."""
+        limit = time.monotonic() - self.device_grace
+        return sorted(d for d, since in self.devices_gone.items() if since <= limit)
 
     def _detach(self, binding: int, reason: wire.DetachReason) -> None:
         event: dict[str, Any] = {"binding": binding, "reason": reason.name.lower()}
@@ -198,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="{}", help="the workload's parameters (JSON)")
     parser.add_argument("--halt-poll-ns", type=int, default=ADAPTIVE,
                         help="halt-polling window; -1 = adaptive (default), 0 = never poll")
+    parser.add_argument("--device-grace", type=float, default=0.0,
+                        help="seconds a halted vCPU waits for a device whose process died "
+                             "to come back (the VMM restarts it) before failing; 0 = fail now")
     args = parser.parse_args(argv)
     setup_logging(args.name)
     workload = None
@@ -209,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             return run(agent, params)
 
     agent = GuestAgent(Channel.adopt(OwnedFd(args.channel_fd)), ControlPipe(), workload,
-                       halt_poll_ns=args.halt_poll_ns)
+                       halt_poll_ns=args.halt_poll_ns, device_grace=args.device_grace)
     agent.name = args.name
     return agent.run()
 

@@ -83,10 +83,13 @@ class Vcpu:
             if left <= 0 or loop.stopping:
                 return False
             if self.agent.devices_gone:
-                # The device process died: what we wait for will never come. Fail now,
-                # within a bound, instead of hanging until the timeout.
-                raise PeerGoneError(f"device {sorted(self.agent.devices_gone)} is gone "
-                                    "(its process exited)")
+                # The device process died: unless it comes back within the grace period
+                # (a restart), what we wait for never comes. Fail within that bound
+                # instead of hanging until the timeout.
+                lost = self.agent.lost_devices()
+                if lost:
+                    raise PeerGoneError(f"device {lost} is gone (its process exited)")
+                left = min(left, self.agent.device_grace)  # wake up to re-check
             loop.poll_once(left)
         self._adapt(time.monotonic_ns() - start)
         return True

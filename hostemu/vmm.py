@@ -33,6 +33,7 @@ register write returns, the binding it implied is in place.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -78,6 +79,9 @@ class DeviceSpec:
     name: str
     params: dict[str, Any] = field(default_factory=dict)
     queue_size_max: int = 256
+    restarts: int = 0
+    """How many times the VMM restarts this device's process if it dies while its guest
+    runs (the new process re-attaches and resumes the queues from the used indices)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,11 @@ class VmSpec:
     ngsi: int = 32
     devices: tuple[DeviceSpec, ...] = ()
     workload: tuple[str, ...] = ()
+    memory_sealed: bool = True
+    """Guest RAM as a size-sealed memfd (default: no peer can truncate it under the others,
+    see :mod:`shared.memory`), or ``False``: a POSIX shm object (posix_ipc), unsealable."""
+    device_grace: float = 10.0
+    """With restartable devices: how long the guest's vCPU waits for one to come back."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,10 @@ class VmmDevice:
     kick_writers: dict[int, EventNotifier] = field(default_factory=dict)
     vectors: dict[int, tuple[int, int | None]] = field(default_factory=dict)  # v -> (gsi, h)
     process: ManagedProcess | None = None
+    vm_name: str = ""
+    restarted: int = 0
+    gone: bool = False  # the broker let go of its process (PeerGone)
+    exited: bool = False  # ... and we read its output to EOF: then it may be restarted
 
 
 @dataclass(eq=False)
@@ -159,7 +172,7 @@ class Vmm:
     def create_vm(self, spec: VmSpec) -> VmmVm:
         ch = self.channel
         vm_id = ch.vm_create(spec.ngsi)
-        with SharedRegion.create(spec.memory) as ram:
+        with SharedRegion.create(spec.memory, sealed=spec.memory_sealed) as ram:
             handle = ch.memory_import(ram.fd, spec.memory)
             ch.memslot_set(vm_id, 0, 0, spec.memory, handle)
             ch.handle_close(handle)  # the slot holds the memory; the VMM needs no handle
@@ -171,7 +184,7 @@ class Vmm:
                              num_vectors=shape.vectors, queue_size_max=dspec.queue_size_max,
                              features=F_EVENT_IDX, device_config=shape.config)
             vm.bus.add(fn)
-            dev = vm.devices[slot] = VmmDevice(dspec, shape, dev_id, fn)
+            dev = vm.devices[slot] = VmmDevice(dspec, shape, dev_id, fn, vm_name=spec.name)
             for q in range(shape.queues):
                 # One doorbell eventfd per queue for the device's life: bound as the queue's
                 # kickfd now, and as an ioeventfd wherever the guest puts the BAR.
@@ -203,17 +216,43 @@ class Vmm:
             for dev in vm.devices.values():
                 if (vm.spec.name, dev.spec.name) in in_switch:
                     continue
-                dev.process = spawn_agent(
-                    "hostemu.devices", self.channel.channel_open(Scope.DEVICE, dev.id),
-                    f"{vm.spec.name}/{dev.spec.name}", dev.spec.model,
-                    "--params", json.dumps(dev.spec.params), stderr=self.stderr)
-                waiting.append((dev.process, 1))
+                waiting.append((self._spawn_device(dev), 1))
         for proc, count in waiting:
             for _ in range(count):
                 proc.wait_event("attached", timeout)
         for vm in self.vms.values():
+            grace = (["--device-grace", str(vm.spec.device_grace)]
+                     if any(d.spec.restarts for d in vm.devices.values()) else [])
             vm.guest = spawn_agent("guestemu.guest", self.channel.channel_open(Scope.VM, vm.id),
-                                   vm.spec.name, *vm.spec.workload, stderr=self.stderr)
+                                   vm.spec.name, *vm.spec.workload, *grace,
+                                   stderr=self.stderr)
+
+    def _spawn_device(self, dev: VmmDevice) -> ManagedProcess:
+        dev.process = spawn_agent(
+            "hostemu.devices", self.channel.channel_open(Scope.DEVICE, dev.id),
+            f"{dev.vm_name}/{dev.spec.name}", dev.spec.model,
+            "--params", json.dumps(dev.spec.params), stderr=self.stderr)
+        return dev.process
+
+    def restart_if_due(self, dev: VmmDevice) -> bool:
+        """Restart ``dev``'s process if it died, the broker has let go of it (so the new
+        one can attach) and restarts are left. The new process attaches; the broker
+        resends memory and eventfds; :meth:`_replay_queues` resumes its queues."""
+        proc = dev.process
+        if (not (dev.gone and dev.exited) or proc is None or proc in self.switch_procs
+                or dev.restarted >= dev.spec.restarts):
+            return False
+        status = proc.stop()  # reaps it (it closed its output: it is exiting or gone)
+        dev.restarted += 1
+        dev.gone = dev.exited = False
+        new = self._spawn_device(dev)
+        log.warning("device %s/%s (pid %d) exited with status %s: restarted as pid %d "
+                    "(%d of %d)", dev.vm_name, dev.spec.name, proc.pid, status, new.pid,
+                    dev.restarted, dev.spec.restarts)
+        print(json.dumps({"event": "device_restarted", "vm": dev.vm_name,
+                          "device": dev.spec.name, "old_pid": proc.pid, "pid": new.pid,
+                          "status": status, "restart": dev.restarted}), flush=True)
+        return True
 
     def device_named(self, path: str) -> tuple[VmmVm, VmmDevice]:
         """``"vm/device"`` -> the VM and the device."""
@@ -246,6 +285,14 @@ class Vmm:
         elif isinstance(msg, wire.PeerGone):
             self.reports.append({"event": "peer_gone",
                                  "kind": wire.PeerKind(msg.kind).name.lower(), "id": msg.id})
+            if msg.kind == wire.PeerKind.DEVICE:
+                for dev in self.all_devices():
+                    if dev.id == msg.id:
+                        dev.gone = True
+                        self.restart_if_due(dev)
+
+    def all_devices(self) -> list[VmmDevice]:
+        return [dev for vm in self.vms.values() for dev in vm.devices.values()]
 
     def on_exit(self, ex: wire.IoExitNotice) -> None:
         vm = self.vms.get(ex.vm)
@@ -341,7 +388,11 @@ class Vmm:
                 for q in range(dev.shape.queues):
                     cfg = dev.function.queue_config(q)
                     if cfg is not None:
-                        self.apply(vm, cfg)
+                        try:
+                            self._configure(dev, {**self._queue_config(cfg), "resume": True})
+                        except BrokerError as e:
+                            self.errors.append(f"{vm.spec.name}/{dev.spec.name}: resuming "
+                                               f"queue {q}: {e}")
 
     def _mark_broken(self, device_id: int, report: dict[str, Any]) -> None:
         for vm in self.vms.values():
@@ -374,10 +425,20 @@ class Vmm:
                 del pending[fd]
 
         devices: dict[int, tuple[ManagedProcess, str]] = {}
-        for vm in self.vms.values():
-            for dev in vm.devices.values():
-                if dev.process is not None and dev.process.alive:
-                    devices[dev.process.stdout_fd()] = (dev.process, vm.spec.name)
+
+        seen: list[ManagedProcess] = []  # every device process watched so far (kept alive)
+
+        def watch_devices() -> None:
+            """Watch the output of every device process not watched before (restarted
+            ones included). Never twice: one that reached EOF may not be reaped yet."""
+            for vm in self.vms.values():
+                for dev in vm.devices.values():
+                    p = dev.process
+                    if p is not None and p.alive and not any(p is q for q in seen):
+                        seen.append(p)
+                        fd = p.stdout_fd()
+                        devices[fd] = (p, vm.spec.name)
+                        loop.watch(fd, functools.partial(device_output, fd))
 
         def forward(proc: ManagedProcess, vm_name: str) -> list[dict[str, Any]] | None:
             lines = proc.poll_lines()
@@ -396,15 +457,18 @@ class Vmm:
             if lines is None:  # supervision: a device process died under its guest
                 loop.unwatch(fd)
                 del devices[fd]
-                if pending:
+                dev = next((d for d in self.all_devices() if d.process is proc), None)
+                if dev is not None and dev.restarted < dev.spec.restarts:
+                    dev.exited = True
+                    self.restart_if_due(dev)  # or once the broker's PeerGone arrives
+                elif pending:
                     self.errors.append(f"device process {proc.name} (pid {proc.pid}) exited "
                                        f"with status {proc.proc.wait(5)} while guests ran")
 
         loop.watch(self.channel.fileno(), lambda: None)
         for fd in pending:
             loop.watch(fd, lambda fd=fd: guest_output(fd))  # type: ignore[misc]
-        for fd in devices:
-            loop.watch(fd, lambda fd=fd: device_output(fd))  # type: ignore[misc]
+        watch_devices()
         deadline = time.monotonic() + timeout
         while pending and not loop.stopping and time.monotonic() < deadline:
             self.channel.pump()
@@ -412,6 +476,7 @@ class Vmm:
             loop.poll_once(min(0.5, max(0.0, deadline - time.monotonic())))
             self.channel.pump()
             self.process_notices()
+            watch_devices()
         loop.unwatch(self.channel.fileno())
         for fd in [*pending, *devices]:
             loop.unwatch(fd)
@@ -486,10 +551,13 @@ def parse_spec(text: str) -> tuple[list[VmSpec], list[SwitchSpec]]:
             if path in port_ids:
                 params["port"] = port_ids[path]
             devices.append(DeviceSpec(d["model"], d["name"], params,
-                                      int(d.get("queue_size_max", 256))))
+                                      int(d.get("queue_size_max", 256)),
+                                      restarts=int(d.get("restarts", 0))))
         vms.append(VmSpec(name=v["name"], memory=int(v.get("memory", 16 << 20)),
                           ngsi=int(v.get("ngsi", 32)), devices=tuple(devices),
-                          workload=tuple(v.get("workload", []))))
+                          workload=tuple(v.get("workload", [])),
+                          memory_sealed=bool(v.get("memory_sealed", True)),
+                          device_grace=float(v.get("device_grace", 10.0))))
     return vms, switches
 
 

@@ -32,7 +32,7 @@ from typing import Any, TextIO
 
 from shared import wire
 from shared.channel import Channel
-from shared.errors import PeerGoneError, ProtocolError, VbusError
+from shared.errors import BrokerError, PeerGoneError, ProtocolError, VbusError
 from shared.fds import new_eventfd
 
 EXIT_OK = 0
@@ -229,6 +229,13 @@ class Agent:
         except PeerGoneError as e:
             self.emit("broker_gone", reason=str(e))
             self.exit_code = EXIT_BROKER_GONE
+            return False
+        except BrokerError as e:
+            # Refused: the VM or device was destroyed before we attached (a restart racing
+            # a teardown), or another process holds it. Nothing to serve: say so and exit.
+            log.error("attach refused: %s", e)
+            self.emit("attach_refused", errno=e.name, reason=str(e))
+            self.exit_code = EXIT_ERROR
             return False
         self.on_attach()
         self.emit("attached", pid=os.getpid())

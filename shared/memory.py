@@ -2,7 +2,8 @@
 
 Two layers, in the spirit of rust-vmm vm-memory:
 
-* :class:`SharedRegion` -- one POSIX shared-memory object mapped ``MAP_SHARED`` read/write
+* :class:`SharedRegion` -- one shared-memory object (POSIX shm, or a size-sealed memfd)
+  mapped ``MAP_SHARED`` read/write
   into this process and seen as numpy ``uint8`` views. Its fd is what travels between
   processes (over SCM_RIGHTS); the receiver maps it with :meth:`SharedRegion.from_fd`.
 * :class:`GuestMemoryMap` -- the guest-physical address (GPA) map: numbered slots, each a
@@ -30,10 +31,17 @@ Regions:
   if a caller still holds a view (CPython refuses with ``BufferError``), the mapping is
   left for the garbage collector to unmap when the last view dies. The fd is closed
   either way: a mapping does not need its fd.
-* Caveat: whoever else holds the object can shrink it (``ftruncate``) after we checked
-  its size; touching pages past the new end then raises SIGBUS. POSIX shm cannot be
-  sealed, so only map objects from peers that are trusted not to do that (a memfd could
-  be required to carry ``F_SEAL_SHRINK``; this module does not check seals).
+* Truncation (issue 5, scenario 18): whoever else holds the object could shrink it
+  (``ftruncate``) after we checked its size; touching pages past the new end then raises
+  SIGBUS in *every* process that maps it, and a Python process cannot survive a SIGBUS
+  on a numpy access. The defense is a seal: ``create(size, sealed=True)`` makes a memfd
+  (``MFD_ALLOW_SEALING``) and adds ``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`` before
+  the fd leaves this process, so any later ``ftruncate`` -- by anyone, the creator too --
+  fails with EPERM and the mapping stays whole. POSIX shm objects cannot be sealed (the
+  kernel creates them with ``F_SEAL_SEAL`` already set), so the ``sealed=False`` default,
+  a posix_ipc object, is only for peers trusted not to truncate; guest RAM, which every
+  untrusted guest and device maps, is created sealed by the VMM. :func:`is_shrink_sealed`
+  tells a receiver which kind it got.
 
 Guest-physical map:
 
@@ -65,6 +73,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import fcntl
 import mmap
 import operator
 import os
@@ -110,6 +119,31 @@ def _region_size(size: SupportsIndex) -> int:
     return n
 
 
+SIZE_SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+"""Seals on a ``sealed`` region: its size is fixed for good, and so are its seals."""
+
+
+def _sealed_memfd(size: int) -> OwnedFd:
+    """A memfd of ``size`` zero bytes whose size nobody can change any more."""
+    fd = OwnedFd(os.memfd_create("vbusemu-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
+    try:
+        os.ftruncate(fd.fd, size)
+        fcntl.fcntl(fd.fd, fcntl.F_ADD_SEALS, SIZE_SEALS)
+    except BaseException:
+        fd.close()
+        raise
+    return fd
+
+
+def is_shrink_sealed(fd: int) -> bool:
+    """Whether the object behind ``fd`` carries ``F_SEAL_SHRINK`` (False if it cannot
+    carry seals at all: POSIX shm, pipes, ...)."""
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:
+        return False
+
+
 def _checked_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
     """A plain fixed-size dtype that may be laid over raw memory."""
     try:
@@ -138,9 +172,15 @@ class SharedRegion:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def create(cls, size: int) -> SharedRegion:
-        """Allocate a new zero-filled region of ``size`` bytes (already unlinked)."""
+    def create(cls, size: int, *, sealed: bool = False) -> SharedRegion:
+        """Allocate a new zero-filled region of ``size`` bytes (already unlinked).
+
+        ``sealed=False``: a POSIX shm object (posix_ipc). ``sealed=True``: a memfd whose
+        size is sealed (see the module invariants): nobody can truncate it afterwards.
+        """
         size = _region_size(size)
+        if sealed:
+            return cls._map(_sealed_memfd(size), size)
         name = SHM_NAME_PREFIX + secrets.token_hex(16)
         shm = posix_ipc.SharedMemory(name, flags=posix_ipc.O_CREX, mode=0o600, size=0)
         try:
@@ -203,6 +243,11 @@ class SharedRegion:
             raise
 
     # ------------------------------------------------------------------ access
+
+    @property
+    def sealed(self) -> bool:
+        """True if nobody can shrink the object behind this region (``F_SEAL_SHRINK``)."""
+        return self._fd.fd >= 0 and is_shrink_sealed(self._fd.fd)
 
     @property
     def size(self) -> int:
@@ -463,6 +508,10 @@ class SlotMapper:
             raise
         self._regions[slot] = region
         return added
+
+    def regions(self) -> dict[int, SharedRegion]:
+        """The mapped regions by slot (a copy of the table; the regions stay owned here)."""
+        return dict(self._regions)
 
     def detach(self, slot: int) -> bool:
         region = self._regions.pop(slot, None)

@@ -3,7 +3,8 @@
 Parameters (all optional): ``count`` requests of ``sectors`` sectors each, starting at
 ``start`` (sector), with the pattern of ``seed`` (:func:`pattern`); ``depth`` requests in
 flight (each a 3-descriptor chain: header, data, status); ``qsize``; ``timeout`` seconds per
-phase; ``hold_after_flush``: after the flush completed and ``blk_flushed`` was emitted, halt
+phase; ``progress_every``: emit ``blk_progress`` every that many completions;
+``hold_after_flush``: after the flush completed and ``blk_flushed`` was emitted, halt
 until the VM is torn down (a test then SIGKILLs every process and checks the image).
 
 Invariants
@@ -142,6 +143,7 @@ class BlkDriver:
         self.slot_of: npt.NDArray[np.int64] = np.full(qsize, -1, dtype=np.int64)
         self.req_of: dict[int, Request] = {}
         self.elapsed = 0.0
+        self.progress_every = 0  # > 0: emit ``blk_progress`` every that many completions
 
     def _post(self, req: Request, fill: Fill | None) -> None:
         if req.nbytes > self.data.size:
@@ -201,6 +203,8 @@ class BlkDriver:
                 error = error or self._complete(head, used, check)
                 completed += 1
                 progressed = True
+                if self.progress_every and completed % self.progress_every == 0:
+                    self.agent.emit("blk_progress", completed=completed, of=len(reqs))
             if ring.broken:
                 error = f"ring broken: {ring.broken}"
             if progressed or error:
@@ -241,6 +245,7 @@ def run_on(agent: GuestAgent, ram: GuestRam, fn: Function,
         raise VbusError("count and sectors must be >= 1, start >= 0")
     drv = BlkDriver(agent, ram, fn, depth=int(params.get("depth", 16)), max_sectors=sectors,
                     qsize=int(params.get("qsize", 256)))
+    drv.progress_every = int(params.get("progress_every", 0))
     total = count * sectors
     result: dict[str, Any] = {"workload": "blk", "ok": False, "error": None,
                               "capacity": drv.capacity, "sectors": total, "seed": seed,

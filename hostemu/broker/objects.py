@@ -140,6 +140,7 @@ class Device:
     vm: Vm
     nsignals: int
     process: int | None = None
+    attaches: int = 0  # processes that attached so far (> 1: it was restarted)
     signals: dict[int, ShmSignalBinding] = field(default_factory=dict)
     kicks: dict[int, KickfdBinding] = field(default_factory=dict)
 

@@ -773,6 +773,7 @@ class ObjectTable:
         """Become the VM's guest / the device's process: receive its memory, then every
         binding it consumes or produces (a restarted process gets them all again)."""
         bindings: Iterable[Binding]
+        restarted = False
         if conn.scope is Scope.VM:
             vm = self.vms.get(conn.target)
             if vm is None:
@@ -788,6 +789,8 @@ class ObjectTable:
             if dev.process is not None:
                 raise _fail("EBUSY", f"device {dev.id} already has a process")
             dev.process = conn.id
+            dev.attaches += 1
+            restarted = dev.attaches > 1
             vm = dev.vm
             bindings, owner, kind = list(dev.bindings()), dev.owner, PeerKind.DEVICE
         else:
@@ -797,6 +800,10 @@ class ObjectTable:
         for b in bindings:
             self._attach_notice(b, conn.id)
         self._send(owner, wire.PeerAttached(kind=kind, id=conn.target))
+        if restarted:
+            # The guest was told when the device went away; tell it it is back (a
+            # restarted device process), so its halted vCPU stops counting the grace.
+            self._send(vm.guest, wire.PeerAttached(kind=kind, id=conn.target))
 
     # ----------------------------------------------------------------- data plane
 

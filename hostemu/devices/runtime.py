@@ -136,21 +136,41 @@ class DeviceRuntime(DeviceAgent):
         op = cfg["op"]
         if op == "queue":
             q = int(cfg["queue"])
+            resume = bool(cfg.get("resume", False))
+            start = self._used_index(int(cfg["used"])) if resume else 0
             ring = DeviceRing(self.memory.map, int(cfg["desc"]), int(cfg["avail"]),
                               int(cfg["used"]), int(cfg["size"]),
-                              event_idx=bool(cfg.get("event_idx", False)))
+                              event_idx=bool(cfg.get("event_idx", False)), start_index=start)
             queue = self.queues[q] = Queue(q, ring, int(cfg["vector"]))
             self.model.on_queue_ready(queue)
             if ring.broken:
                 self.report_broken(queue)
             else:
                 self.schedule(q)  # buffers posted before enable must not be missed
+                if resume:
+                    # A kick the old process consumed, or an interrupt it never sent,
+                    # must not be lost: look at the ring once (above) and interrupt the
+                    # driver once, so both sides re-check.
+                    self.counters["queues_resumed"] += 1
+                    self.interrupt(queue.vector)
         elif op == "disable":
             self.queues.pop(int(cfg["queue"]), None)
         elif op == "reset":
             self.queues.clear()
         else:
             raise KeyError(f"op {op!r}")
+
+    def _used_index(self, used_gpa: int) -> int:
+        """Where a restarted device resumes a queue: the used ring's ``idx`` as the guest
+        sees it (what the dead process completed), like a vhost-user backend reconnecting
+        without inflight tracking. Chains it had taken but not completed are taken again:
+        correct for models that complete in order and whose requests are idempotent (blk
+        writes; echo completes a frame only once its copy was delivered). An unreadable
+        address resumes at 0 and the ring constructor marks the queue broken."""
+        try:
+            return int.from_bytes(self.memory.map.read(used_gpa + 2, 2), "little")
+        except VbusError:
+            return 0
 
     # ------------------------------------------------------------------ data path
 
