@@ -3,6 +3,7 @@
     vbusemu run [topology.toml] [--timeout S]                 run a topology (main job)
     vbusemu bench [--quick] [--out DIR]                       benchmarks with baselines
     vbusemu demo [--policy hup|refcount|both] [--signals N]   the 2009 scenario
+    vbusemu soak [--seconds N] [--seed S] [--fault-every S]  faults + churn + traffic
     vbusemu broker [--socket PATH] [--policy hup|refcount]    run a broker
     vbusemu ps [--socket PATH] [--json]                       what a broker owns
     vbusemu guest|device --channel-fd N                       agent processes
@@ -75,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="the 2009 assign-then-close scenario in real processes")
     p.add_argument("--policy", default="both", choices=["hup", "refcount", "both"])
     p.add_argument("--signals", type=int, default=1000)
+    p = sub.add_parser("soak", help="random SIGKILL/restart of guests and devices, control "
+                                    "churn and traffic; fails on any loss or leak")
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--seed", type=int, default=None, help="fault schedule (default: random)")
+    p.add_argument("--fault-every", type=float, default=1.0,
+                   help="mean seconds between injected faults")
     p = sub.add_parser("broker", help="run a broker (the emulated host kernel)")
     p.add_argument("--socket", default=default_socket_path())
     p.add_argument("--policy", type=_policy, default=Policy.HUP)
@@ -103,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
 
             policies = list(Policy) if args.policy == "both" else [_policy(args.policy)]
             return run_demo(policies, signals=args.signals)
+        if args.command == "soak":
+            from hostemu.soak import main as soak_main
+
+            return soak_main(args.seconds, seed=args.seed, fault_every=args.fault_every)
         if args.command == "broker":
             from hostemu.broker.server import run_broker
             from shared.loop import setup_logging

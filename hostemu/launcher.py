@@ -100,6 +100,11 @@ class ManagedProcess:
                     raise AgentError(f"{self.name}: {cmd} failed: {obj.get('error', obj)}")
                 return obj
 
+    @property
+    def stdout_closed(self) -> bool:
+        """True once :meth:`stop` / :meth:`kill` closed our end of its control pipe."""
+        return self.proc.stdout is None or self.proc.stdout.closed
+
     def stdout_fd(self) -> int:
         """The control pipe's read end, for a caller's selector (see :meth:`poll_lines`)."""
         if self.proc.stdout is None:

@@ -16,6 +16,7 @@ VMM's own :class:`~hostemu.vmm.VmSpec`; :func:`to_vmm_spec` turns it into the JS
     model = "echo"                      # a module of hostemu.devices
     params = { }                        # the model's options (optional)
     queue_size_max = 256                # optional
+    restarts = 0                        # times the VMM restarts it if it dies (default 0)
 
     [[switch]]
     name = "sw0"
@@ -87,7 +88,8 @@ PATH_SUFFIX: Final = "_path"
 
 TOP_KEYS: Final = frozenset({"policy", "vm", "switch"})
 VM_KEYS: Final = frozenset({"name", "memory_mib", "gsis", "workload", "device"})
-DEVICE_KEYS: Final = frozenset({"name", "model", "params", "queue_size_max"})
+DEVICE_KEYS: Final = frozenset({"name", "model", "params", "queue_size_max", "restarts"})
+MAX_RESTARTS: Final = 1_000_000
 SWITCH_KEYS: Final = frozenset({"name", "model", "ports"})
 _NOT_MODELS: Final = frozenset({"runtime", "__main__"})
 
@@ -290,6 +292,7 @@ class _Device:
     params: dict[str, Any]
     queue_size_max: int | None
     module: ModuleType | None = None
+    restarts: int = 0
 
 
 @dataclass
@@ -339,9 +342,10 @@ def _parse_device(c: _Checker, raw: dict[str, Any], path: str) -> _Device | None
         else:
             c.fail(f"{path}.queue_size_max",
                    f"must be a power of two 1..32768, got {_kind(v)} {v!r}")
+    restarts = c.want_int(raw.get("restarts", 0), f"{path}.restarts", 0, MAX_RESTARTS)
     if name is None:
         return None
-    return _Device(path, name, model, params, qmax)
+    return _Device(path, name, model, params, qmax, restarts=restarts or 0)
 
 
 def _parse_workload(c: _Checker, raw: object, path: str) -> WorkloadSpec | None:
@@ -546,9 +550,10 @@ def parse(data: dict[str, Any], base_dir: Path | str = ".",
 
 def _device_spec(dev: _Device) -> DeviceSpec:
     if dev.queue_size_max is None:
-        return DeviceSpec(model=str(dev.model), name=dev.name, params=dev.params)
+        return DeviceSpec(model=str(dev.model), name=dev.name, params=dev.params,
+                          restarts=dev.restarts)
     return DeviceSpec(model=str(dev.model), name=dev.name, params=dev.params,
-                      queue_size_max=dev.queue_size_max)
+                      queue_size_max=dev.queue_size_max, restarts=dev.restarts)
 
 
 def loads(text: str, base_dir: Path | str = ".", source: str = "<topology>") -> Topology:
@@ -576,7 +581,8 @@ def to_vmm_spec(topology: Topology) -> dict[str, Any]:
     return {
         "vms": [{"name": vm.name, "memory": vm.memory, "ngsi": vm.ngsi,
                  "devices": [{"model": d.model, "name": d.name, "params": d.params,
-                              "queue_size_max": d.queue_size_max} for d in vm.devices],
+                              "queue_size_max": d.queue_size_max, "restarts": d.restarts}
+                             for d in vm.devices],
                  "workload": list(vm.workload)}
                 for vm in topology.vms],
         "switches": [{"name": s.name, "model": s.model, "ports": list(s.ports)}

@@ -118,6 +118,9 @@ class VmSpec:
     see :mod:`shared.memory`), or ``False``: a POSIX shm object (posix_ipc), unsealable."""
     device_grace: float = 10.0
     """With restartable devices: how long the guest's vCPU waits for one to come back."""
+    guest_restarts: int = 0
+    """How many times the VMM restarts the guest process if it dies before reporting its
+    workload's result (the new guest re-attaches, boots and resets its devices)."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,9 @@ class VmmVm:
     devices: dict[int, VmmDevice] = field(default_factory=dict)  # by PCI slot
     guest: ManagedProcess | None = None
     exits: int = 0
+    guest_restarted: int = 0
+    guest_gone: bool = False  # the broker let go of the guest process (PeerGone)
+    guest_exited: bool = False  # ... and its output reached EOF without a result
 
 
 class Vmm:
@@ -166,6 +172,11 @@ class Vmm:
         self.reports: list[dict[str, Any]] = []
         self.errors: list[str] = []
         self.switch_procs: list[ManagedProcess] = []
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """What guests and devices report, and restarts: one JSON line on stdout (what
+        ``vbusemu run`` reads). An embedding driver (the soak runner) overrides it."""
+        print(json.dumps(event), flush=True)
 
     # ------------------------------------------------------------------ building
 
@@ -221,11 +232,33 @@ class Vmm:
             for _ in range(count):
                 proc.wait_event("attached", timeout)
         for vm in self.vms.values():
-            grace = (["--device-grace", str(vm.spec.device_grace)]
-                     if any(d.spec.restarts for d in vm.devices.values()) else [])
-            vm.guest = spawn_agent("guestemu.guest", self.channel.channel_open(Scope.VM, vm.id),
-                                   vm.spec.name, *vm.spec.workload, *grace,
-                                   stderr=self.stderr)
+            self._spawn_guest(vm)
+
+    def _spawn_guest(self, vm: VmmVm) -> ManagedProcess:
+        grace = (["--device-grace", str(vm.spec.device_grace)]
+                 if any(d.spec.restarts for d in vm.devices.values()) else [])
+        vm.guest = spawn_agent("guestemu.guest", self.channel.channel_open(Scope.VM, vm.id),
+                               vm.spec.name, *vm.spec.workload, *grace, stderr=self.stderr)
+        return vm.guest
+
+    def restart_guest_if_due(self, vm: VmmVm) -> bool:
+        """Restart ``vm``'s guest if it died without a result, the broker let go of it and
+        restarts are left. The new guest boots from scratch: it reprograms BARs and MSI
+        vectors (the VMM rebinds) and resets its devices before using them."""
+        old = vm.guest
+        if (not (vm.guest_gone and vm.guest_exited) or old is None
+                or vm.guest_restarted >= vm.spec.guest_restarts):
+            return False
+        status = old.stop()
+        vm.guest_restarted += 1
+        vm.guest_gone = vm.guest_exited = False
+        new = self._spawn_guest(vm)
+        log.warning("guest %s (pid %d) exited with status %s: restarted as pid %d (%d of %d)",
+                    vm.spec.name, old.pid, status, new.pid, vm.guest_restarted,
+                    vm.spec.guest_restarts)
+        self.on_event({"event": "guest_restarted", "vm": vm.spec.name, "old_pid": old.pid,
+                       "pid": new.pid, "status": status, "restart": vm.guest_restarted})
+        return True
 
     def _spawn_device(self, dev: VmmDevice) -> ManagedProcess:
         dev.process = spawn_agent(
@@ -249,9 +282,9 @@ class Vmm:
         log.warning("device %s/%s (pid %d) exited with status %s: restarted as pid %d "
                     "(%d of %d)", dev.vm_name, dev.spec.name, proc.pid, status, new.pid,
                     dev.restarted, dev.spec.restarts)
-        print(json.dumps({"event": "device_restarted", "vm": dev.vm_name,
-                          "device": dev.spec.name, "old_pid": proc.pid, "pid": new.pid,
-                          "status": status, "restart": dev.restarted}), flush=True)
+        self.on_event({"event": "device_restarted", "vm": dev.vm_name,
+                       "device": dev.spec.name, "old_pid": proc.pid, "pid": new.pid,
+                       "status": status, "restart": dev.restarted})
         return True
 
     def device_named(self, path: str) -> tuple[VmmVm, VmmDevice]:
@@ -290,6 +323,9 @@ class Vmm:
                     if dev.id == msg.id:
                         dev.gone = True
                         self.restart_if_due(dev)
+            elif msg.kind == wire.PeerKind.GUEST and msg.id in self.vms:
+                self.vms[msg.id].guest_gone = True
+                self.restart_guest_if_due(self.vms[msg.id])
 
     def all_devices(self) -> list[VmmDevice]:
         return [dev for vm in self.vms.values() for dev in vm.devices.values()]
@@ -306,7 +342,10 @@ class Vmm:
         else:
             vm.exits += 1
             value = vm.bus.mmio_read(ex.addr, ex.len)
-        self.channel.call(wire.IoExitDone(token=ex.token, value=value, errno=errno), wire.Ok)
+        try:
+            self.channel.call(wire.IoExitDone(token=ex.token, value=value, errno=errno), wire.Ok)
+        except BrokerError as e:  # the VM went away meanwhile; nobody waits for the answer
+            log.info("I/O exit %d not completed: %s", ex.token, e)
 
     def apply(self, vm: VmmVm, event: Event) -> None:
         """Turn one bus event into broker calls; a refusal is recorded, never fatal."""
@@ -375,6 +414,13 @@ class Vmm:
         try:
             self.channel.call(wire.DeviceConfig(device=dev.id, text=json.dumps(cfg)), wire.Ok)
         except BrokerError as e:
+            if e.name in ("ENOTCONN", "EPIPE") and dev.restarted < dev.spec.restarts:
+                # The device process is down (or died before answering) and will be
+                # restarted: the function model keeps the queue state, and the new process
+                # gets it replayed when it attaches (a reset needs nothing: it starts clean).
+                log.info("%s/%s: %s deferred until the device is back: %s", dev.vm_name,
+                         dev.spec.name, cfg.get("op"), e)
+                return
             if cfg.get("op") == "queue":
                 dev.function.set_queue_broken(int(cfg["queue"]), str(e))
             raise
@@ -406,23 +452,38 @@ class Vmm:
     def run_until_guests_exit(self, loop: EventLoop, timeout: float) -> dict[str, Any]:
         """Serve exits until every guest process has exited; collect their results."""
         results: dict[str, Any] = {}
-        pending = {vm.guest.stdout_fd(): vm for vm in self.vms.values() if vm.guest}
+        pending: dict[int, tuple[VmmVm, ManagedProcess]] = {}
+        guests_seen: list[ManagedProcess] = []
+
+        def watch_guests() -> None:
+            for vm in self.vms.values():
+                g = vm.guest
+                if g is not None and not any(g is q for q in guests_seen):
+                    guests_seen.append(g)
+                    pending[g.stdout_fd()] = (vm, g)
+                    loop.watch(g.stdout_fd(), functools.partial(guest_output, g.stdout_fd()))
 
         def guest_output(fd: int) -> None:
-            vm = pending[fd]
-            assert vm.guest is not None
-            lines = vm.guest.poll_lines()
+            vm, guest = pending[fd]
+            lines = guest.poll_lines()
             for obj in lines or []:
                 event = obj.get("event")
                 if event == "workload_done":
                     results[vm.spec.name] = obj
                 elif event not in INTERNAL_EVENTS and event is not None:
                     # progress the guest reports (console text, milestones) goes upstream
-                    print(json.dumps({**obj, "event": "guest_event", "name": event,
-                                      "vm": vm.spec.name}), flush=True)
+                    self.on_event({**obj, "event": "guest_event", "name": event,
+                                   "vm": vm.spec.name, "guest_pid": guest.pid})
             if lines is None:
                 loop.unwatch(fd)
                 del pending[fd]
+                if (vm.spec.name not in results
+                        and vm.guest_restarted < vm.spec.guest_restarts):
+                    vm.guest_exited = True
+                    self.restart_guest_if_due(vm)  # or once the broker's PeerGone arrives
+
+        def restarting() -> bool:
+            return any(vm.guest_exited for vm in self.vms.values())
 
         devices: dict[int, tuple[ManagedProcess, str]] = {}
 
@@ -434,7 +495,9 @@ class Vmm:
             for vm in self.vms.values():
                 for dev in vm.devices.values():
                     p = dev.process
-                    if p is not None and p.alive and not any(p is q for q in seen):
+                    # Dead ones too: a process killed right after it was (re)started
+                    # still gives EOF, and that EOF is what lets it be restarted.
+                    if p is not None and not p.stdout_closed and not any(p is q for q in seen):
                         seen.append(p)
                         fd = p.stdout_fd()
                         devices[fd] = (p, vm.spec.name)
@@ -445,8 +508,8 @@ class Vmm:
             for obj in lines or []:
                 event = obj.get("event")
                 if event not in INTERNAL_EVENTS and event is not None:
-                    print(json.dumps({**obj, "event": "guest_event", "name": event,
-                                      "vm": vm_name, "device": proc.name}), flush=True)
+                    self.on_event({**obj, "event": "guest_event", "name": event,
+                                   "vm": vm_name, "device": proc.name})
             # poll_lines also keeps every event; a chatty console must not grow that list
             proc.events[:] = [e for e in proc.events if e.get("event") in INTERNAL_EVENTS]
             return lines
@@ -466,16 +529,16 @@ class Vmm:
                                        f"with status {proc.proc.wait(5)} while guests ran")
 
         loop.watch(self.channel.fileno(), lambda: None)
-        for fd in pending:
-            loop.watch(fd, lambda fd=fd: guest_output(fd))  # type: ignore[misc]
+        watch_guests()
         watch_devices()
         deadline = time.monotonic() + timeout
-        while pending and not loop.stopping and time.monotonic() < deadline:
+        while (pending or restarting()) and not loop.stopping and time.monotonic() < deadline:
             self.channel.pump()
             self.process_notices()
             loop.poll_once(min(0.5, max(0.0, deadline - time.monotonic())))
             self.channel.pump()
             self.process_notices()
+            watch_guests()
             watch_devices()
         loop.unwatch(self.channel.fileno())
         for fd in [*pending, *devices]:
@@ -489,7 +552,7 @@ class Vmm:
                     break
         if pending:
             self.errors.append(f"guests still running after {timeout}s: "
-                               f"{[v.spec.name for v in pending.values()]}")
+                               f"{[v.spec.name for v, _ in pending.values()]}")
         return results
 
     def stats(self) -> dict[str, Any]:
@@ -557,7 +620,8 @@ def parse_spec(text: str) -> tuple[list[VmSpec], list[SwitchSpec]]:
                           ngsi=int(v.get("ngsi", 32)), devices=tuple(devices),
                           workload=tuple(v.get("workload", [])),
                           memory_sealed=bool(v.get("memory_sealed", True)),
-                          device_grace=float(v.get("device_grace", 10.0))))
+                          device_grace=float(v.get("device_grace", 10.0)),
+                          guest_restarts=int(v.get("guest_restarts", 0))))
     return vms, switches
 
 

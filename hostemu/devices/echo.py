@@ -2,10 +2,14 @@
 
 Queue 0 (TX) carries device-readable buffers from the guest, queue 1 (RX) device-writable
 buffers the guest posts for replies. Each TX buffer is copied, in arrival order, into the
-next RX buffer, truncated to the RX buffer's size. TX buffers are completed as soon as
-their bytes are copied out (so the guest can reuse them); the copies wait in a bounded
-backlog until RX buffers are available. When the backlog is full the device stops taking
-TX buffers -- back-pressure, never loss. Batches take the ring's vectorized path.
+next RX buffer, truncated to the RX buffer's size. A TX buffer is completed only once its
+copy was delivered into an RX buffer (RX completed first): a completed TX buffer is an
+acknowledged frame, and a device process that dies holding copies loses nothing
+acknowledged -- its restarted successor resumes TX at the used index and takes those
+buffers again (the guest drops a reply it already has). Copies wait in a bounded backlog
+until RX buffers are available; when it is full the device stops taking TX buffers --
+back-pressure, never loss. A device reset drops the backlog. Batches take the ring's
+vectorized path.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ class EchoModel(DeviceModel):
     name = "echo"
 
     def __init__(self) -> None:
-        self.backlog: deque[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = deque()
+        # (TX heads, their copies, copied lengths), oldest first; the heads complete on delivery
+        self.backlog: deque[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any],
+                                  np.ndarray[Any, Any]]] = deque()
         self.backlog_frames = 0
         self._pass_limit = BUDGET
         self.echoed = 0
@@ -60,15 +66,14 @@ class EchoModel(DeviceModel):
         # next pass: as many buffers of this size as fit the per-pass copy budget
         self._pass_limit = max(1, MAX_PASS_BYTES // width)
         data, copied = q.ring.read_payloads(batch, width)
-        self.runtime.complete(q, batch.heads, np.zeros(len(batch), dtype=np.uint32))
-        self.backlog.append((data, copied))
+        self.backlog.append((batch.heads, data, copied))
         self.backlog_frames += len(batch)
         return True
 
     def _fill_rx(self, q: Queue) -> bool:
         if not self.backlog_frames:
             return False
-        data, copied = self.backlog[0]
+        heads, data, copied = self.backlog[0]
         batch = q.ring.pop_batch(max_n=min(BUDGET, len(copied)))
         if len(batch) == 0:
             q.ring.enable_notifications()
@@ -77,14 +82,22 @@ class EchoModel(DeviceModel):
         # truncated to the RX buffer's size (a guest may post small ones)
         lens = q.ring.write_payloads(batch, data[:n], np.minimum(copied[:n], batch.writable_lens))
         self.runtime.complete(q, batch.heads, lens)
+        # Delivered: only now acknowledge the TX buffers (after the RX used entries).
+        tx = self.runtime.queues.get(TX)
+        if tx is not None and not tx.ring.broken:
+            self.runtime.complete(tx, heads[:n], np.zeros(n, dtype=np.uint32))
         self.echoed += n
         self.bytes += int(np.sum(lens))
         if n == len(copied):
             self.backlog.popleft()
         else:
-            self.backlog[0] = (data[n:], copied[n:])
+            self.backlog[0] = (heads[n:], data[n:], copied[n:])
         self.backlog_frames -= n
         return bool(self.backlog_frames)
+
+    def on_reset(self) -> None:
+        self.backlog.clear()
+        self.backlog_frames = 0
 
     def stats(self) -> dict[str, Any]:
         return {"echoed": self.echoed, "bytes": self.bytes, "backlog": self.backlog_frames}

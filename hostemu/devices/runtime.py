@@ -67,6 +67,9 @@ class DeviceModel:
     def on_queue_ready(self, q: Queue) -> None:
         """``q`` was (re)configured by the driver."""
 
+    def on_reset(self) -> None:
+        """The driver reset the device: forget every chain taken from the old rings."""
+
     def stats(self) -> dict[str, Any]:
         return {}
 
@@ -157,6 +160,7 @@ class DeviceRuntime(DeviceAgent):
             self.queues.pop(int(cfg["queue"]), None)
         elif op == "reset":
             self.queues.clear()
+            self.model.on_reset()
         else:
             raise KeyError(f"op {op!r}")
 

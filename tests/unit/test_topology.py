@@ -165,6 +165,8 @@ CASES: list[tuple[str, str, list[str]]] = [
     ("unswitched-port", TWO_PORTS + switch('["a/net0"]'),
      ["vm[1].device[0]: a 'fakesw' device must be a port of a [[switch]] "
       "(none lists \"b/net0\")"]),
+    ("restarts-negative", VM + CONSOLE + "restarts = -1\n",
+     ["vm[0].device[0].restarts: must be"]),
     ("toml-syntax", VM + "memory_mib = \n", ["TOML syntax error", "line 3"]),
     ("toml-duplicate-key", VM + 'name = "b"\n', ["TOML syntax error", "line 3"]),
 ]
@@ -207,6 +209,13 @@ def test_defaults_and_shapes() -> None:
                                devices=(DeviceSpec("console", "c0"),),
                                workload=("--workload", "console", "--params", "{}"))]
     assert topo.workloads["a"] == topology.WorkloadSpec("console", {})
+
+
+def test_device_restarts_reach_the_vmm_spec() -> None:
+    topo = loads(VM + CONSOLE + "restarts = 3\n")
+    assert topo.vms[0].devices[0].restarts == 3
+    vms, _ = _round_trip(topo)
+    assert vms[0].devices[0].restarts == 3
 
 
 def test_a_broken_module_is_a_problem_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
