@@ -231,11 +231,16 @@ class Soak:
 
     def collect(self, results: dict[str, Any], last_net_pid: int) -> None:
         t = self.tally
+        for name in ("net", "disk"):
+            if name not in results:
+                t.problems.append(f"{name}: its guest never reported a result")
         for name, r in results.items():
             if not r.get("ok"):
                 t.problems.append(f"{name}: {r.get('error')}")
         net = results.get("net", {})
         t.echo_final = net
+        if net and not net.get("sent"):
+            t.problems.append("net: the final echo guest sent nothing")
         if net:
             t.echo[last_net_pid] = net  # the last incarnation's final counts
             t.lost += int(net.get("lost") or 0)
@@ -275,6 +280,9 @@ class Soak:
             f"  messages      sent {tot['sent']:,}  acknowledged {tot['acked']:,}  "
             f"received {tot['received']:,}  duplicates dropped {tot['duplicates']:,}",
             f"  blk           generations acknowledged up to {t.blk_acked}",
+            f"  last guests   net: sent {t.echo_final.get('sent')} received "
+            f"{t.echo_final.get('received')} lost {t.echo_final.get('lost')}; disk: passes "
+            f"{t.blk_final.get('passes')} generation {t.blk_final.get('generation')}",
             f"  worst ping    {t.worst_ping * 1e3:.1f} ms",
             f"  lost          {t.lost}",
             f"  leaks         {len(t.leaks)}",

@@ -144,8 +144,12 @@ class VmmDevice:
     process: ManagedProcess | None = None
     vm_name: str = ""
     restarted: int = 0
-    gone: bool = False  # the broker let go of its process (PeerGone)
-    exited: bool = False  # ... and we read its output to EOF: then it may be restarted
+    # Restart bookkeeping for the current process: it is restarted once its output reached
+    # EOF (exited) and either the broker let go of it (gone) or it never attached at all
+    # (killed before its Attach: the broker will never send a PeerGone for it).
+    attached: bool = False
+    gone: bool = False
+    exited: bool = False
 
 
 @dataclass(eq=False)
@@ -157,8 +161,10 @@ class VmmVm:
     guest: ManagedProcess | None = None
     exits: int = 0
     guest_restarted: int = 0
-    guest_gone: bool = False  # the broker let go of the guest process (PeerGone)
-    guest_exited: bool = False  # ... and its output reached EOF without a result
+    # as VmmDevice's, for the guest process (exited: EOF without a result)
+    guest_attached: bool = False
+    guest_gone: bool = False
+    guest_exited: bool = False
 
 
 class Vmm:
@@ -246,12 +252,12 @@ class Vmm:
         restarts are left. The new guest boots from scratch: it reprograms BARs and MSI
         vectors (the VMM rebinds) and resets its devices before using them."""
         old = vm.guest
-        if (not (vm.guest_gone and vm.guest_exited) or old is None
+        if (not (vm.guest_exited and (vm.guest_gone or not vm.guest_attached)) or old is None
                 or vm.guest_restarted >= vm.spec.guest_restarts):
             return False
         status = old.stop()
         vm.guest_restarted += 1
-        vm.guest_gone = vm.guest_exited = False
+        vm.guest_gone = vm.guest_exited = vm.guest_attached = False
         new = self._spawn_guest(vm)
         log.warning("guest %s (pid %d) exited with status %s: restarted as pid %d (%d of %d)",
                     vm.spec.name, old.pid, status, new.pid, vm.guest_restarted,
@@ -272,12 +278,13 @@ class Vmm:
         one can attach) and restarts are left. The new process attaches; the broker
         resends memory and eventfds; :meth:`_replay_queues` resumes its queues."""
         proc = dev.process
-        if (not (dev.gone and dev.exited) or proc is None or proc in self.switch_procs
+        if (not (dev.exited and (dev.gone or not dev.attached)) or proc is None
+                or proc in self.switch_procs
                 or dev.restarted >= dev.spec.restarts):
             return False
         status = proc.stop()  # reaps it (it closed its output: it is exiting or gone)
         dev.restarted += 1
-        dev.gone = dev.exited = False
+        dev.gone = dev.exited = dev.attached = False
         new = self._spawn_device(dev)
         log.warning("device %s/%s (pid %d) exited with status %s: restarted as pid %d "
                     "(%d of %d)", dev.vm_name, dev.spec.name, proc.pid, status, new.pid,
@@ -314,7 +321,13 @@ class Vmm:
             self.reports.append(report)
             self._mark_broken(msg.device, report)
         elif isinstance(msg, wire.PeerAttached) and msg.kind == wire.PeerKind.DEVICE:
+            for dev in self.all_devices():
+                if dev.id == msg.id:
+                    dev.attached = True
             self._replay_queues(msg.id)
+        elif isinstance(msg, wire.PeerAttached) and msg.kind == wire.PeerKind.GUEST:
+            if msg.id in self.vms:
+                self.vms[msg.id].guest_attached = True
         elif isinstance(msg, wire.PeerGone):
             self.reports.append({"event": "peer_gone",
                                  "kind": wire.PeerKind(msg.kind).name.lower(), "id": msg.id})
@@ -480,6 +493,8 @@ class Vmm:
                 if (vm.spec.name not in results
                         and vm.guest_restarted < vm.spec.guest_restarts):
                     vm.guest_exited = True
+                    self.channel.pump()  # its PeerAttached / PeerGone may be waiting
+                    self.process_notices()
                     self.restart_guest_if_due(vm)  # or once the broker's PeerGone arrives
 
         def restarting() -> bool:
@@ -523,6 +538,8 @@ class Vmm:
                 dev = next((d for d in self.all_devices() if d.process is proc), None)
                 if dev is not None and dev.restarted < dev.spec.restarts:
                     dev.exited = True
+                    self.channel.pump()  # its PeerAttached / PeerGone may be waiting
+                    self.process_notices()
                     self.restart_if_due(dev)  # or once the broker's PeerGone arrives
                 elif pending:
                     self.errors.append(f"device process {proc.name} (pid {proc.pid}) exited "
