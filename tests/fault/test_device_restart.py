@@ -16,11 +16,13 @@ the grace period, with a clear error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,20 @@ def start_vmm(broker: BrokerHandle, vm: dict[str, Any]) -> subprocess.Popen[str]
     return subprocess.Popen(python_module("hostemu.vmm", "--socket", broker.path, "--spec",
                                           json.dumps([vm]), "--timeout", "90"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def running_vmm(broker: BrokerHandle, vm: dict[str, Any]) -> Iterator[subprocess.Popen[str]]:
+    """A VMM process for ``vm``; a failed assertion shows its stderr; it must not have
+    printed a traceback; it is killed (by pid) if still running."""
+    vmm = start_vmm(broker, vm)
+    try:
+        yield vmm
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nVMM stderr:\n{finish(vmm)}") from None
+    finally:
+        err = finish(vmm)
+    assert "Traceback" not in err, err
 
 
 def device_pid(vmm: subprocess.Popen[str]) -> int:
@@ -67,10 +83,9 @@ def test_blk_device_killed_mid_write_is_restarted_and_no_acknowledged_write_is_l
         broker: BrokerHandle, tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     count, sectors, start, seed = 3000, 8, 64, 7
-    vmm = start_vmm(broker, restartable_blk(image, 2, 20.0, count=count, sectors=sectors,
+    with running_vmm(broker, restartable_blk(image, 2, 20.0, count=count, sectors=sectors,
                                             start=start, seed=seed, depth=16,
-                                            progress_every=200))
-    try:
+                                            progress_every=200)) as vmm:
         deadline = time.monotonic() + 60
         for kill in range(2):  # twice, each time with writes in flight
             read_until(vmm, "blk_progress", deadline)
@@ -87,11 +102,6 @@ def test_blk_device_killed_mid_write_is_restarted_and_no_acknowledged_write_is_l
         counters = done["stats"]["vm0"]["devices"]["disk0"]["counters"]
         assert counters["queues_resumed"] == 1, counters  # the last process resumed once
         assert vmm.wait(30) == 0
-    except AssertionError as e:
-        raise AssertionError(f"{e}\nVMM stderr:\n{finish(vmm)}") from None
-    finally:
-        err = finish(vmm)
-    assert "Traceback" not in err, err
     check_image(image, seed, start, count * sectors)
     state = broker.connect().state()
     assert not state["vms"] and not state["objects"], state
@@ -100,9 +110,8 @@ def test_blk_device_killed_mid_write_is_restarted_and_no_acknowledged_write_is_l
 def test_device_killed_past_its_restarts_fails_the_guest_within_the_grace(
         broker: BrokerHandle, tmp_path: Path) -> None:
     grace = 2.0
-    vmm = start_vmm(broker, restartable_blk(tmp_path / "disk.img", 1, grace, count=100_000,
-                                            sectors=8, depth=16, progress_every=200))
-    try:
+    with running_vmm(broker, restartable_blk(tmp_path / "disk.img", 1, grace, count=100_000,
+                                            sectors=8, depth=16, progress_every=200)) as vmm:
         deadline = time.monotonic() + 60
         read_until(vmm, "blk_progress", deadline)
         os.kill(device_pid(vmm), signal.SIGKILL)
@@ -116,8 +125,3 @@ def test_device_killed_past_its_restarts_fails_the_guest_within_the_grace(
         assert not result["ok"] and "gone" in result["error"], result
         assert any("exited" in e for e in done["errors"]), done["errors"]
         assert vmm.wait(30) == 1
-    except AssertionError as e:
-        raise AssertionError(f"{e}\nVMM stderr:\n{finish(vmm)}") from None
-    finally:
-        err = finish(vmm)
-    assert "Traceback" not in err, err
