@@ -125,3 +125,24 @@ def test_device_killed_past_its_restarts_fails_the_guest_within_the_grace(
         assert not result["ok"] and "gone" in result["error"], result
         assert any("exited" in e for e in done["errors"]), done["errors"]
         assert vmm.wait(30) == 1
+
+
+def test_device_killed_before_it_attached_is_restarted_again(
+        broker: BrokerHandle, tmp_path: Path) -> None:
+    """Regression (found by the soak): a process killed before its Attach never gets a
+    PeerGone from the broker; the VMM waited for one forever instead of restarting it."""
+    image = tmp_path / "disk.img"
+    count, sectors, seed = 2000, 8, 3
+    with running_vmm(broker, restartable_blk(image, 3, 20.0, count=count, sectors=sectors,
+                                            seed=seed, depth=16, progress_every=200)) as vmm:
+        deadline = time.monotonic() + 60
+        read_until(vmm, "blk_progress", deadline)
+        os.kill(device_pid(vmm), signal.SIGKILL)
+        first = read_until(vmm, "device_restarted", deadline)
+        os.kill(first["pid"], signal.SIGKILL)  # at once: Python has not even started yet
+        second = read_until(vmm, "device_restarted", deadline)
+        assert second["old_pid"] == first["pid"]
+        done = read_until(vmm, "vmm_done", deadline)
+        assert done["results"]["vm0"]["ok"], done
+        assert vmm.wait(30) == 0
+    check_image(image, seed, 0, count * sectors)
