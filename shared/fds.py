@@ -29,6 +29,7 @@ point), ``drain`` returns ``0`` when nothing is pending (EAGAIN). A notifier bui
 from __future__ import annotations
 
 import array
+import fcntl
 import os
 import select
 import socket
@@ -47,6 +48,7 @@ MAX_FDS_PER_MESSAGE = 8
 """Like vhost-user: at most 8 fds per control message."""
 
 _INT_SIZE = array.array("i").itemsize
+_EVENTFD_INITVAL_MAX = 0xFFFFFFFF  # eventfd(2)'s initval is an unsigned int
 
 
 class OwnedFd:
@@ -128,13 +130,28 @@ def close_all(fds: Iterable[OwnedFd]) -> None:
 
 
 def new_eventfd(initval: int = 0, *, semaphore: bool = False, nonblock: bool = True) -> OwnedFd:
-    """Create a close-on-exec eventfd (non-blocking unless asked otherwise)."""
+    """Create a close-on-exec eventfd (non-blocking unless asked otherwise).
+
+    ``initval`` may be anything from 0 to :data:`EVENTFD_MAX`, the counter's range.
+    eventfd(2) takes a 32-bit initial value only, so a larger one is written into the new,
+    empty counter (a write that cannot block).
+    """
+    if not 0 <= initval <= EVENTFD_MAX:
+        raise UsageError(f"eventfd initval {initval:#x} is outside 0..{EVENTFD_MAX:#x}")
     flags = os.EFD_CLOEXEC
     if semaphore:
         flags |= os.EFD_SEMAPHORE
     if nonblock:
         flags |= os.EFD_NONBLOCK
-    return OwnedFd(os.eventfd(initval, flags))
+    small = initval <= _EVENTFD_INITVAL_MAX
+    fd = OwnedFd(os.eventfd(initval if small else 0, flags))
+    if not small:
+        try:
+            os.eventfd_write(fd.fd, initval)
+        except BaseException:
+            fd.close()
+            raise
+    return fd
 
 
 @dataclass(frozen=True)
@@ -246,16 +263,21 @@ class EventConsumer:
 def memory_fd_size(fd: int) -> int | None:
     """Size of a shared-memory object (POSIX shm or memfd) behind ``fd``, else ``None``.
 
-    A pipe, socket, directory, eventfd or ordinary on-disk file is not shared memory.
+    A pipe, socket, directory, eventfd or ordinary on-disk file is not shared memory, and
+    neither is an fd opened read-only or ``O_PATH`` on such an object: every holder maps
+    guest memory shared and read/write, which needs an ``O_RDWR`` open file.
     """
     try:
         st = os.fstat(fd)
         target = os.readlink(f"/proc/self/fd/{fd}")
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL)
     except OSError:
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
     if not (target.startswith("/dev/shm/") or target.startswith("/memfd:")):
+        return None
+    if mode & os.O_ACCMODE != os.O_RDWR:  # O_PATH reads as O_RDONLY | O_PATH
         return None
     return st.st_size
 

@@ -679,6 +679,40 @@ class PeerAttached(Message):
     id: int = u32()
 
 
+# ----------------------------------------------------------------------------- relays
+
+RELAYED_TEXT: dict[type[Message], type[Message]] = {
+    DeviceConfig: DeviceConfigNotice,  # VMM -> broker -> device process
+    DeviceReport: DeviceReportNotice,  # device process -> broker -> VMM
+}
+"""Requests whose text the broker forwards inside another message type. A text that fills
+the request's payload can be too long for the forwarded message (its fixed part may be
+larger), so the broker refuses such a request (``EMSGSIZE``) instead of building a frame
+it cannot encode: see :func:`relay_overflow`. (A DeviceConfigDone's text is forwarded in
+an :class:`Error`, whose fixed part is smaller: it always fits.)"""
+
+
+def text_room(cls: type[Message]) -> int:
+    """How many bytes of UTF-8 text fit in a frame of text type ``cls``."""
+    if not cls.TEXT:
+        raise UsageError(f"{cls.__name__} carries no text")
+    return MAX_PAYLOAD - cls._STRUCT.size
+
+
+def relay_overflow(msg: Message) -> str | None:
+    """Why ``msg``'s text cannot be forwarded in its :data:`RELAYED_TEXT` message, or
+    ``None`` if it can (or ``msg`` is not relayed)."""
+    relayed_as = RELAYED_TEXT.get(type(msg))
+    if relayed_as is None:
+        return None
+    size = len(str(getattr(msg, "text")).encode())  # noqa: B009 - text types only
+    room = text_room(relayed_as)
+    if size <= room:
+        return None
+    return (f"{type(msg).__name__}: {size} bytes of text do not fit the {room} a "
+            f"{relayed_as.__name__} carries")
+
+
 def describe(msg: Message) -> str:
     """One-line human form for logs: ``IrqfdAttach(seq=3, binding=1, gsi=5, fds=1)``."""
     cls = type(msg)

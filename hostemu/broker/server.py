@@ -16,6 +16,10 @@ Trust boundary
 * A frame that does not decode (truncated, oversize, wrong fd count, ...) gets an
   ``EPROTO`` error reply when its header is readable, then the connection is closed;
   every fd that came with it is closed by the codec.
+* A well-formed request whose text the table would forward in a message with a larger
+  fixed part (:data:`~shared.wire.RELAYED_TEXT`), where it no longer fits, is refused
+  with ``EMSGSIZE`` before the table sees it: the broker never builds a frame it cannot
+  encode.
 * After every request the loop closes whatever fds the table did not take.
 
 Filesystem
@@ -303,7 +307,12 @@ class BrokerServer:
                 if msg.KIND is not wire.Kind.REQUEST:
                     self._reject(client, data, f"{type(msg).__name__} is not a request")
                     return
-                self._apply(self.table.handle(client.id, msg))
+                too_long = wire.relay_overflow(msg)
+                if too_long is not None:  # well-formed, but its notice could not be sent
+                    self._queue(client, wire.Error(seq=msg.seq, errno=errno.EMSGSIZE,
+                                                   text=too_long))
+                else:
+                    self._apply(self.table.handle(client.id, msg))
             finally:
                 msg.close_fds()  # whatever the table did not take
             if client.id not in self._clients:
