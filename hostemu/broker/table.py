@@ -425,6 +425,14 @@ class ObjectTable:
         else:
             self._release(b)
 
+    def _wait_for_detaches(self, op: PendingOp, match: Callable[[Binding], bool]) -> None:
+        """Answer ``op`` only once every detach in progress of a binding ``match`` accepts
+        has finished, whichever request, HUP or exit started it."""
+        for d in self._detaching.values():
+            if match(d.binding) and d.binding.id not in op.waiting:
+                d.ops.append(op)
+                op.waiting.add(d.binding.id)
+
     def _release(self, b: Binding) -> None:
         b.state = "released"
         b.consumer = None
@@ -682,6 +690,10 @@ class ObjectTable:
                 found = [b] if b is not None and b.vm is vm and b.gsi == msg.gsi else []
             for b in found:
                 self._deactivate(b, DetachReason.DEASSIGN, op)
+            # Like KVM's flush of its irqfd cleanup queue: a detach of this gsi already in
+            # progress (a HUP, another deassign) finishes before this deassign returns.
+            self._wait_for_detaches(op, lambda b: isinstance(b, IrqfdBinding)
+                                    and b.vm is vm and b.gsi == msg.gsi)
             return None  # deassigning a pair never assigned succeeds (KVM)
         if not vm.irqchip:
             raise _fail("EAGAIN", f"VM {vm.id} has no interrupt controller yet")
