@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +26,14 @@ from guestemu import pci
 from shared import pci_layout as pl
 from shared.errors import UsageError
 from shared.memory import GuestMemoryMap
-from shared.ring import DriverRing, RingLayout
+from shared.ring import DRIVER_SCALAR_MAX, DriverRing, RingLayout
 
 if TYPE_CHECKING:
     from guestemu.vcpu import Vcpu
 
 F_EVENT_IDX = 1
+SMALL_BATCH = DRIVER_SCALAR_MAX
+"""Posting at most this many buffers uses lists of ints (the ring's scalar path)."""
 
 
 class GuestRam:
@@ -110,6 +113,9 @@ class BufferPool:
         self.size = size
         self.base = ram.alloc(count * size, align=4096)
         self.data = ram.view(self.base, count * size).reshape(count, size)
+        # The guest kernel hands out zeroed pages: touching them now backs them with memory
+        # (as a running guest's RAM is), instead of page faults inside the first transfers.
+        self.data.fill(0)
         self.free = list(range(count - 1, -1, -1))
 
     def addrs(self, slots: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -118,15 +124,23 @@ class BufferPool:
         return out
 
     def take(self, n: int) -> np.ndarray[Any, Any]:
+        out = np.array(self.take_list(n), dtype=np.int64)
+        return out
+
+    def take_list(self, n: int) -> list[int]:
+        """:meth:`take` as a list of ints (few buffers: cheaper than numpy arrays)."""
         if n > len(self.free):
             raise UsageError(f"{n} buffers wanted, {len(self.free)} free")
         taken = self.free[len(self.free) - n:]
         del self.free[len(self.free) - n:]
-        out = np.array(taken[::-1], dtype=np.int64)  # the same order as popping one by one
-        return out
+        taken.reverse()  # the same order as popping one by one
+        return taken
 
-    def give(self, slots: np.ndarray[Any, Any]) -> None:
-        self.free.extend(slots.tolist())
+    def addr_list(self, slots: list[int]) -> list[int]:
+        return [self.base + s * self.size for s in slots]
+
+    def give(self, slots: np.ndarray[Any, Any] | list[int]) -> None:
+        self.free.extend(slots if isinstance(slots, list) else slots.tolist())
 
 
 class PacketQueues:
@@ -157,26 +171,54 @@ class PacketQueues:
     def post_rx(self) -> None:
         n = len(self.rx_pool.free)
         if n:
-            slots = self.rx_pool.take(n)
-            heads = self.rx.ring.add_batch(self.rx_pool.addrs(slots), np.full(n, self.size),
-                                           True)
-            self.rx_slot[heads] = slots
+            self._post(self.rx, self.rx_pool, self.rx_slot, self._take(self.rx_pool, n), True)
             self.rx.kick()
+
+    @staticmethod
+    def _take(pool: BufferPool, n: int) -> list[int] | np.ndarray[Any, Any]:
+        """A few buffers as a list of ints (the ring's scalar path), many as an array."""
+        return pool.take_list(n) if n <= SMALL_BATCH else pool.take(n)
+
+    def _post(self, q: Virtqueue, pool: BufferPool, slot_of: np.ndarray[Any, Any],
+              slots: list[int] | np.ndarray[Any, Any], writable: bool) -> None:
+        """Post whole buffers ``slots`` of ``pool`` on ``q`` and remember head -> slot."""
+        if isinstance(slots, list):
+            heads = q.ring.add_batch(pool.addr_list(slots), [self.size] * len(slots), writable)
+            for h, slot in zip(heads.tolist(), slots, strict=True):
+                slot_of[h] = slot
+        else:
+            heads = q.ring.add_batch(pool.addrs(slots), np.full(len(slots), self.size),
+                                     writable)
+            slot_of[heads] = slots
 
     def send(self, frames: np.ndarray[Any, Any]) -> None:
         """Post whole ``frames`` (N x size); the caller checked :meth:`tx_room`."""
-        n = len(frames)
-        slots = self.tx_pool.take(n)
+        slots = self._take(self.tx_pool, len(frames))
         self.tx_pool.data[slots] = frames
-        heads = self.tx.ring.add_batch(self.tx_pool.addrs(slots), np.full(n, self.size), False)
-        self.tx_slot[heads] = slots
+        # store->store: the frames are in guest RAM before the descriptors that publish them
+        self._post(self.tx, self.tx_pool, self.tx_slot, slots, False)
+        self.tx.kick()
+
+    def send_rows(self, n: int, fill: Callable[[np.ndarray[Any, Any], int], None]) -> None:
+        """Post ``n`` TX buffers after ``fill(row, i)`` wrote frame ``i`` straight into its
+        buffer ``row`` in guest RAM (no staging array, no extra copy)."""
+        slots = self.tx_pool.take_list(n)
+        data = self.tx_pool.data
+        try:
+            for i, slot in enumerate(slots):
+                fill(data[slot], i)
+        except BaseException:
+            self.tx_pool.give(slots[::-1])  # nothing posted: the buffers are free again
+            raise
+        self._post(self.tx, self.tx_pool, self.tx_slot, slots, False)
         self.tx.kick()
 
     def tx_room(self) -> int:
         """Free TX buffers, after taking back what the device completed."""
-        ids, _ = self.tx.ring.get_used()
-        if len(ids):
-            self.tx_pool.give(self.tx_slot[ids])
+        if self.tx.ring.has_used():  # the cheap poll first: usually there is nothing
+            ids, _ = self.tx.ring.get_used()
+            if len(ids):
+                self.tx_pool.give(self.tx_slot[ids])
         return len(self.tx_pool.free)
 
     def receive(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
@@ -189,6 +231,20 @@ class PacketQueues:
         self.rx_pool.give(slots)
         self.post_rx()
         return frames, lens
+
+    def receive_rows(self) -> tuple[list[np.ndarray[Any, Any]], list[int], list[int]]:
+        """Received frames *in place*: ``(rows, lens, slots)``, each row a view of its RX
+        buffer in guest RAM. The buffers stay the caller's until :meth:`release_rx`."""
+        ids, lens = self.rx.ring.get_used()
+        slots: list[int] = self.rx_slot[ids].tolist()
+        data = self.rx_pool.data
+        return [data[s] for s in slots], lens.tolist(), slots
+
+    def release_rx(self, slots: list[int]) -> None:
+        """Repost RX buffers taken by :meth:`receive_rows`."""
+        if slots:
+            self.rx_pool.give(slots)
+            self.post_rx()
 
     def broken(self) -> str | None:
         return self.tx.ring.broken or self.rx.ring.broken

@@ -16,7 +16,10 @@ Two things leave that code:
   without blocking -- for a window, and only then sleeps in epoll on irqfds, the broker
   channel and its control pipe. The window is adaptive by default (grows when a wakeup
   came soon after sleeping, shrinks when the sleep was long, as ``halt_poll_ns`` does);
-  a fixed window, including 0 (never poll), can be configured.
+  a fixed window, including 0 (never poll), can be configured. The poll checks the
+  condition in slices of :data:`POLL_SLICE_NS`, polling the fds and yielding the CPU between
+  slices, and gives up (sleeps) as soon as a yield shows another task wanted the CPU --
+  KVM stops halt-polling when ``single_task_running()`` is false.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from shared import wire
 from shared.errors import PeerGoneError
+from shared.loop import yield_cpu
 
 if TYPE_CHECKING:
     from guestemu.guest import GuestAgent
@@ -35,6 +39,8 @@ if TYPE_CHECKING:
 ADAPTIVE = -1
 DEFAULT_MAX_POLL_NS = 200_000
 GROW_START_NS = 10_000
+POLL_SLICE_NS = 20_000
+"""While halt-polling, the longest stretch between two non-blocking polls of the fds."""
 
 
 class Vcpu:
@@ -69,13 +75,27 @@ class Vcpu:
         if until():
             return True
         loop = self.agent.loop
-        start = time.monotonic_ns()
+        clock = time.monotonic_ns
+        start = now = clock()
         poll_end = start + self.poll_ns
-        while time.monotonic_ns() < poll_end:
+        while now < poll_end:
             loop.poll_once(0)  # irqfds and notices, without blocking
-            if until():
-                self.counters["halt_polls_ok"] += 1
-                return True
+            if yield_cpu():
+                self.counters["halt_polls_contended"] += 1
+                break  # another task wants this CPU: stop polling, sleep (see yield_cpu)
+            # Then the condition alone for a slice: with a select per check, the syscall --
+            # not the condition -- would set how soon the poll notices a completion.
+            slice_end = min(poll_end, now + POLL_SLICE_NS)
+            while True:
+                if until():
+                    # What ended the poll usually came with an interrupt: deliver what is
+                    # pending now, as KVM's halt-poll does when it sees one.
+                    loop.poll_once(0)
+                    self.counters["halt_polls_ok"] += 1
+                    return True
+                now = clock()
+                if now >= slice_end:
+                    break
         self.counters["halts"] += 1
         deadline = time.monotonic() + timeout
         while not until():

@@ -42,8 +42,31 @@ EXIT_ERROR = 1
 log = logging.getLogger("vbusemu.agent")
 
 
+YIELD_CONTENDED_NS = 20_000
+"""A ``sched_yield`` that takes longer than this gave the CPU to another task."""
+
+
+def yield_cpu() -> bool:
+    """Let any other task runnable on this CPU go first; True if one did (the yield took
+    long): the CPU is wanted, and a poller should stop and sleep -- as KVM's halt-poll
+    stops when ``single_task_running()`` is false and vhost's busyloop on
+    ``need_resched()``. Without this, two pollers sharing a core on a busy machine hold it
+    for whole scheduler slices (milliseconds) in turn."""
+    start = time.monotonic_ns()
+    os.sched_yield()
+    return time.monotonic_ns() - start > YIELD_CONTENDED_NS
+
+
 class EventLoop:
-    """A selectors loop with a stop eventfd and one-shot timers."""
+    """A selectors loop with a stop eventfd, one-shot timers and busy pollers.
+
+    A *busy poller* (:meth:`spin`) is a callable run between non-blocking polls of the fds
+    instead of sleeping in epoll -- a vhost-style busyloop. Each call should spin for a
+    bounded slice and return False once done; the fds (the stop eventfd, the control pipe,
+    the channel) are polled between slices, so a spinning process still stops and answers.
+    Between slices the loop also yields the CPU (:func:`yield_cpu`); :attr:`cpu_contended`
+    says whether another task took it, and a poller should then end early.
+    """
 
     def __init__(self) -> None:
         self._sel = selectors.DefaultSelector()
@@ -51,6 +74,8 @@ class EventLoop:
         self._sel.register(self.stop_fd.fileno(), selectors.EVENT_READ, None)
         self.stopping = False
         self._timers: list[tuple[float, Callable[[], None]]] = []
+        self._spinners: dict[object, Callable[[], bool]] = {}
+        self.cpu_contended = False
 
     def install_signal_handlers(self) -> None:
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -69,12 +94,31 @@ class EventLoop:
     def call_at(self, when: float, callback: Callable[[], None]) -> None:
         self._timers.append((when, callback))
 
+    def spin(self, key: object, poller: Callable[[], bool]) -> None:
+        """Run ``poller`` between non-blocking polls until it returns False (one per ``key``;
+        a new one replaces the old)."""
+        self._spinners[key] = poller
+
+    def spinning(self, key: object) -> bool:
+        return key in self._spinners
+
     def stop(self) -> None:
         self.stopping = True
 
     def run(self) -> None:
         while not self.stopping:
-            self.poll_once(None)
+            if not self._spinners:
+                self.poll_once(None)
+                continue
+            self.poll_once(0)  # the fds between slices: never blind while spinning
+            self.cpu_contended = yield_cpu()
+            for key, poller in list(self._spinners.items()):
+                if self.stopping:
+                    break
+                if self._spinners.get(key) is not poller:
+                    continue  # removed or replaced by an earlier one this round
+                if not poller() and self._spinners.get(key) is poller:
+                    del self._spinners[key]
 
     def poll_once(self, timeout: float | None) -> int:
         """Wait up to ``timeout`` (None: until something happens, 0: don't wait), run the

@@ -88,7 +88,13 @@ store leaves the store buffer. Hence three kinds of ordering points:
 
 u16 indices and flags live at naturally aligned addresses (the device treats misaligned ring
 areas as broken, the driver requires a 16-byte aligned area), so numpy reads and writes them
-with single aligned moves: no torn index is ever seen. Descriptors may tear (a guest rewriting
+with single aligned moves: no torn index is ever seen. The scalar paths (small batches, see
+:data:`SCALAR_MAX`) reach the same u16s through a native ``memoryview`` cast, whose item
+access is also one fixed-size copy of the aligned u16 (CPython's ``PACK_SINGLE`` /
+``UNPACK_SINGLE``); they pack and unpack descriptors and used elements with ``struct``,
+which may store them byte by byte -- harmless, as those are always published by a later
+index store (store->store above) and read only after the index (load->load), and the
+ordering comments sit at the same points in both paths. Descriptors may tear (a guest rewriting
 one while it is copied); the copy is validated as a whole, so that only hurts the guest.
 This model is x86-specific: a weakly ordered CPU would need real acquire/release fences.
 
@@ -123,20 +129,30 @@ A single buffer may be at most ``max_buffer_len`` bytes (default :data:`MAX_BUFF
 16 MiB; a guest's "4 GiB" buffer breaks the ring). Payload copies
 (:meth:`DeviceRing.read_payloads` / :meth:`DeviceRing.write_payloads`) go between guest
 buffers and a caller-sized 2-D numpy array: for single-descriptor batches with one gather or
-scatter per (memory slot, length) group through a sliding-window view, for chains with one
-slice per segment; never per byte.
+scatter per (memory slot, length) group through a sliding-window view, for chains and small
+batches with one slice per segment; never per byte. :meth:`DeviceRing.copy_payloads` copies
+one ring's readable buffers straight into another ring's writable ones (one slice copy per
+overlapping pair of segments, no staging array).
+
+Fast paths: operations on a few chains (:data:`SCALAR_MAX`, :data:`DRIVER_SCALAR_MAX`) use
+plain Python ints instead of numpy calls; they read the same bytes once, make the same
+checks in the same order and leave the same state as the vectorized paths, which remain the
+reference (a failed scalar check hands the same data to the vectorized check for the exact
+reason).
 """
 
 from __future__ import annotations
 
+import bisect
+import struct
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple, TypeAlias
+from typing import Any, Final, Literal, NamedTuple, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
-from numpy.lib.stride_tricks import sliding_window_view
 
 from shared.errors import MemoryAccessError, UsageError
 from shared.memory import GuestMemoryMap
@@ -177,6 +193,28 @@ USED_ELEM_DTYPE: Final = np.dtype([("id", "<u4"), ("len", "<u4")])
 """One used-ring element (8 bytes)."""
 _LE16: Final = np.dtype("<u2")
 _WRITE_OR_CONTINUE: Final = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT
+_I64_MAX: Final = (1 << 63) - 1
+
+SCALAR_MAX: Final = 32
+"""Device-side operations on at most this many chains take the *scalar* paths: plain Python
+ints read and written through ``memoryview``/``struct`` instead of numpy calls. A numpy call
+costs about a microsecond whatever its size, and the vectorized paths make a dozen or more
+per operation, which dominates small batches (round trips, batch-1 traffic); past a few
+dozen chains the vectorized paths win. (Per operation in isolation the crossovers are
+~12-16 chains, but end to end -- the echo device at 64 B batch 16 -- 32 measured best: the
+scalar path's lazily-built :class:`Batch` saves its consumers conversions.) Both paths read
+the same bytes once, make the same
+checks in the same order, raise or break with the same messages and leave the same state
+(tests/unit/test_ring_scalar.py runs random programs, hostile ones included, through both
+and compares)."""
+DRIVER_SCALAR_MAX: Final = 24
+"""The same for the driver side (``add_batch``, ``get_used``: crossovers ~32)."""
+_NATIVE_LE: Final = sys.byteorder == "little"
+"""The scalar paths read and write u16 indices through native ``memoryview`` casts, which
+are the ring's little-endian layout only on a little-endian host (x86-64, which the
+memory-ordering model below already assumes); elsewhere only the numpy paths run."""
+_DESC_STRUCT: Final = struct.Struct("<QIHH")
+_USED_STRUCT: Final = struct.Struct("<II")
 
 
 def _align_up(value: int, align: int) -> int:
@@ -350,6 +388,73 @@ def _check_int(value: object, what: str, lo: int, hi: int) -> int:
     return n
 
 
+def _small_ints(values: object, what: str, limit: int, top: int) -> list[int] | None:
+    """``values`` as a list of Python ints for the scalar paths, or ``None`` (take the
+    vectorized path, which validates everything itself).
+
+    Only a 1-D integer ndarray or a list of plain ints (bools excluded) of at most ``limit``
+    items qualifies; anything else -- other types, empty float arrays, huge ints -- is left to
+    the vectorized path so the error it raises stays the reference. Raises the same
+    :class:`UsageError` as :func:`_index_array` (``top`` = 2**63-1) or :func:`_u64_array`
+    (``top`` = 2**64-1) for negative or too large values.
+    """
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1 or values.shape[0] > limit or values.dtype.kind not in "iu":
+            return None
+        out: list[int] = values.tolist()
+    elif isinstance(values, list) and len(values) <= limit:
+        for v in values:
+            # Past 2**63-1 numpy would not make an int64 array of the list (it picks another
+            # dtype, or fails): leave such lists to the vectorized path too.
+            if type(v) is not int or not 0 <= v <= _I64_MAX:
+                return None  # the vectorized path says what is wrong
+        return values
+    else:
+        return None
+    for v in out:
+        if v < 0:
+            raise UsageError(f"{what} must not be negative")
+        if v > top:
+            raise UsageError(f"{what} out of range")
+    return out
+
+
+def _small_bools(values: object, n: int) -> list[bool] | None:
+    """``device_writable`` as ``n`` Python bools (one bool for all, or one per buffer), or
+    ``None`` for anything else (the vectorized path broadcasts and validates it)."""
+    if isinstance(values, (bool, np.bool_)):
+        return [bool(values)] * n
+    if isinstance(values, np.ndarray):
+        if values.dtype == np.bool_ and values.shape == (n,):
+            out: list[bool] = values.tolist()
+            return out
+        return None
+    if isinstance(values, list) and len(values) == n and all(type(v) is bool for v in values):
+        return values
+    return None
+
+
+def _read_only(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    arr.flags.writeable = False
+    return arr
+
+
+_NO_IDS: Final = _read_only(np.zeros(0, dtype=np.uint16))
+_NO_LENS: Final = _read_only(np.zeros(0, dtype=np.uint32))
+"""What :meth:`DriverRing.get_used` returns when there is nothing (shared, read-only: an
+empty poll is the common case and should not cost two allocations)."""
+
+
+def _private_array(
+    count: int, dtype: npt.DTypeLike, fmt: Literal["B", "H", "q"]
+) -> tuple[npt.NDArray[Any], memoryview]:
+    """Private (never shared) bookkeeping as two views of one buffer: a numpy array for the
+    vectorized paths and a ``memoryview`` of format ``fmt`` for the scalar ones."""
+    dt = np.dtype(dtype)
+    buf = bytearray(count * dt.itemsize)
+    return np.frombuffer(buf, dtype=dt), memoryview(buf).cast(fmt)
+
+
 class Segment(NamedTuple):
     """One buffer of a chain as the device saw it (from its private copy)."""
 
@@ -422,14 +527,27 @@ class DriverRing:
         self._used_idx = _field(self._area, lay.used_idx_offset, 1, _LE16)
         self._used_ring = _field(self._area, lay.used_ring_offset, q, USED_ELEM_DTYPE)
         self._avail_event = _field(self._area, lay.avail_event_offset, 1, _LE16)
-        # Private bookkeeping (never read back from shared memory).
-        self._free: U16Array = np.zeros(q, dtype=np.uint16)
+        # The same area for the scalar paths: bytes (descriptors and used elements through
+        # struct) and native u16 (indices, flags, event indices, avail.ring entries). Every
+        # u16 is 2-aligned (the area is 16-aligned), so each is one untorn access.
+        self._mv = self._area.data  # a memoryview of the array's bytes
+        self._mv16 = self._mv.cast("H")
+        self._i_avail_flags = lay.avail_flags_offset // 2
+        self._i_avail_idx = lay.avail_idx_offset // 2
+        self._i_avail_ring = lay.avail_ring_offset // 2
+        self._i_used_event = lay.used_event_offset // 2
+        self._i_used_idx = lay.used_idx_offset // 2
+        self._used_ring_off = lay.used_ring_offset
+        self._scalar_max = DRIVER_SCALAR_MAX if _NATIVE_LE else 0
+        # Private bookkeeping (never read back from shared memory), each as a numpy array
+        # and a memoryview over the same bytes.
+        self._free, self._free_mv = _private_array(q, np.uint16, "H")
         self._nfree = 0
-        self._in_flight: BoolArray = np.zeros(q, dtype=np.bool_)
+        self._in_flight, self._in_flight_mv = _private_array(q, np.bool_, "B")
         self._num_in_flight = 0
-        self._multi: BoolArray = np.zeros(q, dtype=np.bool_)
+        self._multi, self._multi_mv = _private_array(q, np.bool_, "B")
         self._chains: dict[int, list[int]] = {}
-        self._wcap: I64Array = np.zeros(q, dtype=np.int64)
+        self._wcap, self._wcap_mv = _private_array(q, np.int64, "q")
         self._avail_shadow = 0
         self._last_used = 0
         self._kick_old = 0
@@ -531,38 +649,89 @@ class DriverRing:
         Call :meth:`kick_needed` afterwards.
         """
         self._check_usable()
+        if self._scalar_max:
+            a_l = _small_ints(addrs, "addrs", self._scalar_max, (1 << 64) - 1)
+            n_l = _small_ints(lens, "lens", self._scalar_max, (1 << 64) - 1)
+            if a_l is not None and n_l is not None and len(a_l) == len(n_l) and a_l:
+                w_l = _small_bools(device_writable, len(a_l))
+                if w_l is not None:
+                    return self._add_scalar(a_l, n_l, w_l)
         a = _u64_array(addrs, "addrs")
         n_arr = _u64_array(lens, "lens")
         n = int(a.shape[0])
         if n_arr.shape[0] != n:
             raise UsageError(f"{n} addresses but {n_arr.shape[0]} lengths")
-        try:
-            wr = np.broadcast_to(np.asarray(device_writable, dtype=np.bool_), (n,))
-        except ValueError as e:
-            raise UsageError(f"device_writable does not match {n} buffers: {e}") from None
+        same: bool | None = None  # one flag for every buffer (the common case), else None
+        if isinstance(device_writable, (bool, np.bool_)):
+            same = bool(device_writable)
+        else:
+            try:
+                wr = np.broadcast_to(np.asarray(device_writable, dtype=np.bool_), (n,))
+            except ValueError as e:
+                raise UsageError(f"device_writable does not match {n} buffers: {e}") from None
         if n == 0:
             return np.zeros(0, dtype=np.uint16)
         if n > self._nfree:
             raise UsageError(f"{n} buffers but only {self._nfree} free descriptors")
-        if bool((n_arr == 0).any()) or bool((n_arr > 0xFFFFFFFF).any()):
+        if int(n_arr.min()) == 0 or int(n_arr.max()) > 0xFFFFFFFF:
             raise UsageError("buffer lengths must be in 1..2**32-1")
-        if bool((a > (~n_arr + np.uint64(1))).any()):  # addr + len > 2**64
+        # addr + len > 2**64? Python ints on the extremes first; the exact test only if needed.
+        if int(a.max()) + int(n_arr.max()) > 1 << 64 and bool((a > (~n_arr + np.uint64(1))).any()):
             raise UsageError("a buffer runs past the end of the 64-bit address space")
         # Same order as n single add_chain calls: pop from the top of the free stack.
         heads: U16Array = self._free[self._nfree - n : self._nfree][::-1].astype(np.uint16)
         self._nfree -= n
         self._d_addr[heads] = a
         self._d_len[heads] = n_arr
-        self._d_flags[heads] = np.where(wr, VRING_DESC_F_WRITE, 0)
+        if same is None:
+            self._d_flags[heads] = np.where(wr, VRING_DESC_F_WRITE, 0)
+            self._wcap[heads] = np.where(wr, n_arr, 0).astype(np.int64)
+        else:
+            self._d_flags[heads] = VRING_DESC_F_WRITE if same else 0
+            self._wcap[heads] = n_arr if same else 0
         self._d_next[heads] = 0
-        pos = (self._avail_shadow + np.arange(n)) & self._mask
-        self._avail_ring[pos] = heads
+        first = self._avail_shadow & self._mask
+        if first + n <= self._q:  # no wrap: a slice instead of an index array
+            self._avail_ring[first : first + n] = heads
+        else:
+            self._avail_ring[(first + np.arange(n)) & self._mask] = heads
         self._in_flight[heads] = True
         self._multi[heads] = False
-        self._wcap[heads] = np.where(wr, n_arr, 0).astype(np.int64)
         self._num_in_flight += n
         self._publish(n)
         return heads
+
+    def _add_scalar(self, a: list[int], lens: list[int], wr: list[bool]) -> U16Array:
+        """:meth:`add_batch` for a few buffers with plain ints: the same checks, heads,
+        bytes and order as the vectorized path."""
+        n = len(a)
+        if n > self._nfree:
+            raise UsageError(f"{n} buffers but only {self._nfree} free descriptors")
+        for length in lens:
+            if length == 0 or length > 0xFFFFFFFF:
+                raise UsageError("buffer lengths must be in 1..2**32-1")
+        for addr, length in zip(a, lens, strict=True):
+            if addr + length > 1 << 64:
+                raise UsageError("a buffer runs past the end of the 64-bit address space")
+        # Same order as n single add_chain calls: pop from the top of the free stack.
+        free = self._free_mv
+        top = self._nfree - 1
+        heads = [free[top - j] for j in range(n)]
+        self._nfree -= n
+        pack = _DESC_STRUCT.pack_into
+        mv, mv16, mask = self._mv, self._mv16, self._mask
+        ring, shadow = self._i_avail_ring, self._avail_shadow
+        in_flight, multi, wcap = self._in_flight_mv, self._multi_mv, self._wcap_mv
+        for j in range(n):
+            h, length, w = heads[j], lens[j], wr[j]
+            pack(mv, h << 4, a[j], length, VRING_DESC_F_WRITE if w else 0, 0)
+            mv16[ring + ((shadow + j) & mask)] = h
+            in_flight[h] = 1
+            multi[h] = 0
+            wcap[h] = length if w else 0
+        self._num_in_flight += n
+        self._publish(n)  # store->store: entries above, then avail.idx (see _publish)
+        return np.array(heads, dtype=np.uint16)
 
     def add_chain(self, segments: Sequence[tuple[int, int, bool]]) -> int:
         """Post one chain of ``(addr, len, device_writable)`` buffers; return its head.
@@ -746,7 +915,7 @@ class DriverRing:
         id out of range, not in flight or repeated, or a length beyond the chain's writable
         capacity marks the ring broken; the valid entries before the bad one are returned.
         """
-        empty = (np.zeros(0, dtype=np.uint16), np.zeros(0, dtype=np.uint32))
+        empty = _NO_IDS, _NO_LENS
         if self._broken is not None:
             return empty
         limit = self._q if max_n is None else _check_int(max_n, "max_n", 0, 1 << 62)
@@ -760,19 +929,27 @@ class DriverRing:
         k = min(pending, limit)
         if k == 0:
             return empty
+        if k <= self._scalar_max:
+            ids_l, lens_l = self._get_used_scalar(k)
+            self._after_get_used(len(ids_l))
+            return np.array(ids_l, dtype=np.uint16), np.array(lens_l, dtype=np.uint32)
         # load->load: used.idx was read before the entries it publishes; x86 keeps loads in
         # order (virtio_rmb is a compiler barrier there). Fancy indexing copies: every entry
         # is read exactly once, into private memory.
-        pos = (self._last_used + np.arange(k)) & self._mask
-        entries = self._used_ring[pos]
+        start = self._last_used & self._mask
+        if start + k <= self._q:
+            entries = self._used_ring[start : start + k].copy()
+        else:
+            entries = self._used_ring[(start + np.arange(k)) & self._mask]
         ids = entries["id"].astype(np.int64)
         lens = entries["len"].astype(np.int64)
         in_range = ids < self._q
         safe = np.where(in_range, ids, 0)
         valid = in_range & self._in_flight[safe]
-        first = np.zeros(k, dtype=np.bool_)
-        first[np.unique(safe, return_index=True)[1]] = True
-        valid &= first
+        if int(np.bincount(safe, minlength=1).max()) > 1:  # a repeat: mark first occurrences
+            first = np.zeros(k, dtype=np.bool_)
+            first[np.unique(safe, return_index=True)[1]] = True
+            valid &= first
         over = valid & (lens > self._wcap[safe])
         valid &= ~over
         if not bool(valid.all()):
@@ -788,6 +965,55 @@ class DriverRing:
             k = j
         ids_k = ids[:k]
         self._free_chains(ids_k)
+        self._after_get_used(k)
+        return ids_k.astype(np.uint16), lens[:k].astype(np.uint32)
+
+    def _get_used_scalar(self, k: int) -> tuple[list[int], list[int]]:
+        """The first ``k`` used entries with plain ints: the same single read of each entry,
+        the same checks in the same order and the same reasons as the vectorized path; the
+        valid entries before a bad one are taken (and their chains freed)."""
+        # load->load: used.idx was read (by the caller) before the entries it publishes; x86
+        # keeps loads in order. Each entry is unpacked exactly once into private ints.
+        unpack = _USED_STRUCT.unpack_from
+        mv, mask, last = self._mv, self._mask, self._last_used
+        base = self._used_ring_off
+        entries = [unpack(mv, base + 8 * ((last + j) & mask)) for j in range(k)]
+        q, in_flight, wcap = self._q, self._in_flight_mv, self._wcap_mv
+        seen: set[int] = set()
+        ids: list[int] = []
+        lens: list[int] = []
+        for i, length in entries:
+            if i >= q:
+                self._break(f"used id {i} is out of range (queue size {q})")
+                break
+            if not in_flight[i] or i in seen:
+                self._break(f"used id {i} is not in flight")
+                break
+            if length > wcap[i]:
+                self._break(f"used len {length} for id {i} exceeds its writable capacity")
+                break
+            seen.add(i)
+            ids.append(i)
+            lens.append(length)
+        # Free the chains as _free_chains does: singles first, in order, then each chain.
+        free, multi = self._free_mv, self._multi_mv
+        for i in ids:
+            in_flight[i] = 0
+        self._num_in_flight -= len(ids)
+        for i in ids:
+            if not multi[i]:
+                free[self._nfree] = i
+                self._nfree += 1
+        for i in ids:
+            if multi[i]:
+                for d in self._chains.pop(i):
+                    free[self._nfree] = d
+                    self._nfree += 1
+                multi[i] = 0
+        return ids, lens
+
+    def _after_get_used(self, k: int) -> None:
+        """Advance ``last_used`` past ``k`` taken entries and refresh ``used_event``."""
         self._last_used = (self._last_used + k) & INDEX_MASK
         if self._broken is None and self._event_idx:
             if self._irq_enabled:
@@ -800,7 +1026,6 @@ class DriverRing:
                 # Keep used_event one behind so a disabled ring is never interrupted; a
                 # stale value here only risks a spurious interrupt, so no barrier.
                 self._used_event[0] = (self._last_used - 1) & INDEX_MASK
-        return ids_k.astype(np.uint16), lens[:k].astype(np.uint32)
 
     def _free_chains(self, ids: I64Array) -> None:
         if ids.shape[0] == 0:
@@ -827,7 +1052,9 @@ class _Broken(Exception):
     """Internal: the guest broke the ring; caught inside this module, never escapes."""
 
 
-@dataclass(frozen=True, eq=False)
+_BATCH_DTYPES: Final = (np.uint16, np.int64, np.uint64, np.uint32, np.uint16, np.int64, np.int64)
+
+
 class Batch:
     """Chains taken by one :meth:`DeviceRing.pop_batch`, from the device's private copies.
 
@@ -836,24 +1063,106 @@ class Batch:
     descriptor (:attr:`simple`), ``starts`` is ``arange(N+1)`` and ``addrs[i]``, ``lens[i]``,
     ``flags[i]`` describe chain ``heads[i]`` directly, ready for vectorized payload copies.
     ``flags`` keeps only ``VRING_DESC_F_WRITE``. Every address range was validated.
+
+    The fields are numpy arrays. A batch from the scalar path holds Python lists and makes
+    each array on first access (most small-batch consumers never touch most of them); once
+    made, an array is what every method reads.
     """
 
-    heads: U16Array
-    starts: I64Array
-    addrs: U64Array
-    lens: U32Array
-    flags: U16Array
-    readable_lens: I64Array
-    """Bytes the device may read, per chain."""
-    writable_lens: I64Array
-    """Bytes the device may write, per chain (the most it may report as used len)."""
+    __slots__ = ("_arrays", "_lists")
+
+    def __init__(
+        self,
+        heads: U16Array,
+        starts: I64Array,
+        addrs: U64Array,
+        lens: U32Array,
+        flags: U16Array,
+        readable_lens: I64Array,
+        writable_lens: I64Array,
+    ) -> None:
+        self._arrays: list[npt.NDArray[Any] | None] = [
+            heads, starts, addrs, lens, flags, readable_lens, writable_lens
+        ]
+        self._lists: list[list[int]] | None = None
+
+    @classmethod
+    def _of_lists(cls, *lists: list[int]) -> Batch:
+        """A batch over Python lists, in field order (the scalar path's result)."""
+        batch = cls.__new__(cls)
+        batch._arrays = [None] * 7
+        batch._lists = list(lists)
+        return batch
+
+    def _array(self, i: int) -> npt.NDArray[Any]:
+        a = self._arrays[i]
+        if a is None:
+            assert self._lists is not None
+            a = self._arrays[i] = np.array(self._lists[i], dtype=_BATCH_DTYPES[i])
+        return a
+
+    def _list(self, i: int) -> list[int]:
+        """Field ``i`` as Python ints (the array once made: a caller may have changed it)."""
+        if self._lists is not None and self._arrays[i] is None:
+            return self._lists[i]
+        out: list[int] = self._array(i).tolist()
+        return out
+
+    @property
+    def heads(self) -> U16Array:
+        return self._array(0)
+
+    @property
+    def starts(self) -> I64Array:
+        return self._array(1)
+
+    @property
+    def addrs(self) -> U64Array:
+        return self._array(2)
+
+    @property
+    def lens(self) -> U32Array:
+        return self._array(3)
+
+    @property
+    def flags(self) -> U16Array:
+        return self._array(4)
+
+    @property
+    def readable_lens(self) -> I64Array:
+        """Bytes the device may read, per chain."""
+        return self._array(5)
+
+    @property
+    def writable_lens(self) -> I64Array:
+        """Bytes the device may write, per chain (the most it may report as used len)."""
+        return self._array(6)
+
+    @property
+    def head_list(self) -> list[int]:
+        """:attr:`heads` as Python ints (cheap for a batch from the scalar path)."""
+        return self._list(0)
+
+    @property
+    def readable_list(self) -> list[int]:
+        """:attr:`readable_lens` as Python ints."""
+        return self._list(5)
+
+    @property
+    def writable_list(self) -> list[int]:
+        """:attr:`writable_lens` as Python ints."""
+        return self._list(6)
 
     def __len__(self) -> int:
-        return int(self.heads.shape[0])
+        if self._lists is not None:
+            return len(self._lists[0])
+        return int(self._array(0).shape[0])
 
     @property
     def simple(self) -> bool:
         """Whether every chain is one descriptor (the vectorized fast path)."""
+        if self._lists is not None:
+            return len(self._lists[2]) == len(self._lists[0])
         return bool(self.addrs.shape[0] == self.heads.shape[0])
 
     @property
@@ -864,19 +1173,20 @@ class Batch:
 
     def chain(self, i: int) -> tuple[Segment, ...]:
         """Segments of chain ``i`` (readable ones first)."""
-        lo, hi = int(self.starts[i]), int(self.starts[i + 1])
+        starts = self._list(1)
+        lo, hi = starts[i], starts[i + 1]
         return tuple(
-            Segment(int(a), int(n), bool(f & VRING_DESC_F_WRITE))
+            Segment(a, n, bool(f & VRING_DESC_F_WRITE))
             for a, n, f in zip(
-                self.addrs[lo:hi].tolist(),
-                self.lens[lo:hi].tolist(),
-                self.flags[lo:hi].tolist(),
-                strict=True,
+                self._list(2)[lo:hi], self._list(3)[lo:hi], self._list(4)[lo:hi], strict=True
             )
         )
 
     def chains(self) -> list[tuple[Segment, ...]]:
         return [self.chain(i) for i in range(len(self))]
+
+    def __repr__(self) -> str:
+        return f"Batch(heads={self.head_list}, starts={self._list(1)})"
 
 
 def _batch(
@@ -904,9 +1214,48 @@ def _batch(
     )
 
 
-def _empty_batch() -> Batch:
+def _windows(slot: U8Array, take: int) -> U8Array:
+    """Every ``take``-byte window of ``slot`` as the rows of one strided view -- what
+    ``sliding_window_view`` makes, without its per-call cost; writable iff ``slot`` is."""
+    view: U8Array = np.ndarray(
+        (slot.shape[0] - take + 1, take), dtype=np.uint8, buffer=slot, strides=(1, 1)
+    )
+    return view
+
+
+def _simple_batch(
+    heads: I64Array, addrs: npt.NDArray[Any], lens: npt.NDArray[Any], wflags: npt.NDArray[Any]
+) -> Batch:
+    """:func:`_batch` for single-descriptor chains (``wflags``: each one's WRITE bit)."""
+    lens64 = lens.astype(np.int64)
+    wcap = lens64 * (wflags != 0)
+    return Batch(
+        heads=heads.astype(np.uint16),
+        starts=np.arange(heads.shape[0] + 1, dtype=np.int64),
+        addrs=addrs.astype(np.uint64),
+        lens=lens.astype(np.uint32),
+        flags=wflags.astype(np.uint16),
+        readable_lens=lens64 - wcap,
+        writable_lens=wcap,
+    )
+
+
+def _make_empty_batch() -> Batch:
     z = np.zeros(0, dtype=np.int64)
-    return _batch(z, np.zeros(1, dtype=np.int64), z, z, np.zeros(0, dtype=np.bool_))
+    batch = _batch(z, np.zeros(1, dtype=np.int64), z, z, np.zeros(0, dtype=np.bool_))
+    for arr in (batch.heads, batch.starts, batch.addrs, batch.lens, batch.flags,
+                batch.readable_lens, batch.writable_lens):
+        arr.flags.writeable = False
+    return batch
+
+
+_EMPTY_BATCH: Final = _make_empty_batch()
+
+
+def _empty_batch() -> Batch:
+    """The empty batch: one shared read-only instance (an empty pass is the common case of
+    every poll and building one costs a dozen numpy calls)."""
+    return _EMPTY_BATCH
 
 
 class _SlotTable(NamedTuple):
@@ -915,6 +1264,8 @@ class _SlotTable(NamedTuple):
     writable: BoolArray
     gpas: list[int]
     sizes: list[int]
+    last_list: list[int]  # ``lasts`` and ``writable`` as Python values, for the scalar paths
+    writable_list: list[bool]
 
 
 class DeviceRing:
@@ -973,8 +1324,12 @@ class DeviceRing:
             _check_int(avail_gpa, "avail_gpa", 0, (1 << 64) - 1),
             _check_int(used_gpa, "used_gpa", 0, (1 << 64) - 1),
         )
-        self._in_flight: BoolArray = np.zeros(qsize, dtype=np.bool_)
-        self._wcap: I64Array = np.zeros(qsize, dtype=np.int64)
+        # Private bookkeeping, each as a numpy array and a memoryview over the same bytes.
+        self._in_flight, self._in_flight_mv = _private_array(qsize, np.bool_, "B")
+        self._wcap, self._wcap_mv = _private_array(qsize, np.int64, "q")
+        self._scalar_max = SCALAR_MAX if _NATIVE_LE else 0
+        self._slots_seen: list[Any] = []  # the memory map's slots _slot_table was built for
+        self._slots_table: _SlotTable | None = None
         self._num_in_flight = 0
         self._last_avail = 0
         self._next_used = 0
@@ -1044,6 +1399,14 @@ class DeviceRing:
         self._used_id = used_ring["id"]
         self._used_len = used_ring["len"]
         self._avail_event = _field(used, 4 + USED_ELEM_DTYPE.itemsize * q, 1, _LE16)
+        # The same areas for the scalar paths: bytes (descriptors, used elements: struct)
+        # and native u16 (indices, flags, event indices, avail.ring entries; each 2-aligned,
+        # so one untorn access). avail as u16: flags 0, idx 1, ring 2.., used_event 2+Q;
+        # used as u16: flags 0, idx 1, avail_event 2+4Q.
+        self._desc_mv = desc.data  # memoryviews of the arrays' bytes
+        self._avail16 = avail.data.cast("H")
+        self._used_mv = used.data
+        self._used16 = self._used_mv.cast("H")
 
     def _reset_state(self) -> None:
         start = self._start
@@ -1109,6 +1472,14 @@ class DeviceRing:
         """Whether ``avail.idx`` moved past ``last_avail`` (a cheap poll, validates nothing)."""
         return self._broken is None and int(self._avail_idx[0]) != self._last_avail
 
+    def available(self) -> int:
+        """How many chains ``avail.idx`` is past ``last_avail`` (a cheap poll that validates
+        nothing: a hostile index may say anything, :meth:`pop_batch` checks it); 0 when
+        broken."""
+        if self._broken is not None:
+            return 0
+        return (int(self._avail_idx[0]) - self._last_avail) & INDEX_MASK
+
     # ------------------------------------------------------------------ taking requests
 
     def pop_batch(self, max_n: int | None = None, max_descriptors: int | None = None) -> Batch:
@@ -1145,38 +1516,201 @@ class DeviceRing:
         k = min(n, limit)
         if k == 0:
             return _empty_batch()
+        if k <= self._scalar_max:
+            return self._pop_scalar(k, budget)
         # load->load: avail.idx was read before the ring entries it publishes; x86 does not
-        # reorder loads with loads. Fancy indexing copies each entry once.
-        pos = (self._last_avail + np.arange(k)) & self._mask
-        heads = self._avail_ring[pos].astype(np.int64)
-        if bool((heads >= self._q).any()):
+        # reorder loads with loads. astype / fancy indexing copy each entry once.
+        first = self._last_avail & self._mask
+        if first + k <= self._q:
+            heads = self._avail_ring[first : first + k].astype(np.int64)
+        else:
+            heads = self._avail_ring[(first + np.arange(k)) & self._mask].astype(np.int64)
+        if int(heads.max()) >= self._q:
             bad = int(heads[int(np.argmax(heads >= self._q))])
             return self._break(f"head {bad} out of range (queue size {self._q})")
-        if bool(self._in_flight[heads].any()):
-            bad = int(heads[int(np.argmax(self._in_flight[heads]))])
-            return self._break(f"head {bad} made available again while in flight")
-        if np.unique(heads).shape[0] != k:
+        # In flight already, or repeated: each head counted once more on top of what is in
+        # flight, nothing may reach 2 (one pass instead of a sort); the reasons in order.
+        seen = np.bincount(heads, minlength=self._q)
+        seen += self._in_flight
+        if int(seen.max()) > 1:
+            if bool(self._in_flight[heads].any()):
+                bad = int(heads[int(np.argmax(self._in_flight[heads]))])
+                return self._break(f"head {bad} made available again while in flight")
             return self._break("the same head was made available twice")
         # Each head descriptor read exactly once, into a private copy (fancy indexing copies):
         # rewriting it later cannot change what we validate and act on.
         descs = self._desc[heads]
         dflags = descs["flags"]
+        ored = int(np.bitwise_or.reduce(dflags))
         try:
-            if not bool((dflags & _WRITE_OR_CONTINUE).any()):
+            if not ored & _WRITE_OR_CONTINUE:
                 taken = k
-                starts = np.arange(k + 1, dtype=np.int64)
                 addrs = descs["addr"]
                 lens = descs["len"]
-                writable = (dflags & VRING_DESC_F_WRITE) != 0
+                wflags = dflags & VRING_DESC_F_WRITE
+                if not self._simple_ok(addrs, lens, bool(ored & VRING_DESC_F_WRITE)):
+                    # The full check is the reference: it raises with the exact reason.
+                    self._check_buffers(addrs, lens, wflags != 0, np.arange(k + 1))
+                batch = _simple_batch(heads, addrs, lens, wflags)
+            else:
+                taken, st, a, n_, w = self._walk_chains(heads.tolist(), descs.tolist(), budget)
+                heads = heads[:taken]
+                starts = np.asarray(st, dtype=np.int64)
+                addrs = np.asarray(a, dtype=np.uint64)
+                lens = np.asarray(n_, dtype=np.uint32)
+                writable = np.asarray(w, dtype=np.bool_)
+                self._check_buffers(addrs, lens, writable, starts)
+                batch = _batch(heads, starts, addrs, lens, writable)
+        except _Broken as e:
+            return self._break(str(e))
+        self._in_flight[heads] = True
+        self._wcap[heads] = batch.writable_lens
+        self._took(taken)
+        return batch
+
+    def _simple_ok(self, addrs: U64Array, lens: U32Array, any_writable: bool) -> bool:
+        """A sufficient check for single-descriptor batches, in four reductions: True if
+        every buffer is non-empty, within ``max_buffer_len`` and, together, inside one slot
+        (writable when any buffer is), so :meth:`_check_buffers` would accept them all."""
+        nmin, nmax = int(lens.min()), int(lens.max())
+        if nmin == 0 or nmax > self._max_len:
+            return False
+        lo, hi = int(addrs.min()), int(addrs.max())
+        table = self._slot_table()
+        s = bisect.bisect_right(table.gpas, lo) - 1
+        # Python ints: hi + nmax cannot wrap. Every buffer lies in [lo, hi + nmax).
+        return (
+            s >= 0
+            and hi + nmax - 1 <= table.last_list[s]
+            and (not any_writable or table.writable_list[s])
+        )
+
+    def _pop_scalar(self, k: int, budget: int) -> Batch:
+        """:meth:`pop_batch` of ``k`` (a few) chains with plain ints: the same single read of
+        every entry and descriptor, the same checks in the same order, the same reasons and
+        the same :class:`Batch` as the vectorized path, without numpy's per-call cost."""
+        q, mask, last = self._q, self._mask, self._last_avail
+        ring = self._avail16
+        in_flight = self._in_flight_mv
+        if k == 1:  # the stop-and-wait case, without the loops
+            # load->load: avail.idx was read (by the caller) before the ring entry it
+            # publishes; x86 does not reorder loads with loads. Read once.
+            h = ring[2 + (last & mask)]
+            if h >= q:
+                return self._break(f"head {h} out of range (queue size {q})")
+            if in_flight[h]:
+                return self._break(f"head {h} made available again while in flight")
+            # The head descriptor read exactly once, into a private tuple.
+            desc = _DESC_STRUCT.unpack_from(self._desc_mv, h << 4)
+            if not desc[2] & _WRITE_OR_CONTINUE:
+                batch = self._pop_one(h, desc)
+                if batch is not None:
+                    return batch
+            heads, descs = [h], [desc]
+        else:
+            # load->load as above; each entry read once.
+            heads = [ring[2 + ((last + j) & mask)] for j in range(k)]
+            for h in heads:
+                if h >= q:
+                    return self._break(f"head {h} out of range (queue size {q})")
+            for h in heads:
+                if in_flight[h]:
+                    return self._break(f"head {h} made available again while in flight")
+            if len(set(heads)) != k:
+                return self._break("the same head was made available twice")
+            # Each head descriptor read exactly once, into a private tuple: rewriting it
+            # later cannot change what we validate and act on.
+            unpack, dmv = _DESC_STRUCT.unpack_from, self._desc_mv
+            descs = [unpack(dmv, h << 4) for h in heads]
+        try:
+            if not any(d[2] & _WRITE_OR_CONTINUE for d in descs):
+                taken = k
+                starts = list(range(k + 1))
+                addrs = [d[0] for d in descs]
+                lens = [d[1] for d in descs]
+                writable = [bool(d[2] & VRING_DESC_F_WRITE) for d in descs]
             else:
                 taken, starts, addrs, lens, writable = self._walk_chains(heads, descs, budget)
                 heads = heads[:taken]
-            self._check_buffers(addrs, lens, writable, starts)
+            if not self._buffers_ok(addrs, lens, writable, starts):
+                # The vectorized check is the reference: it raises with the exact reason.
+                self._check_buffers(
+                    np.array(addrs, dtype=np.uint64),
+                    np.array(lens, dtype=np.uint32),
+                    np.array(writable, dtype=np.bool_),
+                    np.array(starts, dtype=np.int64),
+                )
         except _Broken as e:
             return self._break(str(e))
-        batch = _batch(heads, starts, addrs, lens, writable)
-        self._in_flight[heads] = True
-        self._wcap[heads] = batch.writable_lens
+        readable_lens: list[int] = []
+        writable_lens: list[int] = []
+        for c in range(taken):
+            r = wl = 0
+            for j in range(starts[c], starts[c + 1]):
+                if writable[j]:
+                    wl += lens[j]
+                else:
+                    r += lens[j]
+            readable_lens.append(r)
+            writable_lens.append(wl)
+        batch = Batch._of_lists(
+            heads,
+            starts,
+            addrs,
+            lens,
+            [VRING_DESC_F_WRITE if w else 0 for w in writable],
+            readable_lens,
+            writable_lens,
+        )
+        wcap = self._wcap_mv
+        for h, wl in zip(heads, writable_lens, strict=True):
+            in_flight[h] = 1
+            wcap[h] = wl
+        self._took(taken)
+        return batch
+
+    def _pop_one(self, head: int, desc: tuple[int, int, int, int]) -> Batch | None:
+        """Take one single-descriptor chain whose buffer passes :meth:`_buffers_ok`'s
+        checks; ``None`` (nothing taken) if it does not -- the caller then goes the general
+        way, which finds the reason."""
+        addr, length, flags, _ = desc
+        w = flags & VRING_DESC_F_WRITE
+        if not 0 < length <= self._max_len or addr + length > 1 << 64:
+            return None
+        table = self._slot_table()
+        s = bisect.bisect_right(table.gpas, addr) - 1
+        if s < 0 or addr + length - 1 > table.last_list[s] or (w and not table.writable_list[s]):
+            return None
+        cap = length if w else 0
+        self._in_flight_mv[head] = 1
+        self._wcap_mv[head] = cap
+        self._took(1)
+        return Batch._of_lists([head], [0, 1], [addr], [length], [w], [length - cap], [cap])
+
+    def _buffers_ok(
+        self, addrs: list[int], lens: list[int], writable: list[bool], starts: list[int]
+    ) -> bool:
+        """The scalar paths' buffer check: True iff :meth:`_check_buffers` would accept the
+        same segments (non-zero, within ``max_buffer_len``, no 2**64 overflow, inside one
+        slot, writable ones in writable memory, no readable after a writable in a chain)."""
+        table = self._slot_table()
+        gpas, lasts, wr = table.gpas, table.last_list, table.writable_list
+        max_len, chain_heads = self._max_len, set(starts)
+        prev_w = False
+        for j, (addr, length, w) in enumerate(zip(addrs, lens, writable, strict=True)):
+            if j in chain_heads:
+                prev_w = False
+            if not 0 < length <= max_len or addr + length > 1 << 64 or (prev_w and not w):
+                return False
+            s = bisect.bisect_right(gpas, addr) - 1
+            if s < 0 or addr + length - 1 > lasts[s] or (w and not wr[s]):
+                return False
+            prev_w = w
+        return True
+
+    def _took(self, taken: int) -> None:
+        """Count ``taken`` chains as in flight, advance ``last_avail``, refresh
+        ``avail_event``."""
         self._num_in_flight += taken
         self._last_avail = (self._last_avail + taken) & INDEX_MASK
         if self._event_idx:
@@ -1189,31 +1723,25 @@ class DeviceRing:
             else:
                 # One behind: notifications stay off. Staleness only risks a spurious kick.
                 self._avail_event[0] = (self._last_avail - 1) & INDEX_MASK
-        return batch
 
     def _walk_chains(
-        self, heads: I64Array, descs: npt.NDArray[Any], budget: int
-    ) -> tuple[int, I64Array, U64Array, U32Array, BoolArray]:
-        """Follow each chain (bounded); stop taking chains once ``budget`` is spent."""
+        self, heads: list[int], descs: list[tuple[int, int, int, int]], budget: int
+    ) -> tuple[int, list[int], list[int], list[int], list[bool]]:
+        """Follow each chain (bounded); stop taking chains once ``budget`` is spent.
+        ``descs`` are the private copies of the head descriptors."""
         a: list[int] = []
         n: list[int] = []
         w: list[bool] = []
         starts = [0]
         spent = 0
         taken = 0
-        for i, head in enumerate(heads.tolist()):
+        for head, first in zip(heads, descs, strict=True):
             if taken and spent >= budget:
                 break
-            spent += self._walk_chain(head, descs[i].item(), a, n, w)
+            spent += self._walk_chain(head, first, a, n, w)
             starts.append(len(a))
             taken += 1
-        return (
-            taken,
-            np.asarray(starts, dtype=np.int64),
-            np.asarray(a, dtype=np.uint64),
-            np.asarray(n, dtype=np.uint32),
-            np.asarray(w, dtype=np.bool_),
-        )
+        return taken, starts, a, n, w
 
     def _walk_chain(
         self,
@@ -1246,8 +1774,8 @@ class DeviceRing:
                 raise _Broken(f"chain {head}: longer than the queue size {q}")
             visited.add(nxt)
             idx = nxt
-            # Read once into a private tuple: .item() copies every field out of guest memory.
-            addr, length, flags, nxt = self._desc[idx].item()
+            # Read once into a private tuple: unpacking copies every field out of guest memory.
+            addr, length, flags, nxt = _DESC_STRUCT.unpack_from(self._desc_mv, idx << 4)
             if flags & VRING_DESC_F_INDIRECT:
                 raise _Broken(f"chain {head}: indirect descriptor {idx} is not the chain head")
 
@@ -1292,17 +1820,32 @@ class DeviceRing:
             i = d_next
 
     def _slot_table(self) -> _SlotTable:
+        """The memory map's slots as arrays and lists, rebuilt only when the map changed.
+
+        A map change (add or remove) makes new :class:`~shared.memory.MemorySlot` objects, so
+        comparing the slots by identity detects it; building the table costs a dozen numpy
+        calls and a translate per slot, too much to repeat on every pass.
+        """
         slots = self._mem.slots()
-        return _SlotTable(
+        seen = self._slots_seen
+        if (
+            self._slots_table is not None
+            and len(slots) == len(seen)
+            and all(a is b for a, b in zip(slots, seen, strict=True))
+        ):
+            return self._slots_table
+        writable = [bool(self._mem.translate(s.gpa, 0).flags.writeable) for s in slots]
+        table = _SlotTable(
             starts=np.array([s.gpa for s in slots], dtype=np.uint64),
             lasts=np.array([s.end - 1 for s in slots], dtype=np.uint64),
-            writable=np.array(
-                [bool(self._mem.translate(s.gpa, 0).flags.writeable) for s in slots],
-                dtype=np.bool_,
-            ),
+            writable=np.array(writable, dtype=np.bool_),
             gpas=[s.gpa for s in slots],
             sizes=[s.size for s in slots],
+            last_list=[s.end - 1 for s in slots],
+            writable_list=writable,
         )
+        self._slots_seen, self._slots_table = slots, table
+        return table
 
     def _locate(self, addrs: U64Array, table: _SlotTable) -> I64Array:
         """Slot index (into ``table``) holding each address, -1 if none."""
@@ -1365,7 +1908,13 @@ class DeviceRing:
     def _check_batch(self, batch: Batch) -> None:
         if not isinstance(batch, Batch):
             raise UsageError(f"expected a Batch, got {batch!r}")
-        if len(batch) and not bool(self._in_flight[batch.heads.astype(np.int64)].all()):
+        nrows = len(batch)
+        if nrows <= self._scalar_max:
+            in_flight = self._in_flight_mv
+            ok = all(in_flight[h] for h in batch.head_list)
+        else:
+            ok = bool(self._in_flight[batch.heads.astype(np.int64)].all())
+        if not ok:
             raise UsageError("batch contains chains that are no longer in flight")
 
     def read_payloads(self, batch: Batch, width: int) -> tuple[U8Array, I64Array]:
@@ -1381,30 +1930,44 @@ class DeviceRing:
         """
         self._check_batch(batch)
         w = _check_int(width, "width", 0, 1 << 40)
-        nothing = (np.zeros((0, w), dtype=np.uint8), np.zeros(0, dtype=np.int64))
         if self._broken is not None:
-            return nothing
+            return np.zeros((0, w), dtype=np.uint8), np.zeros(0, dtype=np.int64)
         nrows = len(batch)
-        out = np.zeros((nrows, w), dtype=np.uint8)
-        copied = np.minimum(batch.readable_lens, w).astype(np.int64)
         try:
-            if batch.simple:
-                rows = np.nonzero(~batch.writable & (copied > 0))[0]
-                for slot, group, offs, take in self._groups(batch.addrs, copied, rows):
-                    windows = sliding_window_view(slot, take)
-                    out[group, :take] = windows[offs]
+            if batch.simple and nrows > self._scalar_max:
+                copied = np.minimum(batch.readable_lens, w).astype(np.int64)
+                rows = np.nonzero(copied > 0)[0]  # a writable buffer has 0 readable bytes
+                groups = self._groups(batch.addrs, copied, rows)
+                if len(groups) == 1 and groups[0][3] == w and rows.shape[0] == nrows:
+                    # Every row full width from one slot: the gather is the result.
+                    slot, _, offs, _ = groups[0]
+                    out = _windows(slot, w)[offs]
+                else:
+                    out = np.zeros((nrows, w), dtype=np.uint8)
+                    for slot, group, offs, take in groups:
+                        out[group, :take] = _windows(slot, take)[offs]
             else:
+                # Chains, and the few rows of a small batch: one slice copy per segment
+                # straight into the row (np.empty: only what is not copied gets zeroed).
+                out = np.empty((nrows, w), dtype=np.uint8)
+                addrs, lens = batch._list(2), batch._list(3)
+                flags, starts = batch._list(4), batch._list(1)
+                got: list[int] = []
                 for i in range(nrows):
                     dst = 0
-                    for seg in batch.chain(i):
-                        if seg.writable or dst >= w:
+                    for j in range(starts[i], starts[i + 1]):
+                        if flags[j] & VRING_DESC_F_WRITE or dst >= w:
                             break
-                        take = min(seg.len, w - dst)
-                        out[i, dst : dst + take] = self._mem.translate(seg.gpa, take)
+                        take = min(lens[j], w - dst)
+                        out[i, dst : dst + take] = self._mem.translate(addrs[j], take)
                         dst += take
+                    if dst < w:
+                        out[i, dst:] = 0
+                    got.append(dst)
+                copied = np.array(got, dtype=np.int64)
         except MemoryAccessError as e:
             self._break(f"guest memory changed under in-flight buffers: {e}")
-            return nothing
+            return np.zeros((0, w), dtype=np.uint8), np.zeros(0, dtype=np.int64)
         return out, copied
 
     def write_payloads(self, batch: Batch, data: U8Array, lens: npt.ArrayLike) -> U32Array:
@@ -1427,6 +1990,9 @@ class DeviceRing:
             or data.shape[0] != nrows
         ):
             raise UsageError(f"data must be a ({nrows}, W) uint8 array")
+        n_l = _small_ints(lens, "lens", self._scalar_max, _I64_MAX) if self._scalar_max else None
+        if n_l is not None and len(n_l) == nrows:
+            return self._write_scalar(batch, data, n_l)
         n = _index_array(lens, "lens")
         if n.shape[0] != nrows:
             raise UsageError(f"{nrows} chains but {n.shape[0]} lengths")
@@ -1442,8 +2008,9 @@ class DeviceRing:
                 for slot, group, offs, take in self._groups(batch.addrs, n, rows):
                     if not slot.flags.writeable:
                         raise MemoryAccessError("a device-writable buffer is in read-only memory")
-                    windows = sliding_window_view(slot, take, writeable=True)
-                    windows[offs] = data[group, :take]
+                    # every row in order: a basic slice of data, no fancy-indexed copy
+                    rows_data = data[:, :take] if group.shape[0] == nrows else data[group, :take]
+                    _windows(slot, take)[offs] = rows_data
             else:
                 for i in range(nrows):
                     src, left = 0, int(n[i])
@@ -1464,6 +2031,101 @@ class DeviceRing:
             return np.zeros(0, dtype=np.uint32)
         return n.astype(np.uint32)
 
+    def _write_scalar(self, batch: Batch, data: U8Array, n: list[int]) -> U32Array:
+        """:meth:`write_payloads` for a few rows with plain ints: the same checks in the same
+        order, one slice copy per segment."""
+        width = data.shape[1]
+        if any(x > width for x in n):
+            raise UsageError(f"a length exceeds the data width {width}")
+        if any(x > c for x, c in zip(n, batch.writable_list, strict=True)):
+            raise UsageError("a length exceeds its chain's device-writable capacity")
+        if self._broken is not None:
+            return np.zeros(0, dtype=np.uint32)
+        addrs, lens = batch._list(2), batch._list(3)
+        flags, starts = batch._list(4), batch._list(1)
+        try:
+            for i, left in enumerate(n):
+                src = 0
+                for j in range(starts[i], starts[i + 1]):
+                    if left == 0:
+                        break
+                    if not flags[j] & VRING_DESC_F_WRITE:
+                        continue
+                    take = min(lens[j], left)
+                    dst = self._mem.translate(addrs[j], take)
+                    if not dst.flags.writeable:
+                        raise MemoryAccessError(f"{addrs[j]:#x} is read-only")
+                    dst[...] = data[i, src : src + take]
+                    src += take
+                    left -= take
+        except MemoryAccessError as e:
+            self._break(f"guest memory changed under in-flight buffers: {e}")
+            return np.zeros(0, dtype=np.uint32)
+        return np.array(n, dtype=np.uint32)
+
+    def copy_payloads(
+        self, batch: Batch, dst: DeviceRing, dst_batch: Batch, width: int
+    ) -> U32Array:
+        """Copy chain ``i``'s device-readable bytes (of ``batch``, taken from this ring)
+        straight into chain ``i``'s device-writable buffers (of ``dst_batch``, taken from
+        ``dst``), for every chain of ``dst_batch``; return the bytes written per chain, the
+        used lengths for ``dst.push_used``.
+
+        What :meth:`read_payloads` then ``dst.write_payloads`` would do with the bytes
+        truncated to ``min(width, destination capacity)``, but with one slice copy per
+        overlapping pair of segments and no staging array. :class:`UsageError` if a batch is
+        not in flight on its ring or ``dst_batch`` has more chains than ``batch``. A buffer
+        no longer in guest memory (the map changed) breaks the ring it belongs to, and an
+        empty array is returned; so does a broken ring.
+        """
+        if not isinstance(dst, DeviceRing):
+            raise UsageError(f"dst must be a DeviceRing, got {dst!r}")
+        self._check_batch(batch)
+        dst._check_batch(dst_batch)
+        w = _check_int(width, "width", 0, 1 << 40)
+        n = len(dst_batch)
+        if n > len(batch):
+            raise UsageError(f"{n} destination chains for {len(batch)} source chains")
+        if self._broken is not None or dst._broken is not None:
+            return np.zeros(0, dtype=np.uint32)
+        s_addr, s_len = batch._list(2), batch._list(3)
+        s_flag, s_start = batch._list(4), batch._list(1)
+        d_addr, d_len = dst_batch._list(2), dst_batch._list(3)
+        d_flag, d_start = dst_batch._list(4), dst_batch._list(1)
+        written: list[int] = []
+        for i in range(n):
+            si, s_end, s_off = s_start[i], s_start[i + 1], 0
+            di, d_end, d_off = d_start[i], d_start[i + 1], 0
+            left, total = w, 0
+            while left and si < s_end and di < d_end and not s_flag[si] & VRING_DESC_F_WRITE:
+                if not d_flag[di] & VRING_DESC_F_WRITE:
+                    di += 1  # a readable buffer at the start of the destination chain
+                    continue
+                take = min(s_len[si] - s_off, d_len[di] - d_off, left)
+                try:
+                    src = self._mem.translate(s_addr[si] + s_off, take)
+                except MemoryAccessError as e:
+                    self._break(f"guest memory changed under in-flight buffers: {e}")
+                    return np.zeros(0, dtype=np.uint32)
+                try:
+                    out = dst._mem.translate(d_addr[di] + d_off, take)
+                    if not out.flags.writeable:
+                        raise MemoryAccessError(f"{d_addr[di] + d_off:#x} is read-only")
+                except MemoryAccessError as e:
+                    dst._break(f"guest memory changed under in-flight buffers: {e}")
+                    return np.zeros(0, dtype=np.uint32)
+                out[...] = src
+                total += take
+                left -= take
+                s_off += take
+                d_off += take
+                if s_off == s_len[si]:
+                    si, s_off = si + 1, 0
+                if d_off == d_len[di]:
+                    di, d_off = di + 1, 0
+            written.append(total)
+        return np.array(written, dtype=np.uint32)
+
     def _groups(
         self, addrs: U64Array, take: I64Array, rows: npt.NDArray[np.intp]
     ) -> list[tuple[U8Array, I64Array, I64Array, int]]:
@@ -1478,6 +2140,16 @@ class DeviceRing:
         table = self._slot_table()
         a = addrs[rows]
         t = take[rows]
+        length = int(t.max())
+        if int(t.min()) == length:
+            # The common case -- one length, every buffer in one slot -- in four reductions.
+            lo, hi = int(a.min()), int(a.max())
+            s = bisect.bisect_right(table.gpas, lo) - 1
+            if s >= 0 and hi + length - 1 <= table.last_list[s]:
+                gpa, size = table.gpas[s], table.sizes[s]
+                offs = (a - np.uint64(gpa)).astype(np.int64)
+                slot = self._mem.translate(gpa, size)
+                return [(slot, rows.astype(np.int64), offs, length)]
         si = self._locate(a, table)
         groups: list[tuple[U8Array, I64Array, I64Array, int]] = []
         if bool((si < 0).any()):
@@ -1509,6 +2181,11 @@ class DeviceRing:
         in flight or repeated, or a length exceeds what the chain can hold -- our own bug.
         A broken ring writes nothing and returns ``False``.
         """
+        if self._scalar_max:
+            i_l = _small_ints(ids, "ids", self._scalar_max, _I64_MAX)
+            n_l = _small_ints(lens, "lens", self._scalar_max, _I64_MAX) if i_l is not None else None
+            if i_l is not None and n_l is not None and len(i_l) == len(n_l):
+                return self._push_scalar(i_l, n_l)
         i = _index_array(ids, "ids")
         n = _index_array(lens, "lens")
         if i.shape != n.shape:
@@ -1516,22 +2193,32 @@ class DeviceRing:
         if self._broken is not None or i.shape[0] == 0:
             return False
         q = self._q
-        if bool((i >= q).any()):
+        if int(i.max()) >= q:
             raise UsageError(f"an id is out of range (queue size {q})")
         if not bool(self._in_flight[i].all()):
             raise UsageError("completing a chain that is not in flight")
-        if np.unique(i).shape[0] != i.shape[0]:
+        # Duplicates: every id is in flight (checked above), so clearing them all removes
+        # exactly len(ids) unless one repeats (cheaper than sorting them); then restore.
+        self._in_flight[i] = False
+        distinct = self._num_in_flight - int(np.count_nonzero(self._in_flight))
+        self._in_flight[i] = True
+        if distinct != i.shape[0]:
             raise UsageError("the same id is completed twice")
         if bool((n > self._wcap[i]).any()):
             raise UsageError("a used length exceeds the chain's device-writable capacity")
-        if bool((n > 0xFFFFFFFF).any()):
+        if int(n.max()) > 0xFFFFFFFF:
             raise UsageError("a used length does not fit the ring's u32 len field")
         count = int(i.shape[0])
         old = self._next_used
         new = (old + count) & INDEX_MASK
-        pos = (old + np.arange(count)) & self._mask
-        self._used_id[pos] = i
-        self._used_len[pos] = n
+        first = old & self._mask
+        if first + count <= q:  # no wrap: slices instead of an index array
+            self._used_id[first : first + count] = i
+            self._used_len[first : first + count] = n
+        else:
+            pos = (first + np.arange(count)) & self._mask
+            self._used_id[pos] = i
+            self._used_len[pos] = n
         # store->store: the used elements above are stored before used.idx; x86 keeps
         # stores in order, so a driver that sees the new index sees the entries.
         self._used_idx[0] = new
@@ -1545,6 +2232,43 @@ class DeviceRing:
         if self._event_idx:
             return need_event(int(self._used_event[0]), new, old)
         return not int(self._avail_flags[0]) & VRING_AVAIL_F_NO_INTERRUPT
+
+    def _push_scalar(self, ids: list[int], lens: list[int]) -> bool:
+        """:meth:`push_used` for a few chains with plain ints: the same checks in the same
+        order, the same writes, the same ordering points."""
+        if self._broken is not None or not ids:
+            return False
+        q = self._q
+        if any(i >= q for i in ids):
+            raise UsageError(f"an id is out of range (queue size {q})")
+        in_flight, wcap = self._in_flight_mv, self._wcap_mv
+        if not all(in_flight[i] for i in ids):
+            raise UsageError("completing a chain that is not in flight")
+        if len(set(ids)) != len(ids):
+            raise UsageError("the same id is completed twice")
+        if any(n > wcap[i] for i, n in zip(ids, lens, strict=True)):
+            raise UsageError("a used length exceeds the chain's device-writable capacity")
+        if any(n > 0xFFFFFFFF for n in lens):
+            raise UsageError("a used length does not fit the ring's u32 len field")
+        count = len(ids)
+        old = self._next_used
+        new = (old + count) & INDEX_MASK
+        pack, mv, mask = _USED_STRUCT.pack_into, self._used_mv, self._mask
+        for j, (i, n) in enumerate(zip(ids, lens, strict=True)):
+            pack(mv, 4 + 8 * ((old + j) & mask), i, n)
+            in_flight[i] = 0
+        # store->store: the used elements above are stored before used.idx; x86 keeps
+        # stores in order, so a driver that sees the new index sees the entries.
+        self._used16[1] = new
+        self._next_used = new
+        self._num_in_flight -= count
+        # store->load: used.idx must be globally visible before we read used_event /
+        # avail.flags. Otherwise the driver may re-enable interrupts and re-read a stale
+        # used.idx while we read its stale "no interrupt": both sleep, a lost wakeup.
+        full_barrier()
+        if self._event_idx:
+            return need_event(self._avail16[2 + q], new, old)
+        return not self._avail16[0] & VRING_AVAIL_F_NO_INTERRUPT
 
     # ------------------------------------------------------------------ notifications
 

@@ -1,15 +1,31 @@
 """The ``echo`` workload: send ``count`` frames of ``size`` bytes through the echo device
 in batches and check that each comes back exactly once, in order, intact. Every frame carries its
-sequence number and a checksum of its payload (written and verified with vectorized
-numpy). The workload keeps the RX queue full, sends as fast as TX buffers free up, and
-halts only when nothing can progress -- re-enabling interrupts first and re-checking the
-rings, so no completion is ever slept through.
+sequence number and a checksum of its payload (:mod:`guestemu.workloads.frames`). The
+workload keeps the RX queue full, sends as fast as TX buffers free up, and halts only when
+nothing can progress -- re-enabling interrupts first and re-checking the rings, so no
+completion is ever slept through.
+
+Two ways to write and verify frames, the same frames either way:
+
+* *vectorized* (many small frames at once): :func:`~guestemu.workloads.frames.stamp` into
+  a staging array copied into the TX buffers, and the received frames copied out of the RX
+  buffers and verified by :func:`~guestemu.workloads.frames.check` (sequence number,
+  length, checksum recomputed over every payload byte);
+* *in place* (a few frames, or large ones): :func:`stamp_row` writes each frame straight
+  into its TX buffer and :func:`check_row` verifies it straight in its RX buffer, before the
+  buffer is reposted: the sequence number, the length, the checksum field, and *every*
+  payload byte compared with the bytes :func:`~guestemu.workloads.frames.stamp` derives from
+  the sequence number -- stricter than recomputing the checksum, and without the staging
+  copies. The payload ``frames.stamp`` derives from a sequence number is the top byte of
+  ``seq * 2654435761 + i`` (u32), which is constant over runs of 2**24 bytes, so a frame is
+  written with one or two fills and compared as 64-bit words.
 """
 
 from __future__ import annotations
 
+import struct
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
@@ -21,6 +37,75 @@ from shared.errors import VbusError
 
 if TYPE_CHECKING:
     from guestemu.guest import GuestAgent
+
+_MULT: Final = 2654435761  # frames.stamp's multiplier
+_RUN: Final = 1 << 24  # the payload byte is the top byte of a u32: constant over 2**24 steps
+_HDR: Final = struct.Struct("<II")  # seq, checksum
+IN_PLACE_MAX_FRAMES: Final = 4
+"""Batches of at most this many frames are written and verified in place (numpy's per-call
+cost makes the vectorized path slower there)."""
+IN_PLACE_MIN_SIZE: Final = 4096
+"""Frames at least this large are always written and verified in place (the staging copies
+and the per-byte checksum would cost more than the frames' own copies)."""
+_SMALL_PAYLOAD: Final = 512  # below this, compare payload bytes as a bytes object
+
+
+def payload_runs(seq: int, length: int) -> list[tuple[int, int, int]]:
+    """The ``length`` payload bytes :func:`~guestemu.workloads.frames.stamp` derives from
+    ``seq``, as runs ``(start, stop, byte)``: byte ``i`` is the top byte of the u32
+    ``seq * 2654435761 + i``."""
+    base = (seq * _MULT) & 0xFFFFFFFF
+    runs = []
+    pos, value, step = 0, base >> 24, _RUN - (base & (_RUN - 1))
+    while pos < length:
+        stop = min(length, pos + step)
+        runs.append((pos, stop, value))
+        pos, value, step = stop, (value + 1) & 0xFF, _RUN
+    return runs
+
+
+def _checksum(runs: list[tuple[int, int, int]]) -> int:
+    return sum(value * (stop - start) for start, stop, value in runs) & 0xFFFFFFFF
+
+
+def stamp_row(row: np.ndarray[Any, Any], seq: int) -> None:
+    """Write frame ``seq`` into ``row`` (a 1-D uint8 buffer of the frame size), byte for byte
+    what :func:`~guestemu.workloads.frames.stamp` writes."""
+    runs = payload_runs(seq, row.shape[0] - HEADER)
+    for start, stop, value in runs:
+        row[HEADER + start:HEADER + stop] = value
+    row[:HEADER] = np.frombuffer(_HDR.pack(seq & 0xFFFFFFFF, _checksum(runs)), np.uint8)
+
+
+def _run_matches(seg: np.ndarray[Any, Any], value: int) -> bool:
+    """Whether every byte of ``seg`` is ``value`` (compared as 64-bit words, then the tail)."""
+    n = seg.shape[0]
+    words = n // 8
+    if words and not bool((seg[:words * 8].view(np.uint64)
+                           == np.uint64(value * 0x0101010101010101)).all()):
+        return False
+    return bool((seg[words * 8:] == value).all())
+
+
+def check_row(row: np.ndarray[Any, Any], length: int, seq: int) -> str | None:
+    """Verify frame ``seq`` in ``row`` (``length`` bytes received): the first discrepancy, in
+    :func:`~guestemu.workloads.frames.check`'s words, or None."""
+    size = row.shape[0]
+    got_seq, got_sum = _HDR.unpack(row[:HEADER].tobytes())
+    if got_seq != seq & 0xFFFFFFFF:
+        return f"frame {seq}: got sequence number {got_seq}"
+    if length != size:
+        return f"frame {seq}: {length} bytes, expected {size}"
+    runs = payload_runs(seq, size - HEADER)
+    ok = got_sum == _checksum(runs)
+    if ok and size - HEADER < _SMALL_PAYLOAD:
+        ok = row[HEADER:].tobytes() == b"".join(bytes((v,)) * (b - a) for a, b, v in runs)
+    elif ok:
+        ok = all(_run_matches(row[HEADER + a:HEADER + b], v) for a, b, v in runs)
+    if not ok:
+        return f"frame {seq}: checksum mismatch (payload corrupted)"
+    return None
+
 
 class EchoSession:
     """An echo device brought up by the driver, and frames pushed through it."""
@@ -45,6 +130,7 @@ class EchoSession:
         self.tx, self.rx, self.tx_pool, self.rx_pool = q.tx, q.rx, q.tx_pool, q.rx_pool
         self.sent = self.received = 0
         self.elapsed = 0.0
+        self._error: str | None = None
 
     def transfer(self, count: int, timeout: float = 60.0) -> str | None:
         """Send ``count`` more frames and receive them back; the first discrepancy or None."""
@@ -54,23 +140,37 @@ class EchoSession:
         start = time.monotonic()
         deadline = start + timeout
         sent_at = time.perf_counter()
+        big = self.size >= IN_PLACE_MIN_SIZE
         while self.received < goal and error is None:
             progressed = False
             n = min(self.batch, goal - self.sent, q.tx_room(),
                     self.window - (self.sent - self.received))
             if n > 0:
-                frames = np.zeros((n, self.size), dtype=np.uint8)
-                stamp(frames, np.arange(self.sent, self.sent + n))
-                sent_at = time.perf_counter()
-                q.send(frames)
+                first = self.sent
+                if big or n <= IN_PLACE_MAX_FRAMES:
+                    clock = [0.0]
+
+                    def fill(row: np.ndarray[Any, Any], i: int, first: int = first,
+                             last: int = n - 1, clock: list[float] = clock) -> None:
+                        stamp_row(row, first + i)
+                        if i == last:  # the frames are written: the round trip starts
+                            clock[0] = time.perf_counter()
+
+                    q.send_rows(n, fill)
+                    sent_at = clock[0]
+                else:
+                    frames = np.zeros((n, self.size), dtype=np.uint8)
+                    stamp(frames, np.arange(first, first + n))
+                    sent_at = time.perf_counter()
+                    q.send(frames)
                 self.sent += n
                 progressed = True
-            frames, lens = q.receive()
-            if len(frames):
+            got = self._receive()
+            if got:
                 if self.window == 1:
                     self.rtts.append(time.perf_counter() - sent_at)
-                error = check(frames, lens, self.received)
-                self.received += len(frames)
+                error = self._error
+                self.received += got
                 progressed = True
             if q.broken():
                 error = f"ring broken: {q.broken()}"
@@ -78,6 +178,28 @@ class EchoSession:
                 error = f"timed out: sent {self.sent}, received {self.received} of {goal}"
         self.elapsed += time.monotonic() - start
         return error
+
+    def _receive(self) -> int:
+        """Take and verify what came back; returns how many frames (the first discrepancy,
+        if any, is left in ``self._error``)."""
+        q = self.queues
+        self._error = None
+        if not q.rx.ring.has_used():
+            return 0
+        if self.size >= IN_PLACE_MIN_SIZE:
+            rows, lens, slots = q.receive_rows()
+            for i, row in enumerate(rows):
+                self._error = self._error or check_row(row, lens[i], self.received + i)
+            q.release_rx(slots)  # verified in place: only now may the device reuse them
+            return len(rows)
+        frames, lens_arr = q.receive()
+        if len(frames) <= IN_PLACE_MAX_FRAMES:
+            for i in range(len(frames)):
+                self._error = self._error or check_row(frames[i], int(lens_arr[i]),
+                                                       self.received + i)
+        elif len(frames):
+            self._error = check(frames, lens_arr, self.received)
+        return len(frames)
 
     def move_bar(self) -> int:
         """Reprogram BAR0 to a fresh address; the doorbells follow (ioeventfds rebound)."""

@@ -8,8 +8,15 @@ acknowledged frame, and a device process that dies holding copies loses nothing
 acknowledged -- its restarted successor resumes TX at the used index and takes those
 buffers again (the guest drops a reply it already has). Copies wait in a bounded backlog
 until RX buffers are available; when it is full the device stops taking TX buffers --
-back-pressure, never loss. A device reset drops the backlog. Batches take the ring's
-vectorized path.
+back-pressure, never loss. A device reset drops the backlog.
+
+When nothing waits in the backlog and RX buffers are posted, a pass takes at most as many TX
+buffers as there are RX buffers and delivers them in the same pass: a few frames, or large
+ones, are copied straight from each TX buffer into its RX buffer
+(:meth:`~shared.ring.DeviceRing.copy_payloads`: one copy, no staging array); many small
+ones go through one vectorized gather into a staging array and one scatter out of it. With
+the ``busy_poll_us`` option the runtime busy-polls the TX ring after each pass (see
+:attr:`~hostemu.devices.runtime.DeviceRuntime.busy_poll`).
 """
 
 from __future__ import annotations
@@ -19,19 +26,24 @@ from typing import Any
 
 import numpy as np
 
-from hostemu.devices.runtime import BUDGET, DeviceModel, Queue, no_params
+from hostemu.devices.runtime import BUDGET, DeviceModel, DeviceRuntime, Queue, no_params
 from shared import pci_layout as pl
+from shared.errors import ConfigError
+from shared.ring import Batch
 
 TX, RX = 0, 1
 MAX_FRAME = 16 << 20  # the ring's own per-buffer limit
 MAX_PASS_BYTES = 64 << 20  # copy-out memory one pass may use (bounds big-buffer batches)
 MAX_BACKLOG = 4096
+DIRECT_MAX_FRAMES = 16  # batches this small copy TX -> RX directly, frame by frame
+DIRECT_MIN_SIZE = 4096  # and frames this large, whatever the batch
 
 
 class EchoModel(DeviceModel):
     name = "echo"
 
-    def __init__(self) -> None:
+    def __init__(self, busy_poll_ns: int = 0) -> None:
+        self.busy_poll_ns = busy_poll_ns
         # (TX heads, their copies, copied lengths), oldest first; the heads complete on delivery
         self.backlog: deque[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any],
                                   np.ndarray[Any, Any]]] = deque()
@@ -39,6 +51,11 @@ class EchoModel(DeviceModel):
         self._pass_limit = BUDGET
         self.echoed = 0
         self.bytes = 0
+
+    def attach(self, runtime: DeviceRuntime) -> None:
+        super().attach(runtime)
+        if self.busy_poll_ns:  # poll the request queue (TX) only: RX waits on us
+            runtime.busy_poll = {TX: self.busy_poll_ns}
 
     def on_queue(self, q: Queue) -> bool:
         more = False
@@ -59,41 +76,79 @@ class EchoModel(DeviceModel):
         if room <= 0:
             return False
         q.ring.disable_notifications()
-        batch = q.ring.pop_batch(max_n=room)
+        rx = self.runtime.queues.get(RX)
+        # Direct path: nothing waits in the backlog (so order holds) and RX buffers are
+        # posted: take at most as many TX buffers as there are RX buffers and copy each
+        # straight into its RX buffer -- one copy, no staging array.
+        direct = 0
+        if not self.backlog_frames and rx is not None and not rx.ring.broken:
+            direct = min(room, rx.ring.available())
+        batch = q.ring.pop_batch(max_n=direct or room)
         if len(batch) == 0:
             return q.ring.enable_notifications()  # re-check: no lost kick
-        width = int(min(MAX_FRAME, max(1, int(batch.readable_lens.max()))))
+        width = min(MAX_FRAME, max(1, max(batch.readable_list)))
         # next pass: as many buffers of this size as fit the per-pass copy budget
         self._pass_limit = max(1, MAX_PASS_BYTES // width)
+        rx_batch = rx.ring.pop_batch(max_n=len(batch)) if direct and rx is not None else None
+        if (rx is not None and rx_batch is not None and len(rx_batch) == len(batch)
+                and (len(batch) <= DIRECT_MAX_FRAMES or width >= DIRECT_MIN_SIZE)):
+            lens = q.ring.copy_payloads(batch, rx.ring, rx_batch, width)
+            if len(lens) == len(batch):
+                self._delivered(q, batch.head_list, rx, rx_batch.head_list, lens)
+            return True
+        # Staged: many small frames (one vectorized gather and one scatter beat a slice copy
+        # per frame), no RX buffer, or a backlog to keep the order behind.
         data, copied = q.ring.read_payloads(batch, width)
         self.backlog.append((batch.heads, data, copied))
         self.backlog_frames += len(batch)
+        if rx is not None and rx_batch is not None and len(rx_batch):
+            self._deliver(rx, rx_batch)  # these take the copies just made, oldest first
         return True
+
+    def _delivered(self, tx: Queue, tx_heads: np.ndarray[Any, Any] | list[int], rx: Queue,
+                   rx_heads: np.ndarray[Any, Any] | list[int],
+                   lens: np.ndarray[Any, Any]) -> None:
+        """Complete RX buffers ``rx_heads`` with ``lens`` bytes, then -- delivered -- the TX
+        buffers whose copies they hold."""
+        n = len(rx_heads)
+        self.runtime.complete(rx, rx_heads, lens)
+        if not tx.ring.broken:
+            self.runtime.complete(tx, tx_heads, [0] * n if n <= 8 else np.zeros(n, np.uint32))
+        self.echoed += n
+        self.bytes += int(lens.sum()) if n > 8 else sum(lens.tolist())
 
     def _fill_rx(self, q: Queue) -> bool:
         if not self.backlog_frames:
             return False
-        heads, data, copied = self.backlog[0]
-        batch = q.ring.pop_batch(max_n=min(BUDGET, len(copied)))
+        batch = q.ring.pop_batch(max_n=min(BUDGET, len(self.backlog[0][2])))
         if len(batch) == 0:
             q.ring.enable_notifications()
             return False
+        self._deliver(q, batch)
+        return bool(self.backlog_frames)
+
+    def _deliver(self, q: Queue, batch: Batch) -> None:
+        """Fill RX ``batch`` (at most as many buffers as the backlog's first entry holds)
+        from the backlog, oldest copies first."""
+        heads, data, copied = self.backlog[0]
         n = len(batch)
         # truncated to the RX buffer's size (a guest may post small ones)
         lens = q.ring.write_payloads(batch, data[:n], np.minimum(copied[:n], batch.writable_lens))
-        self.runtime.complete(q, batch.heads, lens)
-        # Delivered: only now acknowledge the TX buffers (after the RX used entries).
+        if len(lens) != n:
+            return  # the write broke RX (reported by the runtime): the copies stay queued
         tx = self.runtime.queues.get(TX)
-        if tx is not None and not tx.ring.broken:
-            self.runtime.complete(tx, heads[:n], np.zeros(n, dtype=np.uint32))
-        self.echoed += n
-        self.bytes += int(np.sum(lens))
+        if tx is not None:
+            # Delivered: only now acknowledge the TX buffers (after the RX used entries).
+            self._delivered(tx, heads[:n], q, batch.heads, lens)
+        else:
+            self.runtime.complete(q, batch.heads, lens)
+            self.echoed += n
+            self.bytes += int(np.sum(lens))
         if n == len(copied):
             self.backlog.popleft()
         else:
             self.backlog[0] = (heads[n:], data[n:], copied[n:])
         self.backlog_frames -= n
-        return bool(self.backlog_frames)
 
     def on_reset(self) -> None:
         self.backlog.clear()
@@ -108,6 +163,16 @@ QUEUES = 2
 VECTORS = 2
 
 
+MAX_BUSY_POLL_US = 1_000_000
+
+
 def make_model(params: dict[str, Any]) -> DeviceModel:
-    no_params("echo", params)
-    return EchoModel()
+    """Options: ``busy_poll_us`` (default 0): the TX queue's busy-polling window
+    (:attr:`~hostemu.devices.runtime.DeviceRuntime.busy_poll`); nothing else."""
+    options = dict(params)
+    busy = options.pop("busy_poll_us", 0)
+    no_params("echo", options)
+    if isinstance(busy, bool) or not isinstance(busy, int) or not 0 <= busy <= MAX_BUSY_POLL_US:
+        raise ConfigError(f"echo: busy_poll_us must be an integer in 0..{MAX_BUSY_POLL_US}, "
+                          f"got {busy!r}")
+    return EchoModel(busy_poll_ns=busy * 1000)

@@ -28,7 +28,9 @@ import functools
 import json
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from hostemu.device import DeviceAgent
@@ -197,14 +199,79 @@ class DeviceRuntime(DeviceAgent):
         q = self.queues.get(queue)
         if q is None or q.ring.broken:
             return
+        before = q.ring.last_avail
         more = self.model.on_queue(q)
         # A handler may break another queue's ring too (echo fills RX from its TX handler):
         # report every broken queue, or one found broken there would never be reported.
-        for other in list(self.queues.values()):
-            if other.ring.broken:
+        for other in list(self.queues.values()):  # a report may reconfigure the queues
+            if other.ring.broken and not other.reported_broken:
                 self.report_broken(other)
-        if more and not q.ring.broken:
+        if q.ring.broken:
+            return
+        if self.loop.spinning((self, queue)) and q.ring.notifications_enabled:
+            # The model re-enabled kicks (it found the ring empty), but the busy loop still
+            # polls the ring: keep them off, or the guest pays a doorbell per request.
+            q.ring.disable_notifications()
+        if more:
             self.schedule(queue)
+        elif (queue in self.busy_poll and not self.loop.spinning((self, queue))
+              and not (q.ring.last_avail == before and q.ring.has_available())):
+            # (not when the model left requests untaken: it waits for something else --
+            # back-pressure -- and polling would only spin on them)
+            self._start_busy_poll(q, self.busy_poll[queue])
+
+    # ------------------------------------------------------------------ busy polling
+
+    busy_poll: Mapping[int, int] = MappingProxyType({})
+    """Queue -> busy-polling window in ns: vhost's busyloop (``busyloop_timeout``). After a
+    pass, keep polling that queue's available ring this long with its kicks disabled -- the
+    guest saves the doorbell and we save the wakeup -- then re-enable kicks, re-check and
+    sleep. Each new request restarts the window. Empty by default (never poll); a model
+    sets it from its options."""
+    BUSY_SLICE_NS = 20_000
+    """Longest stretch the busy loop spins before the event loop polls its fds once (the stop
+    eventfd, the control pipe, the channel, other queues' kicks, timers)."""
+
+    def _start_busy_poll(self, q: Queue, window_ns: int) -> None:
+        q.ring.disable_notifications()
+        deadline = [time.monotonic_ns() + window_ns]
+        self.counters["busy_polls"] += 1
+        self.loop.spin((self, q.index),
+                       functools.partial(self._busy_poll, q, window_ns, deadline))
+
+    def _busy_poll(self, q: Queue, window_ns: int, deadline: list[int]) -> bool:
+        """One slice (at most :attr:`BUSY_SLICE_NS`) of the busy loop; False once it is over
+        (kicks re-enabled)."""
+        ring = q.ring
+        if self.queues.get(q.index) is not q or ring.broken:
+            return False  # reconfigured or broken meanwhile: a new ring starts with kicks on
+        clock = time.monotonic_ns
+        now = clock()
+        slice_end = now + self.BUSY_SLICE_NS
+        if self.loop.cpu_contended:
+            # Another task wanted this CPU (the loop's yield between slices took long):
+            # stop polling and sleep, as vhost does on need_resched().
+            self.counters["busy_polls_contended"] += 1
+            deadline[0] = now
+        while now < slice_end:
+            if ring.has_available():
+                before = ring.last_avail
+                self._run_queue(q.index)
+                if self.queues.get(q.index) is not q or ring.broken:
+                    return False
+                if ring.last_avail == before:
+                    break  # nothing taken (back-pressure): stop polling, see below
+                self.counters["busy_poll_hits"] += 1
+                deadline[0] = clock() + window_ns  # new requests: the window restarts
+            now = clock()
+            if now >= deadline[0]:
+                break
+        else:
+            return True  # the slice is over, the window is not: spin again after a poll
+        # Over: kicks back on, then re-check (no lost kick) before sleeping.
+        if ring.enable_notifications():
+            self.schedule(q.index)
+        return False
 
     def complete(self, q: Queue, ids: Any, lens: Any) -> None:
         """Return chains to the driver; interrupt it only if it asked to be."""

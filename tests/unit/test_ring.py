@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared import ring as ring_module
 from shared.errors import UsageError
 from shared.memory import GuestMemoryMap, SharedRegion
 from shared.ring import (
@@ -39,6 +40,20 @@ from shared.ring import (
     need_event,
     valid_queue_size,
 )
+
+
+@pytest.fixture(autouse=True, scope="module", params=["scalar", "vectorized"])
+def ring_paths(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs twice: with the scalar paths for small batches (the default) and with
+    the vectorized paths only (the reference; see tests/unit/test_ring_scalar.py)."""
+    saved = ring_module.SCALAR_MAX, ring_module.DRIVER_SCALAR_MAX
+    if request.param == "vectorized":  # both are read by every ring constructor
+        ring_module.SCALAR_MAX = ring_module.DRIVER_SCALAR_MAX = 0  # type: ignore[misc]
+    try:
+        yield request.param
+    finally:
+        ring_module.SCALAR_MAX, ring_module.DRIVER_SCALAR_MAX = saved  # type: ignore[misc]
+
 
 # Guest-physical map used by most tests:
 #   slot 0  RAM   [0x000000, 0x100000)   rings at RING_A / RING_B, buffers above BUF
