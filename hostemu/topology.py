@@ -10,6 +10,7 @@ VMM's own :class:`~hostemu.vmm.VmSpec`; :func:`to_vmm_spec` turns it into the JS
     name = "a"                          # [A-Za-z0-9][A-Za-z0-9_-]*, at most 32 characters
     memory_mib = 16                     # 1..4096, default 16
     gsis = 32                           # interrupt lines, default 32
+    cpus = [0]                          # CPUs the guest process may run on (default: any)
     workload = { name = "echo", count = 2000 }   # every key but `name` is a parameter
     [[vm.device]]
     name = "echo0"
@@ -17,6 +18,7 @@ VMM's own :class:`~hostemu.vmm.VmSpec`; :func:`to_vmm_spec` turns it into the JS
     params = { }                        # the model's options (optional)
     queue_size_max = 256                # optional
     restarts = 0                        # times the VMM restarts it if it dies (default 0)
+    cpus = [1]                          # CPUs the device process may run on (default: any)
 
     [[switch]]
     name = "sw0"
@@ -87,8 +89,9 @@ PATH_KEYS: Final = frozenset({"image", "path"})
 PATH_SUFFIX: Final = "_path"
 
 TOP_KEYS: Final = frozenset({"policy", "vm", "switch"})
-VM_KEYS: Final = frozenset({"name", "memory_mib", "gsis", "workload", "device"})
-DEVICE_KEYS: Final = frozenset({"name", "model", "params", "queue_size_max", "restarts"})
+VM_KEYS: Final = frozenset({"name", "memory_mib", "gsis", "workload", "device", "cpus"})
+DEVICE_KEYS: Final = frozenset({"name", "model", "params", "queue_size_max", "restarts",
+                                "cpus"})
 MAX_RESTARTS: Final = 1_000_000
 SWITCH_KEYS: Final = frozenset({"name", "model", "ports"})
 _NOT_MODELS: Final = frozenset({"runtime", "__main__"})
@@ -260,6 +263,21 @@ class _Checker:
         self.fail(path, f"must be an integer {lo}..{hi}, got {_kind(value)} {value!r}")
         return None
 
+    def want_cpus(self, value: object, path: str) -> tuple[int, ...]:
+        """A list of CPUs this machine lets us use (checked here, where the file is read:
+        a topology written for a bigger machine fails before anything starts)."""
+        usable = sorted(os.sched_getaffinity(0))
+        if (isinstance(value, list) and value
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            if set(value) <= set(usable):
+                return tuple(value)
+            self.fail(path, f"CPUs {sorted(set(value) - set(usable))} are not usable here "
+                      f"(usable: {usable})")
+        else:
+            self.fail(path, f"must be a non-empty list of CPU numbers, got {_kind(value)} "
+                      f"{value!r}")
+        return ()
+
     def want_name(self, table: dict[str, Any], path: str) -> str | None:
         if "name" not in table:
             self.fail(_join(path, "name"), "missing (every entry needs a name)")
@@ -293,6 +311,7 @@ class _Device:
     queue_size_max: int | None
     module: ModuleType | None = None
     restarts: int = 0
+    cpus: tuple[int, ...] = ()
 
 
 @dataclass
@@ -303,6 +322,7 @@ class _Vm:
     gsis: int | None
     workload: WorkloadSpec | None
     devices: list[_Device]
+    cpus: tuple[int, ...] = ()
 
 
 def _is_path_key(key: str, module: ModuleType | None) -> bool:
@@ -343,9 +363,10 @@ def _parse_device(c: _Checker, raw: dict[str, Any], path: str) -> _Device | None
             c.fail(f"{path}.queue_size_max",
                    f"must be a power of two 1..32768, got {_kind(v)} {v!r}")
     restarts = c.want_int(raw.get("restarts", 0), f"{path}.restarts", 0, MAX_RESTARTS)
+    cpus = c.want_cpus(raw["cpus"], f"{path}.cpus") if "cpus" in raw else ()
     if name is None:
         return None
-    return _Device(path, name, model, params, qmax, restarts=restarts or 0)
+    return _Device(path, name, model, params, qmax, restarts=restarts or 0, cpus=cpus)
 
 
 def _parse_workload(c: _Checker, raw: object, path: str) -> WorkloadSpec | None:
@@ -399,7 +420,8 @@ def _parse_vm(c: _Checker, raw: dict[str, Any], path: str) -> _Vm:
             continue
         seen[dev.name] = dev.path
         devices.append(dev)
-    return _Vm(path, name, memory or DEFAULT_MEMORY_MIB, gsis, workload, devices)
+    cpus = c.want_cpus(raw["cpus"], f"{path}.cpus") if "cpus" in raw else ()
+    return _Vm(path, name, memory or DEFAULT_MEMORY_MIB, gsis, workload, devices, cpus)
 
 
 def _parse_switches(c: _Checker, raw: object, vms: dict[str, _Vm]) -> list[SwitchSpec]:
@@ -542,7 +564,7 @@ def parse(data: dict[str, Any], base_dir: Path | str = ".",
         raise TopologyError(source, c.problems)
     specs = [VmSpec(name=str(vm.name), memory=vm.memory_mib << 20, ngsi=int(vm.gsis or 0),
                     devices=tuple(_device_spec(d) for d in vm.devices),
-                    workload=vm.workload.argv() if vm.workload else ())
+                    workload=vm.workload.argv() if vm.workload else (), cpus=vm.cpus)
              for vm in vms]
     return Topology(specs, policy, switches, {str(vm.name): vm.workload for vm in vms},
                     None)
@@ -551,9 +573,10 @@ def parse(data: dict[str, Any], base_dir: Path | str = ".",
 def _device_spec(dev: _Device) -> DeviceSpec:
     if dev.queue_size_max is None:
         return DeviceSpec(model=str(dev.model), name=dev.name, params=dev.params,
-                          restarts=dev.restarts)
+                          restarts=dev.restarts, cpus=dev.cpus)
     return DeviceSpec(model=str(dev.model), name=dev.name, params=dev.params,
-                      queue_size_max=dev.queue_size_max, restarts=dev.restarts)
+                      queue_size_max=dev.queue_size_max, restarts=dev.restarts,
+                      cpus=dev.cpus)
 
 
 def loads(text: str, base_dir: Path | str = ".", source: str = "<topology>") -> Topology:
@@ -581,9 +604,10 @@ def to_vmm_spec(topology: Topology) -> dict[str, Any]:
     return {
         "vms": [{"name": vm.name, "memory": vm.memory, "ngsi": vm.ngsi,
                  "devices": [{"model": d.model, "name": d.name, "params": d.params,
-                              "queue_size_max": d.queue_size_max, "restarts": d.restarts}
+                              "queue_size_max": d.queue_size_max, "restarts": d.restarts,
+                              "cpus": list(d.cpus)}
                              for d in vm.devices],
-                 "workload": list(vm.workload)}
+                 "workload": list(vm.workload), "cpus": list(vm.cpus)}
                 for vm in topology.vms],
         "switches": [{"name": s.name, "model": s.model, "ports": list(s.ports)}
                      for s in topology.switches],

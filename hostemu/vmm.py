@@ -33,9 +33,11 @@ register write returns, the binding it implied is in place.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -82,6 +84,8 @@ class DeviceSpec:
     restarts: int = 0
     """How many times the VMM restarts this device's process if it dies while its guest
     runs (the new process re-attaches and resumes the queues from the used indices)."""
+    cpus: tuple[int, ...] = ()
+    """CPUs the device process may run on (``sched_setaffinity``); empty: any."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,25 @@ class VmSpec:
     guest_restarts: int = 0
     """How many times the VMM restarts the guest process if it dies before reporting its
     workload's result (the new guest re-attaches, boots and resets its devices)."""
+    cpus: tuple[int, ...] = ()
+    """CPUs the guest process (its vCPU) may run on (``sched_setaffinity``); empty: any.
+    Pinning the guest and its devices to one CPU or to different ones chooses what a
+    wakeup costs (a context switch, or a cross-CPU wakeup), as ``taskset`` would."""
+
+
+def check_cpus(cpus: tuple[int, ...], what: str) -> None:
+    """``ConfigError`` unless ``cpus`` is empty or a set of CPUs this process may use."""
+    usable = os.sched_getaffinity(0)
+    if cpus and not set(cpus) <= usable:
+        raise ConfigError(f"{what}: cpus {list(cpus)} are not all usable here "
+                          f"(usable: {sorted(usable)})")
+
+
+def pin(proc: ManagedProcess, cpus: tuple[int, ...]) -> None:
+    """Restrict a process we started to ``cpus`` (no-op when empty)."""
+    if cpus:
+        with contextlib.suppress(ProcessLookupError):  # already gone: its exit is handled
+            os.sched_setaffinity(proc.pid, cpus)
 
 
 @dataclass(frozen=True)
@@ -188,6 +211,9 @@ class Vmm:
 
     def create_vm(self, spec: VmSpec) -> VmmVm:
         ch = self.channel
+        check_cpus(spec.cpus, f"vm {spec.name}")
+        for dspec in spec.devices:
+            check_cpus(dspec.cpus, f"device {spec.name}/{dspec.name}")
         vm_id = ch.vm_create(spec.ngsi)
         with SharedRegion.create(spec.memory, sealed=spec.memory_sealed) as ram:
             handle = ch.memory_import(ram.fd, spec.memory)
@@ -245,6 +271,7 @@ class Vmm:
                  if any(d.spec.restarts for d in vm.devices.values()) else [])
         vm.guest = spawn_agent("guestemu.guest", self.channel.channel_open(Scope.VM, vm.id),
                                vm.spec.name, *vm.spec.workload, *grace, stderr=self.stderr)
+        pin(vm.guest, vm.spec.cpus)
         return vm.guest
 
     def restart_guest_if_due(self, vm: VmmVm) -> bool:
@@ -271,6 +298,7 @@ class Vmm:
             "hostemu.devices", self.channel.channel_open(Scope.DEVICE, dev.id),
             f"{dev.vm_name}/{dev.spec.name}", dev.spec.model,
             "--params", json.dumps(dev.spec.params), stderr=self.stderr)
+        pin(dev.process, dev.spec.cpus)
         return dev.process
 
     def restart_if_due(self, dev: VmmDevice) -> bool:
@@ -632,13 +660,15 @@ def parse_spec(text: str) -> tuple[list[VmSpec], list[SwitchSpec]]:
                 params["port"] = port_ids[path]
             devices.append(DeviceSpec(d["model"], d["name"], params,
                                       int(d.get("queue_size_max", 256)),
-                                      restarts=int(d.get("restarts", 0))))
+                                      restarts=int(d.get("restarts", 0)),
+                                      cpus=tuple(int(c) for c in d.get("cpus", ()))))
         vms.append(VmSpec(name=v["name"], memory=int(v.get("memory", 16 << 20)),
                           ngsi=int(v.get("ngsi", 32)), devices=tuple(devices),
                           workload=tuple(v.get("workload", [])),
                           memory_sealed=bool(v.get("memory_sealed", True)),
                           device_grace=float(v.get("device_grace", 10.0)),
-                          guest_restarts=int(v.get("guest_restarts", 0))))
+                          guest_restarts=int(v.get("guest_restarts", 0)),
+                          cpus=tuple(int(c) for c in v.get("cpus", ()))))
     return vms, switches
 
 
@@ -651,6 +681,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging("vmm")
     specs, switches = parse_spec(args.spec)
+    try:
+        for spec in specs:  # before anything is created: a bad spec changes nothing
+            check_cpus(spec.cpus, f"vm {spec.name}")
+            for dspec in spec.devices:
+                check_cpus(dspec.cpus, f"device {spec.name}/{dspec.name}")
+    except ConfigError as e:
+        print(f"vbusemu vmm: {e}", file=sys.stderr, flush=True)
+        return 2
     loop = EventLoop()
     loop.install_signal_handlers()
     with Channel.connect(args.socket) as ch:

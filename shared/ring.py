@@ -655,7 +655,7 @@ class DriverRing:
             if a_l is not None and n_l is not None and len(a_l) == len(n_l) and a_l:
                 w_l = _small_bools(device_writable, len(a_l))
                 if w_l is not None:
-                    return self._add_scalar(a_l, n_l, w_l)
+                    return np.array(self._add_scalar(a_l, n_l, w_l), dtype=np.uint16)
         a = _u64_array(addrs, "addrs")
         n_arr = _u64_array(lens, "lens")
         n = int(a.shape[0])
@@ -701,7 +701,17 @@ class DriverRing:
         self._publish(n)
         return heads
 
-    def _add_scalar(self, a: list[int], lens: list[int], wr: list[bool]) -> U16Array:
+    def add_one(self, addr: int, length: int, device_writable: bool = False) -> int:
+        """:meth:`add_batch` of a single buffer -- the hot path of one frame per kick --
+        with the same checks, head, bytes and order; returns the head as an int."""
+        self._check_usable()
+        if (isinstance(addr, bool) or not isinstance(addr, int) or isinstance(length, bool)
+                or not isinstance(length, int) or not 0 <= addr < 1 << 64 or length < 0):
+            raise UsageError(f"addr and length must be non-negative ints below 2**64, got "
+                             f"{addr!r}, {length!r}")
+        return self._add_scalar([addr], [length], [bool(device_writable)])[0]
+
+    def _add_scalar(self, a: list[int], lens: list[int], wr: list[bool]) -> list[int]:
         """:meth:`add_batch` for a few buffers with plain ints: the same checks, heads,
         bytes and order as the vectorized path."""
         n = len(a)
@@ -731,7 +741,7 @@ class DriverRing:
             wcap[h] = length if w else 0
         self._num_in_flight += n
         self._publish(n)  # store->store: entries above, then avail.idx (see _publish)
-        return np.array(heads, dtype=np.uint16)
+        return heads
 
     def add_chain(self, segments: Sequence[tuple[int, int, bool]]) -> int:
         """Post one chain of ``(addr, len, device_writable)`` buffers; return its head.

@@ -31,6 +31,11 @@ def test_bench_quick_writes_results_table_and_targets(tmp_path: Path) -> None:
     workloads = {r["workload"] for r in rows}
     assert {"small-messages", "round-trip", "bulk", "control-plane", "scale",
             "baseline"} <= workloads
+    kinds = {r["params"].get("kind") for r in rows if r["workload"] == "baseline"}
+    assert {"pipe", "queue", "socketpair", "eventfd-pingpong", "numpy-copy"} <= kinds
+    small = [r for r in rows if r["workload"] == "small-messages"]
+    assert small and all(r["params"]["window"] == r2["params"]["window"] for r in small
+                         for r2 in rows if r2["params"].get("kind") == "queue")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["targets"]) == 7
     assert all(isinstance(t["met"], bool) for t in summary["targets"])

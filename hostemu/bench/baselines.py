@@ -8,13 +8,17 @@ children and the clocks are read (``time.perf_counter``) by one child, always th
 
 What each function measures
 ---------------------------
-``small_messages(kind, payload, batch, seconds)`` -> messages per second.
+``small_messages(kind, payload, batch, seconds, window=batch)`` -> messages per second.
     A sender process sends ``payload``-byte ``bytes`` objects, one at a time, to a
-    receiver process; after every ``batch`` messages it waits for one ack from the
-    receiver (a window of ``batch``: 1 is stop-and-wait, 256 is pipelined). It checks the
-    clock once per batch and stops after about ``seconds``, then sends an empty message as
-    the end marker. The *receiver* measures: from just before it sends "go" to the
-    arrival of the end marker, and returns messages received / that time. Kinds:
+    receiver process, which acks every ``batch`` messages; the sender keeps at most
+    ``window`` messages unacknowledged (a multiple of ``batch``): with the default
+    ``window == batch`` it waits for the ack of each batch (1 is stop-and-wait), with a
+    larger one it pipelines -- ``vbusemu bench`` gives every baseline the same window as
+    vbusemu's ring, so a batch means the same thing on both sides: messages per
+    notification. It checks the clock once per batch and stops after about
+    ``seconds``, then sends an empty message as the end marker. The *receiver*
+    measures: from just before it sends "go" to the arrival of the end marker, and
+    returns messages received / that time. Kinds:
 
     * ``"pipe"``: ``a, b = multiprocessing.Pipe()`` (the default, ``duplex=True``, which on
       Linux is an ``AF_UNIX`` ``SOCK_STREAM`` socketpair plus Connection's 4-byte length
@@ -24,10 +28,13 @@ What each function measures
     * ``"socketpair"``: ``socket.socketpair(AF_UNIX, SOCK_SEQPACKET)``, ``send`` /
       ``recv(payload)`` (message boundaries kept by the kernel, no framing in Python).
 
-``round_trip(kind, payload, samples)`` -> ``samples`` round-trip times in seconds.
+``round_trip(kind, payload, samples, cpus=None)`` -> ``samples`` round-trip times in seconds.
     A pinger process times each round trip (send one message, wait for the echo); an
     echo process sends every message straight back. ``_WARMUP`` untimed round trips come
-    first. Kinds:
+    first. Unpinned by default; ``cpus=(a, b)`` pins the pinger to CPU ``a`` and the echo
+    process to ``b`` -- a wakeup then is a context switch (``a == b``) or a cross-CPU
+    wakeup (``a != b``), the two costs an unpinned pair alternates between at the
+    scheduler's whim. Kinds:
 
     * ``"pipe"``: ``multiprocessing.Pipe()``, ``send_bytes`` / ``recv_bytes`` of
       ``payload`` bytes, echoed unchanged.
@@ -233,15 +240,21 @@ def _rate(count: int, elapsed: float, sent: int, what: str) -> float:
 # ---------------------------------------------------------------- small messages
 
 
-def small_messages(kind: str, payload: int, batch: int, seconds: float) -> float:
-    """Messages per second, sender process -> receiver process, one ack per ``batch``.
+def small_messages(kind: str, payload: int, batch: int, seconds: float,
+                   window: int | None = None) -> float:
+    """Messages per second, sender process -> receiver process, one ack per ``batch``,
+    at most ``window`` messages (default: ``batch``) sent and not yet acknowledged.
 
     ``kind`` is ``"pipe"``, ``"queue"`` or ``"socketpair"`` (see the module docstring);
-    ``payload`` is 1..65536 bytes.
+    ``payload`` is 1..65536 bytes; ``window`` is a multiple of ``batch``.
     """
     _check_kind(kind, SMALL_KINDS)
     _check_int("payload", payload, 1, MAX_SMALL_PAYLOAD)
     _check_int("batch", batch, 1)
+    window = batch if window is None else window
+    _check_int("window", window, batch)
+    if window % batch:
+        raise ValueError(f"window must be a multiple of batch ({batch}), got {window}")
     _check_seconds(seconds)
     msg = bytes(payload)
     timeout = seconds + _GRACE
@@ -249,12 +262,15 @@ def small_messages(kind: str, payload: int, batch: int, seconds: float) -> float
     def sender_loop(send: Callable[[bytes], object], wait: Callable[[], object]) -> int:
         wait()  # "go"
         deadline = time.perf_counter() + seconds
-        sent = 0
+        sent = unacked = 0
         while True:
             for _ in range(batch):
                 send(msg)
             sent += batch
-            wait()  # ack
+            unacked += batch
+            while unacked + batch > window:  # no room for another batch: wait for an ack
+                wait()
+                unacked -= batch
             if time.perf_counter() >= deadline:
                 break
         send(_END)
@@ -307,16 +323,28 @@ def small_messages(kind: str, payload: int, batch: int, seconds: float) -> float
 # ---------------------------------------------------------------- round trip
 
 
-def round_trip(kind: str, payload: int, samples: int) -> list[float]:
+def _pin(cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+def round_trip(kind: str, payload: int, samples: int,
+               cpus: tuple[int, int] | None = None) -> list[float]:
     """``samples`` round-trip times in seconds between two processes.
 
     ``kind`` is ``"pipe"``, ``"eventfd"`` or ``"eventfd-poll"`` (the last is extra
     information only; see the module docstring). ``payload`` (>= 1 bytes) is what a
-    pipe message carries; eventfds carry only their 8-byte counter.
+    pipe message carries; eventfds carry only their 8-byte counter. ``cpus``, if given,
+    pins the pinger and the echo process to those CPUs (the same one twice: both share
+    it); by default the kernel places them, as it places any two processes.
     """
     _check_kind(kind, ROUND_TRIP_KINDS)
     _check_int("payload", payload, 1)
     _check_int("samples", samples, 1)
+    allowed = os.sched_getaffinity(0)
+    if cpus is not None and (len(cpus) != 2 or not set(cpus) <= allowed):
+        raise ValueError(f"cpus must be two of the usable CPUs {sorted(allowed)}, got {cpus!r}")
+    pin_pinger, pin_echo = cpus if cpus is not None else (None, None)
     rounds = _WARMUP + samples
     timeout = _GRACE + 0.02 * rounds
     got: object
@@ -325,6 +353,7 @@ def round_trip(kind: str, payload: int, samples: int) -> list[float]:
         a, b = _ctx.Pipe()
 
         def pipe_pinger() -> list[float]:
+            _pin(pin_pinger)
             rtts = []
             for i in range(rounds):
                 t0 = time.perf_counter()
@@ -336,6 +365,7 @@ def round_trip(kind: str, payload: int, samples: int) -> list[float]:
             return rtts
 
         def pipe_echo() -> None:
+            _pin(pin_echo)
             for _ in range(rounds):
                 b.send_bytes(b.recv_bytes())
 
@@ -354,6 +384,7 @@ def round_trip(kind: str, payload: int, samples: int) -> list[float]:
             read: Callable[[int], int] = os.eventfd_read if kind == "eventfd" else _spin_read
 
             def efd_pinger() -> list[float]:
+                _pin(pin_pinger)
                 rtts = []
                 for i in range(rounds):
                     t0 = time.perf_counter()
@@ -365,6 +396,7 @@ def round_trip(kind: str, payload: int, samples: int) -> list[float]:
                 return rtts
 
             def efd_echo() -> None:
+                _pin(pin_echo)
                 for _ in range(rounds):
                     read(ping)
                     os.eventfd_write(pong, 1)

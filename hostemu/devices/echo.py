@@ -17,6 +17,14 @@ ones, are copied straight from each TX buffer into its RX buffer
 ones go through one vectorized gather into a staging array and one scatter out of it. With
 the ``busy_poll_us`` option the runtime busy-polls the TX ring after each pass (see
 :attr:`~hostemu.devices.runtime.DeviceRuntime.busy_poll`).
+
+With the ``sink`` option the device echoes nothing: it is the far end of a one-way
+guest -> host stream (the benchmark's small-message workload). Each pass copies the TX
+buffers' bytes into device memory (one vectorized gather, as a receiving process gets its
+own copy of each message), checks that the frames carry consecutive sequence numbers (the
+first four bytes, little-endian, as :mod:`guestemu.workloads.frames` writes them) and
+completes them at once. A frame out of sequence is counted (``seq_errors``), not fatal:
+payload bytes are the guest's business, not a ring-protocol violation. RX is left alone.
 """
 
 from __future__ import annotations
@@ -42,8 +50,11 @@ DIRECT_MIN_SIZE = 4096  # and frames this large, whatever the batch
 class EchoModel(DeviceModel):
     name = "echo"
 
-    def __init__(self, busy_poll_ns: int = 0) -> None:
+    def __init__(self, busy_poll_ns: int = 0, *, sink: bool = False) -> None:
         self.busy_poll_ns = busy_poll_ns
+        self.sink = sink
+        self.next_seq = 0  # sink: the sequence number the next frame should carry
+        self.seq_errors = 0
         # (TX heads, their copies, copied lengths), oldest first; the heads complete on delivery
         self.backlog: deque[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any],
                                   np.ndarray[Any, Any]]] = deque()
@@ -59,7 +70,9 @@ class EchoModel(DeviceModel):
 
     def on_queue(self, q: Queue) -> bool:
         more = False
-        if q.index == TX:
+        if q.index == TX and self.sink:
+            more = self._sink_tx(q)
+        elif q.index == TX:
             more = self._take_tx(q)
             rx = self.runtime.queues.get(RX)
             if rx is not None and self.backlog_frames:
@@ -103,6 +116,34 @@ class EchoModel(DeviceModel):
         self.backlog_frames += len(batch)
         if rx is not None and rx_batch is not None and len(rx_batch):
             self._deliver(rx, rx_batch)  # these take the copies just made, oldest first
+        return True
+
+    def _sink_tx(self, q: Queue) -> bool:
+        """Sink mode: copy the TX buffers into device memory, check their sequence numbers,
+        complete them."""
+        q.ring.disable_notifications()
+        batch = q.ring.pop_batch(max_n=BUDGET)
+        n = len(batch)
+        if n == 0:
+            return q.ring.enable_notifications()  # re-check: no lost kick
+        width = min(MAX_FRAME, max(1, max(batch.readable_list)))
+        data, copied = q.ring.read_payloads(batch, width)
+        if len(copied) != n:
+            return False  # the read broke the ring (reported by the runtime)
+        first = self.next_seq
+        if width >= 4 and n > 8:
+            seqs = data[:, :4].copy().view("<u4")[:, 0]
+            expected = np.arange(first, first + n, dtype=np.uint64) & 0xFFFFFFFF
+            self.seq_errors += int(np.count_nonzero((seqs != expected) | (copied < 4)))
+        else:
+            for i in range(n):
+                seq = int.from_bytes(data[i, :4].tobytes(), "little") if width >= 4 else -1
+                self.seq_errors += int(copied[i] < 4 or seq != (first + i) & 0xFFFFFFFF)
+        self.next_seq = first + n
+        self.runtime.complete(q, batch.head_list if n <= 8 else batch.heads,
+                              [0] * n if n <= 8 else np.zeros(n, np.uint32))
+        self.echoed += n
+        self.bytes += int(copied.sum())
         return True
 
     def _delivered(self, tx: Queue, tx_heads: np.ndarray[Any, Any] | list[int], rx: Queue,
@@ -153,9 +194,14 @@ class EchoModel(DeviceModel):
     def on_reset(self) -> None:
         self.backlog.clear()
         self.backlog_frames = 0
+        self.next_seq = 0  # a reset guest starts its frames again at 0
 
     def stats(self) -> dict[str, Any]:
-        return {"echoed": self.echoed, "bytes": self.bytes, "backlog": self.backlog_frames}
+        out: dict[str, Any] = {"echoed": self.echoed, "bytes": self.bytes,
+                               "backlog": self.backlog_frames}
+        if self.sink:
+            out.update(sunk=self.echoed, seq_errors=self.seq_errors)
+        return out
 
 
 DEVICE_ID = pl.DEVICE_ECHO
@@ -168,11 +214,15 @@ MAX_BUSY_POLL_US = 1_000_000
 
 def make_model(params: dict[str, Any]) -> DeviceModel:
     """Options: ``busy_poll_us`` (default 0): the TX queue's busy-polling window
-    (:attr:`~hostemu.devices.runtime.DeviceRuntime.busy_poll`); nothing else."""
+    (:attr:`~hostemu.devices.runtime.DeviceRuntime.busy_poll`); ``sink`` (default false):
+    consume TX frames instead of echoing them (see the module docstring); nothing else."""
     options = dict(params)
     busy = options.pop("busy_poll_us", 0)
+    sink = options.pop("sink", False)
     no_params("echo", options)
+    if not isinstance(sink, bool):
+        raise ConfigError(f"echo: sink must be true or false, got {sink!r}")
     if isinstance(busy, bool) or not isinstance(busy, int) or not 0 <= busy <= MAX_BUSY_POLL_US:
         raise ConfigError(f"echo: busy_poll_us must be an integer in 0..{MAX_BUSY_POLL_US}, "
                           f"got {busy!r}")
-    return EchoModel(busy_poll_ns=busy * 1000)
+    return EchoModel(busy_poll_ns=busy * 1000, sink=sink)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -311,6 +312,7 @@ class DeviceRuntime(DeviceAgent):
 
     def device_stats(self) -> dict[str, Any]:
         return {"counters": dict(self.counters), "model": self.model.stats(),
+                "cpus": sorted(os.sched_getaffinity(0)),
                 "queues": {str(i): {"broken": q.ring.broken, "in_flight": q.ring.in_flight}
                            for i, q in self.queues.items()}}
 

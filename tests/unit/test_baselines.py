@@ -7,6 +7,7 @@ Durations are tiny and nothing here asserts on speed.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import pytest
@@ -26,11 +27,31 @@ def test_small_messages(kind: str, batch: int) -> None:
     assert positive_finite(baselines.small_messages(kind, 64, batch, SECONDS))
 
 
+@pytest.mark.parametrize("kind", baselines.SMALL_KINDS)
+@pytest.mark.parametrize("batch", [1, 16])
+def test_small_messages_pipelined(kind: str, batch: int) -> None:
+    """A window wider than the batch: acks per batch, up to 64 messages in flight."""
+    assert positive_finite(baselines.small_messages(kind, 64, batch, SECONDS, window=64))
+
+
 @pytest.mark.parametrize("kind", baselines.ROUND_TRIP_KINDS)
 def test_round_trip(kind: str) -> None:
     rtts = baselines.round_trip(kind, 64, 50)
     assert len(rtts) == 50
     assert all(positive_finite(x) for x in rtts)
+
+
+def _placements() -> list[tuple[int, int]]:
+    cpus = sorted(os.sched_getaffinity(0))
+    return [(cpus[0], cpus[0])] + ([(cpus[0], cpus[1])] if len(cpus) > 1 else [])
+
+
+@pytest.mark.parametrize("cpus", _placements(), ids=lambda c: f"cpus{c[0]}-{c[1]}")
+def test_round_trip_pinned(cpus: tuple[int, int]) -> None:
+    before = os.sched_getaffinity(0)
+    rtts = baselines.round_trip("eventfd", 64, 50, cpus=cpus)
+    assert len(rtts) == 50 and all(positive_finite(x) for x in rtts)
+    assert os.sched_getaffinity(0) == before  # the children pin themselves, not the caller
 
 
 @pytest.mark.parametrize("kind", baselines.BULK_KINDS)
@@ -63,13 +84,18 @@ def test_machine_info() -> None:
     lambda: baselines.round_trip("queue", 64, 10),
     lambda: baselines.round_trip("eventfd", 64, 0),
     lambda: baselines.round_trip("pipe", 0, 10),
+    lambda: baselines.round_trip("eventfd", 64, 10, cpus=(0, 1 << 20)),
+    lambda: baselines.round_trip("eventfd", 64, 10, cpus=(0,)),  # type: ignore[arg-type]
+    lambda: baselines.small_messages("pipe", 64, 16, SECONDS, window=24),
+    lambda: baselines.small_messages("pipe", 64, 16, SECONDS, window=8),
     lambda: baselines.bulk("queue", 1 << 16, SECONDS),
     lambda: baselines.bulk("pipe", 0, SECONDS),
     lambda: baselines.bulk("numpy-copy", 1 << 16, -1.0),
     lambda: baselines.bulk("pipe", True, SECONDS),
 ], ids=["small-kind", "small-kind-eventfd", "small-payload", "small-payload-big",
         "small-batch", "small-seconds", "small-inf", "rtt-kind", "rtt-samples",
-        "rtt-payload", "bulk-kind", "bulk-size", "bulk-seconds", "bulk-bool"])
+        "rtt-payload", "rtt-cpu", "rtt-cpus-one", "small-window-multiple",
+        "small-window-below-batch", "bulk-kind", "bulk-size", "bulk-seconds", "bulk-bool"])
 def test_bad_arguments(call: object) -> None:
     assert callable(call)
     with pytest.raises(ValueError):

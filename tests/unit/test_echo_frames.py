@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from guestemu.workloads.echo import check_row, payload_runs, stamp_row
+from guestemu.workloads.echo import check_row, frame_bytes, payload_runs, stamp_row
 from guestemu.workloads.frames import HEADER, check, stamp
 
 SEQS = [0, 1, 2, 255, 256, 65535, 2**24, 2**31, 2**32 - 1, 2**32, 2**40 + 7]
@@ -71,3 +71,27 @@ def test_payload_runs_cover_the_payload_in_order() -> None:
             assert runs[0][0] == 0 and runs[-1][1] == length
             assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
             assert all(0 <= v <= 255 for _, _, v in runs)
+
+
+@pytest.mark.parametrize("size", [HEADER + 1, 10, 64, 100, 511, 512])
+def test_frame_bytes_are_stamp_row_bytes(size: int) -> None:
+    rng = np.random.default_rng(size + 7)
+    seqs = [*SEQS, *rng.integers(0, 2**32, 64).tolist()]
+    # and every sequence number whose payload steps to the next byte value inside the frame
+    steps = np.arange(1 << 22, dtype=np.uint64)
+    low = (steps * np.uint64(2654435761)) & np.uint64(0xFFFFFF)
+    seqs += steps[low > np.uint64((1 << 24) - (size - HEADER))][:16].tolist()
+    for seq in seqs:
+        row = np.full(size, 0xEE, dtype=np.uint8)
+        stamp_row(row, seq)
+        assert frame_bytes(seq, size) == row.tobytes(), seq
+        assert check_row(row, size, seq) is None
+
+
+def test_check_row_fast_path_still_reports_every_corruption() -> None:
+    size = 64
+    good = np.frombuffer(frame_bytes(12345, size), dtype=np.uint8).copy()
+    for j in range(size):
+        bad = good.copy()
+        bad[j] ^= 0x5A
+        assert check_row(bad, size, 12345) is not None, j

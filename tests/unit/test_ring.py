@@ -1422,3 +1422,45 @@ def test_no_lost_wakeup_between_two_threads(event_idx: bool) -> None:
     assert p.driver.in_flight == 0 and p.device.in_flight == 0
     assert p.driver.avail_idx == p.driver.last_used == p.device.next_used
     assert stats["kicks"] > 0 and stats["irqs"] > 0 and stats["drv_sleeps"] > 0
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+@pytest.mark.parametrize("writable", [False, True])
+def test_add_one_is_add_batch_of_one(event_idx: bool, writable: bool) -> None:
+    """Same heads, same ring bytes, same private state as one-buffer add_batch calls."""
+    mem_a, _ = make_memory()
+    mem_b, _ = make_memory()
+    a = Pair(mem_a, RING_A, 8, event_idx=event_idx)
+    b = Pair(mem_b, RING_A, 8, event_idx=event_idx)
+    for i in range(20):  # wraps the ring twice
+        addr, length = SLOT1 + 64 * i, 1 + i
+        head = a.driver.add_one(addr, length, writable)
+        assert isinstance(head, int)
+        assert [head] == b.driver.add_batch([addr], [length], writable).tolist()
+        assert bytes(a.area) == bytes(b.area)
+        assert a.driver.kick_needed() == b.driver.kick_needed()
+        for p in (a, b):
+            batch = p.device.pop_batch()
+            p.device.push_used(batch.heads, np.zeros(len(batch), np.uint32))
+            p.driver.get_used()
+        assert a.driver.free_descriptors == b.driver.free_descriptors
+
+
+@pytest.mark.parametrize(("addr", "length", "match"), [
+    (-1, 8, "non-negative ints"), (1 << 64, 8, "non-negative ints"), (0, -1, "non-negative"),
+    (True, 8, "non-negative ints"), (0, 8.0, "non-negative ints"), (0, 0, "lengths must be"),
+    (0, 1 << 32, "lengths must be"), ((1 << 64) - 4, 8, "past the end"),
+])
+def test_add_one_refuses_bad_buffers_and_posts_nothing(pair: Pair, addr: Any, length: Any,
+                                                       match: str) -> None:
+    with pytest.raises(UsageError, match=match):
+        pair.driver.add_one(addr, length)
+    assert pair.driver.free_descriptors == 8 and pair.driver.avail_idx == 0
+
+
+def test_add_one_needs_a_free_descriptor(pair: Pair) -> None:
+    for i in range(8):
+        pair.driver.add_one(SLOT1 + i, 1)
+    with pytest.raises(UsageError, match="free descriptors"):
+        pair.driver.add_one(SLOT1, 1)
+    assert pair.driver.avail_idx == 8

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,6 +168,12 @@ CASES: list[tuple[str, str, list[str]]] = [
       "(none lists \"b/net0\")"]),
     ("restarts-negative", VM + CONSOLE + "restarts = -1\n",
      ["vm[0].device[0].restarts: must be"]),
+    ("cpus-unusable", VM + CONSOLE + "cpus = [100000]\n",
+     ["vm[0].device[0].cpus: CPUs [100000] are not usable here (usable: ["]),
+    ("cpus-empty", VM + "cpus = []\n" + CONSOLE,
+     ["vm[0].cpus: must be a non-empty list of CPU numbers, got array []"]),
+    ("cpus-type", VM + 'cpus = "0"\n' + CONSOLE,
+     ["vm[0].cpus: must be a non-empty list of CPU numbers, got string '0'"]),
     ("toml-syntax", VM + "memory_mib = \n", ["TOML syntax error", "line 3"]),
     ("toml-duplicate-key", VM + 'name = "b"\n', ["TOML syntax error", "line 3"]),
 ]
@@ -216,6 +223,14 @@ def test_device_restarts_reach_the_vmm_spec() -> None:
     assert topo.vms[0].devices[0].restarts == 3
     vms, _ = _round_trip(topo)
     assert vms[0].devices[0].restarts == 3
+
+
+def test_cpus_reach_the_vmm_spec() -> None:
+    cpu = min(os.sched_getaffinity(0))
+    topo = loads(VM + f"cpus = [{cpu}]\n" + CONSOLE + f"cpus = [{cpu}]\n")
+    assert topo.vms[0].cpus == (cpu,) and topo.vms[0].devices[0].cpus == (cpu,)
+    vms, _ = _round_trip(topo)
+    assert vms[0].cpus == (cpu,) and vms[0].devices[0].cpus == (cpu,)
 
 
 def test_a_broken_module_is_a_problem_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
