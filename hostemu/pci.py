@@ -237,6 +237,7 @@ class _Queue:
     used: int = 0
     enabled: bool = False
     broken: str | None = None
+    event_idx: bool = False  # negotiated when the queue was enabled (what its device got)
 
 
 def _gsi(value: int) -> int | None:
@@ -573,6 +574,9 @@ class PciFunction:
         if not _ring_ok(qs):
             return self._set_status(self._status | STATUS_NEEDS_RESET)
         qs.enabled = True
+        # Fixed now: a FEATURES_OK the guest sets later must not change, behind the device's
+        # back, what queue_config() (and so a restarted device's replay) says this queue uses.
+        qs.event_idx = bool(self.negotiated_features & F_EVENT_IDX)
         return [self._enabled_event(queue, qs)]
 
     def _enabled_event(self, queue: int, qs: _Queue) -> QueueEnabled:
@@ -584,7 +588,7 @@ class PciFunction:
             qs.avail,
             qs.used,
             None if qs.vector == QUEUE_NO_VECTOR else qs.vector,
-            bool(self.negotiated_features & F_EVENT_IDX),
+            qs.event_idx,
         )
 
 

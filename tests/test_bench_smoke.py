@@ -42,3 +42,10 @@ def test_bench_quick_writes_results_table_and_targets(tmp_path: Path) -> None:
     table = (tmp_path / "results.md").read_text()
     assert "| workload |" in table and "## Targets" in table
     assert "ratio" in out.stdout
+    try:
+        import matplotlib  # noqa: F401  (run.sh installs it; plots are optional otherwise)
+    except ImportError:
+        return
+    for png in ("throughput_vs_batch.png", "throughput_vs_payload.png", "latency.png",
+                "latency_cdf.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png

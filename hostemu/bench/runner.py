@@ -120,6 +120,8 @@ class Bench:
         self.sock = sock
         self.say = say
         self.rows: list[Row] = []
+        # round-trip times in us for the distribution plot: placement -> series -> samples
+        self.rtt_samples: dict[str, dict[str, list[float]]] = {}
 
     # ------------------------------------------------------------------ vbusemu runs
 
@@ -229,6 +231,8 @@ class Bench:
         for placement, cpus in placements().items():
             rtts = baselines.round_trip("eventfd", 64, samples, cpus=cpus)
             base = _percentiles(rtts)
+            series = self.rtt_samples[placement] = {
+                "eventfd ping-pong": [x * 1e6 for x in rtts]}
             for q, v in base.items():
                 self.add(Row("baseline", {"kind": "eventfd-pingpong", "placement": placement},
                              f"rtt_{q}", v, "us"))
@@ -241,6 +245,7 @@ class Bench:
                 reps = [self.echo({"count": samples, "size": 64, "batch": 1, "window": 1},
                                   halt, device=device, cpus=cpus)
                         for _ in range(self.plan.reps)]
+                series[f"vbusemu {mode}"] = [x for r in reps for x in r.get("rtt_us", [])]
                 for q in ("p50", "p99"):
                     vals = [float(r[f"rtt_{q}_us"]) for r in reps]
                     v, vmin, vmax = _stats(vals)
@@ -389,7 +394,8 @@ def _save(plt: Any, fig: Any, ax: Any, path: Path, **settings: str) -> str:
     return path.name
 
 
-def plots(rows: list[Row], outdir: Path) -> list[str]:
+def plots(rows: list[Row], outdir: Path,
+          rtt_samples: dict[str, dict[str, list[float]]] | None = None) -> list[str]:
     """PNG plots if matplotlib is installed; returns the files written."""
     try:
         import matplotlib
@@ -447,7 +453,26 @@ def plots(rows: list[Row], outdir: Path) -> list[str]:
     ax.set_xticks(list(xs), labels, fontsize=6)
     written.append(_save(plt, fig, ax, outdir / "latency.png", ylabel="round trip (us)",
                          yscale="log", title="round-trip latency"))
+    if rtt_samples:
+        written.append(_latency_cdf(plt, rtt_samples, outdir / "latency_cdf.png"))
     return written
+
+
+def _latency_cdf(plt: Any, samples: dict[str, dict[str, list[float]]], path: Path) -> str:
+    """One panel per placement: the distribution (CDF) of every round-trip series."""
+    fig, axes = plt.subplots(1, len(samples), figsize=(5 * len(samples), 4), squeeze=False)
+    for ax, (placement, series) in zip(axes[0], samples.items(), strict=True):
+        for label, values in series.items():
+            if values:
+                xs = sorted(values)
+                ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label)
+        ax.set(xscale="log", xlabel="round trip (us)", ylabel="fraction of round trips",
+               title=f"placement: {placement}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
 
 
 def main(quick: bool, out: str | None) -> int:
@@ -488,7 +513,7 @@ def main(quick: bool, out: str | None) -> int:
     (outdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = markdown(bench.rows, targets, machine)
     (outdir / "results.md").write_text(table)
-    pngs = plots(bench.rows, outdir)
+    pngs = plots(bench.rows, outdir, bench.rtt_samples)
     say("")
     say(table)
     say(f"wrote {outdir / 'results.json'}, {outdir / 'results.md'}"

@@ -895,7 +895,11 @@ def test_read_device_config() -> None:
     assert gpci.read_device_config(io, found, 0, 4) == blob[:4]
     fn = bus.function(0)
     assert fn is not None
-    fn.set_device_config(np.array([([2, 0, 0, 0, 0, 7], 9)], NET_CONFIG_DTYPE).tobytes())
+    # np.zeros, not np.array(records): the record's padding (bytes 6-7) must be zero, and
+    # np.array leaves a structured dtype's padding uninitialized (this test flaked on it)
+    cfg = np.zeros(1, NET_CONFIG_DTYPE)
+    cfg["mac"], cfg["port_id"] = [2, 0, 0, 0, 0, 7], 9
+    fn.set_device_config(cfg.tobytes())
     assert gpci.read_device_config(io, found, 0, 12) == b"\x02\0\0\0\0\x07\0\0\x09\0\0\0"
     with pytest.raises(UsageError):
         fn.set_device_config(bytes(257))
@@ -1103,3 +1107,18 @@ def test_fuzz_register_writes_keep_the_queue_invariants(ops: list[tuple[int, int
         for q in range(fn.num_queues):
             assert fn.queue_config(q) == running.get(q)
         assert 0 <= fn.bar_read(offset, 4) <= 0xFFFF_FFFF
+
+
+def test_features_ok_after_enable_does_not_change_an_enabled_queue() -> None:
+    """Found by the register fuzzer: EVENT_IDX asked for, queue enabled before FEATURES_OK
+    (so without EVENT_IDX), then FEATURES_OK -- the queue's reported config (what a
+    restarted device would be replayed) must stay what its device was told at enable."""
+    fn = decoded_fn(0, BAR_A, num_queues=2, num_vectors=2, queue_size_max=64)
+    program_queue(fn, 0, size=16, vector=0)
+    fn.bar_write(REG_QUEUE_ENABLE, 4, 0)
+    assert not fn.status & STATUS_FEATURES_OK
+    fn.bar_write(REG_DRIVER_FEATURES, 4, 1)
+    [enabled] = [e for e in fn.bar_write(REG_QUEUE_ENABLE, 4, 1) if isinstance(e, QueueEnabled)]
+    assert not enabled.event_idx
+    fn.bar_write(REG_DEVICE_STATUS, 4, 0xFFFF_FFFF)
+    assert fn.queue_config(0) == enabled
