@@ -1927,7 +1927,9 @@ class DeviceRing:
         if not ok:
             raise UsageError("batch contains chains that are no longer in flight")
 
-    def read_payloads(self, batch: Batch, width: int) -> tuple[U8Array, I64Array]:
+    def read_payloads(
+        self, batch: Batch, width: int, out: U8Array | None = None
+    ) -> tuple[U8Array, I64Array]:
         """Copy each chain's device-readable bytes into row ``i`` of an ``(N, width)`` array.
 
         Returns ``(data, copied)``: row ``i`` holds the first ``copied[i] = min(readable,
@@ -1936,49 +1938,66 @@ class DeviceRing:
         :attr:`Batch.readable_lens` to detect truncation). Simple batches are gathered
         without a per-buffer loop (one array gather per memory slot and distinct length);
         chained batches loop once per segment (a slice of guest memory each, no per-byte
-        work). On a broken ring returns two empty arrays.
+        work). ``out``, a C-contiguous 2-D uint8 array of at least ``(N, width)``, is the
+        device's own buffer to copy into (``data`` is then its top-left ``(N, width)``
+        view): a device reading big buffers pass after pass reuses warm memory instead of
+        faulting in fresh pages each time. On a broken ring returns two empty arrays.
         """
         self._check_batch(batch)
         w = _check_int(width, "width", 0, 1 << 40)
+        nrows = len(batch)
+        if out is not None and (
+            not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 2
+            or out.shape[0] < nrows or out.shape[1] < w or not out.flags.c_contiguous
+            or not out.flags.writeable
+        ):
+            raise UsageError(f"out must be a writable C-contiguous uint8 array of at least "
+                             f"({nrows}, {w})")
         if self._broken is not None:
             return np.zeros((0, w), dtype=np.uint8), np.zeros(0, dtype=np.int64)
-        nrows = len(batch)
         try:
-            if batch.simple and nrows > self._scalar_max:
-                copied = np.minimum(batch.readable_lens, w).astype(np.int64)
-                rows = np.nonzero(copied > 0)[0]  # a writable buffer has 0 readable bytes
-                groups = self._groups(batch.addrs, copied, rows)
-                if len(groups) == 1 and groups[0][3] == w and rows.shape[0] == nrows:
-                    # Every row full width from one slot: the gather is the result.
-                    slot, _, offs, _ = groups[0]
-                    out = _windows(slot, w)[offs]
-                else:
-                    out = np.zeros((nrows, w), dtype=np.uint8)
-                    for slot, group, offs, take in groups:
-                        out[group, :take] = _windows(slot, take)[offs]
-            else:
+            if not batch.simple or nrows <= self._scalar_max:
                 # Chains, and the few rows of a small batch: one slice copy per segment
                 # straight into the row (np.empty: only what is not copied gets zeroed).
-                out = np.empty((nrows, w), dtype=np.uint8)
-                addrs, lens = batch._list(2), batch._list(3)
-                flags, starts = batch._list(4), batch._list(1)
-                got: list[int] = []
-                for i in range(nrows):
-                    dst = 0
-                    for j in range(starts[i], starts[i + 1]):
-                        if flags[j] & VRING_DESC_F_WRITE or dst >= w:
-                            break
-                        take = min(lens[j], w - dst)
-                        out[i, dst : dst + take] = self._mem.translate(addrs[j], take)
-                        dst += take
-                    if dst < w:
-                        out[i, dst:] = 0
-                    got.append(dst)
-                copied = np.array(got, dtype=np.int64)
+                rows_out = np.empty((nrows, w), dtype=np.uint8) if out is None else out
+                return self._read_rows(batch, w, rows_out[:nrows, :w])
+            copied = np.minimum(batch.readable_lens, w).astype(np.int64)
+            rows = np.nonzero(copied > 0)[0]  # a writable buffer has 0 readable bytes
+            groups = self._groups(batch.addrs, copied, rows)
+            if len(groups) == 1 and groups[0][3] == w and rows.shape[0] == nrows:
+                # Every row full width from one slot: the gather is the result.
+                slot, _, offs, _ = groups[0]
+                data = _windows(slot, w)[offs]
+            else:
+                data = np.zeros((nrows, w), dtype=np.uint8)
+                for slot, group, offs, take in groups:
+                    data[group, :take] = _windows(slot, take)[offs]
         except MemoryAccessError as e:
             self._break(f"guest memory changed under in-flight buffers: {e}")
             return np.zeros((0, w), dtype=np.uint8), np.zeros(0, dtype=np.int64)
-        return out, copied
+        if out is not None:  # many small rows: the gather above, then into the caller's
+            out[:nrows, :w] = data
+            data = out[:nrows, :w]
+        return data, copied
+
+    def _read_rows(self, batch: Batch, w: int, data: U8Array) -> tuple[U8Array, I64Array]:
+        """:meth:`read_payloads` row by row, one slice copy per segment into ``data``
+        (``(N, w)``); raises :class:`MemoryAccessError` for the caller to handle."""
+        addrs, lens = batch._list(2), batch._list(3)
+        flags, starts = batch._list(4), batch._list(1)
+        got: list[int] = []
+        for i in range(len(batch)):
+            dst = 0
+            for j in range(starts[i], starts[i + 1]):
+                if flags[j] & VRING_DESC_F_WRITE or dst >= w:
+                    break
+                take = min(lens[j], w - dst)
+                data[i, dst : dst + take] = self._mem.translate(addrs[j], take)
+                dst += take
+            if dst < w:
+                data[i, dst:] = 0
+            got.append(dst)
+        return data, np.array(got, dtype=np.int64)
 
     def write_payloads(self, batch: Batch, data: U8Array, lens: npt.ArrayLike) -> U32Array:
         """Write row ``i`` of ``data`` (its first ``lens[i]`` bytes) into chain ``i``'s

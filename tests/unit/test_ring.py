@@ -1464,3 +1464,35 @@ def test_add_one_needs_a_free_descriptor(pair: Pair) -> None:
     with pytest.raises(UsageError, match="free descriptors"):
         pair.driver.add_one(SLOT1, 1)
     assert pair.driver.avail_idx == 8
+
+
+def test_read_payloads_into_the_devices_buffer(memory: tuple[GuestMemoryMap, Any]) -> None:
+    """``out``: the same bytes and counts as without it, written into (a view of) the
+    caller's buffer, stale bytes beyond each copy zeroed -- simple and chained batches."""
+    mem, ram = memory
+    ram[BUF_A : BUF_A + 0x4000] = np.random.default_rng(5).integers(0, 256, 0x4000)
+    p = Pair(mem, RING_A, 64)
+    n = 40  # above the scalar threshold: the vectorized gather when the path allows it
+    p.driver.add_batch([BUF_A + 64 * i for i in range(n)], [64 - i % 3 for i in range(n)])
+    p.driver.add_chain([(BUF_A, 8, False), (BUF_A + 0x100, 8, False)])
+    p.driver.add_batch([BUF_A + 0x2000], [64])
+    for batch in (p.device.pop_batch(max_n=n), p.device.pop_batch(max_n=1),
+                  p.device.pop_batch()):
+        want, want_n = p.device.read_payloads(batch, 64)
+        out = np.full((len(batch) + 3, 80), 0xEE, dtype=np.uint8)
+        got, got_n = p.device.read_payloads(batch, 64, out=out)
+        assert np.array_equal(got, want) and got_n.tolist() == want_n.tolist()
+        assert np.shares_memory(got, out) and (out[len(batch):] == 0xEE).all()
+
+
+@pytest.mark.parametrize("out", [
+    np.zeros((1, 64), dtype=np.uint8), np.zeros((4, 8), dtype=np.uint8),
+    np.zeros((4, 64), dtype=np.int16), np.zeros(256, dtype=np.uint8),
+    np.zeros((64, 4), dtype=np.uint8).T, b"\0" * 256,
+], ids=["rows", "width", "dtype", "1-D", "not-contiguous", "bytes"])
+def test_read_payloads_refuses_a_bad_out(pair: Pair, out: Any) -> None:
+    pair.driver.add_batch([BUF_A, BUF_A + 64], [16, 16])
+    batch = pair.device.pop_batch()
+    with pytest.raises(UsageError, match="out must be"):
+        pair.device.read_payloads(batch, 16, out=out)
+    assert pair.device.broken is None
