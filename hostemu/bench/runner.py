@@ -37,11 +37,21 @@ from shared.channel import Channel
 from shared.errors import VbusError
 from shared.wire import Policy
 
-SMALL_WINDOW = 256
-"""Small messages: frames in flight at most, for vbusemu (its TX ring size: QEMU's default
-virtqueue size) and for every baseline (messages sent and not yet acknowledged) alike. The
-sockets' default buffers hold this many small messages and their acks; much more and a
-sender blocked on a full socket, its own acks unread, deadlocks with its receiver."""
+SMALL_RING = 1024
+"""Small messages: vbusemu's TX ring size -- at most this many frames in flight."""
+SMALL_ACKS = 256
+"""...and at most this many acks outstanding for a baseline: the sockets' default buffers
+hold that many small messages; with many more a sender blocked on a full socket, its own
+acks unread, deadlocks with its receiver blocked sending it acks."""
+
+
+def small_window(batch: int) -> int:
+    """Messages in flight at most, the same for vbusemu (its ring holds this many) and for
+    every baseline (sent and not yet acknowledged): the ring, or fewer for small batches
+    so a baseline's acks fit in its socket buffers."""
+    return min(SMALL_RING, SMALL_ACKS * batch)
+
+
 SMALL_KINDS = {"pipe": "multiprocessing.Pipe", "queue": "multiprocessing.Queue",
                "socketpair": "socketpair(SEQPACKET)"}
 CP_CHUNK = 20
@@ -201,20 +211,20 @@ class Bench:
             for kind in SMALL_KINDS:
                 base, bmin, bmax = self.repeat(functools.partial(
                     baselines.small_messages, kind, 64, batch, self.plan.seconds,
-                    SMALL_WINDOW))
+                    small_window(batch)))
                 measured[kind] = base
                 self.add(Row("baseline", {"kind": kind, "payload": 64, "batch": batch,
-                                          "window": SMALL_WINDOW},
+                                          "window": small_window(batch)},
                              "msgs/s", base, "msgs/s", min=bmin, max=bmax,
                              reps=self.plan.reps))
             count = self.plan.counts["small1" if batch == 1 else "small"]
             for mode, (notify, halt) in MODES.items():
                 params = {"count": count, "size": 64, "batch": batch, "notify": notify,
-                          "sink": True, "qsize": SMALL_WINDOW}
+                          "sink": True, "qsize": small_window(batch)}
                 v, vmin, vmax = self.repeat(functools.partial(
                     self.echo_metric, params, halt, "frames_per_s", device={"sink": True}))
                 self.add(Row("small-messages", {"payload": 64, "batch": batch, "mode": mode,
-                                                "window": SMALL_WINDOW},
+                                                "window": small_window(batch)},
                              "msgs/s", v, "msgs/s", "multiprocessing.Pipe", measured["pipe"],
                              min=vmin, max=vmax, reps=self.plan.reps))
 
