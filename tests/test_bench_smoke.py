@@ -42,6 +42,8 @@ def test_bench_quick_writes_results_table_and_targets(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["targets"]) == 7
     assert all(isinstance(t["met"], bool) for t in summary["targets"])
+    # a missed target says plainly where its time goes
+    assert all((t["why_missed"] is None) == t["met"] for t in summary["targets"])
     table = (tmp_path / "results.md").read_text()
     assert "| workload |" in table and "## Targets" in table
     assert "ratio" in out.stdout
