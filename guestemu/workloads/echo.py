@@ -223,9 +223,13 @@ class EchoSession:
         return error
 
     def _reclaim_sunk(self) -> int:
-        """Sink mode: how many more frames the device has completed (consumed)."""
-        self.queues.tx_room()
-        return self.queues.tx_completed - self.received
+        """Sink mode: how many more frames the device has completed (consumed). The loop's
+        ``tx_room()`` just reclaimed them; only when nothing was there look once more."""
+        got = self.queues.tx_completed - self.received
+        if not got:
+            self.queues.tx_room()
+            got = self.queues.tx_completed - self.received
+        return got
 
     def _receive(self) -> int:
         """Take and verify what came back; returns how many frames (the first discrepancy,
