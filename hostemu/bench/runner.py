@@ -90,8 +90,8 @@ class Plan:
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls(True, 1, 0.3, {"small1": 3000, "small": 30000, "rtt": 300,
-                                      "bulk64k": 3000, "bulk1m": 300, "scale": 1500,
+            return cls(True, 1, 0.3, {"small1": 15000, "small": 150000, "rtt": 300,
+                                      "bulk64k": 6000, "bulk1m": 1000, "scale": 1500,
                                       "ops": 200})
         return cls(False, 3, 1.0, {"small1": 20000, "small": 200000, "rtt": 2000,
                                    "bulk64k": 30000, "bulk1m": 3000, "scale": 6000,
