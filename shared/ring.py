@@ -1195,6 +1195,20 @@ class Batch:
     def chains(self) -> list[tuple[Segment, ...]]:
         return [self.chain(i) for i in range(len(self))]
 
+    def rows(self, lo: int, hi: int) -> Batch:
+        """Chains ``lo:hi`` (clamped to the batch) as a batch of their own -- for handling a
+        big batch in pieces of bounded size; the chains stay in flight as one."""
+        n = len(self)
+        lo = min(max(lo, 0), n)
+        hi = min(max(hi, lo), n)
+        starts = self._list(1)
+        s0, s1 = starts[lo], starts[hi]
+        return Batch._of_lists(
+            self._list(0)[lo:hi], [s - s0 for s in starts[lo : hi + 1]],
+            self._list(2)[s0:s1], self._list(3)[s0:s1], self._list(4)[s0:s1],
+            self._list(5)[lo:hi], self._list(6)[lo:hi],
+        )
+
     def __repr__(self) -> str:
         return f"Batch(heads={self.head_list}, starts={self._list(1)})"
 

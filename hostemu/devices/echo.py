@@ -55,7 +55,7 @@ class EchoModel(DeviceModel):
         self.sink = sink
         self.next_seq = 0  # sink: the sequence number the next frame should carry
         self.seq_errors = 0
-        self._sink_buf = np.empty((0, 0), dtype=np.uint8)  # sink: device memory, reused
+        self._sink_mem = np.empty(0, dtype=np.uint8)  # sink: device memory, reused
         # (TX heads, their copies, copied lengths), oldest first; the heads complete on delivery
         self.backlog: deque[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any],
                                   np.ndarray[Any, Any]]] = deque()
@@ -121,36 +121,47 @@ class EchoModel(DeviceModel):
 
     def _sink_tx(self, q: Queue) -> bool:
         """Sink mode: copy the TX buffers into device memory, check their sequence numbers,
-        complete them."""
+        complete them. The copies go through one reused buffer of at most
+        ``MAX_PASS_BYTES`` (plus one frame): a batch of many big buffers is read in pieces,
+        so no guest can make the device hold more."""
         q.ring.disable_notifications()
-        batch = q.ring.pop_batch(max_n=min(BUDGET, self._pass_limit))
+        batch = q.ring.pop_batch(max_n=BUDGET)
         n = len(batch)
         if n == 0:
             return q.ring.enable_notifications()  # re-check: no lost kick
         width = min(MAX_FRAME, max(1, max(batch.readable_list)))
-        self._pass_limit = max(1, MAX_PASS_BYTES // width)  # as _take_tx: bound the next pass
-        buf = self._sink_buf
-        if buf.shape[0] < n or buf.shape[1] < width:  # grow; then reused, its pages warm
-            buf = self._sink_buf = np.empty((max(n, buf.shape[0]), max(width, buf.shape[1])),
-                                            dtype=np.uint8)
-        data, copied = q.ring.read_payloads(batch, width, out=buf)
-        if len(copied) != n:
-            return False  # the read broke the ring (reported by the runtime)
-        first = self.next_seq
-        if width >= 4 and n > 8:
+        rows = max(1, MAX_PASS_BYTES // width)  # per piece
+        if self._sink_mem.shape[0] < min(n, rows) * width:  # grow; then reused, pages warm
+            self._sink_mem = np.empty(min(n, rows) * width, dtype=np.uint8)
+        total = 0
+        for lo in range(0, n, rows):
+            piece = batch if n <= rows else batch.rows(lo, lo + rows)
+            k = len(piece)
+            data, copied = q.ring.read_payloads(
+                piece, width, out=self._sink_mem[: k * width].reshape(k, width))
+            if len(copied) != k:
+                return False  # the read broke the ring (reported by the runtime)
+            self._check_seqs(data, copied)
+            total += int(copied.sum())
+        self.runtime.complete(q, batch.head_list if n <= 8 else batch.heads,
+                              [0] * n if n <= 8 else np.zeros(n, np.uint32))
+        self.echoed += n
+        self.bytes += total
+        return True
+
+    def _check_seqs(self, data: np.ndarray[Any, Any], copied: np.ndarray[Any, Any]) -> None:
+        """Count the frames of ``data`` not carrying the next sequence numbers (or too
+        short to carry one); advance the expected number past them."""
+        n, first = data.shape[0], self.next_seq
+        if data.shape[1] >= 4 and n > 8:
             seqs = data[:, :4].copy().view("<u4")[:, 0]
             expected = np.arange(first, first + n, dtype=np.uint64) & 0xFFFFFFFF
             self.seq_errors += int(np.count_nonzero((seqs != expected) | (copied < 4)))
         else:
             for i in range(n):
-                seq = int.from_bytes(data[i, :4].tobytes(), "little") if width >= 4 else -1
-                self.seq_errors += int(copied[i] < 4 or seq != (first + i) & 0xFFFFFFFF)
+                seq = int.from_bytes(data[i, :4].tobytes(), "little") if copied[i] >= 4 else -1
+                self.seq_errors += int(seq != (first + i) & 0xFFFFFFFF)
         self.next_seq = first + n
-        self.runtime.complete(q, batch.head_list if n <= 8 else batch.heads,
-                              [0] * n if n <= 8 else np.zeros(n, np.uint32))
-        self.echoed += n
-        self.bytes += int(copied.sum())
-        return True
 
     def _delivered(self, tx: Queue, tx_heads: np.ndarray[Any, Any] | list[int], rx: Queue,
                    rx_heads: np.ndarray[Any, Any] | list[int],

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from hostemu.devices import echo as echo_module
 from hostemu.devices.echo import TX, EchoModel, make_model
 from hostemu.devices.runtime import Queue
 from shared.errors import ConfigError
@@ -114,3 +115,19 @@ def test_sink_option_is_off_by_default() -> None:
     model = make_model({})
     assert isinstance(model, EchoModel) and not model.sink
     assert "sunk" not in model.stats()
+
+
+def test_a_big_batch_is_read_in_bounded_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """However many big buffers the guest posts, the device's copy buffer stays within
+    MAX_PASS_BYTES (one frame at the least): 40 frames read 4 at a time here."""
+    monkeypatch.setattr(echo_module, "MAX_PASS_BYTES", 4 * SIZE)
+    pair, model, runtime, q = setup()
+    seqs = list(range(40))
+    seqs[9] = 7  # one wrong, in the third piece
+    post(pair, seqs)
+    assert model.on_queue(q)
+    assert model.stats()["sunk"] == 40 and model.stats()["seq_errors"] == 1
+    assert model._sink_mem.nbytes <= 4 * SIZE
+    assert [len(ids) for ids, _ in runtime.completed] == [40]  # completed once, in order
+    ids, _ = pair.driver.get_used()
+    assert len(ids) == 40

@@ -1496,3 +1496,25 @@ def test_read_payloads_refuses_a_bad_out(pair: Pair, out: Any) -> None:
     with pytest.raises(UsageError, match="out must be"):
         pair.device.read_payloads(batch, 16, out=out)
     assert pair.device.broken is None
+
+
+def test_batch_rows_are_the_chains_they_slice(memory: tuple[GuestMemoryMap, Any]) -> None:
+    mem, _ = memory
+    p = Pair(mem, RING_A, 16)
+    p.driver.add_batch([BUF_A, BUF_A + 64], [16, 16])
+    p.driver.add_chain([(BUF_A + 128, 8, False), (BUF_A + 256, 8, True)])
+    p.driver.add_chain([(BUF_A + 512, 4, False), (BUF_A + 520, 4, False), (BUF_A + 600, 2, True)])
+    p.driver.add_batch([BUF_A + 700], [5], True)
+    batch = p.device.pop_batch()
+    chains = batch.chains()
+    for lo in range(-1, 6):
+        for hi in range(lo, 7):
+            part = batch.rows(lo, hi)
+            want = chains[max(lo, 0):max(hi, 0)]
+            assert part.chains() == want, (lo, hi)
+            assert part.head_list == batch.head_list[max(lo, 0):max(hi, 0)]
+            assert len(part) == len(want)
+            assert part.readable_list == batch.readable_list[max(lo, 0):max(hi, 0)]
+            assert part.writable_list == batch.writable_list[max(lo, 0):max(hi, 0)]
+    data, copied = p.device.read_payloads(batch.rows(2, 3), 16)
+    assert copied.tolist() == [8] and len(data) == 1
