@@ -13,7 +13,14 @@ process tree, same sizes, same run, between the vbusemu measurements.
 Every figure is the median of ``reps`` repetitions (min and max kept). A row's ``ratio`` is
 oriented so that > 1 means vbusemu is better: value / baseline for throughputs, baseline /
 value for latencies. The benchmark asserts nothing; the targets of the issue are evaluated
-and reported as met or missed.
+and reported as met or missed, a missed one with where its time goes.
+
+Comparability (docs/performance.md explains each): a small-message batch means messages
+per notification on both sides, with the same window of messages in flight
+(:func:`small_window`); small messages and bulk go one way, guest -> device (the echo
+device's ``sink``); round trips are measured per CPU placement with vbusemu's guest and
+device pinned exactly as the baseline's two processes (:func:`placements`); the
+control-plane binding counts are measured interleaved.
 """
 
 from __future__ import annotations
