@@ -709,7 +709,27 @@ class DriverRing:
                 or not isinstance(length, int) or not 0 <= addr < 1 << 64 or length < 0):
             raise UsageError(f"addr and length must be non-negative ints below 2**64, got "
                              f"{addr!r}, {length!r}")
-        return self._add_scalar([addr], [length], [bool(device_writable)])[0]
+        # _add_scalar for n == 1, unrolled (its loops and lists cost as much as the work);
+        # tests/unit/test_ring.py checks both post the same bytes, heads and state.
+        if self._nfree < 1:
+            raise UsageError("1 buffers but only 0 free descriptors")
+        if length == 0 or length > 0xFFFFFFFF:
+            raise UsageError("buffer lengths must be in 1..2**32-1")
+        if addr + length > 1 << 64:
+            raise UsageError("a buffer runs past the end of the 64-bit address space")
+        top = self._nfree - 1
+        head: int = self._free_mv[top]  # the top of the free stack, as add_batch pops it
+        self._nfree = top
+        wcap = length if device_writable else 0
+        _DESC_STRUCT.pack_into(self._mv, head << 4, addr, length,
+                               VRING_DESC_F_WRITE if device_writable else 0, 0)
+        self._mv16[self._i_avail_ring + (self._avail_shadow & self._mask)] = head
+        self._in_flight_mv[head] = 1
+        self._multi_mv[head] = 0
+        self._wcap_mv[head] = wcap
+        self._num_in_flight += 1
+        self._publish(1)  # store->store: the entry above, then avail.idx (see _publish)
+        return head
 
     def _add_scalar(self, a: list[int], lens: list[int], wr: list[bool]) -> list[int]:
         """:meth:`add_batch` for a few buffers with plain ints: the same checks, heads,
