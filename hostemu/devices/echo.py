@@ -10,6 +10,15 @@ buffers again (the guest drops a reply it already has). Copies wait in a bounded
 until RX buffers are available; when it is full the device stops taking TX buffers --
 back-pressure, never loss. A device reset drops the backlog.
 
+The guest chooses the buffer lengths (up to ``MAX_FRAME`` each), so the backlog is bounded in
+bytes as well as in frames: the staging arrays it holds never total more than
+``MAX_BACKLOG_BYTES`` (or one frame when nothing else is held, should a frame ever be larger
+than the bound). A pass stages the TX buffers it took in pieces that fit what the bound leaves
+(each piece as wide as its own widest frame); the chains that do not fit stay taken but
+uncopied -- *deferred*, in flight, not completed, behind every staged copy -- and no new TX
+buffer is taken while any are. They are staged as RX deliveries free room, or copied straight
+into RX buffers once no staged copy is ahead of them.
+
 When nothing waits in the backlog and RX buffers are posted, a pass takes at most as many TX
 buffers as there are RX buffers and delivers them in the same pass: a few frames, or large
 ones, are copied straight from each TX buffer into its RX buffer
@@ -37,14 +46,43 @@ import numpy as np
 from hostemu.devices.runtime import BUDGET, DeviceModel, DeviceRuntime, Queue, no_params
 from shared import pci_layout as pl
 from shared.errors import ConfigError
-from shared.ring import Batch
+from shared.ring import Batch, DeviceRing
 
 TX, RX = 0, 1
 MAX_FRAME = 16 << 20  # the ring's own per-buffer limit
 MAX_PASS_BYTES = 64 << 20  # copy-out memory one pass may use (bounds big-buffer batches)
 MAX_BACKLOG = 4096
+# Bytes the backlog's staging arrays may hold in all (a frame is always allowed when nothing
+# else is held): whatever the guest posts, the device's copies stay within this.
+MAX_BACKLOG_BYTES = 64 << 20
 DIRECT_MAX_FRAMES = 16  # batches this small copy TX -> RX directly, frame by frame
 DIRECT_MIN_SIZE = 4096  # and frames this large, whatever the batch
+
+
+def _pieces(readable: list[int], room: int) -> list[tuple[int, int, int]]:
+    """Consecutive pieces ``(lo, hi, width)`` of the chains with ``readable`` bytes, from
+    the first: each staged as one ``(hi - lo, width)`` array, ``width`` its widest frame
+    (at most ``MAX_FRAME``), all of them within ``room`` bytes. Stops at the first chain
+    that fits no more (order: none may be staged after it)."""
+    pieces: list[tuple[int, int, int]] = []
+    lo = hi = top = 0
+    for r in readable:
+        r = min(MAX_FRAME, max(1, r))
+        if (hi + 1 - lo) * max(top, r) > room:
+            if hi == lo:
+                break
+            # close the piece (one wide frame must not widen the small ones before it);
+            # this chain starts the next one if it fits alone
+            pieces.append((lo, hi, top))
+            room -= (hi - lo) * top
+            lo, top = hi, 0
+            if r > room:
+                break
+        top = max(top, r)
+        hi += 1
+    if hi > lo:
+        pieces.append((lo, hi, top))
+    return pieces
 
 
 class EchoModel(DeviceModel):
@@ -56,10 +94,17 @@ class EchoModel(DeviceModel):
         self.next_seq = 0  # sink: the sequence number the next frame should carry
         self.seq_errors = 0
         self._sink_mem = np.empty(0, dtype=np.uint8)  # sink: device memory, reused
-        # (TX heads, their copies, copied lengths), oldest first; the heads complete on delivery
+        # (TX heads, their copies, copied lengths, bytes the copies' array holds), oldest
+        # first; the heads complete on delivery. The last field is the whole staging array's
+        # size: a partly delivered entry keeps views into it, so it stays charged until popped.
         self.backlog: deque[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any],
-                                  np.ndarray[Any, Any]]] = deque()
-        self.backlog_frames = 0
+                                  np.ndarray[Any, Any], int]] = deque()
+        self.backlog_bytes = 0  # sum of the entries' charges: <= MAX_BACKLOG_BYTES
+        # TX chains taken but not copied yet (no room), newer than every staged copy, and the
+        # ring they were taken from (a replaced ring can neither read nor complete them)
+        self._deferred: Batch | None = None
+        self._deferred_ring: DeviceRing | None = None
+        self.backlog_frames = 0  # staged and deferred frames
         self._pass_limit = BUDGET
         self.echoed = 0
         self.bytes = 0
@@ -86,9 +131,14 @@ class EchoModel(DeviceModel):
         return more
 
     def _take_tx(self, q: Queue) -> bool:
+        if self._deferred_tx() is not None:
+            # Chains taken earlier wait for room: stage what fits now, take nothing new
+            # before they are all copied (order). Once they are, take more next pass.
+            self._stage_deferred(q)
+            return self._deferred is None
         room = min(BUDGET, MAX_BACKLOG - self.backlog_frames, self._pass_limit)
-        if room <= 0:
-            return False
+        if room <= 0 or self.backlog_bytes >= MAX_BACKLOG_BYTES:
+            return False  # back-pressure (frames or bytes): RX deliveries reschedule us
         q.ring.disable_notifications()
         rx = self.runtime.queues.get(RX)
         # Direct path: nothing waits in the backlog (so order holds) and RX buffers are
@@ -111,13 +161,64 @@ class EchoModel(DeviceModel):
                 self._delivered(q, batch.head_list, rx, rx_batch.head_list, lens)
             return True
         # Staged: many small frames (one vectorized gather and one scatter beat a slice copy
-        # per frame), no RX buffer, or a backlog to keep the order behind.
-        data, copied = q.ring.read_payloads(batch, width)
-        self.backlog.append((batch.heads, data, copied))
+        # per frame), no RX buffer, or a backlog to keep the order behind. Whatever does not
+        # fit the byte bound stays deferred (taken, in flight) behind the staged copies.
         self.backlog_frames += len(batch)
+        self._deferred, self._deferred_ring = batch, q.ring
+        self._stage_deferred(q, width)
         if rx is not None and rx_batch is not None and len(rx_batch):
             self._deliver(rx, rx_batch)  # these take the copies just made, oldest first
         return True
+
+    def _deferred_tx(self) -> Queue | None:
+        """The TX queue the deferred chains can still be read from; ``None`` if there are
+        none -- or they are dropped here because their ring was replaced, disabled or broke:
+        they can never be copied nor completed there (only a reset restarts the queue)."""
+        deferred = self._deferred
+        if deferred is None:
+            return None
+        tx = self.runtime.queues.get(TX)
+        if tx is not None and tx.ring is self._deferred_ring and not tx.ring.broken:
+            return tx
+        self.backlog_frames -= len(deferred)
+        self._deferred = self._deferred_ring = None
+        return None
+
+    def _stage_deferred(self, q: Queue, width: int = 0) -> None:
+        """Copy deferred chains, oldest first, into staging arrays in the backlog: as many
+        as ``MAX_BACKLOG_BYTES`` leaves room for (one at the least when nothing is held);
+        the rest stay deferred. ``width``: the deferred chains' widest frame, if known."""
+        batch = self._deferred
+        if batch is None:
+            return
+        n = len(batch)
+        if not width:
+            width = min(MAX_FRAME, max(1, max(batch.readable_list)))
+        room = MAX_BACKLOG_BYTES - self.backlog_bytes
+        if n * width <= room:  # the common case: all of it, one array
+            pieces = [(0, n, width)]
+        else:
+            readable = batch.readable_list
+            pieces = _pieces(readable, room)
+            if not pieces and not self.backlog:  # nothing held: one frame always goes
+                pieces = [(0, 1, min(MAX_FRAME, max(1, readable[0])))]
+        done = 0
+        for lo, hi, w in pieces:
+            piece = batch if hi - lo == n else batch.rows(lo, hi)
+            data, copied = q.ring.read_payloads(piece, w)
+            if len(copied) != hi - lo:
+                # The read broke TX (reported by the runtime): these chains can never be
+                # completed; a reset drops the rest.
+                self.backlog_frames -= n - lo
+                self._deferred = self._deferred_ring = None
+                return
+            self.backlog.append((piece.heads, data, copied, data.nbytes))
+            self.backlog_bytes += data.nbytes
+            done = hi
+        if done == n:
+            self._deferred = self._deferred_ring = None
+        elif done:
+            self._deferred = batch.rows(done, n)
 
     def _sink_tx(self, q: Queue) -> bool:
         """Sink mode: copy the TX buffers into device memory, check their sequence numbers,
@@ -176,9 +277,17 @@ class EchoModel(DeviceModel):
         self.bytes += int(lens.sum()) if n > 8 else sum(lens.tolist())
 
     def _fill_rx(self, q: Queue) -> bool:
+        self._deferred_tx()  # (drops deferred chains that can no longer be read)
         if not self.backlog_frames:
             return False
-        batch = q.ring.pop_batch(max_n=min(BUDGET, len(self.backlog[0][2])))
+        deferred = self._deferred
+        if self.backlog:  # the staged copies first; the deferred chains on a later pass
+            want = self.backlog_frames - (len(deferred) if deferred is not None else 0)
+        else:  # only deferred chains: straight TX -> RX, within the per-pass copy budget
+            assert deferred is not None
+            width = min(MAX_FRAME, max(1, max(deferred.readable_list)))
+            want = min(len(deferred), max(1, MAX_PASS_BYTES // width))
+        batch = q.ring.pop_batch(max_n=min(BUDGET, want))
         if len(batch) == 0:
             q.ring.enable_notifications()
             return False
@@ -186,36 +295,81 @@ class EchoModel(DeviceModel):
         return bool(self.backlog_frames)
 
     def _deliver(self, q: Queue, batch: Batch) -> None:
-        """Fill RX ``batch`` (at most as many buffers as the backlog's first entry holds)
-        from the backlog, oldest copies first."""
-        heads, data, copied = self.backlog[0]
-        n = len(batch)
+        """Fill RX ``batch`` (at most as many buffers as frames are held) in TX order: from
+        the backlog's staged copies, oldest first, then from the deferred chains, copied
+        straight from their TX buffers."""
+        n, lo = len(batch), 0
+        while lo < n:
+            if self.backlog:
+                k = self._deliver_staged(q, batch, lo)
+            elif self._deferred is not None:
+                k = self._deliver_deferred(q, batch, lo)
+            else:
+                break
+            if not k:
+                return  # a copy broke a ring (reported by the runtime)
+            lo += k
+
+    def _deliver_staged(self, q: Queue, batch: Batch, lo: int) -> int:
+        """Fill RX chains ``lo:`` of ``batch`` from the backlog's first entry; return how
+        many (0 if the write broke RX: the copies stay queued)."""
+        heads, data, copied, charge = self.backlog[0]
+        k = min(len(batch) - lo, len(copied))
+        rx = batch if k == len(batch) else batch.rows(lo, lo + k)
         # truncated to the RX buffer's size (a guest may post small ones)
-        lens = q.ring.write_payloads(batch, data[:n], np.minimum(copied[:n], batch.writable_lens))
-        if len(lens) != n:
-            return  # the write broke RX (reported by the runtime): the copies stay queued
+        lens = q.ring.write_payloads(rx, data[:k], np.minimum(copied[:k], rx.writable_lens))
+        if len(lens) != k:
+            return 0
         tx = self.runtime.queues.get(TX)
         if tx is not None:
             # Delivered: only now acknowledge the TX buffers (after the RX used entries).
-            self._delivered(tx, heads[:n], q, batch.heads, lens)
+            self._delivered(tx, heads[:k], q, rx.heads, lens)
         else:
-            self.runtime.complete(q, batch.heads, lens)
-            self.echoed += n
+            self.runtime.complete(q, rx.heads, lens)
+            self.echoed += k
             self.bytes += int(np.sum(lens))
-        if n == len(copied):
+        if k == len(copied):
             self.backlog.popleft()
+            self.backlog_bytes -= charge  # the whole staging array is released
         else:
-            self.backlog[0] = (heads[n:], data[n:], copied[n:])
-        self.backlog_frames -= n
+            self.backlog[0] = (heads[k:], data[k:], copied[k:], charge)
+        self.backlog_frames -= k
+        return k
+
+    def _deliver_deferred(self, q: Queue, batch: Batch, lo: int) -> int:
+        """Copy the first deferred chains straight into RX chains ``lo:`` of ``batch`` --
+        no staged copy is ahead of them; return how many (0 if they can no longer be read
+        or the copy broke a ring)."""
+        tx = self._deferred_tx()
+        deferred = self._deferred
+        if tx is None or deferred is None:
+            return 0
+        k = min(len(batch) - lo, len(deferred))
+        rx = batch if k == len(batch) else batch.rows(lo, lo + k)
+        piece = deferred if k == len(deferred) else deferred.rows(0, k)
+        width = min(MAX_FRAME, max(1, max(piece.readable_list)))
+        lens = tx.ring.copy_payloads(piece, q.ring, rx, width)
+        if len(lens) != k:
+            return 0
+        if k == len(deferred):
+            self._deferred = self._deferred_ring = None
+        else:
+            self._deferred = deferred.rows(k, len(deferred))
+        self.backlog_frames -= k
+        self._delivered(tx, piece.head_list, q, rx.head_list, lens)
+        return k
 
     def on_reset(self) -> None:
         self.backlog.clear()
+        self.backlog_bytes = 0
+        self._deferred = self._deferred_ring = None  # still in flight on the reset ring
         self.backlog_frames = 0
         self.next_seq = 0  # a reset guest starts its frames again at 0
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"echoed": self.echoed, "bytes": self.bytes,
-                               "backlog": self.backlog_frames}
+                               "backlog": self.backlog_frames,
+                               "backlog_bytes": self.backlog_bytes}
         if self.sink:
             out.update(sunk=self.echoed, seq_errors=self.seq_errors)
         return out
