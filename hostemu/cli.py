@@ -16,8 +16,9 @@ import json
 import sys
 from typing import Any
 
+from hostemu.broker.limits import DEFAULT_FD_RESERVE, Quotas
 from shared.channel import Channel
-from shared.errors import VbusError
+from shared.errors import ConfigError, VbusError
 from shared.wire import Policy
 
 
@@ -87,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", type=_policy, default=Policy.HUP)
     p.add_argument("--ack-timeout", type=float, default=2.0,
                    help="seconds a consumer may take to acknowledge a detach")
+    p.add_argument("--quota", action="append", default=[], metavar="NAME=N",
+                   help="a per-connection limit: handles, vms, devices, bindings or "
+                        "memslots (repeatable; defaults in SECURITY.md)")
+    p.add_argument("--fd-reserve", type=int, default=DEFAULT_FD_RESERVE, metavar="N",
+                   help="fds kept free for replies, dups and introspection "
+                        f"(default {DEFAULT_FD_RESERVE})")
     p.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
     p = sub.add_parser("ps", help="list what a broker owns, with both reference counts")
     p.add_argument("--socket", default=default_socket_path())
@@ -118,9 +125,16 @@ def main(argv: list[str] | None = None) -> int:
             from hostemu.broker.server import run_broker
             from shared.loop import setup_logging
 
+            try:
+                quotas = Quotas.parse(args.quota)
+            except ConfigError as e:
+                parser.error(str(e))
+            if args.fd_reserve < 0:
+                parser.error(f"--fd-reserve {args.fd_reserve}: must be 0 or more")
             setup_logging("broker")
             return run_broker(args.socket, args.policy, ready_fd=args.ready_fd,
-                              ack_timeout=args.ack_timeout)
+                              ack_timeout=args.ack_timeout, quotas=quotas,
+                              fd_reserve=args.fd_reserve)
         if args.command == "ps":
             with Channel.connect(args.socket) as ch:
                 state = ch.state()

@@ -184,13 +184,14 @@ def python_module(module: str, *args: str) -> list[str]:
 
 def start_broker(path: str, policy: Policy = Policy.HUP, *, ack_timeout: float = 2.0,
                  stderr: IO[Any] | int | None = None, stdout: IO[Any] | int | None = None,
-                 timeout: float = 15.0) -> ManagedProcess:
-    """Start a broker process and wait until it accepts connections."""
+                 timeout: float = 15.0, extra_args: Sequence[str] = ()) -> ManagedProcess:
+    """Start a broker process and wait until it accepts connections. ``extra_args`` are
+    more ``vbusemu broker`` options (``--quota``, ``--fd-reserve``)."""
     r, w = os.pipe()
     with OwnedFd(r) as rfd, OwnedFd(w) as wfd:
         proc = ManagedProcess("broker", python_module(
             "hostemu.broker", "--socket", path, "--policy", policy.name.lower(),
-            "--ack-timeout", str(ack_timeout), "--ready-fd", str(wfd.fd)),
+            "--ack-timeout", str(ack_timeout), "--ready-fd", str(wfd.fd), *extra_args),
             pass_fds=[wfd.fd], control=False, stderr=stderr, stdout=stdout)
         wfd.close()  # only the child holds the write end now: EOF means it died
         ready, _, _ = select.select([rfd.fd], [], [], timeout)

@@ -164,8 +164,12 @@ class EventFdInfo:
     semaphore: bool
 
 
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
 def eventfd_info(fd: int) -> EventFdInfo | None:
-    """Identity and state of ``fd`` if it is an eventfd, else ``None``.
+    """Identity and state of ``fd`` if it is an eventfd, else ``None``; ``OSError`` when
+    the process is out of fds or memory and cannot tell (``EMFILE``, ``ENFILE``, ``ENOMEM``).
 
     The check is the kernel's own: the fd's anon-inode name is ``[eventfd]``. Any other
     type (pipe, socket, regular file, directory, memfd) returns ``None``.
@@ -175,7 +179,9 @@ def eventfd_info(fd: int) -> EventFdInfo | None:
             return None
         with open(f"/proc/self/fdinfo/{fd}") as f:
             text = f.read()
-    except OSError:
+    except OSError as e:
+        if e.errno in _OUT_OF_RESOURCES:  # not an answer about the fd: let the caller say so
+            raise
         return None
     fields: dict[str, str] = {}
     for line in text.splitlines():

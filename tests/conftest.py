@@ -15,7 +15,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,13 +121,13 @@ def broker_factory(sockdir: Path) -> Iterator[Callable[..., BrokerHandle]]:
     started: list[BrokerHandle] = []
 
     def start(policy: Policy = Policy.HUP, ack_timeout: float = 2.0,
-              name: str = "broker") -> BrokerHandle:
+              name: str = "broker", args: Sequence[str] = ()) -> BrokerHandle:
         run = sockdir / name
         run.mkdir(mode=0o700)
         log = sockdir / f"{name}.log"
         with open(log, "w") as logf:
             proc = start_broker(str(run / "broker.sock"), policy, ack_timeout=ack_timeout,
-                                stderr=logf, stdout=logf)
+                                stderr=logf, stdout=logf, extra_args=args)
         handle = BrokerHandle(str(run / "broker.sock"), proc, log)
         started.append(handle)
         return handle

@@ -161,6 +161,8 @@ class Conn:
     vms: dict[int, Vm] = field(default_factory=dict)
     devices: dict[int, Device] = field(default_factory=dict)
     state_cache: bytes = b""
+    nbindings: int = 0  # bindings in its VMs and devices, counted against its quota
+    nmemslots: int = 0  # memory slots in its VMs, counted against its quota
 
 
 @dataclass(eq=False)

@@ -46,14 +46,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import itertools
 import json
 import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeAlias
 
+from hostemu.broker.limits import Quotas
 from hostemu.broker.objects import (
     Binding,
     Conn,
@@ -84,7 +87,6 @@ PAGE_SIZE = 4096
 IOEVENTFD_LENGTHS = frozenset({0, 1, 2, 4, 8})
 ADDR_LIMIT = 1 << 64
 DEFAULT_ACK_TIMEOUT = 2.0
-DEFAULT_MAX_HANDLES = 1 << 16
 DEFAULT_RELAY_TIMEOUT = 10.0
 
 
@@ -139,14 +141,18 @@ class ObjectTable:
         policy: Policy = Policy.HUP,
         *,
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
-        max_handles: int = DEFAULT_MAX_HANDLES,
+        quotas: Quotas | None = None,
         relay_timeout: float = DEFAULT_RELAY_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         process_info: Callable[[], dict[str, Any]] = dict,
+        fd_room: Callable[[int], bool] = lambda n: True,
     ) -> None:
         self.policy = policy
         self.ack_timeout = ack_timeout
-        self.max_handles = max_handles
+        self.quotas = quotas if quotas is not None else Quotas()
+        # Whether the broker can hold ``n`` more fds and keep its reserve (the server's
+        # FdBudget); asked before every new fd-holding object.
+        self._fd_room = fd_room
         self.relay_timeout = relay_timeout
         self._clock = clock
         self._process_info = process_info
@@ -238,6 +244,12 @@ class ObjectTable:
             reply = reply if reply is not None else wire.Ok()
         except BrokerError as e:
             reply = wire.Error(errno=e.errno, text=e.message)
+        except OSError as e:
+            # A syscall made on the requester's behalf failed (EMFILE, ENFILE, ENOMEM, ...).
+            # Handlers make their syscalls before they change anything, so the request
+            # changed nothing: the requester gets the errno, everyone else carries on.
+            reply = wire.Error(errno=e.errno or errno.EIO,
+                               text=f"{type(msg).__name__}: {e.strerror or e}")
         op.reply = _with_seq(reply, msg.seq)
         if not op.waiting:
             self._complete(op)
@@ -291,8 +303,7 @@ class ObjectTable:
             op.reply = None
 
     def _new_handle(self, conn: Conn, obj: KernelObject) -> int:
-        if len(conn.handles) >= self.max_handles:
-            raise _fail("EMFILE", f"connection holds {self.max_handles} handles already")
+        self._check_handle_room(conn)
         while conn.next_handle in conn.handles or conn.next_handle == wire.NO_HANDLE:
             conn.next_handle = (conn.next_handle + 1) & 0xFFFFFFFF
         h = conn.next_handle
@@ -361,13 +372,60 @@ class ObjectTable:
 
     # ----------------------------------------------------------------- bindings
 
-    def _bind(self, b: Binding) -> None:
+    def _bind(self, b: Binding) -> wire.Message:
+        """Make ``b`` live and answer its assign. The quota check and the consumer's notice
+        (its dups: the only syscalls) come before anything changes."""
+        owner = self.conns.get(self._owner_of(b))
+        if owner is not None:
+            self._check_quota("bindings", owner.nbindings)
+        consumer = self._consumer_of(b)
+        notice = self._notice(b) if consumer is not None else None
+        self._index(b)
+        if owner is not None:
+            owner.nbindings += 1
         for obj in b.refs():
             obj.ctx_refs += 1
             obj.bindings[b.id] = b
-        consumer = self._consumer_of(b)
-        if consumer is not None:
-            self._attach_notice(b, consumer)
+        if notice is not None:
+            b.consumer = consumer
+            self._send(consumer, notice)
+        return wire.IdReply(id=b.id)
+
+    @staticmethod
+    def _owner_of(b: Binding) -> int:
+        """The connection whose quota the binding counts against."""
+        if isinstance(b, ShmSignalBinding | KickfdBinding):
+            return b.device.owner
+        assert isinstance(b, IrqfdBinding | IoeventfdBinding)
+        return b.vm.owner
+
+    @staticmethod
+    def _index(b: Binding) -> None:
+        if isinstance(b, IrqfdBinding):
+            b.vm.irqfds[b.id] = b
+            b.eventfd.irqfd = b
+        elif isinstance(b, IoeventfdBinding):
+            b.vm.ioeventfds.setdefault((b.pio, b.addr), []).append(b)
+        elif isinstance(b, ShmSignalBinding):
+            b.device.signals[b.sigid] = b
+        elif isinstance(b, KickfdBinding):
+            b.device.kicks[b.queue] = b
+
+    @staticmethod
+    def _unindex(b: Binding) -> None:
+        if isinstance(b, IrqfdBinding):
+            del b.vm.irqfds[b.id]
+            if b.eventfd.irqfd is b:
+                b.eventfd.irqfd = None
+        elif isinstance(b, IoeventfdBinding):
+            bucket = b.vm.ioeventfds[(b.pio, b.addr)]
+            bucket.remove(b)
+            if not bucket:
+                del b.vm.ioeventfds[(b.pio, b.addr)]
+        elif isinstance(b, ShmSignalBinding):
+            del b.device.signals[b.sigid]
+        elif isinstance(b, KickfdBinding):
+            del b.device.kicks[b.queue]
 
     def _consumer_of(self, b: Binding) -> int | None:
         if isinstance(b, ShmSignalBinding | KickfdBinding):
@@ -376,7 +434,8 @@ class ObjectTable:
             return b.vm.guest
         return None
 
-    def _attach_notice(self, b: Binding, consumer: int) -> None:
+    def _notice(self, b: Binding) -> wire.Message:
+        """The attach notice for ``b``'s consumer, carrying dups of its eventfds."""
         msg: wire.Message
         if isinstance(b, IrqfdBinding) and b.resample is not None:
             msg = wire.IrqfdAttachResample(binding=b.id, gsi=b.gsi,
@@ -394,27 +453,14 @@ class ObjectTable:
             msg = wire.KickfdAttach(binding=b.id, queue=b.queue, fds=(b.eventfd.fd.dup(),))
         else:  # pragma: no cover - exhaustive
             raise AssertionError(b)
-        b.consumer = consumer
-        self._send(consumer, msg)
+        return msg
 
     def _deactivate(self, b: Binding, reason: DetachReason, op: PendingOp | None) -> None:
         """Unhook ``b`` from every index now; release its references after the ack."""
         if b.state != "active":
             return
         b.state = "detaching"
-        if isinstance(b, IrqfdBinding):
-            del b.vm.irqfds[b.id]
-            if b.eventfd.irqfd is b:
-                b.eventfd.irqfd = None
-        elif isinstance(b, IoeventfdBinding):
-            bucket = b.vm.ioeventfds[(b.pio, b.addr)]
-            bucket.remove(b)
-            if not bucket:
-                del b.vm.ioeventfds[(b.pio, b.addr)]
-        elif isinstance(b, ShmSignalBinding):
-            del b.device.signals[b.sigid]
-        elif isinstance(b, KickfdBinding):
-            del b.device.kicks[b.queue]
+        self._unindex(b)
         if b.consumer is not None and b.consumer in self.conns:
             d = Detaching(b, b.consumer, self._clock() + self.ack_timeout)
             if op is not None:
@@ -436,6 +482,9 @@ class ObjectTable:
     def _release(self, b: Binding) -> None:
         b.state = "released"
         b.consumer = None
+        owner = self.conns.get(self._owner_of(b))
+        if owner is not None:
+            owner.nbindings -= 1
         for obj in b.refs():
             obj.ctx_refs -= 1
             obj.bindings.pop(b.id, None)
@@ -531,10 +580,24 @@ class ObjectTable:
         holders = [vm.guest] + [d.process for d in vm.devices.values()]
         return [h for h in holders if h is not None]
 
-    def _memslot_notice(self, slot: Memslot, conn_id: int) -> None:
-        self._send(conn_id, wire.MemslotAttach(slot=slot.slot, gpa=slot.gpa, size=slot.size,
-                                               offset=slot.offset,
-                                               fds=(slot.memory.fd.dup(),)))
+    @staticmethod
+    def _memslot_notice(slot: Memslot) -> wire.Message:
+        return wire.MemslotAttach(slot=slot.slot, gpa=slot.gpa, size=slot.size,
+                                  offset=slot.offset, fds=(slot.memory.fd.dup(),))
+
+    @staticmethod
+    def _notices_or_nothing(make: Iterable[Callable[[], wire.Message]]) -> list[wire.Message]:
+        """Build every notice (each dups fds) or, if one dup fails, none: the dups already
+        made are closed and the OSError propagates before the caller changes anything."""
+        made: list[wire.Message] = []
+        try:
+            for build in make:
+                made.append(build())
+        except OSError:
+            for msg in made:
+                msg.close_fds()
+            raise
+        return made
 
     def _drop_memslot(self, vm: Vm, slot: Memslot) -> None:
         # Peers unmap when they read the notice. Nothing waits for them: unlike a kernel
@@ -542,6 +605,9 @@ class ObjectTable:
         for holder in self._memory_holders(vm):
             self._send(holder, wire.MemslotDetach(slot=slot.slot))
         del vm.memslots[slot.slot]
+        owner = self.conns.get(vm.owner)
+        if owner is not None:
+            owner.nmemslots -= 1
         slot.memory.ctx_refs -= 1
         self._maybe_free(slot.memory)
 
@@ -572,16 +638,33 @@ class ObjectTable:
         if msg.initval > EVENTFD_MAX:
             raise _fail("EINVAL", f"initval {msg.initval:#x} exceeds {EVENTFD_MAX:#x}")
         self._check_handle_room(conn)
+        self._check_fd_room("EventfdCreate")
         fd = new_eventfd(msg.initval, semaphore=bool(msg.flags & wire.EFD_FLAG_SEMAPHORE))
-        info = eventfd_info(fd.fd)
+        try:
+            info = eventfd_info(fd.fd)
+        except OSError:
+            fd.close()
+            raise
         obj = EventfdObj(next(self._ids), fd, kernel_id=info.eventfd_id if info else -1,
                          semaphore=bool(msg.flags & wire.EFD_FLAG_SEMAPHORE))
         self._add_object(obj)
         return wire.HandleReply(handle=self._new_handle(conn, obj))
 
     def _check_handle_room(self, conn: Conn) -> None:
-        if len(conn.handles) >= self.max_handles:
-            raise _fail("EMFILE", f"connection holds {self.max_handles} handles already")
+        if len(conn.handles) >= self.quotas.handles:
+            raise _fail("EMFILE", f"connection holds {self.quotas.handles} handles already "
+                                  "(its handle quota)")
+
+    def _check_fd_room(self, what: str) -> None:
+        """Refuse a new long-lived broker fd while the broker's reserve would be touched."""
+        if not self._fd_room(1):
+            raise _fail("ENFILE", f"{what}: the broker is short of fds (it keeps a reserve "
+                                  "for replies and introspection); close something first")
+
+    def _check_quota(self, name: str, used: int) -> None:
+        limit = getattr(self.quotas, name)
+        if used >= limit:
+            raise _fail("ENOSPC", f"connection has {limit} {name} already (its {name} quota)")
 
     def _eventfd_import(self, conn: Conn, msg: wire.EventfdImport, op: PendingOp) -> wire.Message:
         info = eventfd_info(msg.fds[0].fd)
@@ -591,6 +674,7 @@ class ObjectTable:
         known = self._by_kernel_id.get(info.eventfd_id) if info.eventfd_id >= 0 else None
         if known is not None:  # the same kernel object: one broker object, one more handle
             return wire.HandleReply(handle=self._new_handle(conn, known))
+        self._check_fd_room("EventfdImport")
         obj = EventfdObj(next(self._ids), msg.fds[0].move(), kernel_id=info.eventfd_id,
                          semaphore=info.semaphore)
         self._add_object(obj)
@@ -603,6 +687,7 @@ class ObjectTable:
         if msg.size == 0 or msg.size > size:
             raise _fail("EINVAL", f"claimed size {msg.size} but the object holds {size} bytes")
         self._check_handle_room(conn)
+        self._check_fd_room("MemoryImport")
         obj = MemoryObj(next(self._ids), msg.fds[0].move(), size=msg.size)
         self._add_object(obj)
         return wire.HandleReply(handle=self._new_handle(conn, obj))
@@ -620,6 +705,7 @@ class ObjectTable:
     def _vm_create(self, conn: Conn, msg: wire.VmCreate, op: PendingOp) -> wire.Message:
         if not 0 < msg.ngsi <= MAX_GSI:
             raise _fail("EINVAL", f"ngsi must be 1..{MAX_GSI}, got {msg.ngsi}")
+        self._check_quota("vms", len(conn.vms))
         vm = Vm(next(self._ids), conn.id, msg.ngsi)
         self.vms[vm.id] = conn.vms[vm.id] = vm
         return wire.IdReply(id=vm.id)
@@ -659,15 +745,22 @@ class ObjectTable:
         for s in vm.memslots.values():
             if msg.gpa < s.gpa + s.size and s.gpa < msg.gpa + msg.size:
                 raise _fail("EEXIST", f"[{msg.gpa:#x}, +{msg.size:#x}) overlaps slot {s.slot}")
-        slot = vm.memslots[msg.slot] = Memslot(msg.slot, msg.gpa, msg.size, msg.offset, mem)
+        self._check_quota("memslots", conn.nmemslots)
+        slot = Memslot(msg.slot, msg.gpa, msg.size, msg.offset, mem)
+        holders = self._memory_holders(vm)
+        notices = self._notices_or_nothing(
+            partial(self._memslot_notice, slot) for _ in holders)
+        vm.memslots[msg.slot] = slot
+        conn.nmemslots += 1
         mem.ctx_refs += 1
-        for holder in self._memory_holders(vm):
-            self._memslot_notice(slot, holder)
+        for holder, notice in zip(holders, notices, strict=True):
+            self._send(holder, notice)
 
     def _device_create(self, conn: Conn, msg: wire.DeviceCreate, op: PendingOp) -> wire.Message:
         vm = self._own_vm(conn, msg.vm)
         if not 0 < msg.nsignals <= MAX_SIGNALS:
             raise _fail("EINVAL", f"nsignals must be 1..{MAX_SIGNALS}, got {msg.nsignals}")
+        self._check_quota("devices", len(conn.devices))
         dev = Device(next(self._ids), conn.id, vm, msg.nsignals)
         self.devices[dev.id] = conn.devices[dev.id] = vm.devices[dev.id] = dev
         return wire.IdReply(id=dev.id)
@@ -707,9 +800,7 @@ class ObjectTable:
             raise _fail("EBUSY", f"eventfd already bound as irqfd (VM {efd.irqfd.vm.id}, "
                                  f"gsi {efd.irqfd.gsi})")
         b = IrqfdBinding(id=next(self._ids), eventfd=efd, vm=vm, gsi=msg.gsi, resample=resample)
-        efd.irqfd = vm.irqfds[b.id] = b
-        self._bind(b)
-        return wire.IdReply(id=b.id)
+        return self._bind(b)
 
     def _ioeventfd(self, conn: Conn, msg: wire.Ioeventfd, op: PendingOp) -> wire.Message | None:
         # Validation order follows KVM (DESIGN §2).
@@ -741,9 +832,7 @@ class ObjectTable:
                 raise _fail("EEXIST", f"collides with ioeventfd at {msg.addr:#x}")
         b = IoeventfdBinding(id=next(self._ids), eventfd=efd, vm=vm, pio=pio, addr=msg.addr,
                              length=msg.len, datamatch=datamatch)
-        vm.ioeventfds.setdefault((pio, msg.addr), []).append(b)
-        self._bind(b)
-        return wire.IdReply(id=b.id)
+        return self._bind(b)
 
     def _shmsignal(self, conn: Conn, msg: wire.ShmSignal, op: PendingOp) -> wire.Message | None:
         if msg.flags & ~wire.SHMSIGNAL_FLAG_DEASSIGN:
@@ -766,9 +855,7 @@ class ObjectTable:
         if current is not None:
             raise _fail("EEXIST", f"sigid {msg.sigid} is already bound")
         b = ShmSignalBinding(id=next(self._ids), eventfd=efd, device=dev, sigid=msg.sigid)
-        dev.signals[msg.sigid] = b
-        self._bind(b)
-        return wire.IdReply(id=b.id)
+        return self._bind(b)
 
     def _channel_open(self, conn: Conn, msg: wire.ChannelOpen, op: PendingOp) -> None:
         if msg.scope == Scope.VM:
@@ -784,15 +871,14 @@ class ObjectTable:
     def _attach(self, conn: Conn, msg: wire.Attach, op: PendingOp) -> None:
         """Become the VM's guest / the device's process: receive its memory, then every
         binding it consumes or produces (a restarted process gets them all again)."""
-        bindings: Iterable[Binding]
-        restarted = False
+        bindings: list[Binding]
+        dev = None
         if conn.scope is Scope.VM:
             vm = self.vms.get(conn.target)
             if vm is None:
                 raise _fail("ENOENT", f"VM {conn.target} is gone")
             if vm.guest is not None:
                 raise _fail("EBUSY", f"VM {vm.id} already has a guest process")
-            vm.guest = conn.id
             bindings, owner, kind = list(vm.bindings()), vm.owner, PeerKind.GUEST
         elif conn.scope is Scope.DEVICE:
             dev = self.devices.get(conn.target)
@@ -800,17 +886,26 @@ class ObjectTable:
                 raise _fail("ENOENT", f"device {conn.target} is gone")
             if dev.process is not None:
                 raise _fail("EBUSY", f"device {dev.id} already has a process")
-            dev.process = conn.id
-            dev.attaches += 1
-            restarted = dev.attaches > 1
             vm = dev.vm
             bindings, owner, kind = list(dev.bindings()), dev.owner, PeerKind.DEVICE
         else:
             raise _fail("EINVAL", "only a VM or device channel can attach")
-        for slot in sorted(vm.memslots.values(), key=lambda s: s.gpa):
-            self._memslot_notice(slot, conn.id)
+        # Every notice (with its dups) first: at the fd limit the attach fails whole.
+        slots = sorted(vm.memslots.values(), key=lambda s: s.gpa)
+        notices = self._notices_or_nothing(
+            [*(partial(self._memslot_notice, s) for s in slots),
+             *(partial(self._notice, b) for b in bindings)])
+        restarted = False
+        if dev is None:
+            vm.guest = conn.id
+        else:
+            dev.process = conn.id
+            dev.attaches += 1
+            restarted = dev.attaches > 1
         for b in bindings:
-            self._attach_notice(b, conn.id)
+            b.consumer = conn.id
+        for notice in notices:
+            self._send(conn.id, notice)
         self._send(owner, wire.PeerAttached(kind=kind, id=conn.target))
         if restarted:
             # The guest was told when the device went away; tell it it is back (a
@@ -837,9 +932,7 @@ class ObjectTable:
         if current is not None:
             raise _fail("EEXIST", f"queue {msg.queue} already has a kickfd")
         b = KickfdBinding(id=next(self._ids), eventfd=efd, device=dev, queue=msg.queue)
-        dev.kicks[msg.queue] = b
-        self._bind(b)
-        return wire.IdReply(id=b.id)
+        return self._bind(b)
 
     def _relay_failed(self, fwd: Forward, name: str, why: str) -> None:
         err = BrokerError.named(name, why)

@@ -32,6 +32,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from hostemu.broker.limits import Quotas
 from hostemu.broker.table import (
     MAX_GSI,
     MAX_MEMSLOTS,
@@ -102,10 +103,11 @@ class Harness:
     """Plays the server loop around one :class:`ObjectTable` with a fake clock."""
 
     def __init__(self, policy: Policy = Policy.HUP, *, ack_timeout: float = 2.0,
-                 max_handles: int | None = None) -> None:
+                 quotas: Quotas | None = None,
+                 fd_room: Callable[[int], bool] = lambda n: True) -> None:
         self.now = 100.0
-        extra: dict[str, Any] = {} if max_handles is None else {"max_handles": max_handles}
-        self.t = ObjectTable(policy, ack_timeout=ack_timeout, clock=lambda: self.now, **extra)
+        self.t = ObjectTable(policy, ack_timeout=ack_timeout, clock=lambda: self.now,
+                             quotas=quotas, fd_room=fd_room)
         self.inbox: defaultdict[int, list[wire.Message]] = defaultdict(list)
         self.log: list[Action] = []
         self.dropped: list[int] = []
@@ -537,7 +539,7 @@ def test_memory_import_of_an_eventfd_is_einval(h: Harness) -> None:
 
 
 def test_emfile_when_max_handles_reached(make: Callable[..., Harness]) -> None:
-    h = make(Policy.HUP, max_handles=2)
+    h = make(Policy.HUP, quotas=Quotas(handles=2))
     c, other = h.host(), h.host()
     a = h.import_eventfd(c)
     r = h.req(c, wire.HandleDup(handle=a))
