@@ -20,7 +20,20 @@ Trust boundary
   fixed part (:data:`~shared.wire.RELAYED_TEXT`), where it no longer fits, is refused
   with ``EMSGSIZE`` before the table sees it: the broker never builds a frame it cannot
   encode.
-* After every request the loop closes whatever fds the table did not take.
+* After every request the loop closes whatever fds the table did not take -- before it
+  sends the reply, so a client that counts the broker's fds after an error sees them gone.
+
+Exhaustion
+----------
+The broker never dies of a full fd table (:mod:`hostemu.broker.limits`): it raises its
+soft ``RLIMIT_NOFILE`` at start, keeps an fd account (:class:`FdBudget`) that the table
+asks before creating a long-lived fd, and answers a failed syscall with its errno to the
+one requester. ``accept`` at the limit uses a spare fd to take the connection, tell it
+``ENFILE`` and close it, then stops watching the listener until an fd is freed -- so the
+loop is idle, not spinning, while it cannot accept. A send that fails for lack of kernel
+memory or in-flight fd room (``ENOBUFS``, ``ENOMEM``, ``ETOOMANYREFS``) turns a reply into
+an errno reply with its fds closed; a notice that cannot be delivered drops the client
+(it would otherwise miss state), as a client that stops reading is dropped.
 
 Filesystem
 ----------
@@ -35,6 +48,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -45,6 +59,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from types import FrameType
 
+from hostemu.broker.limits import DEFAULT_FD_RESERVE, FdBudget, Quotas, raise_nofile_limit
 from hostemu.broker.table import Action, Disconnect, ObjectTable, OpenChannel, Send
 from shared import wire
 from shared.errors import ConfigError, PeerGoneError, ProtocolError
@@ -54,6 +69,9 @@ from shared.wire import Policy
 log = logging.getLogger("vbusemu.broker")
 
 MAX_QUEUED_FRAMES = 4096
+MAX_QUEUED_FDS = 1024  # fds waiting in one client's send queue before it counts as stalled
+# sendmsg errors that mean "no room in the kernel for this frame now", not "peer gone"
+_NO_ROOM = frozenset({errno.ENOBUFS, errno.ENOMEM, errno.ETOOMANYREFS})
 SEND_STALL_LIMIT = 5.0  # seconds a client may leave replies unread before it is dropped
 MAX_FRAMES_PER_PASS = 64  # fairness: one busy client cannot starve the others
 _UCRED = struct.Struct("3i")
@@ -112,6 +130,7 @@ class Client:
     pid: int
     uid: int
     outq: deque[tuple[bytes, list[OwnedFd]]] = field(default_factory=deque)
+    queued_fds: int = 0
     writing: bool = False
     stalled_since: float | None = None  # when its socket buffer first refused a frame
 
@@ -121,13 +140,20 @@ class BrokerServer:
 
     def __init__(self, path: str, policy: Policy = Policy.HUP, *,
                  allowed_uids: frozenset[int] | None = None,
-                 ack_timeout: float = 2.0) -> None:
+                 ack_timeout: float = 2.0, quotas: Quotas | None = None,
+                 fd_reserve: int = DEFAULT_FD_RESERVE) -> None:
         self.path = os.path.abspath(path)
         self.policy = policy
         self.allowed_uids = allowed_uids if allowed_uids is not None else frozenset({os.getuid()})
-        self.table = ObjectTable(policy, ack_timeout=ack_timeout, process_info=self._info)
+        self.table = ObjectTable(policy, ack_timeout=ack_timeout, quotas=quotas,
+                                 process_info=self._info, fd_room=self._fd_room)
+        self.budget = FdBudget(raise_nofile_limit(), fixed=0, reserve=fd_reserve)
         self.stop_fd = new_eventfd()
         self._sel = selectors.DefaultSelector()
+        # One fd kept open to be closed when accept() hits the limit: it makes room to take
+        # the waiting connection and refuse it (else the listener stays readable: a spin).
+        self._spare = _open_spare()
+        self._listening_paused = False
         self._clients: dict[int, Client] = {}
         self._next_id = 1
         self._listener: socket.socket | None = None
@@ -155,6 +181,7 @@ class BrokerServer:
         self._listener = sock
         self._sel.register(sock, selectors.EVENT_READ, "listen")
         self._sel.register(self.stop_fd.fileno(), selectors.EVENT_READ, "stop")
+        self.budget.fixed = _count_open_fds() or self.budget.fixed
         self.state = "listening"
 
     def install_signal_handlers(self) -> None:
@@ -202,6 +229,8 @@ class BrokerServer:
                     SEND_STALL_LIMIT:
                 self._drop(client.id, f"stopped reading for {SEND_STALL_LIMIT:.0f} s")
         self._apply(self.table.expire())
+        if self._listening_paused:
+            self._resume_listening()
 
     def close(self) -> None:
         """Graceful stop: every client sees EOF, every object's fd is closed."""
@@ -235,11 +264,46 @@ class BrokerServer:
             self._sel.unregister(self.stop_fd.fileno())
         self._sel.close()
         self.stop_fd.close()
+        if self._spare is not None:
+            self._spare.close()
         self.state = "stopped"
 
     def _info(self) -> dict[str, object]:
-        return {"pid": os.getpid(), "open_fds": len(os.listdir("/proc/self/fd")),
-                "socket": self.path, "clients": len(self._clients)}
+        self._account()
+        return {"pid": os.getpid(), "open_fds": _count_open_fds(),
+                "fd_limit": self.budget.limit, "fd_reserve": self.budget.reserve,
+                "fds_free": self.budget.free(), "socket": self.path,
+                "clients": len(self._clients)}
+
+    # ------------------------------------------------------------------ fd budget
+
+    def _account(self) -> None:
+        # The limit is read again: someone may have changed it (prlimit) under us.
+        self.budget.limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.budget.variable = (len(self.table.objects) + len(self._clients)
+                                + sum(c.queued_fds for c in self._clients.values()))
+
+    def _fd_room(self, n: int) -> bool:
+        self._account()
+        return self.budget.room_for(n)
+
+    def _pause_listening(self, why: str) -> None:
+        assert self._listener is not None
+        if not self._listening_paused:
+            log.warning("not accepting connections until an fd is freed: %s", why)
+            self._sel.unregister(self._listener)
+            self._listening_paused = True
+
+    def _resume_listening(self) -> None:
+        """After a pass that may have freed fds: get the spare back, then listen again."""
+        if self._spare is None:
+            self._spare = _open_spare()
+        self._account()
+        if (self._spare is not None and self._listener is not None
+                and self.budget.free() >= self.budget.reserve // 2):
+            self._sel.register(self._listener, selectors.EVENT_READ, "listen")
+            self._listening_paused = False
+            log.info("accepting connections again")
 
     # ------------------------------------------------------------------ connections
 
@@ -258,11 +322,22 @@ class BrokerServer:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE and friends: keep serving the others
-                log.warning("accept failed: %s", e)
+            except OSError as e:  # EMFILE and friends: refuse the waiting one, then idle
+                self._refuse_at_limit(e)
                 return
-            pid, uid, _gid = _UCRED.unpack(
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            self._account()
+            if self.budget.free() < self.budget.reserve // 2:
+                # Half the reserve is for connections (ps, a VMM closing things); past
+                # that a new connection would eat what replies and dups need.
+                _tell_and_close(sock, errno.ENFILE, "the broker is short of fds")
+                self._pause_listening(f"{self.budget.free()} fds free")
+                return
+            try:
+                pid, uid, _gid = _UCRED.unpack(
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            except OSError:  # gone already
+                sock.close()
+                continue
             if uid not in self.allowed_uids:
                 log.warning("refused pid %d: uid %d is not authorized", pid, uid)
                 sock.close()
@@ -270,6 +345,19 @@ class BrokerServer:
             client = self._register(sock, pid, uid)
             log.debug("client %d connected (pid %d, uid %d)", client.id, pid, uid)
             self._apply(self.table.connect(client.id, pid=pid, uid=uid))
+
+    def _refuse_at_limit(self, e: OSError) -> None:
+        """accept() failed for lack of fds: spend the spare on taking the connection that
+        waits (telling it why), then stop watching the listener until fds are freed."""
+        assert self._listener is not None
+        if e.errno in (errno.EMFILE, errno.ENFILE) and self._spare is not None:
+            self._spare.close()
+            self._spare = None
+            with contextlib.suppress(OSError):
+                sock, _ = self._listener.accept()
+                _tell_and_close(sock, e.errno, f"the broker is out of fds: {e.strerror}")
+            self._spare = _open_spare()
+        self._pause_listening(f"accept: {e}")
 
     def _drop(self, cid: int, reason: str) -> None:
         client = self._clients.pop(cid, None)
@@ -280,6 +368,7 @@ class BrokerServer:
         client.sock.close()
         while client.outq:
             close_all(client.outq.popleft()[1])
+        client.queued_fds = 0
         self._apply(self.table.disconnect(cid))
 
     def _read(self, client: Client) -> None:
@@ -303,18 +392,20 @@ class BrokerServer:
             except ProtocolError as e:
                 self._reject(client, data, str(e))
                 return
+            actions: list[Action] = []
             try:
                 if msg.KIND is not wire.Kind.REQUEST:
                     self._reject(client, data, f"{type(msg).__name__} is not a request")
                     return
                 too_long = wire.relay_overflow(msg)
                 if too_long is not None:  # well-formed, but its notice could not be sent
-                    self._queue(client, wire.Error(seq=msg.seq, errno=errno.EMSGSIZE,
-                                                   text=too_long))
+                    actions = [Send(client.id, wire.Error(seq=msg.seq, errno=errno.EMSGSIZE,
+                                                          text=too_long))]
                 else:
-                    self._apply(self.table.handle(client.id, msg))
+                    actions = self.table.handle(client.id, msg)
             finally:
-                msg.close_fds()  # whatever the table did not take
+                msg.close_fds()  # whatever the table did not take: before any reply goes
+            self._apply(actions)
             if client.id not in self._clients:
                 return
 
@@ -345,6 +436,10 @@ class BrokerServer:
         requester = self._clients.get(action.requester)
         if requester is None:
             return
+        if not self._fd_room(2):
+            self._queue(requester, wire.Error(seq=action.seq, errno=errno.ENFILE,
+                                              text="ChannelOpen: the broker is short of fds"))
+            return
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as e:
@@ -361,7 +456,8 @@ class BrokerServer:
         """Queue a frame; ``msg.fds`` now belong to the queue (closed once sent)."""
         data, _ = wire.encode(msg)
         client.outq.append((data, list(msg.fds)))
-        if len(client.outq) > MAX_QUEUED_FRAMES:
+        client.queued_fds += len(msg.fds)
+        if len(client.outq) > MAX_QUEUED_FRAMES or client.queued_fds > MAX_QUEUED_FDS:
             self._drop(client.id, "stopped reading (send queue full)")
             return
         self._flush(client)
@@ -373,10 +469,16 @@ class BrokerServer:
                 send_with_fds(client.sock, data, [f.fileno() for f in fds], nonblocking=True)
             except BlockingIOError:
                 break
-            except (PeerGoneError, OSError) as e:
+            except (PeerGoneError, ProtocolError) as e:
+                self._drop(client.id, f"send failed: {e}")
+                return
+            except OSError as e:
+                if e.errno in _NO_ROOM and self._replace_with_error(client, e):
+                    continue
                 self._drop(client.id, f"send failed: {e}")
                 return
             client.outq.popleft()
+            client.queued_fds -= len(fds)
             close_all(fds)
         want = bool(client.outq)
         if not want:
@@ -389,10 +491,50 @@ class BrokerServer:
             self._sel.modify(client.sock, events, client.id)
 
 
+    def _replace_with_error(self, client: Client, e: OSError) -> bool:
+        """The head frame could not be sent for lack of kernel room. A reply becomes an
+        errno reply (its fds closed); anything else cannot be replaced: False."""
+        data, fds = client.outq[0]
+        header = wire.peek_header(data)
+        if header is None or not header.flags & wire.FLAG_REPLY or not fds:
+            return False
+        error, _ = wire.encode(wire.Error(seq=header.seq, errno=e.errno or errno.ENOBUFS,
+                                          text=f"reply not sendable: {e.strerror}"))
+        client.outq[0] = (error, [])
+        client.queued_fds -= len(fds)
+        close_all(fds)
+        return True
+
+
+def _open_spare() -> OwnedFd | None:
+    try:
+        return OwnedFd(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+    except OSError:
+        return None
+
+
+def _count_open_fds() -> int | None:
+    """This process's open fds, or None when even that cannot be read (at the limit)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # minus the directory's own fd
+    except OSError:
+        return None
+
+
+def _tell_and_close(sock: socket.socket, err: int, why: str) -> None:
+    """Best effort: one errno frame to a connection we will not serve, then close it."""
+    with contextlib.suppress(OSError):
+        data, _ = wire.encode(wire.Error(seq=0, errno=err, text=why))
+        sock.send(data, socket.MSG_DONTWAIT)
+    sock.close()
+
+
 def run_broker(path: str, policy: Policy, *, ready_fd: int = -1,
-               ack_timeout: float = 2.0) -> int:
+               ack_timeout: float = 2.0, quotas: Quotas | None = None,
+               fd_reserve: int = DEFAULT_FD_RESERVE) -> int:
     """Process main for ``vbusemu broker``: listen, announce, serve until SIGINT/SIGTERM."""
-    server = BrokerServer(path, policy, ack_timeout=ack_timeout)
+    server = BrokerServer(path, policy, ack_timeout=ack_timeout, quotas=quotas,
+                          fd_reserve=fd_reserve)
     server.install_signal_handlers()
     try:
         server.listen()
