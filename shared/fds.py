@@ -29,6 +29,7 @@ point), ``drain`` returns ``0`` when nothing is pending (EAGAIN). A notifier bui
 from __future__ import annotations
 
 import array
+import errno
 import fcntl
 import os
 import select
