@@ -300,10 +300,10 @@ class BrokerServer:
             self._spare = _open_spare()
         self._account()
         if (self._spare is not None and self._listener is not None
-                and self.budget.free() >= self.budget.reserve // 2):
+                and self.budget.free() > self.budget.reserve // 2):
             self._sel.register(self._listener, selectors.EVENT_READ, "listen")
             self._listening_paused = False
-            log.info("accepting connections again")
+            log.warning("accepting connections again")
 
     # ------------------------------------------------------------------ connections
 
