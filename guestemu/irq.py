@@ -17,8 +17,10 @@ Invariants
   stops watching a masked line's fd (epoll is level-triggered) -- see :meth:`fds_of`.
 * Each gsi may have a handler, called with ``(gsi, signals)`` on every delivery.
 * An ioeventfd match follows KVM: same bus and exact address; length 0 matches any
-  width; otherwise equal width and (wildcard or value == datamatch). A hit signals the
-  eventfd with 1 (the in-kernel fast path); a miss is an exit to the VMM.
+  width; otherwise equal width and (wildcard or value == datamatch), the value taken at
+  the access width (a 1-byte write carries one byte, so it never matches a datamatch
+  that does not fit in one). A hit signals the eventfd with 1 (the in-kernel fast path);
+  a miss is an exit to the VMM.
 """
 
 from __future__ import annotations
@@ -148,7 +150,9 @@ class IoEventTable:
         return True
 
     def write(self, pio: bool, addr: int, length: int, value: int) -> bool:
-        """A guest write: signal the matching eventfd (True) or exit to the VMM (False)."""
+        """A guest write: signal the matching eventfd (True) or exit to the VMM (False).
+        ``value`` is taken at the access width, as the bus does."""
+        value &= (1 << (8 * length)) - 1
         for entry in self.entries.values():
             if entry.matches(pio, addr, length, value):
                 entry.notifier.notify(1)

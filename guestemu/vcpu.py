@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shared import wire
-from shared.errors import PeerGoneError
+from shared.errors import PeerGoneError, UsageError
 from shared.loop import yield_cpu
 
 if TYPE_CHECKING:
@@ -61,6 +61,9 @@ class Vcpu:
         return reply.value
 
     def write(self, addr: int, size: int, value: int) -> None:
+        why = wire.access_error(size, addr, value)
+        if why is not None:
+            raise UsageError(f"write: {why}")
         if self.agent.io.write(False, addr, size, value):
             self.counters["fast_writes"] += 1  # the ioeventfd fired; no exit
             return

@@ -448,6 +448,23 @@ class IoExit(Message):
     value: int = u64(0)
 
 
+ACCESS_WIDTHS = (1, 2, 4, 8)
+ADDRESS_SPACE = 1 << 64
+
+
+def access_error(length: int, addr: int, value: int = 0) -> str | None:
+    """Why an MMIO/PIO access is not one a CPU can make, or None. Its width is 1, 2, 4 or
+    8 bytes, it does not run past the end of the address space, and the value written
+    fits the width (a 1-byte write carries one byte: ``0x1ff`` is not a 1-byte value)."""
+    if length not in ACCESS_WIDTHS:
+        return f"an access is 1, 2, 4 or 8 bytes wide, not {length}"
+    if addr + length > ADDRESS_SPACE:
+        return f"{length} bytes at {addr:#x} run past the end of the address space"
+    if value >> (8 * length):
+        return f"value {value:#x} does not fit a {length}-byte access"
+    return None
+
+
 @message(24, R)
 @dataclass(frozen=True, kw_only=True)
 class IoExitDone(Message):

@@ -1000,8 +1000,9 @@ def test_ioeventfd_unknown_flags_einval(h: Harness, flags: int) -> None:
     assert err(r) == "EINVAL"
 
 
-@pytest.mark.parametrize("flags,ok", [(PIO, False), (DM, False), (PIO | DM, False), (0, True)])
-def test_ioeventfd_zero_length_only_for_wildcard_mmio(h: Harness, flags: int, ok: bool) -> None:
+@pytest.mark.parametrize("flags,ok", [(PIO, True), (DM, False), (PIO | DM, False), (0, True)])
+def test_length_zero_pio_ioeventfd_is_accepted_only_datamatch_refuses_it(
+        h: Harness, flags: int, ok: bool) -> None:
     w = world(h, guest=False, proc=False)
     r = h.req(w.host, wire.Ioeventfd(vm=w.vm, handle=w.handle, addr=0x40, len=0, flags=flags))
     assert err(r) == ("IdReply" if ok else "EINVAL")
@@ -1019,7 +1020,7 @@ def test_ioeventfd_handle_checks(h: Harness, memory: bool) -> None:
     (dict(len=3, addr=TOP - 1, flags=0x80, handle=BAD), "EINVAL"),  # length first
     (dict(len=8, addr=TOP - 4, flags=0x80, handle=BAD), "EINVAL"),  # then overflow
     (dict(len=4, addr=0x1000, flags=0x80, handle=BAD), "EINVAL"),  # then flags
-    (dict(len=0, addr=0x1000, flags=PIO, handle=BAD), "EINVAL"),  # then len 0 + PIO
+    (dict(len=0, addr=0x1000, flags=PIO, handle=BAD), "EBADF"),  # len 0 + PIO is fine
     (dict(len=0, addr=0x1000, flags=DM, handle=BAD), "EINVAL"),  # or len 0 + DATAMATCH
     (dict(len=3, addr=0x1000, vm=999), "EINVAL"),  # argument checks before the VM lookup
     (dict(len=4, addr=0x1000, vm=999, handle=BAD), "ENOENT"),  # the VM before the fd
@@ -1035,6 +1036,56 @@ def test_ioeventfd_validation_order(h: Harness, case: dict[str, Any], expect: st
         args["handle"] = h.import_memory(w.host)
     assert err(h.req(w.host, wire.Ioeventfd(**args))) == expect
     assert len(h.bindings()) == 1
+
+
+@pytest.mark.parametrize("case", [
+    dict(len=3),  # an assign would be EINVAL (length)
+    dict(len=4, addr=TOP - 1),  # ... (overflow)
+    dict(len=4, flags=0x80, addr=0x2000),  # ... (unknown flag: a deassign ignores it)
+    dict(len=0, flags=DM),  # ... (length 0 with DATAMATCH)
+])
+def test_ioeventfd_deassign_validates_nothing_it_only_searches(
+        h: Harness, case: dict[str, Any]) -> None:
+    w = world(h, guest=False, proc=False)
+    h.ioeventfd(w.host, w.vm, w.handle, 0x1000, 4)
+    args: dict[str, Any] = {"vm": w.vm, "handle": w.handle, "addr": 0x1000, **case}
+    args["flags"] = args.get("flags", 0) | wire.IOEVENTFD_FLAG_DEASSIGN
+    assert err(h.req(w.host, wire.Ioeventfd(**args))) == "ENOENT"
+    assert len(h.bindings()) == 1
+    # It still names an eventfd: a bad handle is EBADF, as KVM's fd lookup is.
+    args["handle"] = BAD
+    assert err(h.req(w.host, wire.Ioeventfd(**args))) == "EBADF"
+    # Unknown flag bits do not stop a deassign that matches.
+    done = h.req(w.host, wire.Ioeventfd(vm=w.vm, handle=w.handle, addr=0x1000, len=4,
+                                        flags=wire.IOEVENTFD_FLAG_DEASSIGN | 0x80))
+    assert isinstance(done, wire.Ok), done
+    assert h.bindings() == {}
+
+
+def test_irqfd_whose_resamplefd_is_its_own_eventfd_is_einval(h: Harness) -> None:
+    w = world(h, guest=False, proc=False)
+    refused = h.req(w.host, wire.Irqfd(vm=w.vm, handle=w.handle, gsi=1, flags=RESAMPLE,
+                                       resample_handle=w.handle))
+    assert err(refused) == "EINVAL"
+    assert h.bindings() == {}
+    other = h.import_eventfd(w.host)
+    h.irqfd(w.host, w.vm, w.handle, 1, resample=other)
+
+
+def test_io_exit_value_must_fit_the_access_width(h: Harness) -> None:
+    w = world(h, guest=True, proc=False)
+    for length, value, ok in ((1, 0x1FF, False), (1, 0xFF, True), (2, 1 << 16, False),
+                              (8, (1 << 64) - 1, True)):
+        seq = h.send(w.guest, wire.IoExit(write=1, len=length, addr=0x40, value=value))
+        reply = h.reply(w.guest, seq)
+        if ok:
+            assert reply is None  # relayed to the VMM
+            notice = h.notices(w.host, wire.IoExitNotice)[-1]
+            assert isinstance(notice, wire.IoExitNotice)
+            h.req(w.host, wire.IoExitDone(token=notice.token))
+        else:
+            assert err(reply) == "EINVAL"
+            assert "does not fit" in reply.text  # type: ignore[union-attr]
 
 
 A = 0x1000
@@ -1837,8 +1888,8 @@ class TableMachine(RuleBasedStateMachine):
             expect = "EINVAL"
         elif r is not None and rk is None:
             expect = "EBADF"
-        elif r is not None and rk is not None and rk < 0:
-            expect = "EINVAL"
+        elif r is not None and rk is not None and (rk < 0 or rk == k):
+            expect = "EINVAL"  # not an eventfd, or the irqfd's own eventfd
         elif any(p == k for x in self.hosts for p, _, _ in x.irqfds.values()):
             expect = "EBUSY"
         else:
@@ -1881,7 +1932,7 @@ class TableMachine(RuleBasedStateMachine):
         hd = self._handle(host, j)
         k = host.handles.get(hd)
         key = (pio, addr, length, dm, k)
-        if length == 0 and (pio or dm is not None):
+        if length == 0 and dm is not None and not deassign:
             expect = "EINVAL"
         elif k is None:
             expect = "EBADF"
