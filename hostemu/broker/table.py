@@ -851,6 +851,10 @@ class ObjectTable:
             raise _fail("EPERM", "only an attached guest makes I/O exits")
         if msg.len not in (1, 2, 4, 8) or msg.addr + msg.len > ADDR_LIMIT:
             raise _fail("EINVAL", f"bad access: {msg.len} bytes at {msg.addr:#x}")
+        if self.relay.in_flight(conn.id, "ioexit") is not None:
+            # A vCPU is blocked in KVM_RUN until its exit is answered: it cannot make a
+            # second one. Refusing it bounds what one guest can queue at the VMM.
+            raise _fail("EBUSY", "this vCPU already has an I/O exit in flight")
         fwd = self.relay.open("ioexit", conn.id, msg.seq, vm.owner,
                               self._clock() + self.relay_timeout)
         self._send(vm.owner, wire.IoExitNotice(token=fwd.token, vm=vm.id, pio=msg.pio,
