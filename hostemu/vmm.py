@@ -249,7 +249,8 @@ class Vmm:
     def start(self, switches: list[SwitchSpec] | tuple[SwitchSpec, ...] = (),
               timeout: float = 20.0) -> None:
         """Start every device process (one per switch for switch ports), wait until all
-        attached, then start the guests."""
+        attached, then start the guests. Processes started before are left alone, so VMs
+        created later are started by calling this again."""
         waiting: list[tuple[ManagedProcess, int]] = []
         in_switch: set[tuple[str, str]] = set()
         for sw in switches:
@@ -266,14 +267,15 @@ class Vmm:
             in_switch.update(tuple(p.split("/", 1)) for p in sw.ports)  # type: ignore[misc]
         for vm in self.vms.values():
             for dev in vm.devices.values():
-                if (vm.spec.name, dev.spec.name) in in_switch:
+                if (vm.spec.name, dev.spec.name) in in_switch or dev.process is not None:
                     continue
                 waiting.append((self._spawn_device(dev), 1))
         for proc, count in waiting:
             for _ in range(count):
                 proc.wait_event("attached", timeout)
         for vm in self.vms.values():
-            self._spawn_guest(vm)
+            if vm.guest is None:
+                self._spawn_guest(vm)
 
     def _spawn_guest(self, vm: VmmVm) -> ManagedProcess:
         grace = (["--device-grace", str(vm.spec.device_grace)]
