@@ -93,9 +93,18 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
     batch = max(1, int(params.get("batch", 64)))
     count = max(2, int(params.get("pipeline", 32)))
     seconds = float(params.get("seconds", 300.0))
-    result: dict[str, Any] = {"workload": "exit_storm", "ok": False, "exits": 0,
-                              "pipelined": 0, "pipelined_served": 0, "busy": 0, "served": 0,
-                              "exits_per_s": 0.0, "stopped": False, "error": None}
+    result: dict[str, Any] = {
+        "workload": "exit_storm",
+        "ok": False,
+        "exits": 0,
+        "pipelined": 0,
+        "pipelined_served": 0,
+        "busy": 0,
+        "served": 0,
+        "exits_per_s": 0.0,
+        "stopped": False,
+        "error": None,
+    }
     vcpu, loop = agent.vcpu, agent.loop
     before = vcpu.counters["exits"]
     pipelined = pipelined_served = busy = 0
@@ -115,9 +124,15 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
         result["error"] = f"{type(e).__name__}: {e}"
     elapsed = max(time.monotonic() - start, 1e-9)
     exits = vcpu.counters["exits"] - before
-    result.update(exits=exits, pipelined=pipelined, pipelined_served=pipelined_served,
-                  busy=busy, served=exits + pipelined_served,
-                  exits_per_s=(exits + pipelined) / elapsed, stopped=loop.stopping)
+    result.update(
+        exits=exits,
+        pipelined=pipelined,
+        pipelined_served=pipelined_served,
+        busy=busy,
+        served=exits + pipelined_served,
+        exits_per_s=(exits + pipelined) / elapsed,
+        stopped=loop.stopping,
+    )
     if result["error"] is None and busy == 0:
         result["error"] = "no pipelined exit was refused with EBUSY"
     result["ok"] = result["error"] is None

@@ -34,18 +34,24 @@ QUIET_FRAMES = 1500
 
 def echo_spec(name: str) -> VmSpec:
     params = {"count": QUIET_FRAMES, "size": 200, "batch": 16}
-    return VmSpec(name=name, memory=4 << 20, devices=(DeviceSpec("echo", "echo0"),),
-                  workload=("--workload", "echo", "--params", json.dumps(params)))
+    return VmSpec(
+        name=name,
+        memory=4 << 20,
+        devices=(DeviceSpec("echo", "echo0"),),
+        workload=("--workload", "echo", "--params", json.dumps(params)),
+    )
 
 
 def done(vm: VmmVm) -> bool:
-    return vm.guest is not None and any(e.get("event") == "workload_done"
-                                        for e in vm.guest.events)
+    return vm.guest is not None and any(e.get("event") == "workload_done" for e in vm.guest.events)
 
 
 def test_exit_storm_does_not_starve_other_vms(broker: BrokerHandle, sockdir: Path) -> None:
-    storm_spec = VmSpec(name="storm", memory=1 << 20, workload=(
-        "--workload", "exit_storm", "--params", json.dumps({"seconds": 250})))
+    storm_spec = VmSpec(
+        name="storm",
+        memory=1 << 20,
+        workload=("--workload", "exit_storm", "--params", json.dumps({"seconds": 250})),
+    )
     events: list[dict[str, Any]] = []
     loop = EventLoop()
     with open(sockdir / "vmm-children.log", "w") as log:
@@ -86,6 +92,8 @@ def test_exit_storm_does_not_starve_other_vms(broker: BrokerHandle, sockdir: Pat
     assert s["pipelined_served"] + s["busy"] == s["pipelined"], s
     # Exits refused with EBUSY reached nobody: the VMM served exactly the accepted ones.
     assert stats["storm"]["exits"] == s["served"], (stats["storm"], s)
-    print(f"storm: {s['exits']:,} synchronous exits, {s['pipelined']:,} pipelined "
-          f"({s['busy']:,} EBUSY), {s['exits_per_s']:,.0f} exits/s; quiet VMs served "
-          f"{stats['a']['exits']} and {stats['b']['exits']} exits")
+    print(
+        f"storm: {s['exits']:,} synchronous exits, {s['pipelined']:,} pipelined "
+        f"({s['busy']:,} EBUSY), {s['exits_per_s']:,.0f} exits/s; quiet VMs served "
+        f"{stats['a']['exits']} and {stats['b']['exits']} exits"
+    )

@@ -31,8 +31,9 @@ class FakeChannel:
         self.on_done: Callable[[wire.IoExitDone], None] | None = None
 
     def hello(self) -> wire.HelloReply:
-        return wire.HelloReply(client=1, policy=Policy.HUP, scope=Scope.HOST, target=0,
-                               broker_pid=1)
+        return wire.HelloReply(
+            client=1, policy=Policy.HUP, scope=Scope.HOST, target=0, broker_pid=1
+        )
 
     def arrive(self, *msgs: wire.Message) -> None:
         self.readable.extend(msgs)
@@ -51,8 +52,7 @@ class FakeChannel:
 
 def ex(vm: int, n: int) -> wire.IoExitNotice:
     """Exit ``n`` of VM ``vm`` (token ``100 * vm + n``); PIO, so no bus model is needed."""
-    return wire.IoExitNotice(token=100 * vm + n, vm=vm, pio=1, write=0, len=4, addr=0xCF8,
-                             value=0)
+    return wire.IoExitNotice(token=100 * vm + n, vm=vm, pio=1, write=0, len=4, addr=0xCF8, value=0)
 
 
 @pytest.fixture
