@@ -10,7 +10,8 @@ Two things leave that code:
   in-kernel fast path, no exit. Every other access is an *exit*: a synchronous
   ``IoExit`` request the broker relays to the VMM; the vCPU waits for the answer (meanwhile
   it still acknowledges detach notices, so a VMM that rebinds in response cannot
-  deadlock against it).
+  deadlock against it). Like a vCPU blocked in ``KVM_RUN``, it has at most one exit in
+  flight: the broker refuses a second one on the VM channel with EBUSY.
 * **Halting** (:meth:`Vcpu.halt`): waiting for a condition such as "the device returned
   buffers". Like KVM's halt-polling, the vCPU first polls -- the condition, and its irqfds
   without blocking -- for a window, and only then sleeps in epoll on irqfds, the broker

@@ -28,6 +28,12 @@ resulting events into broker calls -- the hooks the seed describes:
 
 Only after the events are applied does the VMM complete the exit, so when the guest's
 register write returns, the binding it implied is in place.
+
+Exits are served fairly across VMs: the broker lets each vCPU have one exit in flight, and
+:meth:`Vmm.process_notices` serves at most one exit per VM per turn, round-robin, and
+only what had arrived when the turn began. A guest that exits back to back therefore
+delays another VM's exit by at most one of its own, and never keeps the VMM from its
+other work (guest and device output, restarts) between turns.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,6 +208,8 @@ class Vmm:
         self.reports: list[dict[str, Any]] = []
         self.errors: list[str] = []
         self.switch_procs: list[ManagedProcess] = []
+        # I/O exits waiting for their VM's next turn (see process_notices), by VM id
+        self._exits: dict[int, deque[wire.IoExitNotice]] = {}
 
     def on_event(self, event: dict[str, Any]) -> None:
         """What guests and devices report, and restarts: one JSON line on stdout (what
@@ -240,7 +249,8 @@ class Vmm:
     def start(self, switches: list[SwitchSpec] | tuple[SwitchSpec, ...] = (),
               timeout: float = 20.0) -> None:
         """Start every device process (one per switch for switch ports), wait until all
-        attached, then start the guests."""
+        attached, then start the guests. Processes started before are left alone, so VMs
+        created later are started by calling this again."""
         waiting: list[tuple[ManagedProcess, int]] = []
         in_switch: set[tuple[str, str]] = set()
         for sw in switches:
@@ -257,14 +267,15 @@ class Vmm:
             in_switch.update(tuple(p.split("/", 1)) for p in sw.ports)  # type: ignore[misc]
         for vm in self.vms.values():
             for dev in vm.devices.values():
-                if (vm.spec.name, dev.spec.name) in in_switch:
+                if (vm.spec.name, dev.spec.name) in in_switch or dev.process is not None:
                     continue
                 waiting.append((self._spawn_device(dev), 1))
         for proc, count in waiting:
             for _ in range(count):
                 proc.wait_event("attached", timeout)
         for vm in self.vms.values():
-            self._spawn_guest(vm)
+            if vm.guest is None:
+                self._spawn_guest(vm)
 
     def _spawn_guest(self, vm: VmmVm) -> ManagedProcess:
         grace = (["--device-grace", str(vm.spec.device_grace)]
@@ -335,11 +346,46 @@ class Vmm:
     # ------------------------------------------------------------------ exits
 
     def process_notices(self) -> None:
-        while (msg := self.channel.next_notice(0)) is not None:
-            try:
-                self.on_notice(msg)
-            finally:
-                msg.close_fds()
+        """One turn of service: handle every notice that has arrived, serving at most one
+        I/O exit per VM. A VM's other exits wait, in order, for the next turns; exits of
+        VMs that waited come first. Whatever arrives during the turn (a storming guest's
+        next exit, sent as soon as the last one was answered) waits for the next turn, so
+        a turn is bounded and the run loop gets back to its other fds in between.
+
+        Other notices are handled in arrival order, in the turn they arrive; an exit held
+        back for a later turn does not hold them up."""
+        self.channel.pump()
+        arrived = deque(self.channel.notices)
+        self.channel.notices.clear()
+        served: set[int] = set()
+        try:
+            for vm_id in list(self._exits):
+                waiting = self._exits[vm_id]
+                ex = waiting.popleft()
+                if not waiting:
+                    del self._exits[vm_id]
+                served.add(vm_id)
+                self.on_exit(ex)
+            while arrived:
+                msg = arrived.popleft()
+                if isinstance(msg, wire.IoExitNotice):
+                    if msg.vm in served or msg.vm in self._exits:
+                        self._exits.setdefault(msg.vm, deque()).append(msg)  # carries no fds
+                        continue
+                    served.add(msg.vm)
+                try:
+                    self.on_notice(msg)
+                finally:
+                    msg.close_fds()
+        finally:
+            # Not handled (something raised): back in order, for the next turn (or for the
+            # channel's close, which closes their fds).
+            self.channel.notices.extendleft(reversed(arrived))
+
+    @property
+    def has_work(self) -> bool:
+        """Notices or exits wait for the next turn of :meth:`process_notices`."""
+        return bool(self.channel.notices or self._exits)
 
     def on_notice(self, msg: wire.Message) -> None:
         if isinstance(msg, wire.IoExitNotice):
@@ -580,7 +626,8 @@ class Vmm:
         while (pending or restarting()) and not loop.stopping and time.monotonic() < deadline:
             self.channel.pump()
             self.process_notices()
-            loop.poll_once(min(0.5, max(0.0, deadline - time.monotonic())))
+            wait = 0.0 if self.has_work else min(0.5, max(0.0, deadline - time.monotonic()))
+            loop.poll_once(wait)
             self.channel.pump()
             self.process_notices()
             watch_guests()

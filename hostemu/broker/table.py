@@ -953,6 +953,10 @@ class ObjectTable:
         why = wire.access_error(msg.len, msg.addr, msg.value if msg.write else 0)
         if why is not None:
             raise _fail("EINVAL", f"bad access: {why}")
+        if self.relay.in_flight(conn.id, "ioexit") is not None:
+            # A vCPU is blocked in KVM_RUN until its exit is answered: it cannot make a
+            # second one. Refusing it bounds what one guest can queue at the VMM.
+            raise _fail("EBUSY", "this vCPU already has an I/O exit in flight")
         fwd = self.relay.open("ioexit", conn.id, msg.seq, vm.owner,
                               self._clock() + self.relay_timeout)
         self._send(vm.owner, wire.IoExitNotice(token=fwd.token, vm=vm.id, pio=msg.pio,

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from hostemu.broker.relay import RelayTable
 from hostemu.broker.table import ObjectTable, Send
 from shared import wire
 from shared.fds import OwnedFd
@@ -681,15 +682,113 @@ def test_io_exit_token_only_answerable_by_the_vmm_once(h: Harness) -> None:
 
 
 def test_io_exits_are_paired_by_token(h: Harness) -> None:
-    """Several vCPUs exiting at once, answered in another order."""
+    """Several VMs' vCPUs exiting at once, answered in another order."""
+    worlds = [world(h) for _ in range(3)]
+    pending = [(w, *io_exit(h, attached(w)[0], w.host, addr=0x1000 + 8 * i))
+               for i, w in enumerate(worlds)]
+    assert len({n.token for _, _, n in pending}) == 3
+    for i in (2, 0, 1):
+        w, seq, n = pending[i]
+        assert accepted(h, w.host, wire.IoExitDone(token=n.token, value=i))
+        assert h.reply(attached(w)[0], seq) == wire.IoExitReply(seq=seq, value=i)
+
+
+def test_second_io_exit_in_flight_is_ebusy(h: Harness) -> None:
+    """A vCPU is blocked until its exit is answered: a second exit on the same VM channel
+    is refused with EBUSY and changes nothing -- no notice reaches the VMM, no token, no
+    deadline -- and the first one completes as if the second had never been sent."""
+    w = world(h)
+    guest, proc = attached(w)
+    seq, n = io_exit(h, guest, w.host, addr=0x1000)
+    deadline = h.t.next_deadline()
+    pending = dict(h.t.relay.pending)
+    mark = len(h.log)
+    for write in (0, 1, 0):
+        r = h.req(guest, wire.IoExit(write=write, len=4, addr=0x2000, value=9))
+        assert err(r) == "EBUSY", r
+    assert [c for c, _ in h.sends_since(mark)] == [guest] * 3  # only the three refusals
+    assert inbox_empty(h, w.host) and inbox_empty(h, proc) and inbox_empty(h, guest)
+    assert h.t.relay.pending == pending and h.t.next_deadline() == deadline
+    assert accepted(h, w.host, wire.IoExitDone(token=n.token, value=7))
+    assert h.reply(guest, seq) == wire.IoExitReply(seq=seq, value=7)
+    assert inbox_empty(h, guest)
+    # Answered: the vCPU runs again and may exit again.
+    seq2, n2 = io_exit(h, guest, w.host, addr=0x2000)
+    assert n2.addr == 0x2000 and n2.token != n.token
+    assert accepted(h, w.host, wire.IoExitDone(token=n2.token, value=8))
+    assert h.reply(guest, seq2) == wire.IoExitReply(seq=seq2, value=8)
+    assert h.t.next_deadline() is None
+
+
+def test_io_exit_in_flight_is_per_vm_channel(h: Harness) -> None:
+    """One guest's exit in flight does not make another VM's guest busy."""
+    a, b = world(h), world(h)
+    ga, gb = attached(a)[0], attached(b)[0]
+    seq_a, na = io_exit(h, ga, a.host)
+    seq_b, nb = io_exit(h, gb, b.host)
+    assert err(h.req(ga, wire.IoExit(len=4, addr=0x1000))) == "EBUSY"
+    assert err(h.req(gb, wire.IoExit(len=4, addr=0x1000))) == "EBUSY"
+    assert inbox_empty(h, a.host) and inbox_empty(h, b.host)
+    assert accepted(h, b.host, wire.IoExitDone(token=nb.token, value=2))
+    assert h.reply(gb, seq_b) == wire.IoExitReply(seq=seq_b, value=2)
+    assert err(h.req(ga, wire.IoExit(len=4, addr=0x1000))) == "EBUSY"  # a still waits
+    io_exit(h, gb, b.host)  # b may exit again
+    assert accepted(h, a.host, wire.IoExitDone(token=na.token, value=1))
+    assert h.reply(ga, seq_a) == wire.IoExitReply(seq=seq_a, value=1)
+
+
+@pytest.mark.parametrize("how", ["answered", "refused", "timed-out"])
+def test_io_exit_in_flight_ends_with_its_answer(h: Harness, how: str) -> None:
+    """However the exit in flight ends -- the VMM's value, the VMM's errno, the relay
+    deadline -- the guest's vCPU is free to exit again."""
     w = world(h)
     guest, _ = attached(w)
-    pending = [io_exit(h, guest, w.host, addr=0x1000 + 8 * i) for i in range(3)]
-    assert len({n.token for _, n in pending}) == 3
-    for i in (2, 0, 1):
-        seq, n = pending[i]
-        assert accepted(h, w.host, wire.IoExitDone(token=n.token, value=i))
-        assert h.reply(guest, seq) == wire.IoExitReply(seq=seq, value=i)
+    seq, n = io_exit(h, guest, w.host)
+    if how == "answered":
+        assert accepted(h, w.host, wire.IoExitDone(token=n.token, value=3))
+        assert h.reply(guest, seq) == wire.IoExitReply(seq=seq, value=3)
+    elif how == "refused":
+        assert accepted(h, w.host, wire.IoExitDone(token=n.token, errno=errno.EIO))
+        assert err(h.reply(guest, seq)) == "EIO"
+    else:
+        h.now += h.t.relay_timeout
+        h.expire()
+        assert err(h.reply(guest, seq)) == "ETIMEDOUT"
+    assert h.t.relay.in_flight(guest, "ioexit") is None
+    seq2, n2 = io_exit(h, guest, w.host)
+    assert accepted(h, w.host, wire.IoExitDone(token=n2.token, value=4))
+    assert h.reply(guest, seq2) == wire.IoExitReply(seq=seq2, value=4)
+    if how == "timed-out":  # the late answer to the first one is stale
+        assert refused(h, w.host, wire.IoExitDone(token=n.token), "ENOENT")
+    assert h.t.relay.pending == {}
+
+
+def test_io_exit_in_flight_does_not_outlive_the_guest(h: Harness) -> None:
+    """The guest dies with an exit in flight: a restarted guest on a new channel exits at
+    once (the old exit stays until answered, and its answer goes nowhere)."""
+    w = world(h)
+    guest, _ = attached(w)
+    _, old = io_exit(h, guest, w.host)
+    h.disconnect(guest)
+    assert h.notices(w.host) == [wire.PeerGone(kind=PeerKind.GUEST, id=w.vm)]
+    assert h.t.relay.in_flight(guest, "ioexit") is None
+    g2 = h.guest(w.host, w.vm)
+    h.notices(w.host)
+    seq, new = io_exit(h, g2, w.host)
+    assert accepted(h, w.host, wire.IoExitDone(token=old.token, value=1))
+    assert inbox_empty(h, g2)  # not the new guest's answer
+    assert accepted(h, w.host, wire.IoExitDone(token=new.token, value=2))
+    assert h.reply(g2, seq) == wire.IoExitReply(seq=seq, value=2)
+    assert h.t.relay.pending == {} and h.t.relay.in_flight(g2, "ioexit") is None
+
+
+def test_io_exit_in_flight_ends_when_the_vmm_leaves(h: Harness) -> None:
+    w = world(h)
+    guest, _ = attached(w)
+    seq, _ = io_exit(h, guest, w.host)
+    h.disconnect(w.host)
+    assert err(h.reply(guest, seq)) == "EPIPE"
+    assert h.t.relay.in_flight(guest, "ioexit") is None and h.t.relay.pending == {}
 
 
 @pytest.mark.parametrize("who", ["host", "owner", "device-process", "unattached-guest",
@@ -1050,3 +1149,21 @@ def test_a_reused_connection_id_gets_no_stale_answer() -> None:
     t.disconnect(1)
     t.disconnect(2)
     assert t.is_empty() and t.next_deadline() is None
+
+
+def test_relay_table_opens_one_io_exit_per_requester_and_any_number_of_configs() -> None:
+    relay = RelayTable()
+    first = relay.open("ioexit", 1, 10, 9, 5.0)
+    with pytest.raises(ValueError):
+        relay.open("ioexit", 1, 11, 9, 5.0)
+    assert relay.in_flight(1, "ioexit") is first and relay.in_flight(2, "ioexit") is None
+    other = relay.open("ioexit", 2, 10, 9, 5.0)  # another requester
+    configs = [relay.open("config", 1, 12 + i, 8, 5.0) for i in range(3)]
+    assert relay.in_flight(1, "config") is None  # not a one-in-flight kind
+    assert relay.answer(first.token, 9, "ioexit") is first
+    assert relay.in_flight(1, "ioexit") is None
+    again = relay.open("ioexit", 1, 13, 9, 5.0)
+    relay.requester_gone(1)
+    assert relay.in_flight(1, "ioexit") is None and again.token in relay.pending
+    assert relay.expired(5.0) == [other, *configs, again]
+    assert relay.pending == {} and relay.in_flight(2, "ioexit") is None
