@@ -63,8 +63,15 @@ def body(tag: int, size: int) -> bytes:
 class Guest:
     """One VM attached to one switch port: its memory, its driver rings, the port's rings."""
 
-    def __init__(self, port: venet.VenetPort, *, qsize: int = 64, rx_buffers: int | None = None,
-                 rx: bool = True, rx_size: int = BUF) -> None:
+    def __init__(
+        self,
+        port: venet.VenetPort,
+        *,
+        qsize: int = 64,
+        rx_buffers: int | None = None,
+        rx: bool = True,
+        rx_size: int = BUF,
+    ) -> None:
         self.port = port
         self.qsize = qsize
         self.ram = np.zeros(RAM, dtype=np.uint8)
@@ -78,10 +85,12 @@ class Guest:
         self.rx = DriverRing(self.mem.translate(RX_RING, layout.size), layout, event_idx=False)
         self.runtime = FakeRuntime()
         self.runtime.queues[TX] = Queue(
-            TX, DeviceRing.from_layout(self.mem, TX_RING, layout, event_idx=False), 0)
+            TX, DeviceRing.from_layout(self.mem, TX_RING, layout, event_idx=False), 0
+        )
         if rx:
             self.runtime.queues[RX] = Queue(
-                RX, DeviceRing.from_layout(self.mem, RX_RING, layout, event_idx=False), 1)
+                RX, DeviceRing.from_layout(self.mem, RX_RING, layout, event_idx=False), 1
+            )
         port.attach(cast(DeviceRuntime, self.runtime))
         self.rx_size = rx_size
         self.rx_addr: dict[int, int] = {}  # head -> buffer gpa
@@ -95,18 +104,27 @@ class Guest:
     def post_rx(self, n: int) -> None:
         slots = [self.rx_free.pop(0) for _ in range(n)]
         addrs = [RX_BUF + s * self.rx_size for s in slots]
-        heads = self.rx.add_batch(np.array(addrs, dtype=np.uint64),
-                                  np.full(n, self.rx_size), True)
+        heads = self.rx.add_batch(np.array(addrs, dtype=np.uint64), np.full(n, self.rx_size), True)
         for h, a in zip(heads.tolist(), addrs, strict=True):
             self.rx_addr[h] = a
+
+    def kick_rx(self) -> None:
+        """What the runtime does when the guest kicks its RX queue."""
+        self.port.on_queue(self.runtime.queues[RX])
+
+    def refill(self, n: int) -> None:
+        """Post ``n`` RX buffers and kick."""
+        self.post_rx(n)
+        self.kick_rx()
 
     def send(self, frames: list[bytes]) -> None:
         """Write ``frames`` into TX buffers and post them (each buffer exactly its frame)."""
         addrs = [TX_BUF + i * BUF for i in range(len(frames))]
         for a, f in zip(addrs, frames, strict=True):
             self.mem.write(a, f)
-        self.tx.add_batch(np.array(addrs, dtype=np.uint64),
-                          np.array([len(f) for f in frames]), False)
+        self.tx.add_batch(
+            np.array(addrs, dtype=np.uint64), np.array([len(f) for f in frames]), False
+        )
 
     def pump(self) -> int:
         """Run the port's TX handler until it has nothing left (bounded); return the passes."""
@@ -132,18 +150,38 @@ class Guest:
         return out
 
 
-COUNTERS = ("tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "tx_dropped", "rx_dropped")
+COUNTERS = (
+    "tx_frames",
+    "tx_bytes",
+    "rx_frames",
+    "rx_bytes",
+    "tx_dropped",
+    "rx_dropped",
+    "rx_staged",
+)
+PER_SOURCE = ("rx_from", "rx_dropped_from")
 
 
 def counts(port: venet.VenetPort) -> dict[str, int]:
     """``stats()`` with every counter (a counter never touched is absent there, i.e. 0)."""
     stats = port.stats()
-    assert set(stats) <= {"port", *COUNTERS}, stats
+    assert set(stats) <= {"port", *COUNTERS, *PER_SOURCE}, stats
     return {"port": stats["port"], **{k: int(stats.get(k, 0)) for k in COUNTERS}}
 
 
-def switch_of(n: int, **guest_kw: Any) -> list[Guest]:
-    ports = cast(list[venet.VenetPort], venet.make_group({}, n))
+def accounted(port: venet.VenetPort) -> int:
+    """What the others sent ``port``: delivered, dropped or waiting -- per source too."""
+    st = counts(port)
+    total = st["rx_frames"] + st["rx_dropped"] + st["rx_staged"]
+    stats = port.stats()
+    assert sum(stats["rx_from"].values()) == st["rx_frames"]
+    assert sum(stats["rx_dropped_from"].values()) == st["rx_dropped"]
+    assert sum(port.stage.waiting().values()) == st["rx_staged"]
+    return total
+
+
+def switch_of(n: int, switch_params: dict[str, Any] | None = None, **guest_kw: Any) -> list[Guest]:
+    ports = cast(list[venet.VenetPort], venet.make_group(switch_params or {}, n))
     return [Guest(p, **guest_kw) for p in ports]
 
 
@@ -184,25 +222,55 @@ def test_a_port_can_reach_itself() -> None:
 # ============================================================================ no silent loss
 
 
-def test_frames_without_rx_buffers_are_dropped_and_counted() -> None:
+def test_frames_without_rx_buffers_wait_and_arrive_once_buffers_are_posted() -> None:
     ports = cast(list[venet.VenetPort], venet.make_group({}, 2))
     a, b = Guest(ports[0]), Guest(ports[1], rx_buffers=3)
     frames = [frame(1, 0, body(i, 20)) for i in range(5)]
     a.send(frames)
     a.pump()
     assert b.received() == frames[:3]  # the first three, in order
-    assert b.port.counters["rx_frames"] == 3 and b.port.counters["rx_dropped"] == 2
-    assert a.port.counters["tx_frames"] == 5 and a.port.counters["tx_dropped"] == 0
+    assert counts(b.port)["rx_frames"] == 3 and counts(b.port)["rx_staged"] == 2
+    assert b.port.counters["rx_dropped"] == 0
     # every frame the switch took is accounted for
-    assert (a.port.counters["tx_frames"]
-            == b.port.counters["rx_frames"] + b.port.counters["rx_dropped"])
-    # with buffers again, traffic flows again
-    b.post_rx(3)
-    assert a.tx_done() == [0] * 5
+    assert a.port.counters["tx_frames"] == 5 and a.port.counters["tx_dropped"] == 0
+    assert accounted(b.port) == a.port.counters["tx_frames"]
+    assert a.tx_done() == [0] * 5  # the sender's buffers are back at once
+    # the guest posts buffers and kicks its RX queue: the waiting frames arrive, in order
+    b.refill(3)
+    assert b.received() == frames[3:]
     a.send([frame(1, 0, b"again")])
     a.pump()
     assert b.received() == [frame(1, 0, b"again")]
-    assert b.port.counters["rx_dropped"] == 2 and b.port.counters["rx_frames"] == 4
+    assert counts(b.port)["rx_staged"] == 0 and b.port.counters["rx_dropped"] == 0
+    assert b.port.counters["rx_frames"] == 6 and b.port.stats()["rx_from"] == {"0": 6}
+
+
+def test_frames_beyond_a_sources_queue_bound_are_dropped_and_counted_per_source() -> None:
+    switch = venet.Switch(stage_frames=4)
+    a, b, c = (
+        Guest(venet.VenetPort(switch, p), rx_buffers=0 if p == 1 else None) for p in range(3)
+    )
+    a.send([frame(1, 0, body(i, 20)) for i in range(10)])
+    a.pump()
+    c.send([frame(1, 2, body(i, 20)) for i in range(3)])
+    c.pump()
+    st = counts(b.port)
+    assert st["rx_staged"] == 4 + 3 and st["rx_dropped"] == 6 and st["rx_frames"] == 0
+    assert b.port.stats()["rx_dropped_from"] == {"0": 6}  # only the source over its bound
+    b.refill(7)
+    got = b.received()
+    assert len(got) == 7 and b.port.stats()["rx_from"] == {"0": 4, "2": 3}
+    # a's queue kept its oldest frames; each source's frames in the order it sent them
+    assert [f for f in got if f[4] == 0] == [frame(1, 0, body(i, 20)) for i in range(4)]
+    assert [f for f in got if f[4] == 2] == [frame(1, 2, body(i, 20)) for i in range(3)]
+
+
+def test_the_byte_bound_counts_what_is_held() -> None:
+    switch = venet.Switch(stage_bytes=3 * 100)
+    a, b = Guest(venet.VenetPort(switch, 0)), Guest(venet.VenetPort(switch, 1), rx_buffers=0)
+    a.send([frame(1, 0, b"x" * 92)] * 5)  # 100 bytes each
+    a.pump()
+    assert counts(b.port)["rx_staged"] == 3 and b.port.stats()["rx_dropped_from"] == {"0": 2}
 
 
 def test_rx_queue_not_set_up_drops_are_counted() -> None:
@@ -217,11 +285,15 @@ def test_rx_queue_not_set_up_drops_are_counted() -> None:
 def test_unknown_destination_spoofed_source_and_runts_count_in_tx_dropped() -> None:
     a, b = switch_of(2)
     good = [frame(1, 0, b"first"), frame(1, 0, b"last")]
-    a.send([good[0],
-            frame(9, 0, b"nobody"),       # no port 9
-            frame(1, 1, b"spoof"),        # speaks for port 1
-            frame(1, 0)[:5],              # shorter than the L2 header
-            good[1]])
+    a.send(
+        [
+            good[0],
+            frame(9, 0, b"nobody"),  # no port 9
+            frame(1, 1, b"spoof"),  # speaks for port 1
+            frame(1, 0)[:5],  # shorter than the L2 header
+            good[1],
+        ]
+    )
     a.pump()
     assert b.received() == good
     assert a.tx_done() == [0] * 5  # dropped frames' buffers come back too
@@ -242,12 +314,186 @@ def test_per_port_counters_and_stats() -> None:
     assert [len(f) for f in b.received()] == [18]
     assert [len(f) for f in c.received()] == [38]
     assert [len(f) for f in a.received()] == [58]
-    assert counts(a.port) == {"port": 0, "tx_frames": 2, "tx_bytes": 56, "rx_frames": 1,
-                              "rx_bytes": 58, "tx_dropped": 0, "rx_dropped": 0}
-    assert counts(b.port) == {"port": 1, "tx_frames": 1, "tx_bytes": 58, "rx_frames": 1,
-                              "rx_bytes": 18, "tx_dropped": 0, "rx_dropped": 0}
-    assert counts(c.port) == {"port": 2, "tx_frames": 0, "tx_bytes": 0, "rx_frames": 1,
-                              "rx_bytes": 38, "tx_dropped": 0, "rx_dropped": 0}
+    assert counts(a.port) == {
+        "port": 0,
+        "tx_frames": 2,
+        "tx_bytes": 56,
+        "rx_frames": 1,
+        "rx_bytes": 58,
+        "tx_dropped": 0,
+        "rx_dropped": 0,
+        "rx_staged": 0,
+    }
+    assert counts(b.port) == {
+        "port": 1,
+        "tx_frames": 1,
+        "tx_bytes": 58,
+        "rx_frames": 1,
+        "rx_bytes": 18,
+        "tx_dropped": 0,
+        "rx_dropped": 0,
+        "rx_staged": 0,
+    }
+    assert counts(c.port) == {
+        "port": 2,
+        "tx_frames": 0,
+        "tx_bytes": 0,
+        "rx_frames": 1,
+        "rx_bytes": 38,
+        "tx_dropped": 0,
+        "rx_dropped": 0,
+        "rx_staged": 0,
+    }
+
+
+# ============================================================================ fairness
+
+
+def tagged(dst: int, src: int, seq: int) -> bytes:
+    """A frame whose body says who sent it and its sequence number."""
+    return frame(dst, src, struct.pack("<II", src, seq) + body(seq, 12))
+
+
+def origin(f: bytes) -> tuple[int, int]:
+    src, seq = struct.unpack_from("<II", f, 8)
+    return src, seq
+
+
+def test_flooding_source_cannot_starve_another_source_to_the_same_port() -> None:
+    """VM a floods port b with valid frames, far more than b's RX buffers; VM c sends a
+    few frames to b meanwhile. c's frames all arrive, in order, none dropped: b's
+    buffers are shared between the two sources; only a's excess is dropped (and counted,
+    as a's)."""
+    a, b, c = switch_of(3, {"stage_frames": 16}, rx_buffers=8)
+    flood_seq = 0
+
+    def flood() -> None:
+        nonlocal flood_seq
+        a.tx_done()  # take back a's TX buffers (the switch returned them at once)
+        a.send([tagged(1, 0, flood_seq + i) for i in range(32)])
+        flood_seq += 32
+        a.pump()
+
+    flood()  # b's 8 buffers are gone before c says anything
+    c.send([tagged(1, 2, i) for i in range(6)])
+    c.pump()
+    got: list[tuple[int, int]] = []
+    for _ in range(6):  # b drains and reposts 8 buffers at a time while a keeps flooding
+        got += [origin(f) for f in b.received()]
+        flood()
+        b.refill(8)
+    got += [origin(f) for f in b.received()]
+    from_c = [seq for src, seq in got if src == 2]
+    assert from_c == list(range(6))  # every frame of c, in order
+    from_a = [seq for src, seq in got if src == 0]
+    assert from_a == sorted(from_a) and len(set(from_a)) == len(from_a)
+    stats = b.port.stats()
+    assert stats["rx_dropped_from"].get("2", 0) == 0
+    assert stats["rx_dropped_from"]["0"] > 0  # the flood did overflow b's port
+    assert stats["rx_from"]["2"] == 6
+    assert accounted(b.port) == flood_seq + 6
+    # c was not made to wait behind the flood: its frames went out in the first refills,
+    # alternating with a's
+    first_refill = got[8:16]
+    assert [src for src, _ in first_refill[:6]] == [0, 2] * 3 or [
+        src for src, _ in first_refill[:6]
+    ] == [2, 0] * 3
+
+
+def test_rx_buffers_go_round_robin_among_waiting_sources() -> None:
+    switch = venet.Switch()
+    a, b, c, d = (
+        Guest(venet.VenetPort(switch, p), rx_buffers=0 if p == 3 else None) for p in range(4)
+    )
+    for g, n in ((a, 5), (b, 2), (c, 5)):
+        g.send([tagged(3, g.port.port, i) for i in range(n)])
+        g.pump()
+    assert d.port.stage.waiting() == {0: 5, 1: 2, 2: 5}
+    d.refill(7)
+    assert [origin(f) for f in d.received()] == [
+        (0, 0),
+        (1, 0),
+        (2, 0),
+        (0, 1),
+        (1, 1),
+        (2, 1),
+        (0, 2),
+    ]
+    # the next buffers resume after the source served last
+    d.refill(3)
+    assert [origin(f) for f in d.received()] == [(2, 2), (0, 3), (2, 3)]
+    d.refill(8)
+    assert [origin(f) for f in d.received()] == [(0, 4), (2, 4)]
+    assert d.port.stats()["rx_from"] == {"0": 5, "1": 2, "2": 5}
+    assert accounted(d.port) == 12 and d.port.counters["rx_dropped"] == 0
+
+
+def test_a_new_frame_waits_its_turn_behind_other_sources() -> None:
+    """Frames arriving while others wait go through the same rounds: a source that
+    sends just as buffers appear does not take them all."""
+    a, b, c = switch_of(3, rx_buffers=0)
+    c.send([tagged(1, 2, i) for i in range(3)])
+    c.pump()
+    b.post_rx(4)  # posted, but the kick has not been handled yet
+    a.send([tagged(1, 0, i) for i in range(10)])
+    a.pump()  # a's frames arrive first: they share with c's
+    assert sorted(origin(f) for f in b.received()) == [(0, 0), (0, 1), (2, 0), (2, 1)]
+
+
+@pytest.mark.parametrize(
+    "counts_, n, alloc, last",
+    [
+        ([5, 1, 3], 6, [3, 1, 2], 0),
+        ([5, 1, 3], 9, [5, 1, 3], 0),
+        ([5, 1, 3], 100, [5, 1, 3], 0),
+        ([10, 10], 5, [3, 2], 0),
+        ([4, 4, 4], 7, [3, 2, 2], 0),
+        ([4, 4, 4], 6, [2, 2, 2], 2),
+        ([1, 9, 9], 5, [1, 2, 2], 2),
+        ([2, 3], 0, [0, 0], -1),
+        ([7], 3, [3], 0),
+    ],
+)
+def test_round_robin_shares_by_rounds(
+    counts_: list[int], n: int, alloc: list[int], last: int
+) -> None:
+    assert venet.round_robin(counts_, n) == (alloc, last)
+
+
+def test_round_robin_matches_one_buffer_at_a_time() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        counts_ = rng.integers(0, 12, rng.integers(1, 6)).tolist()
+        n = int(rng.integers(0, sum(counts_) + 3))
+        left, given, last, i = list(counts_), [0] * len(counts_), -1, 0
+        while n > sum(given) and any(left):
+            if left[i]:
+                left[i] -= 1
+                given[i] += 1
+                last = i
+            i = (i + 1) % len(left)
+        assert venet.round_robin(counts_, n) == (given, last), (counts_, n)
+
+
+def test_waiting_frames_are_dropped_and_counted_when_the_port_resets() -> None:
+    a, b = switch_of(2, rx_buffers=0)
+    a.send([tagged(1, 0, i) for i in range(5)])
+    a.pump()
+    assert counts(b.port)["rx_staged"] == 5
+    b.port.on_reset()
+    assert counts(b.port)["rx_staged"] == 0
+    assert b.port.stats()["rx_dropped_from"] == {"0": 5} and accounted(b.port) == 5
+
+
+def test_waiting_frames_are_dropped_and_counted_when_the_rx_queue_goes_away() -> None:
+    a, b = switch_of(2, rx_buffers=0)
+    a.send([tagged(1, 0, i) for i in range(5)])
+    a.pump()
+    del b.runtime.queues[RX]  # the driver disabled its RX queue
+    a.send([tagged(1, 0, 5)])
+    a.pump()
+    assert counts(b.port)["rx_staged"] == 0 and counts(b.port)["rx_dropped"] == 6
+    assert accounted(b.port) == 6
 
 
 # ============================================================================ hostile guests
@@ -298,8 +544,7 @@ def test_an_rx_buffer_smaller_than_the_frame_does_not_crash_the_switch() -> None
     a.pump()
     got = b.received()
     dropped = b.port.counters["rx_dropped"]
-    assert (got == [frame(1, 0, b"x" * 100)[:16]] and dropped == 0) or (
-        got == [] and dropped == 1)
+    assert (got == [frame(1, 0, b"x" * 100)[:16]] and dropped == 0) or (got == [] and dropped == 1)
 
 
 # ============================================================================ configuration
@@ -316,8 +561,9 @@ def test_device_config_bytes_match_the_net_config_layout(port: int) -> None:
     assert raw[6:8] == b"\0\0" and raw[8:12] == struct.pack("<I", port)
 
 
-@pytest.mark.parametrize("params", [{}, {"port": -1}, {"port": 1 << 16}, {"port": "1"},
-                                    {"port": 1.0}, {"port": None}])
+@pytest.mark.parametrize(
+    "params", [{}, {"port": -1}, {"port": 1 << 16}, {"port": "1"}, {"port": 1.0}, {"port": None}]
+)
 def test_device_config_rejects_bad_ports(params: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         venet.device_config(params)
@@ -337,14 +583,20 @@ def test_make_group_puts_every_port_on_one_switch() -> None:
     assert cast(venet.VenetPort, venet.make_model({})).port == 0
 
 
-@pytest.mark.parametrize("params, count", [
-    ({"ports": [0, 1]}, 3),          # too few
-    ({"ports": [0, 1, 2]}, 2),       # too many
-    ({"ports": [1, 1]}, 2),          # duplicates
-    ({"ports": [0, "1"]}, 2),        # not integers
-    ({"ports": (0, 1)}, 2),          # not a list
-    ({"ports": 2}, 2),
-])
+@pytest.mark.parametrize(
+    "params, count",
+    [
+        ({"ports": [0, 1]}, 3),  # too few
+        ({"ports": [0, 1, 2]}, 2),  # too many
+        ({"ports": [1, 1]}, 2),  # duplicates
+        ({"ports": [0, "1"]}, 2),  # not integers
+        ({"ports": (0, 1)}, 2),  # not a list
+        ({"ports": 2}, 2),
+        ({"stage_frames": 0}, 2),  # queue bounds: positive integers
+        ({"stage_bytes": "1"}, 2),
+        ({"stage_frames": True}, 2),
+    ],
+)
 def test_make_group_rejects_bad_port_lists(params: dict[str, Any], count: int) -> None:
     with pytest.raises(ConfigError):
         venet.make_group(params, count)
