@@ -118,12 +118,16 @@ the chain can hold, posting more buffers than there are free descriptors) are
 that is out of range or not in flight, a used length beyond the chain's writable capacity, or
 a used index that moves past the buffers in flight marks :class:`DriverRing` broken.
 
-Indirect descriptors (``VRING_DESC_F_INDIRECT``) are supported, as the head of a chain only
-(the only place Linux and QEMU put them): a table of ``len / 16`` descriptors (``len`` a
-non-zero multiple of 16, at most Q entries) in one guest memory slot, copied once, whose
-entries may not be indirect themselves. ``INDIRECT`` together with ``NEXT``, or on a
-descriptor that is not the head, is broken (the spec forbids the first; QEMU would silently
-treat the second as a plain buffer).
+Indirect descriptors (``VRING_DESC_F_INDIRECT``) are supported as virtio 1.2, 2.7.5.3.2 asks
+("The device MUST handle the case of zero or more normal chained descriptors followed by a
+single descriptor with VIRTQ_DESC_F_INDIRECT"): a chain is zero or more normal descriptors,
+then optionally one indirect descriptor that ends it. Its table is ``len / 16`` descriptors
+(``len`` a non-zero multiple of 16, at most Q entries) in one guest memory slot, copied once,
+whose entries may not be indirect themselves. The chain's buffers are the normal descriptors'
+followed by the table's, under the same rules as any chain: no device-readable buffer after a
+device-writable one across the whole chain, every buffer checked alike, and at most Q
+buffers in all. ``INDIRECT`` together with ``NEXT`` (so anything after the indirect
+descriptor) or a nested indirect descriptor in a table is broken.
 
 A single buffer may be at most ``max_buffer_len`` bytes (default :data:`MAX_BUFFER_LEN`,
 16 MiB; a guest's "4 GiB" buffer breaks the ring). Payload copies
@@ -793,20 +797,36 @@ class DriverRing:
         return head
 
     def add_indirect(
-        self, table: U8Array, table_gpa: int, segments: Sequence[tuple[int, int, bool]]
+        self,
+        table: U8Array,
+        table_gpa: int,
+        segments: Sequence[tuple[int, int, bool]],
+        *,
+        leading: Sequence[tuple[int, int, bool]] = (),
     ) -> int:
-        """Post one chain through an indirect table; return its head (one ring descriptor).
+        """Post one chain through an indirect table; return its head.
 
         ``table`` is the guest's own ``uint8`` view of at least ``16 * len(segments)`` bytes at
         guest-physical ``table_gpa``; it must stay untouched until the chain comes back.
+        ``leading`` buffers, if any, go in normal chained descriptors *before* the indirect
+        one (virtio 1.2, 2.7.5.3.2: "zero or more normal chained descriptors followed by a
+        single descriptor with VIRTQ_DESC_F_INDIRECT"); the chain's buffers are ``leading``
+        then ``segments``, device-readable ones first across both.
         """
         self._check_usable()
-        segs = self._check_segments(segments)
+        lead = self._check_segments(leading, allow_empty=True)
+        segs = self._check_segments([*lead, *segments])[len(lead) :]
         n = len(segs)
+        if n == 0:
+            raise UsageError("an indirect table needs at least one buffer")
         if n > self._q:
             raise UsageError(f"an indirect table of {n} entries is longer than the queue")
-        if self._nfree < 1:
-            raise UsageError("no free descriptor")
+        if len(lead) + n > self._q:
+            raise UsageError(
+                f"a chain of {len(lead) + n} buffers is longer than the queue ({self._q})"
+            )
+        if self._nfree < len(lead) + 1:
+            raise UsageError(f"{len(lead) + 1} descriptors needed but only {self._nfree} free")
         if (
             not isinstance(table, np.ndarray)
             or table.dtype != np.uint8
@@ -820,23 +840,29 @@ class DriverRing:
             last = i == n - 1
             flags = (VRING_DESC_F_WRITE if writable else 0) | (0 if last else VRING_DESC_F_NEXT)
             entries[i] = (addr, length, flags, 0 if last else i + 1)
-        # The table is written before the descriptor pointing at it, and that before avail.idx
-        # (store->store: in order on x86, see the module docstring).
+        # The table is written before the descriptors pointing at it, and those before
+        # avail.idx (store->store: in order on x86, see the module docstring).
         table[: 16 * n] = entries.view(np.uint8)
-        head = int(self._free[self._nfree - 1])
-        self._nfree -= 1
-        self._desc[head] = (tgpa, 16 * n, VRING_DESC_F_INDIRECT, 0)
+        idx = [int(self._free[self._nfree - 1 - i]) for i in range(len(lead) + 1)]
+        self._nfree -= len(idx)
+        for i, (addr, length, writable) in enumerate(lead):
+            flags = (VRING_DESC_F_WRITE if writable else 0) | VRING_DESC_F_NEXT
+            self._desc[idx[i]] = (addr, length, flags, idx[i + 1])
+        self._desc[idx[-1]] = (tgpa, 16 * n, VRING_DESC_F_INDIRECT, 0)
+        head = idx[0]
         self._avail_ring[self._avail_shadow & self._mask] = head
         self._in_flight[head] = True
-        self._multi[head] = False
-        self._wcap[head] = sum(length for _, length, w in segs if w)
+        self._multi[head] = len(idx) > 1
+        if len(idx) > 1:
+            self._chains[head] = idx
+        self._wcap[head] = sum(length for _, length, w in (*lead, *segs) if w)
         self._num_in_flight += 1
         self._publish(1)
         return head
 
     @staticmethod
     def _check_segments(
-        segments: Sequence[tuple[int, int, bool]],
+        segments: Sequence[tuple[int, int, bool]], *, allow_empty: bool = False
     ) -> list[tuple[int, int, bool]]:
         segs: list[tuple[int, int, bool]] = []
         seen_writable = False
@@ -854,7 +880,7 @@ class DriverRing:
                 raise UsageError("device-readable buffers must come before device-writable ones")
             seen_writable |= w
             segs.append((a, n, w))
-        if not segs:
+        if not segs and not allow_empty:
             raise UsageError("a chain needs at least one buffer")
         return segs
 
@@ -1795,16 +1821,22 @@ class DeviceRing:
         n: list[int],
         w: list[bool],
     ) -> int:
-        """Append chain ``head``'s segments; return how many descriptors were read."""
+        """Append chain ``head``'s segments; return how many descriptors were read.
+
+        Zero or more normal descriptors, then optionally one indirect descriptor (without
+        ``NEXT``) ending the chain, whose table's buffers follow the normal ones."""
         q = self._q
         addr, length, flags, nxt = first
-        if flags & VRING_DESC_F_INDIRECT:
-            if flags & VRING_DESC_F_NEXT:
-                raise _Broken(f"chain {head}: indirect descriptor also has NEXT")
-            return 1 + self._walk_indirect(head, addr, length, a, n, w)
         visited = {head}
         idx = head
         while True:
+            if flags & VRING_DESC_F_INDIRECT:
+                if flags & VRING_DESC_F_NEXT:
+                    where = "" if idx == head else f" {idx}"
+                    raise _Broken(f"chain {head}: indirect descriptor{where} also has NEXT")
+                # The normal descriptors before it are buffers of the same chain.
+                before = len(visited) - 1
+                return len(visited) + self._walk_indirect(head, addr, length, a, n, w, before)
             a.append(addr)
             n.append(length)
             w.append(bool(flags & VRING_DESC_F_WRITE))
@@ -1820,12 +1852,19 @@ class DeviceRing:
             idx = nxt
             # Read once into a private tuple: unpacking copies every field out of guest memory.
             addr, length, flags, nxt = _DESC_STRUCT.unpack_from(self._desc_mv, idx << 4)
-            if flags & VRING_DESC_F_INDIRECT:
-                raise _Broken(f"chain {head}: indirect descriptor {idx} is not the chain head")
 
     def _walk_indirect(
-        self, head: int, addr: int, length: int, a: list[int], n: list[int], w: list[bool]
+        self,
+        head: int,
+        addr: int,
+        length: int,
+        a: list[int],
+        n: list[int],
+        w: list[bool],
+        before: int = 0,
     ) -> int:
+        """Append the buffers of chain ``head``'s indirect table (``before`` buffers of the
+        chain precede them); return how many table entries were read."""
         q = self._q
         if length == 0 or length % DESC_DTYPE.itemsize:
             raise _Broken(
@@ -1849,6 +1888,11 @@ class DeviceRing:
             d_addr, d_len, d_flags, d_next = table[i]
             if d_flags & VRING_DESC_F_INDIRECT:
                 raise _Broken(f"chain {head}: nested indirect descriptor in its table")
+            if before + len(visited) > q:
+                raise _Broken(
+                    f"chain {head}: {before} buffers and an indirect table: longer than the "
+                    f"queue size {q}"
+                )
             a.append(d_addr)
             n.append(d_len)
             w.append(bool(d_flags & VRING_DESC_F_WRITE))

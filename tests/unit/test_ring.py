@@ -446,6 +446,66 @@ def test_indirect_round_trip(pair: Pair, memory: tuple[GuestMemoryMap, Any]) -> 
     assert mem.read(BUF_A + 0x80, 4) == b"\x07\x07\0\0"
 
 
+@pytest.mark.parametrize("leading", [0, 1, 2])
+def test_normal_descriptors_then_an_indirect_one(
+    pair: Pair, memory: tuple[GuestMemoryMap, Any], leading: int
+) -> None:
+    """virtio 1.2, 2.7.5.3.2: "zero or more normal chained descriptors followed by a single
+    descriptor with VIRTQ_DESC_F_INDIRECT" -- the chain's buffers are the normal ones, then
+    the table's."""
+    mem, _ = memory
+    lead = [(BUF_A + 0x10 * i, 4, False) for i in range(leading)]
+    for i in range(leading):
+        mem.write(BUF_A + 0x10 * i, f"ld{i}:".encode())
+    mem.write(BUF_A + 0x100, b"table")
+    segs = [(BUF_A + 0x100, 5, False), (BUF_A + 0x200, 4, True), (SLOT1, 4, True)]
+    head = pair.driver.add_indirect(mem.translate(TABLES, 48), TABLES, segs, leading=lead)
+    assert pair.driver.free_descriptors == 8 - leading - 1
+    batch = pair.device.pop_batch()
+    assert pair.device.broken is None and batch.head_list == [head]
+    expected = tuple(Segment(a, n, w) for a, n, w in [*lead, *segs])
+    assert batch.chain(0) == expected and batch.chains() == [expected]
+    assert batch.readable_list == [4 * leading + 5] and batch.writable_list == [8]
+    data, copied = pair.device.read_payloads(batch, 32)
+    want = b"".join(f"ld{i}:".encode() for i in range(leading)) + b"table"
+    assert bytes(data[0][: len(want)]) == want and copied.tolist() == [len(want)]
+    written = pair.device.write_payloads(batch, np.arange(1, 9, dtype=np.uint8).reshape(1, 8), [8])
+    assert pair.device.push_used(batch.heads, written)
+    ids, lens = pair.driver.get_used()
+    assert pair.driver.broken is None and ids.tolist() == [head] and lens.tolist() == [8]
+    assert mem.read(BUF_A + 0x200, 4) == bytes(range(1, 5)) and mem.read(SLOT1, 4) == bytes(
+        range(5, 9)
+    )
+    assert pair.driver.free_descriptors == 8
+
+
+def test_normal_then_indirect_by_hand_among_other_chains(
+    pair: Pair, memory: tuple[GuestMemoryMap, Any]
+) -> None:
+    """The same chain written straight into the ring (no DriverRing checks), in one batch
+    with a plain buffer and a head-indirect chain; the table fills the queue's bound."""
+    mem, _ = memory
+    p = pair.raw
+    mem.write(TABLES, _indirect_table(*[(BUF_A + 8 * i, 8, VRING_DESC_F_NEXT, i + 1)
+                                        for i in range(5)], (BUF_A + 40, 8, VRING_DESC_F_WRITE, 0)))
+    mem.write(TABLES + 0x100, _indirect_table((BUF_B, 8, 0, 0)))
+    p.set_desc(0, BUF_B + 0x100, 8, VRING_DESC_F_NEXT, 5)
+    p.set_desc(5, BUF_B + 0x200, 8, VRING_DESC_F_NEXT, 2)
+    p.set_desc(2, TABLES, 16 * 6, VRING_DESC_F_INDIRECT)  # 2 + 6 buffers: exactly Q
+    p.set_desc(3, BUF_B + 0x300, 8)
+    p.set_desc(4, TABLES + 0x100, 16, VRING_DESC_F_INDIRECT)
+    p.post(3, 0, 4)
+    batch = pair.device.pop_batch(max_descriptors=64)  # the 9 read for chain 0 count too
+    assert pair.device.broken is None and batch.head_list == [3, 0, 4]
+    assert [len(c) for c in batch.chains()] == [1, 8, 1]
+    assert batch.chain(1)[:3] == (
+        Segment(BUF_B + 0x100, 8, False), Segment(BUF_B + 0x200, 8, False), Segment(BUF_A, 8, False)
+    )
+    assert batch.chain(1)[-1] == Segment(BUF_A + 40, 8, True)
+    assert batch.writable_list == [0, 8, 0]
+    assert pair.device.in_flight == 3
+
+
 def test_chain_of_exactly_qsize_descriptors_is_fine(pair: Pair) -> None:
     head = pair.driver.add_chain([(BUF_A + 16 * i, 16, i >= 4) for i in range(8)])
     batch = pair.device.pop_batch()
@@ -568,6 +628,15 @@ def test_posting_errors_are_usage_errors_and_post_nothing(pair: Pair) -> None:
         d.add_chain([(BUF_A + i, 1, False) for i in range(9)])
     with pytest.raises(UsageError, match="indirect table must be"):
         d.add_indirect(np.zeros(8, dtype=np.uint8), TABLES, [(BUF_A, 1, False)])  # too small
+    table = np.zeros(256, dtype=np.uint8)
+    with pytest.raises(UsageError, match="before device-writable"):  # across both parts
+        d.add_indirect(table, TABLES, [(BUF_A, 4, False)], leading=[(BUF_A, 4, True)])
+    with pytest.raises(UsageError, match="chain of 9 buffers is longer than the queue"):
+        d.add_indirect(table, TABLES, [(BUF_A + i, 1, False) for i in range(6)],
+                       leading=[(BUF_A, 1, False)] * 3)
+    with pytest.raises(UsageError, match="needs at least one"):
+        d.add_indirect(table, TABLES, [], leading=[(BUF_A, 1, False)])
+    assert not table.any()
     assert d.avail_idx == 0 and d.free_descriptors == 8 and d.in_flight == 0
     assert d.add_batch([], []).shape == (0,)
     assert not d.kick_needed()
@@ -873,7 +942,15 @@ def _indirect_table(*entries: tuple[int, int, int, int]) -> npt.NDArray[Any]:
         ("outside", "indirect table outside guest memory"),
         ("gap", "indirect table outside guest memory"),
         ("with_next", "indirect descriptor also has NEXT"),
-        ("not_head", "is not the chain head"),
+        ("after_normal_with_next", "indirect descriptor 1 also has NEXT"),
+        ("after_normal_nested", "nested indirect"),
+        ("after_normal_len24", "not a non-zero multiple of 16"),
+        ("after_normal_outside", "indirect table outside guest memory"),
+        ("after_normal_table_too_long", "indirect table of 9 descriptors is longer than"),
+        ("after_normal_too_many", "2 buffers and an indirect table: longer than the queue"),
+        ("after_normal_writable_then_readable", "follows a device-writable"),
+        ("after_normal_huge_buffer", "longer than the 16777216-byte limit"),
+        ("after_normal_bad_normal", "outside guest memory"),
         ("next_range", "next 5 >= table size 2"),
         ("loop", "loop in its indirect table"),
         ("bad_buffer", "outside guest memory"),
@@ -902,9 +979,38 @@ def test_bad_indirect(
         head = (GAP_START - 16, 32, VRING_DESC_F_INDIRECT, 0)
     elif case == "with_next":
         head = (TABLES, 32, VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT, 1)
-    elif case == "not_head":
-        v.raw.set_desc(1, TABLES, 32, VRING_DESC_F_INDIRECT)
+    elif case.startswith("after_normal"):
+        # one or two normal descriptors, then the indirect one (allowed in itself)
         head = (BUF_A, 8, VRING_DESC_F_NEXT, 1)
+        ind = (TABLES, 32, VRING_DESC_F_INDIRECT, 0)
+        if case == "after_normal_with_next":
+            ind = (TABLES, 32, VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT, 2)
+            v.raw.set_desc(2, BUF_A + 0x40, 8, VRING_DESC_F_WRITE)
+        elif case == "after_normal_nested":
+            mem.write(TABLES, _indirect_table((BUF_A, 8, VRING_DESC_F_NEXT, 1), (TABLES, 32, 4, 0)))
+        elif case == "after_normal_len24":
+            ind = (TABLES, 24, VRING_DESC_F_INDIRECT, 0)
+        elif case == "after_normal_outside":
+            ind = (GAP_START - 16, 32, VRING_DESC_F_INDIRECT, 0)
+        elif case == "after_normal_table_too_long":
+            ind = (TABLES, 16 * 9, VRING_DESC_F_INDIRECT, 0)
+        elif case == "after_normal_too_many":
+            # two normal buffers and a table of 7: 9 buffers in a queue of 8
+            head = (BUF_A, 8, VRING_DESC_F_NEXT, 2)
+            v.raw.set_desc(2, BUF_A + 8, 8, VRING_DESC_F_NEXT, 1)
+            mem.write(TABLES, _indirect_table(
+                *[(BUF_A + 8 * i, 8, VRING_DESC_F_NEXT, i + 1) for i in range(6)],
+                (BUF_A + 48, 8, 0, 0)))
+            ind = (TABLES, 16 * 7, VRING_DESC_F_INDIRECT, 0)
+        elif case == "after_normal_writable_then_readable":
+            head = (BUF_A, 8, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 1)  # table starts readable
+        elif case == "after_normal_huge_buffer":
+            mem.write(TABLES, _indirect_table((BUF_A, MAX_BUFFER_LEN + 1, 0, 0), (BUF_A, 8, 0, 0))
+                      [:1])
+            ind = (TABLES, 16, VRING_DESC_F_INDIRECT, 0)
+        elif case == "after_normal_bad_normal":
+            head = (0x7000_0000, 8, VRING_DESC_F_NEXT, 1)
+        v.raw.set_desc(1, *ind)
     elif case == "next_range":
         mem.write(TABLES, _indirect_table((BUF_A, 8, VRING_DESC_F_NEXT, 5), (BUF_A, 8, 0, 0)))
     elif case == "loop":
