@@ -148,6 +148,7 @@ reason).
 from __future__ import annotations
 
 import bisect
+import itertools
 import struct
 import sys
 import threading
@@ -1227,19 +1228,39 @@ class Batch:
         flagged: BoolArray = (self.flags & VRING_DESC_F_WRITE) != 0
         return flagged
 
+    def _slice(self, i: int, lo: int, hi: int) -> list[int]:
+        """Items ``lo:hi`` of field ``i`` as Python ints, converting only those."""
+        a = self._arrays[i]
+        if a is None:
+            assert self._lists is not None
+            return self._lists[i][lo:hi]
+        out: list[int] = a[lo:hi].tolist()
+        return out
+
     def chain(self, i: int) -> tuple[Segment, ...]:
-        """Segments of chain ``i`` (readable ones first)."""
-        starts = self._list(1)
-        lo, hi = starts[i], starts[i + 1]
+        """Segments of chain ``i`` (readable ones first; negative ``i`` counts from the
+        end). Converts only that chain's entries, so walking a batch chain by chain is
+        linear in its size."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"chain {i} of a batch of {n}")
+        i %= n
+        lo, hi = self._slice(1, i, i + 2)
         return tuple(
-            Segment(a, n, bool(f & VRING_DESC_F_WRITE))
-            for a, n, f in zip(
-                self._list(2)[lo:hi], self._list(3)[lo:hi], self._list(4)[lo:hi], strict=True
+            Segment(a, ln, bool(f & VRING_DESC_F_WRITE))
+            for a, ln, f in zip(
+                self._slice(2, lo, hi), self._slice(3, lo, hi), self._slice(4, lo, hi), strict=True
             )
         )
 
     def chains(self) -> list[tuple[Segment, ...]]:
-        return [self.chain(i) for i in range(len(self))]
+        """Every chain's segments (each field converted once)."""
+        starts, addrs, lens, flags = self._list(1), self._list(2), self._list(3), self._list(4)
+        segs = [
+            Segment(a, ln, bool(f & VRING_DESC_F_WRITE))
+            for a, ln, f in zip(addrs, lens, flags, strict=True)
+        ]
+        return [tuple(segs[lo:hi]) for lo, hi in itertools.pairwise(starts)]
 
     def rows(self, lo: int, hi: int) -> Batch:
         """Chains ``lo:hi`` (clamped to the batch) as a batch of their own -- for handling a

@@ -1624,3 +1624,66 @@ def test_batch_rows_are_the_chains_they_slice(memory: tuple[GuestMemoryMap, Any]
             assert part.writable_list == batch.writable_list[max(lo, 0):max(hi, 0)]
     data, copied = p.device.read_payloads(batch.rows(2, 3), 16)
     assert copied.tolist() == [8] and len(data) == 1
+
+
+class _CountingArray(np.ndarray):  # type: ignore[type-arg]
+    """An array view that counts the items its ``tolist`` converts (slices are views of the
+    same class, so converting a slice counts only its items)."""
+
+    converted = 0
+
+    def tolist(self) -> Any:
+        _CountingArray.converted += self.size
+        return super().tolist()
+
+
+def test_walking_a_32768_chain_batch_is_linear() -> None:
+    """chain(i) converts only chain i's entries and chains() each field once: walking a full
+    queue of 32768 chains chain by chain converts O(N) items (converting whole fields on
+    every call took minutes)."""
+    q = 32768
+    layout = RingLayout(q)
+    mem = GuestMemoryMap()
+    mem.add(0, 0, np.zeros(layout.size + 0x10000, dtype=np.uint8))
+    buf = layout.size + 0x100
+    driver = DriverRing(mem.translate(0, layout.size), layout, event_idx=False)
+    device = DeviceRing.from_layout(mem, 0, layout, event_idx=False)
+    writable = np.arange(q) % 3 == 0
+    heads = driver.add_batch(buf + np.arange(q) % 512, 1 + np.arange(q) % 7, writable)
+    batch = device.pop_batch()
+    assert device.broken is None and len(batch) == q
+    for k in (1, 2, 3, 4):  # starts, addrs, lens, flags
+        batch._arrays[k] = batch._arrays[k].view(_CountingArray)  # type: ignore[union-attr]
+    _CountingArray.converted = 0
+    walked = [batch.chain(i) for i in range(q)]
+    assert _CountingArray.converted <= 5 * q  # 2 starts and 3 fields of 1 segment per chain
+    assert batch.chain(-1) == walked[-1]
+    _CountingArray.converted = 0
+    assert batch.chains() == walked
+    assert _CountingArray.converted == 4 * q + 1  # each field once
+    # chain i is buffer i, in posting order
+    assert walked == [(Segment(buf + i % 512, 1 + i % 7, bool(writable[i])),) for i in range(q)]
+    assert batch.head_list == heads.tolist()
+    with pytest.raises(IndexError):
+        batch.chain(q)
+
+
+def test_walking_a_batch_of_chains_is_linear(memory: tuple[GuestMemoryMap, Any]) -> None:
+    """The same for a batch of multi-descriptor chains (and write_payloads, which walks it)."""
+    mem, _ = memory
+    p = Pair(mem, RING_A, 256)
+    for i in range(128):
+        p.driver.add_chain([(BUF_A + 16 * i, 8, False), (BUF_A + 0x4000 + 16 * i, 8, True)])
+    batch = p.device.pop_batch()
+    assert len(batch) == 128 and not batch.simple
+    for k in (1, 2, 3, 4):
+        batch._arrays[k] = batch._arrays[k].view(_CountingArray)  # type: ignore[union-attr]
+    _CountingArray.converted = 0
+    for i in range(128):
+        assert batch.chain(i) == (
+            Segment(BUF_A + 16 * i, 8, False),
+            Segment(BUF_A + 0x4000 + 16 * i, 8, True),
+        )
+    p.device.write_payloads(batch, np.full((128, 8), 9, dtype=np.uint8), np.full(128, 8))
+    assert _CountingArray.converted <= 2 * (2 + 3 * 2) * 128
+    assert mem.read(BUF_A + 0x4000, 8) == b"\x09" * 8
