@@ -1687,3 +1687,100 @@ def test_walking_a_batch_of_chains_is_linear(memory: tuple[GuestMemoryMap, Any])
     p.device.write_payloads(batch, np.full((128, 8), 9, dtype=np.uint8), np.full(128, 8))
     assert _CountingArray.converted <= 2 * (2 + 3 * 2) * 128
     assert mem.read(BUF_A + 0x4000, 8) == b"\x09" * 8
+
+
+# ============================================================================ separate areas
+
+# q = 8: desc 128 bytes, avail 22, used 70. Non-adjacent, in the order avail < used < desc,
+# each only minimally aligned (desc 16 but not 32, avail 2 but not 4, used 4 but not 8).
+SEP_DESC, SEP_AVAIL, SEP_USED = 0x7010, 0x3002, 0x5004
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_separately_placed_areas_interoperate(
+    memory: tuple[GuestMemoryMap, Any], event_idx: bool
+) -> None:
+    mem, ram = memory
+    ram[0x3000:0x8000] = 0xAA  # everything outside the three areas must stay untouched
+    area = mem.translate(0, 0x10000)
+    driver = DriverRing(
+        area, RingLayout(8), event_idx=event_idx, areas=(SEP_DESC, SEP_AVAIL, SEP_USED)
+    )
+    assert driver.areas == (SEP_DESC, SEP_AVAIL, SEP_USED)
+    device = DeviceRing(mem, SEP_DESC, SEP_AVAIL, SEP_USED, 8, event_idx=event_idx)
+    assert device.broken is None
+    outside = np.ones(0x5000, dtype=np.bool_)
+    for start, size in ((SEP_DESC, 128), (SEP_AVAIL, 22), (SEP_USED, 70)):
+        outside[start - 0x3000 : start - 0x3000 + size] = False
+    assert (ram[0x3000:0x8000][outside] == 0xAA).all()
+    assert not ram[SEP_DESC : SEP_DESC + 128].any() and not ram[SEP_USED : SEP_USED + 70].any()
+    mem.write(BUF_A, b"abcdefgh")
+    for rnd in range(40):  # past several wraps of the 8 entries, every kind of chain
+        heads = [
+            int(driver.add_batch([BUF_A, BUF_A + 0x100], [8, 8], [False, True])[0]),
+            driver.add_chain([(BUF_A, 4, False), (BUF_A + 0x200, 8, True)]),
+            driver.add_indirect(
+                mem.translate(TABLES, 32),
+                TABLES,
+                [(BUF_A + 4, 4, False), (BUF_A + 0x300, 8, True)],
+                leading=[(BUF_A, 4, False)],
+            ),
+        ]
+        driver.kick_needed()
+        assert device.has_available()
+        batch = device.pop_batch()
+        assert device.broken is None and len(batch) == 4
+        data, copied = device.read_payloads(batch, 8)
+        assert copied.tolist() == [8, 0, 4, 8] and bytes(data[3]) == b"abcdefgh"
+        written = device.write_payloads(
+            batch, np.full((4, 8), rnd, dtype=np.uint8), batch.writable_lens
+        )
+        device.push_used(batch.heads, written)
+        ids, lens = driver.get_used()
+        assert driver.broken is None
+        assert ids.tolist()[0] == heads[0] and sorted(lens.tolist()) == [0, 8, 8, 8]
+        assert mem.read(BUF_A + 0x300, 8) == bytes([rnd]) * 8
+        assert driver.free_descriptors == 8 and not device.in_flight
+    assert (ram[0x3000:0x8000][outside] == 0xAA).all()
+
+
+@pytest.mark.parametrize(
+    ("areas", "pattern"),
+    [
+        ((SEP_DESC + 8, SEP_AVAIL, SEP_USED), "misaligned"),
+        ((SEP_DESC, SEP_AVAIL + 1, SEP_USED), "misaligned"),
+        ((SEP_DESC, SEP_AVAIL, SEP_USED + 2), "misaligned"),
+        ((SEP_DESC, SEP_DESC + 0x70, SEP_USED), r"overlap \(desc .* and avail"),
+        ((SEP_DESC, SEP_AVAIL, SEP_AVAIL + 18), r"overlap \(avail .* and used"),
+        ((SEP_DESC, SEP_DESC, SEP_USED), "overlap"),
+        ((0xFFF0, SEP_AVAIL, SEP_USED), r"desc ring area \[0xfff0, 0x10070\) runs past 0x10000"),
+        ((SEP_DESC, SEP_AVAIL, 0x10000 - 68), "used ring area .* runs past 0x10000"),
+        ((SEP_DESC, SEP_AVAIL), "must be \\(desc, avail, used\\)"),
+        ((SEP_DESC, SEP_AVAIL, -4), "used offset"),
+    ],
+)
+def test_badly_placed_areas_are_refused(
+    memory: tuple[GuestMemoryMap, Any], areas: Any, pattern: str
+) -> None:
+    mem, ram = memory
+    area = mem.translate(0, 0x10000)
+    ram[: 0x10000] = 0x55
+    with pytest.raises(UsageError, match=pattern):
+        DriverRing(area, RingLayout(8), event_idx=False, areas=areas)
+    assert (ram[: 0x10000] == 0x55).all()  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("gpas", "pattern"),
+    [
+        ((SEP_DESC, SEP_DESC + 0x70, SEP_USED), "overlap"),
+        ((SEP_DESC, SEP_AVAIL, SEP_DESC + 0x40), "overlap"),
+    ],
+)
+def test_device_with_overlapping_areas_starts_broken(
+    memory: tuple[GuestMemoryMap, Any], gpas: tuple[int, int, int], pattern: str
+) -> None:
+    mem, _ = memory
+    dev = DeviceRing(mem, *gpas, 8, event_idx=False)
+    assert dev.broken is not None and pattern in dev.broken
+    assert len(dev.pop_batch()) == 0
