@@ -90,17 +90,16 @@ store leaves the store buffer. Hence three kinds of ordering points:
   "advance my event index, then re-read the ring" refresh done while notifications are on.
 
 u16 indices and flags live at naturally aligned addresses (the device treats misaligned ring
-areas as broken, the driver requires a 16-byte aligned view and aligned areas in it), so
-numpy reads and writes them
-with single aligned moves: no torn index is ever seen. The scalar paths (small batches, see
-:data:`SCALAR_MAX`) reach the same u16s through a native ``memoryview`` cast, whose item
-access is also one fixed-size copy of the aligned u16 (CPython's ``PACK_SINGLE`` /
-``UNPACK_SINGLE``); they pack and unpack descriptors and used elements with ``struct``,
-which may store them byte by byte -- harmless, as those are always published by a later
-index store (store->store above) and read only after the index (load->load), and the
+areas as broken, the driver requires a 16-byte aligned view and aligned areas in it), so numpy
+reads and writes them with single aligned moves: no torn index is ever seen. The scalar paths
+(small batches, see :data:`SCALAR_MAX`) reach the same u16s through a native ``memoryview``
+cast, whose item access is also one fixed-size copy of the aligned u16 (CPython's
+``PACK_SINGLE`` / ``UNPACK_SINGLE``); they pack and unpack descriptors and used elements with
+``struct``, which may store them byte by byte -- harmless, as those are always published by a
+later index store (store->store above) and read only after the index (load->load), and the
 ordering comments sit at the same points in both paths. Descriptors may tear (a guest rewriting
-one while it is copied); the copy is validated as a whole, so that only hurts the guest.
-This model is x86-specific: a weakly ordered CPU would need real acquire/release fences.
+one while it is copied); the copy is validated as a whole, so that only hurts the guest. This
+model is x86-specific: a weakly ordered CPU would need real acquire/release fences.
 
 Trust (DESIGN §4)
 -----------------
