@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from guestemu.vcpu import Vcpu
 
 F_EVENT_IDX = 1
+_TAIL_TABLE = 32
+"""Bytes of the two-entry indirect table of a buffer posted with ``indirect_tail``."""
 SMALL_BATCH = DRIVER_SCALAR_MAX
 """Posting at most this many buffers uses lists of ints (the ring's scalar path)."""
 
@@ -150,7 +152,8 @@ class PacketQueues:
     the device completes them; :meth:`wait` halts with interrupts on, after a re-check."""
 
     def __init__(self, vcpu: Vcpu, ram: GuestRam, fn: Function, size: int,
-                 qsize: int = 256, *, event_idx: bool = True, always_kick: bool = False) -> None:
+                 qsize: int = 256, *, event_idx: bool = True, always_kick: bool = False,
+                 indirect_tail: bool = False) -> None:
         self.vcpu = vcpu
         self.fn = fn
         accepted = start_device(fn, F_EVENT_IDX if event_idx else 0)
@@ -163,8 +166,20 @@ class PacketQueues:
         self.rx.ring.disable_interrupts()
         fn.driver.set_driver_ok()
         self.size = size
-        self.tx_pool = BufferPool(ram, qsize, size)
-        self.rx_pool = BufferPool(ram, qsize, size)
+        # With ``indirect_tail`` every buffer is posted as a chain of one normal descriptor
+        # followed by an indirect one whose table holds the buffer's other two pieces (virtio
+        # 1.2, 2.7.5.3.2); two descriptors per buffer, so half as many buffers.
+        self.indirect_tail = indirect_tail
+        count = max(1, qsize // 2) if indirect_tail else qsize
+        if indirect_tail and size < 3:
+            raise UsageError(f"indirect_tail needs buffers of >= 3 bytes, not {size}")
+        self.tx_pool = BufferPool(ram, count, size)
+        self.rx_pool = BufferPool(ram, count, size)
+        self._tables: dict[int, tuple[int, np.ndarray[Any, Any]]] = {}
+        if indirect_tail:
+            for q in (self.tx, self.rx):  # one 2-entry table per buffer, 16-aligned
+                gpa = ram.alloc(count * _TAIL_TABLE, align=16)
+                self._tables[q.index] = (gpa, ram.view(gpa, count * _TAIL_TABLE))
         self.tx_slot = np.full(qsize, -1, dtype=np.int64)  # head -> buffer slot
         self.rx_slot = np.full(qsize, -1, dtype=np.int64)
         self.tx_completed = 0  # TX buffers the device has given back, in all
@@ -184,7 +199,10 @@ class PacketQueues:
     def _post(self, q: Virtqueue, pool: BufferPool, slot_of: np.ndarray[Any, Any],
               slots: list[int] | np.ndarray[Any, Any], writable: bool) -> None:
         """Post whole buffers ``slots`` of ``pool`` on ``q`` and remember head -> slot."""
-        if isinstance(slots, list):
+        if self.indirect_tail:
+            slot_list = slots if isinstance(slots, list) else slots.tolist()
+            self._post_tail(q, pool, slot_of, slot_list, [self.size] * len(slot_list), writable)
+        elif isinstance(slots, list):
             heads = q.ring.add_batch(pool.addr_list(slots), [self.size] * len(slots), writable)
             for h, slot in zip(heads.tolist(), slots, strict=True):
                 slot_of[h] = slot
@@ -192,6 +210,22 @@ class PacketQueues:
             heads = q.ring.add_batch(pool.addrs(slots), np.full(len(slots), self.size),
                                      writable)
             slot_of[heads] = slots
+
+    def _post_tail(self, q: Virtqueue, pool: BufferPool, slot_of: np.ndarray[Any, Any],
+                   slots: list[int], lens: list[int], writable: bool) -> None:
+        """Post each buffer as a normal descriptor (its first quarter) followed by an
+        indirect one, whose table (the slot's own) holds the rest in two pieces."""
+        gpa, view = self._tables[q.index]
+        for slot, n in zip(slots, lens, strict=True):
+            addr = pool.base + slot * self.size
+            h = max(1, n // 4)
+            m = h + max(1, (n - h) // 2)
+            off = slot * _TAIL_TABLE
+            head = q.ring.add_indirect(
+                view[off:off + _TAIL_TABLE], gpa + off,
+                [(addr + h, m - h, writable), (addr + m, n - m, writable)],
+                leading=[(addr, h, writable)])
+            slot_of[head] = slot
 
     def send(self, frames: np.ndarray[Any, Any]) -> None:
         """Post whole ``frames`` (N x size); the caller checked :meth:`tx_room`."""
@@ -228,7 +262,10 @@ class PacketQueues:
                     raise UsageError(f"a {len(frame)}-byte frame in {size}-byte buffers")
                 flat[slot * size:slot * size + len(frame)] = frame
             # store->store: the frames are in guest RAM before the descriptors publish them
-            if len(slots) == 1:  # one frame per kick: the ring's single-buffer path
+            if self.indirect_tail:
+                self._post_tail(self.tx, pool, self.tx_slot, slots, [len(f) for f in frames],
+                                False)
+            elif len(slots) == 1:  # one frame per kick: the ring's single-buffer path
                 self.tx_slot[ring.add_one(pool.base + slots[0] * size, len(frames[0]))] = slots[0]
             else:
                 heads = ring.add_batch(pool.addr_list(slots), [len(f) for f in frames], False)

@@ -15,8 +15,11 @@ Three areas, all little-endian, indices are u16 and wrap at ``2**16``::
                                 avail_event u16                                  6 + 8*Q
 
 ``Q`` (the queue size) is a power of two in ``1..32768``. :class:`RingLayout` places the three
-areas contiguously (descriptors at 0, available ring right after, used ring aligned up to 4);
-:class:`DeviceRing` also accepts three separate guest-physical addresses, as virtio 1.x allows.
+areas contiguously (descriptors at 0, available ring right after, used ring aligned up to 4).
+virtio 1.x also lets a driver place each area on its own, in any order: :class:`DriverRing`
+takes three offsets into its view (``areas=``) and :class:`DeviceRing` three guest-physical
+addresses; both check them with :func:`placement_problem` (each area aligned, none
+overlapping another) and view the fields through the same code.
 The driver owns (writes) the descriptor table and the available ring; the device owns the used
 ring. Each side only *reads* the other's area.
 
@@ -87,16 +90,16 @@ store leaves the store buffer. Hence three kinds of ordering points:
   "advance my event index, then re-read the ring" refresh done while notifications are on.
 
 u16 indices and flags live at naturally aligned addresses (the device treats misaligned ring
-areas as broken, the driver requires a 16-byte aligned area), so numpy reads and writes them
-with single aligned moves: no torn index is ever seen. The scalar paths (small batches, see
-:data:`SCALAR_MAX`) reach the same u16s through a native ``memoryview`` cast, whose item
-access is also one fixed-size copy of the aligned u16 (CPython's ``PACK_SINGLE`` /
-``UNPACK_SINGLE``); they pack and unpack descriptors and used elements with ``struct``,
-which may store them byte by byte -- harmless, as those are always published by a later
-index store (store->store above) and read only after the index (load->load), and the
+areas as broken, the driver requires a 16-byte aligned view and aligned areas in it), so numpy
+reads and writes them with single aligned moves: no torn index is ever seen. The scalar paths
+(small batches, see :data:`SCALAR_MAX`) reach the same u16s through a native ``memoryview``
+cast, whose item access is also one fixed-size copy of the aligned u16 (CPython's
+``PACK_SINGLE`` / ``UNPACK_SINGLE``); they pack and unpack descriptors and used elements with
+``struct``, which may store them byte by byte -- harmless, as those are always published by a
+later index store (store->store above) and read only after the index (load->load), and the
 ordering comments sit at the same points in both paths. Descriptors may tear (a guest rewriting
-one while it is copied); the copy is validated as a whole, so that only hurts the guest.
-This model is x86-specific: a weakly ordered CPU would need real acquire/release fences.
+one while it is copied); the copy is validated as a whole, so that only hurts the guest. This
+model is x86-specific: a weakly ordered CPU would need real acquire/release fences.
 
 Trust (DESIGN §4)
 -----------------
@@ -118,12 +121,16 @@ the chain can hold, posting more buffers than there are free descriptors) are
 that is out of range or not in flight, a used length beyond the chain's writable capacity, or
 a used index that moves past the buffers in flight marks :class:`DriverRing` broken.
 
-Indirect descriptors (``VRING_DESC_F_INDIRECT``) are supported, as the head of a chain only
-(the only place Linux and QEMU put them): a table of ``len / 16`` descriptors (``len`` a
-non-zero multiple of 16, at most Q entries) in one guest memory slot, copied once, whose
-entries may not be indirect themselves. ``INDIRECT`` together with ``NEXT``, or on a
-descriptor that is not the head, is broken (the spec forbids the first; QEMU would silently
-treat the second as a plain buffer).
+Indirect descriptors (``VRING_DESC_F_INDIRECT``) are supported as virtio 1.2, 2.7.5.3.2 asks
+("The device MUST handle the case of zero or more normal chained descriptors followed by a
+single descriptor with VIRTQ_DESC_F_INDIRECT"): a chain is zero or more normal descriptors,
+then optionally one indirect descriptor that ends it. Its table is ``len / 16`` descriptors
+(``len`` a non-zero multiple of 16, at most Q entries) in one guest memory slot, copied once,
+whose entries may not be indirect themselves. The chain's buffers are the normal descriptors'
+followed by the table's, under the same rules as any chain: no device-readable buffer after a
+device-writable one across the whole chain, every buffer checked alike, and at most Q
+buffers in all. ``INDIRECT`` together with ``NEXT`` (so anything after the indirect
+descriptor) or a nested indirect descriptor in a table is broken.
 
 A single buffer may be at most ``max_buffer_len`` bytes (default :data:`MAX_BUFFER_LEN`,
 16 MiB; a guest's "4 GiB" buffer breaks the ring). Payload copies
@@ -144,6 +151,7 @@ reason).
 from __future__ import annotations
 
 import bisect
+import itertools
 import struct
 import sys
 import threading
@@ -320,6 +328,87 @@ class RingLayout:
         )
 
 
+def ring_area_sizes(qsize: int) -> tuple[int, int, int]:
+    """Bytes of the descriptor table, the available ring and the used ring of a split ring of
+    ``qsize`` entries (virtio 1.x 2.7: ``16*Q``, ``6 + 2*Q``, ``6 + 8*Q``)."""
+    return (
+        DESC_DTYPE.itemsize * qsize,
+        6 + 2 * qsize,
+        6 + USED_ELEM_DTYPE.itemsize * qsize,
+    )
+
+
+def placement_problem(
+    qsize: int, desc: int, avail: int, used: int, limit: int | None = None
+) -> str | None:
+    """Why a split ring of ``qsize`` entries cannot have its descriptor table, available ring
+    and used ring at ``desc``, ``avail`` and ``used``, or ``None`` if it can.
+
+    virtio 1.x places the three areas independently, in any order, each aligned on its own
+    (16, 2 and 4 bytes); they must not overlap, and with ``limit`` each must end at or before
+    it. The one place this is worked out: the driver's separately placed areas (byte offsets
+    in its view) and the device's attach (guest-physical addresses) both ask here.
+    """
+    if desc % DESC_ALIGN or avail % AVAIL_ALIGN or used % USED_ALIGN:
+        return (
+            f"ring areas misaligned (desc {desc:#x} needs {DESC_ALIGN}, avail {avail:#x} needs "
+            f"{AVAIL_ALIGN}, used {used:#x} needs {USED_ALIGN})"
+        )
+    spans = sorted(zip((desc, avail, used), ring_area_sizes(qsize), ("desc", "avail", "used"),
+                       strict=True))
+    for (a, a_size, a_name), (b, _, b_name) in itertools.pairwise(spans):
+        if a + a_size > b:
+            return (
+                f"ring areas overlap ({a_name} [{a:#x}, {a + a_size:#x}) and {b_name} at {b:#x})"
+            )
+    if limit is not None:
+        for start, size, name in spans:
+            if start + size > limit:
+                return f"{name} ring area [{start:#x}, {start + size:#x}) runs past {limit:#x}"
+    return None
+
+
+class _RingViews(NamedTuple):
+    """Every field of one split ring as views of its three areas (numpy for the vectorized
+    paths; bytes and native u16 ``memoryview`` casts for the scalar ones)."""
+
+    desc: npt.NDArray[Any]
+    avail_flags: U16Array
+    avail_idx: U16Array
+    avail_ring: U16Array
+    used_event: U16Array
+    used_flags: U16Array
+    used_idx: U16Array
+    used_ring: npt.NDArray[Any]
+    avail_event: U16Array
+    desc_mv: memoryview  # bytes: descriptors through struct
+    avail16: memoryview  # u16: flags 0, idx 1, ring 2.., used_event 2+Q
+    used_mv: memoryview  # bytes: used elements at 4 + 8*i
+    used16: memoryview  # u16: flags 0, idx 1, avail_event 2+4Q
+
+
+def _ring_views(desc: U8Array, avail: U8Array, used: U8Array, qsize: int) -> _RingViews:
+    """The fields of a split ring of ``qsize`` entries over its three areas (each exactly
+    :func:`ring_area_sizes` bytes, wherever it lies). Each area starts aligned, so every u16
+    is 2-aligned and every index access one untorn move."""
+    q = qsize
+    return _RingViews(
+        desc=desc.view(DESC_DTYPE),
+        avail_flags=_field(avail, 0, 1, _LE16),
+        avail_idx=_field(avail, 2, 1, _LE16),
+        avail_ring=_field(avail, 4, q, _LE16),
+        used_event=_field(avail, 4 + 2 * q, 1, _LE16),
+        used_flags=_field(used, 0, 1, _LE16),
+        used_idx=_field(used, 2, 1, _LE16),
+        used_ring=_field(used, 4, q, USED_ELEM_DTYPE),
+        avail_event=_field(used, 4 + USED_ELEM_DTYPE.itemsize * q, 1, _LE16),
+        desc_mv=desc.data,
+        avail16=avail.data.cast("H"),
+        used_mv=used.data,
+        used16=used.data.cast("H"),
+    )
+
+
 def need_event(event: int, new: int, old: int) -> bool:
     """Virtio's ``vring_need_event``: did moving an index from ``old`` to ``new`` pass ``event``?
 
@@ -467,7 +556,10 @@ class Segment(NamedTuple):
 
 
 class DriverRing:
-    """The guest's side of one split ring, over a ``uint8`` view of the contiguous ring area.
+    """The guest's side of one split ring, over a ``uint8`` view of the contiguous ring area
+    -- or, with ``areas=(desc, avail, used)``, of memory holding the three areas at those byte
+    offsets, each placed on its own (aligned 16, 2 and 4, not overlapping, inside the view;
+    :class:`UsageError` otherwise). Only the three areas are ever written.
 
     Keeps a stack of free descriptors, the shadow ``avail.idx`` and ``last_used``, and its own
     record of every chain in flight (it never trusts the descriptor table or the used ring for
@@ -488,7 +580,13 @@ class DriverRing:
     """
 
     def __init__(
-        self, area: U8Array, layout: RingLayout, *, event_idx: bool, start_index: int = 0
+        self,
+        area: U8Array,
+        layout: RingLayout,
+        *,
+        event_idx: bool,
+        start_index: int = 0,
+        areas: tuple[int, int, int] | None = None,
     ) -> None:
         if not isinstance(layout, RingLayout):
             raise UsageError(f"layout must be a RingLayout, got {layout!r}")
@@ -499,8 +597,24 @@ class DriverRing:
             or not area.flags.c_contiguous
         ):
             raise UsageError("the ring area must be a 1-D C-contiguous uint8 numpy array")
-        if area.shape[0] < layout.size:
-            raise UsageError(f"ring area has {area.shape[0]} bytes, the layout needs {layout.size}")
+        q = layout.qsize
+        if areas is None:
+            if area.shape[0] < layout.size:
+                raise UsageError(
+                    f"ring area has {area.shape[0]} bytes, the layout needs {layout.size}"
+                )
+            offsets = (layout.desc_offset, layout.avail_offset, layout.used_offset)
+        else:
+            if not isinstance(areas, tuple) or len(areas) != 3:
+                raise UsageError(f"areas must be (desc, avail, used) offsets, got {areas!r}")
+            offsets = (
+                _check_int(areas[0], "desc offset", 0, 1 << 62),
+                _check_int(areas[1], "avail offset", 0, 1 << 62),
+                _check_int(areas[2], "used offset", 0, 1 << 62),
+            )
+            problem = placement_problem(q, *offsets, limit=area.shape[0])
+            if problem is not None:
+                raise UsageError(problem)
         if not area.flags.writeable:
             raise UsageError("the ring area must be writable")
         if area.ctypes.data % DESC_ALIGN:
@@ -508,36 +622,37 @@ class DriverRing:
             # store and load a single untorn access (the module docstring's ordering model).
             raise UsageError("the ring area must be 16-byte aligned")
         self._layout = layout
+        self._offsets = offsets
         self._event_idx = bool(event_idx)
-        q = layout.qsize
         self._q = q
         self._mask = q - 1
-        self._area = area[: layout.size]
-        lay = layout
-        self._desc = _field(self._area, lay.desc_offset, q, DESC_DTYPE)
+        d_size, a_size, u_size = ring_area_sizes(q)
+        d_off, a_off, u_off = offsets
+        self._parts = (
+            area[d_off : d_off + d_size],
+            area[a_off : a_off + a_size],
+            area[u_off : u_off + u_size],
+        )
+        v = _ring_views(*self._parts, q)
+        self._desc = v.desc
         self._d_addr = self._desc["addr"]
         self._d_len = self._desc["len"]
         self._d_flags = self._desc["flags"]
         self._d_next = self._desc["next"]
-        self._avail_flags = _field(self._area, lay.avail_flags_offset, 1, _LE16)
-        self._avail_idx = _field(self._area, lay.avail_idx_offset, 1, _LE16)
-        self._avail_ring = _field(self._area, lay.avail_ring_offset, q, _LE16)
-        self._used_event = _field(self._area, lay.used_event_offset, 1, _LE16)
-        self._used_flags = _field(self._area, lay.used_flags_offset, 1, _LE16)
-        self._used_idx = _field(self._area, lay.used_idx_offset, 1, _LE16)
-        self._used_ring = _field(self._area, lay.used_ring_offset, q, USED_ELEM_DTYPE)
-        self._avail_event = _field(self._area, lay.avail_event_offset, 1, _LE16)
-        # The same area for the scalar paths: bytes (descriptors and used elements through
-        # struct) and native u16 (indices, flags, event indices, avail.ring entries). Every
-        # u16 is 2-aligned (the area is 16-aligned), so each is one untorn access.
-        self._mv = self._area.data  # a memoryview of the array's bytes
-        self._mv16 = self._mv.cast("H")
-        self._i_avail_flags = lay.avail_flags_offset // 2
-        self._i_avail_idx = lay.avail_idx_offset // 2
-        self._i_avail_ring = lay.avail_ring_offset // 2
-        self._i_used_event = lay.used_event_offset // 2
-        self._i_used_idx = lay.used_idx_offset // 2
-        self._used_ring_off = lay.used_ring_offset
+        self._avail_flags = v.avail_flags
+        self._avail_idx = v.avail_idx
+        self._avail_ring = v.avail_ring
+        self._used_event = v.used_event
+        self._used_flags = v.used_flags
+        self._used_idx = v.used_idx
+        self._used_ring = v.used_ring
+        self._avail_event = v.avail_event
+        # The same areas for the scalar paths: bytes (descriptors and used elements through
+        # struct) and native u16 (avail.ring entries). Every u16 is 2-aligned (each area is
+        # aligned), so each is one untorn access.
+        self._desc_mv = v.desc_mv
+        self._avail16 = v.avail16
+        self._used_mv = v.used_mv
         self._scalar_max = DRIVER_SCALAR_MAX if _NATIVE_LE else 0
         # Private bookkeeping (never read back from shared memory), each as a numpy array
         # and a memoryview over the same bytes.
@@ -567,7 +682,8 @@ class DriverRing:
         """
         start = _check_int(start_index, "start_index", 0, INDEX_MASK)
         q = self._q
-        self._area[...] = 0
+        for part in self._parts:
+            part[...] = 0
         self._avail_idx[0] = start
         self._used_event[0] = start
         # The used-ring header belongs to the device, but the driver initialises the whole
@@ -592,6 +708,12 @@ class DriverRing:
     @property
     def layout(self) -> RingLayout:
         return self._layout
+
+    @property
+    def areas(self) -> tuple[int, int, int]:
+        """Byte offsets of the descriptor table, available ring and used ring in the area
+        given to the constructor (the layout's own for a contiguous ring)."""
+        return self._offsets
 
     @property
     def qsize(self) -> int:
@@ -721,9 +843,9 @@ class DriverRing:
         head: int = self._free_mv[top]  # the top of the free stack, as add_batch pops it
         self._nfree = top
         wcap = length if device_writable else 0
-        _DESC_STRUCT.pack_into(self._mv, head << 4, addr, length,
+        _DESC_STRUCT.pack_into(self._desc_mv, head << 4, addr, length,
                                VRING_DESC_F_WRITE if device_writable else 0, 0)
-        self._mv16[self._i_avail_ring + (self._avail_shadow & self._mask)] = head
+        self._avail16[2 + (self._avail_shadow & self._mask)] = head
         self._in_flight_mv[head] = 1
         self._multi_mv[head] = 0
         self._wcap_mv[head] = wcap
@@ -749,8 +871,8 @@ class DriverRing:
         heads = [free[top - j] for j in range(n)]
         self._nfree -= n
         pack = _DESC_STRUCT.pack_into
-        mv, mv16, mask = self._mv, self._mv16, self._mask
-        ring, shadow = self._i_avail_ring, self._avail_shadow
+        mv, mv16, mask = self._desc_mv, self._avail16, self._mask
+        ring, shadow = 2, self._avail_shadow  # avail.ring[0] is u16 number 2 of the area
         in_flight, multi, wcap = self._in_flight_mv, self._multi_mv, self._wcap_mv
         for j in range(n):
             h, length, w = heads[j], lens[j], wr[j]
@@ -793,20 +915,36 @@ class DriverRing:
         return head
 
     def add_indirect(
-        self, table: U8Array, table_gpa: int, segments: Sequence[tuple[int, int, bool]]
+        self,
+        table: U8Array,
+        table_gpa: int,
+        segments: Sequence[tuple[int, int, bool]],
+        *,
+        leading: Sequence[tuple[int, int, bool]] = (),
     ) -> int:
-        """Post one chain through an indirect table; return its head (one ring descriptor).
+        """Post one chain through an indirect table; return its head.
 
         ``table`` is the guest's own ``uint8`` view of at least ``16 * len(segments)`` bytes at
         guest-physical ``table_gpa``; it must stay untouched until the chain comes back.
+        ``leading`` buffers, if any, go in normal chained descriptors *before* the indirect
+        one (virtio 1.2, 2.7.5.3.2: "zero or more normal chained descriptors followed by a
+        single descriptor with VIRTQ_DESC_F_INDIRECT"); the chain's buffers are ``leading``
+        then ``segments``, device-readable ones first across both.
         """
         self._check_usable()
-        segs = self._check_segments(segments)
+        lead = self._check_segments(leading, allow_empty=True)
+        segs = self._check_segments([*lead, *segments])[len(lead) :]
         n = len(segs)
+        if n == 0:
+            raise UsageError("an indirect table needs at least one buffer")
         if n > self._q:
             raise UsageError(f"an indirect table of {n} entries is longer than the queue")
-        if self._nfree < 1:
-            raise UsageError("no free descriptor")
+        if len(lead) + n > self._q:
+            raise UsageError(
+                f"a chain of {len(lead) + n} buffers is longer than the queue ({self._q})"
+            )
+        if self._nfree < len(lead) + 1:
+            raise UsageError(f"{len(lead) + 1} descriptors needed but only {self._nfree} free")
         if (
             not isinstance(table, np.ndarray)
             or table.dtype != np.uint8
@@ -820,23 +958,29 @@ class DriverRing:
             last = i == n - 1
             flags = (VRING_DESC_F_WRITE if writable else 0) | (0 if last else VRING_DESC_F_NEXT)
             entries[i] = (addr, length, flags, 0 if last else i + 1)
-        # The table is written before the descriptor pointing at it, and that before avail.idx
-        # (store->store: in order on x86, see the module docstring).
+        # The table is written before the descriptors pointing at it, and those before
+        # avail.idx (store->store: in order on x86, see the module docstring).
         table[: 16 * n] = entries.view(np.uint8)
-        head = int(self._free[self._nfree - 1])
-        self._nfree -= 1
-        self._desc[head] = (tgpa, 16 * n, VRING_DESC_F_INDIRECT, 0)
+        idx = [int(self._free[self._nfree - 1 - i]) for i in range(len(lead) + 1)]
+        self._nfree -= len(idx)
+        for i, (addr, length, writable) in enumerate(lead):
+            flags = (VRING_DESC_F_WRITE if writable else 0) | VRING_DESC_F_NEXT
+            self._desc[idx[i]] = (addr, length, flags, idx[i + 1])
+        self._desc[idx[-1]] = (tgpa, 16 * n, VRING_DESC_F_INDIRECT, 0)
+        head = idx[0]
         self._avail_ring[self._avail_shadow & self._mask] = head
         self._in_flight[head] = True
-        self._multi[head] = False
-        self._wcap[head] = sum(length for _, length, w in segs if w)
+        self._multi[head] = len(idx) > 1
+        if len(idx) > 1:
+            self._chains[head] = idx
+        self._wcap[head] = sum(length for _, length, w in (*lead, *segs) if w)
         self._num_in_flight += 1
         self._publish(1)
         return head
 
     @staticmethod
     def _check_segments(
-        segments: Sequence[tuple[int, int, bool]],
+        segments: Sequence[tuple[int, int, bool]], *, allow_empty: bool = False
     ) -> list[tuple[int, int, bool]]:
         segs: list[tuple[int, int, bool]] = []
         seen_writable = False
@@ -854,7 +998,7 @@ class DriverRing:
                 raise UsageError("device-readable buffers must come before device-writable ones")
             seen_writable |= w
             segs.append((a, n, w))
-        if not segs:
+        if not segs and not allow_empty:
             raise UsageError("a chain needs at least one buffer")
         return segs
 
@@ -1005,8 +1149,8 @@ class DriverRing:
         # load->load: used.idx was read (by the caller) before the entries it publishes; x86
         # keeps loads in order. Each entry is unpacked exactly once into private ints.
         unpack = _USED_STRUCT.unpack_from
-        mv, mask, last = self._mv, self._mask, self._last_used
-        base = self._used_ring_off
+        mv, mask, last = self._used_mv, self._mask, self._last_used
+        base = 4  # used.ring[0] after flags and idx
         entries = [unpack(mv, base + 8 * ((last + j) & mask)) for j in range(k)]
         q, in_flight, wcap = self._q, self._in_flight_mv, self._wcap_mv
         seen: set[int] = set()
@@ -1201,19 +1345,39 @@ class Batch:
         flagged: BoolArray = (self.flags & VRING_DESC_F_WRITE) != 0
         return flagged
 
+    def _slice(self, i: int, lo: int, hi: int) -> list[int]:
+        """Items ``lo:hi`` of field ``i`` as Python ints, converting only those."""
+        a = self._arrays[i]
+        if a is None:
+            assert self._lists is not None
+            return self._lists[i][lo:hi]
+        out: list[int] = a[lo:hi].tolist()
+        return out
+
     def chain(self, i: int) -> tuple[Segment, ...]:
-        """Segments of chain ``i`` (readable ones first)."""
-        starts = self._list(1)
-        lo, hi = starts[i], starts[i + 1]
+        """Segments of chain ``i`` (readable ones first; negative ``i`` counts from the
+        end). Converts only that chain's entries, so walking a batch chain by chain is
+        linear in its size."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"chain {i} of a batch of {n}")
+        i %= n
+        lo, hi = self._slice(1, i, i + 2)
         return tuple(
-            Segment(a, n, bool(f & VRING_DESC_F_WRITE))
-            for a, n, f in zip(
-                self._list(2)[lo:hi], self._list(3)[lo:hi], self._list(4)[lo:hi], strict=True
+            Segment(a, ln, bool(f & VRING_DESC_F_WRITE))
+            for a, ln, f in zip(
+                self._slice(2, lo, hi), self._slice(3, lo, hi), self._slice(4, lo, hi), strict=True
             )
         )
 
     def chains(self) -> list[tuple[Segment, ...]]:
-        return [self.chain(i) for i in range(len(self))]
+        """Every chain's segments (each field converted once)."""
+        starts, addrs, lens, flags = self._list(1), self._list(2), self._list(3), self._list(4)
+        segs = [
+            Segment(a, ln, bool(f & VRING_DESC_F_WRITE))
+            for a, ln, f in zip(addrs, lens, flags, strict=True)
+        ]
+        return [tuple(segs[lo:hi]) for lo, hi in itertools.pairwise(starts)]
 
     def rows(self, lo: int, hi: int) -> Batch:
         """Chains ``lo:hi`` (clamped to the batch) as a batch of their own -- for handling a
@@ -1411,13 +1575,11 @@ class DeviceRing:
         """Translate the three areas once; a bad guest address leaves the ring broken."""
         q = self._q
         desc_gpa, avail_gpa, used_gpa = self._gpas
-        sizes = (DESC_DTYPE.itemsize * q, 6 + 2 * q, 6 + USED_ELEM_DTYPE.itemsize * q)
+        sizes = ring_area_sizes(q)
         try:
-            if desc_gpa % DESC_ALIGN or avail_gpa % AVAIL_ALIGN or used_gpa % USED_ALIGN:
-                raise _Broken(
-                    f"ring areas misaligned (desc {desc_gpa:#x} needs 16, avail "
-                    f"{avail_gpa:#x} needs 2, used {used_gpa:#x} needs 4)"
-                )
+            problem = placement_problem(q, desc_gpa, avail_gpa, used_gpa)
+            if problem is not None:
+                raise _Broken(problem)
             try:
                 desc = self._mem.translate(desc_gpa, sizes[0])
                 avail = self._mem.translate(avail_gpa, sizes[1])
@@ -1432,25 +1594,22 @@ class DeviceRing:
             desc = np.zeros(sizes[0], dtype=np.uint8)
             avail = np.zeros(sizes[1], dtype=np.uint8)
             used = np.zeros(sizes[2], dtype=np.uint8)
-        self._desc = desc.view(DESC_DTYPE)
-        self._avail_flags = _field(avail, 0, 1, _LE16)
-        self._avail_idx = _field(avail, 2, 1, _LE16)
-        self._avail_ring = _field(avail, 4, q, _LE16)
-        self._used_event = _field(avail, 4 + 2 * q, 1, _LE16)
-        self._used_flags = _field(used, 0, 1, _LE16)
-        self._used_idx = _field(used, 2, 1, _LE16)
-        used_ring = _field(used, 4, q, USED_ELEM_DTYPE)
-        self._used_id = used_ring["id"]
-        self._used_len = used_ring["len"]
-        self._avail_event = _field(used, 4 + USED_ELEM_DTYPE.itemsize * q, 1, _LE16)
-        # The same areas for the scalar paths: bytes (descriptors, used elements: struct)
-        # and native u16 (indices, flags, event indices, avail.ring entries; each 2-aligned,
-        # so one untorn access). avail as u16: flags 0, idx 1, ring 2.., used_event 2+Q;
-        # used as u16: flags 0, idx 1, avail_event 2+4Q.
-        self._desc_mv = desc.data  # memoryviews of the arrays' bytes
-        self._avail16 = avail.data.cast("H")
-        self._used_mv = used.data
-        self._used16 = self._used_mv.cast("H")
+        v = _ring_views(desc, avail, used, q)
+        self._desc = v.desc
+        self._avail_flags = v.avail_flags
+        self._avail_idx = v.avail_idx
+        self._avail_ring = v.avail_ring
+        self._used_event = v.used_event
+        self._used_flags = v.used_flags
+        self._used_idx = v.used_idx
+        self._used_id = v.used_ring["id"]
+        self._used_len = v.used_ring["len"]
+        self._avail_event = v.avail_event
+        # The same areas for the scalar paths (see _RingViews).
+        self._desc_mv = v.desc_mv
+        self._avail16 = v.avail16
+        self._used_mv = v.used_mv
+        self._used16 = v.used16
 
     def _reset_state(self) -> None:
         start = self._start
@@ -1795,16 +1954,22 @@ class DeviceRing:
         n: list[int],
         w: list[bool],
     ) -> int:
-        """Append chain ``head``'s segments; return how many descriptors were read."""
+        """Append chain ``head``'s segments; return how many descriptors were read.
+
+        Zero or more normal descriptors, then optionally one indirect descriptor (without
+        ``NEXT``) ending the chain, whose table's buffers follow the normal ones."""
         q = self._q
         addr, length, flags, nxt = first
-        if flags & VRING_DESC_F_INDIRECT:
-            if flags & VRING_DESC_F_NEXT:
-                raise _Broken(f"chain {head}: indirect descriptor also has NEXT")
-            return 1 + self._walk_indirect(head, addr, length, a, n, w)
         visited = {head}
         idx = head
         while True:
+            if flags & VRING_DESC_F_INDIRECT:
+                if flags & VRING_DESC_F_NEXT:
+                    where = "" if idx == head else f" {idx}"
+                    raise _Broken(f"chain {head}: indirect descriptor{where} also has NEXT")
+                # The normal descriptors before it are buffers of the same chain.
+                before = len(visited) - 1
+                return len(visited) + self._walk_indirect(head, addr, length, a, n, w, before)
             a.append(addr)
             n.append(length)
             w.append(bool(flags & VRING_DESC_F_WRITE))
@@ -1820,12 +1985,19 @@ class DeviceRing:
             idx = nxt
             # Read once into a private tuple: unpacking copies every field out of guest memory.
             addr, length, flags, nxt = _DESC_STRUCT.unpack_from(self._desc_mv, idx << 4)
-            if flags & VRING_DESC_F_INDIRECT:
-                raise _Broken(f"chain {head}: indirect descriptor {idx} is not the chain head")
 
     def _walk_indirect(
-        self, head: int, addr: int, length: int, a: list[int], n: list[int], w: list[bool]
+        self,
+        head: int,
+        addr: int,
+        length: int,
+        a: list[int],
+        n: list[int],
+        w: list[bool],
+        before: int = 0,
     ) -> int:
+        """Append the buffers of chain ``head``'s indirect table (``before`` buffers of the
+        chain precede them); return how many table entries were read."""
         q = self._q
         if length == 0 or length % DESC_DTYPE.itemsize:
             raise _Broken(
@@ -1849,6 +2021,11 @@ class DeviceRing:
             d_addr, d_len, d_flags, d_next = table[i]
             if d_flags & VRING_DESC_F_INDIRECT:
                 raise _Broken(f"chain {head}: nested indirect descriptor in its table")
+            if before + len(visited) > q:
+                raise _Broken(
+                    f"chain {head}: {before} buffers and an indirect table: longer than the "
+                    f"queue size {q}"
+                )
             a.append(d_addr)
             n.append(d_len)
             w.append(bool(d_flags & VRING_DESC_F_WRITE))

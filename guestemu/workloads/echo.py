@@ -146,7 +146,7 @@ class EchoSession:
 
     def __init__(self, agent: GuestAgent, size: int, batch: int, qsize: int = 256, *,
                  event_idx: bool = True, always_kick: bool = False,
-                 sink: bool = False) -> None:
+                 sink: bool = False, indirect_tail: bool = False) -> None:
         self.agent = agent
         # one way: the device (its ``sink`` option) consumes the frames; a frame is done
         # when its TX buffer comes back, and nothing comes back on RX
@@ -161,7 +161,7 @@ class EchoSession:
         self.size = max(size, HEADER + 1)
         self.batch = batch
         self.queues = q = PacketQueues(vcpu, ram, fn, self.size, qsize, event_idx=event_idx,
-                                       always_kick=always_kick)
+                                       always_kick=always_kick, indirect_tail=indirect_tail)
         self.window = qsize  # frames outstanding at most; 1 = stop-and-wait (round trips)
         self.rtts: list[float] = []  # per frame, when window == 1
         # the rings and pools, for callers (and hostile tests) that need them
@@ -293,15 +293,21 @@ class EchoSession:
 def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
     """The echo workload: ``count`` frames of ``size`` bytes in batches of ``batch``. With
     ``rebind`` the BAR and then the MSI vectors move between three equal thirds of the
-    transfer, and every frame must still arrive."""
+    transfer, and every frame must still arrive. ``chains``: ``"single"`` (default, one
+    descriptor per buffer) or ``"indirect_tail"`` (each TX and RX buffer a normal descriptor
+    followed by an indirect one, see :class:`~guestemu.drivers.PacketQueues`)."""
     count = int(params.get("count", 1000))
     rebind = bool(params.get("rebind", False))
     notify = str(params.get("notify", "event_idx"))
     if notify not in ("always", "event_idx"):
         raise VbusError(f"echo: notify must be 'always' or 'event_idx', not {notify!r}")
+    chains = str(params.get("chains", "single"))
+    if chains not in ("single", "indirect_tail"):
+        raise VbusError(f"echo: chains must be 'single' or 'indirect_tail', not {chains!r}")
     session = EchoSession(agent, int(params.get("size", 64)), int(params.get("batch", 32)),
                           int(params.get("qsize", 256)), event_idx=notify == "event_idx",
-                          always_kick=notify == "always", sink=bool(params.get("sink", False)))
+                          always_kick=notify == "always", sink=bool(params.get("sink", False)),
+                          indirect_tail=chains == "indirect_tail")
     session.window = max(1, int(params.get("window", session.window)))
     agent.emit("echo_ready")
     if not rebind:

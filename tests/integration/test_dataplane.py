@@ -96,3 +96,19 @@ def test_no_lost_wakeup_under_suppression_many_short_bursts(broker: BrokerHandle
         assert r["ok"] and r["frames"] == 2000, r
         if halt_poll_ns == 0:
             assert r["vcpu"].get("halt_polls_ok", 0) == 0  # it really slept every time
+
+
+@pytest.mark.parametrize("size", [200, 8192], ids=["staged", "direct"])
+def test_echo_with_normal_descriptors_then_an_indirect_one(broker: BrokerHandle,
+                                                           size: int) -> None:
+    """virtio 1.2, 2.7.5.3.2: every TX and RX buffer is a normal descriptor followed by an
+    indirect one (its table holding the rest); the echo device process must serve them
+    (small frames go through its staging arrays, large ones straight TX -> RX)."""
+    result = run_vmm(broker, [echo_vm("vm0", 600, size=size, chains="indirect_tail")])
+    assert result["returncode"] == 0, result
+    r = result["results"]["vm0"]
+    assert r["ok"] and r["frames"] == 600 and r["error"] is None, r
+    dev = result["stats"]["vm0"]["devices"]["echo0"]
+    assert dev["model"]["echoed"] == 600
+    assert all(q["broken"] is None for q in dev["queues"].values()), dev["queues"]
+    assert result["errors"] == []

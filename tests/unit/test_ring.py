@@ -446,6 +446,66 @@ def test_indirect_round_trip(pair: Pair, memory: tuple[GuestMemoryMap, Any]) -> 
     assert mem.read(BUF_A + 0x80, 4) == b"\x07\x07\0\0"
 
 
+@pytest.mark.parametrize("leading", [0, 1, 2])
+def test_normal_descriptors_then_an_indirect_one(
+    pair: Pair, memory: tuple[GuestMemoryMap, Any], leading: int
+) -> None:
+    """virtio 1.2, 2.7.5.3.2: "zero or more normal chained descriptors followed by a single
+    descriptor with VIRTQ_DESC_F_INDIRECT" -- the chain's buffers are the normal ones, then
+    the table's."""
+    mem, _ = memory
+    lead = [(BUF_A + 0x10 * i, 4, False) for i in range(leading)]
+    for i in range(leading):
+        mem.write(BUF_A + 0x10 * i, f"ld{i}:".encode())
+    mem.write(BUF_A + 0x100, b"table")
+    segs = [(BUF_A + 0x100, 5, False), (BUF_A + 0x200, 4, True), (SLOT1, 4, True)]
+    head = pair.driver.add_indirect(mem.translate(TABLES, 48), TABLES, segs, leading=lead)
+    assert pair.driver.free_descriptors == 8 - leading - 1
+    batch = pair.device.pop_batch()
+    assert pair.device.broken is None and batch.head_list == [head]
+    expected = tuple(Segment(a, n, w) for a, n, w in [*lead, *segs])
+    assert batch.chain(0) == expected and batch.chains() == [expected]
+    assert batch.readable_list == [4 * leading + 5] and batch.writable_list == [8]
+    data, copied = pair.device.read_payloads(batch, 32)
+    want = b"".join(f"ld{i}:".encode() for i in range(leading)) + b"table"
+    assert bytes(data[0][: len(want)]) == want and copied.tolist() == [len(want)]
+    written = pair.device.write_payloads(batch, np.arange(1, 9, dtype=np.uint8).reshape(1, 8), [8])
+    assert pair.device.push_used(batch.heads, written)
+    ids, lens = pair.driver.get_used()
+    assert pair.driver.broken is None and ids.tolist() == [head] and lens.tolist() == [8]
+    assert mem.read(BUF_A + 0x200, 4) == bytes(range(1, 5)) and mem.read(SLOT1, 4) == bytes(
+        range(5, 9)
+    )
+    assert pair.driver.free_descriptors == 8
+
+
+def test_normal_then_indirect_by_hand_among_other_chains(
+    pair: Pair, memory: tuple[GuestMemoryMap, Any]
+) -> None:
+    """The same chain written straight into the ring (no DriverRing checks), in one batch
+    with a plain buffer and a head-indirect chain; the table fills the queue's bound."""
+    mem, _ = memory
+    p = pair.raw
+    mem.write(TABLES, _indirect_table(*[(BUF_A + 8 * i, 8, VRING_DESC_F_NEXT, i + 1)
+                                        for i in range(5)], (BUF_A + 40, 8, VRING_DESC_F_WRITE, 0)))
+    mem.write(TABLES + 0x100, _indirect_table((BUF_B, 8, 0, 0)))
+    p.set_desc(0, BUF_B + 0x100, 8, VRING_DESC_F_NEXT, 5)
+    p.set_desc(5, BUF_B + 0x200, 8, VRING_DESC_F_NEXT, 2)
+    p.set_desc(2, TABLES, 16 * 6, VRING_DESC_F_INDIRECT)  # 2 + 6 buffers: exactly Q
+    p.set_desc(3, BUF_B + 0x300, 8)
+    p.set_desc(4, TABLES + 0x100, 16, VRING_DESC_F_INDIRECT)
+    p.post(3, 0, 4)
+    batch = pair.device.pop_batch(max_descriptors=64)  # the 9 read for chain 0 count too
+    assert pair.device.broken is None and batch.head_list == [3, 0, 4]
+    assert [len(c) for c in batch.chains()] == [1, 8, 1]
+    assert batch.chain(1)[:3] == (
+        Segment(BUF_B + 0x100, 8, False), Segment(BUF_B + 0x200, 8, False), Segment(BUF_A, 8, False)
+    )
+    assert batch.chain(1)[-1] == Segment(BUF_A + 40, 8, True)
+    assert batch.writable_list == [0, 8, 0]
+    assert pair.device.in_flight == 3
+
+
 def test_chain_of_exactly_qsize_descriptors_is_fine(pair: Pair) -> None:
     head = pair.driver.add_chain([(BUF_A + 16 * i, 16, i >= 4) for i in range(8)])
     batch = pair.device.pop_batch()
@@ -568,6 +628,15 @@ def test_posting_errors_are_usage_errors_and_post_nothing(pair: Pair) -> None:
         d.add_chain([(BUF_A + i, 1, False) for i in range(9)])
     with pytest.raises(UsageError, match="indirect table must be"):
         d.add_indirect(np.zeros(8, dtype=np.uint8), TABLES, [(BUF_A, 1, False)])  # too small
+    table = np.zeros(256, dtype=np.uint8)
+    with pytest.raises(UsageError, match="before device-writable"):  # across both parts
+        d.add_indirect(table, TABLES, [(BUF_A, 4, False)], leading=[(BUF_A, 4, True)])
+    with pytest.raises(UsageError, match="chain of 9 buffers is longer than the queue"):
+        d.add_indirect(table, TABLES, [(BUF_A + i, 1, False) for i in range(6)],
+                       leading=[(BUF_A, 1, False)] * 3)
+    with pytest.raises(UsageError, match="needs at least one"):
+        d.add_indirect(table, TABLES, [], leading=[(BUF_A, 1, False)])
+    assert not table.any()
     assert d.avail_idx == 0 and d.free_descriptors == 8 and d.in_flight == 0
     assert d.add_batch([], []).shape == (0,)
     assert not d.kick_needed()
@@ -873,7 +942,15 @@ def _indirect_table(*entries: tuple[int, int, int, int]) -> npt.NDArray[Any]:
         ("outside", "indirect table outside guest memory"),
         ("gap", "indirect table outside guest memory"),
         ("with_next", "indirect descriptor also has NEXT"),
-        ("not_head", "is not the chain head"),
+        ("after_normal_with_next", "indirect descriptor 1 also has NEXT"),
+        ("after_normal_nested", "nested indirect"),
+        ("after_normal_len24", "not a non-zero multiple of 16"),
+        ("after_normal_outside", "indirect table outside guest memory"),
+        ("after_normal_table_too_long", "indirect table of 9 descriptors is longer than"),
+        ("after_normal_too_many", "2 buffers and an indirect table: longer than the queue"),
+        ("after_normal_writable_then_readable", "follows a device-writable"),
+        ("after_normal_huge_buffer", "longer than the 16777216-byte limit"),
+        ("after_normal_bad_normal", "outside guest memory"),
         ("next_range", "next 5 >= table size 2"),
         ("loop", "loop in its indirect table"),
         ("bad_buffer", "outside guest memory"),
@@ -902,9 +979,38 @@ def test_bad_indirect(
         head = (GAP_START - 16, 32, VRING_DESC_F_INDIRECT, 0)
     elif case == "with_next":
         head = (TABLES, 32, VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT, 1)
-    elif case == "not_head":
-        v.raw.set_desc(1, TABLES, 32, VRING_DESC_F_INDIRECT)
+    elif case.startswith("after_normal"):
+        # one or two normal descriptors, then the indirect one (allowed in itself)
         head = (BUF_A, 8, VRING_DESC_F_NEXT, 1)
+        ind = (TABLES, 32, VRING_DESC_F_INDIRECT, 0)
+        if case == "after_normal_with_next":
+            ind = (TABLES, 32, VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT, 2)
+            v.raw.set_desc(2, BUF_A + 0x40, 8, VRING_DESC_F_WRITE)
+        elif case == "after_normal_nested":
+            mem.write(TABLES, _indirect_table((BUF_A, 8, VRING_DESC_F_NEXT, 1), (TABLES, 32, 4, 0)))
+        elif case == "after_normal_len24":
+            ind = (TABLES, 24, VRING_DESC_F_INDIRECT, 0)
+        elif case == "after_normal_outside":
+            ind = (GAP_START - 16, 32, VRING_DESC_F_INDIRECT, 0)
+        elif case == "after_normal_table_too_long":
+            ind = (TABLES, 16 * 9, VRING_DESC_F_INDIRECT, 0)
+        elif case == "after_normal_too_many":
+            # two normal buffers and a table of 7: 9 buffers in a queue of 8
+            head = (BUF_A, 8, VRING_DESC_F_NEXT, 2)
+            v.raw.set_desc(2, BUF_A + 8, 8, VRING_DESC_F_NEXT, 1)
+            mem.write(TABLES, _indirect_table(
+                *[(BUF_A + 8 * i, 8, VRING_DESC_F_NEXT, i + 1) for i in range(6)],
+                (BUF_A + 48, 8, 0, 0)))
+            ind = (TABLES, 16 * 7, VRING_DESC_F_INDIRECT, 0)
+        elif case == "after_normal_writable_then_readable":
+            head = (BUF_A, 8, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 1)  # table starts readable
+        elif case == "after_normal_huge_buffer":
+            mem.write(TABLES, _indirect_table((BUF_A, MAX_BUFFER_LEN + 1, 0, 0), (BUF_A, 8, 0, 0))
+                      [:1])
+            ind = (TABLES, 16, VRING_DESC_F_INDIRECT, 0)
+        elif case == "after_normal_bad_normal":
+            head = (0x7000_0000, 8, VRING_DESC_F_NEXT, 1)
+        v.raw.set_desc(1, *ind)
     elif case == "next_range":
         mem.write(TABLES, _indirect_table((BUF_A, 8, VRING_DESC_F_NEXT, 5), (BUF_A, 8, 0, 0)))
     elif case == "loop":
@@ -1518,3 +1624,163 @@ def test_batch_rows_are_the_chains_they_slice(memory: tuple[GuestMemoryMap, Any]
             assert part.writable_list == batch.writable_list[max(lo, 0):max(hi, 0)]
     data, copied = p.device.read_payloads(batch.rows(2, 3), 16)
     assert copied.tolist() == [8] and len(data) == 1
+
+
+class _CountingArray(np.ndarray):  # type: ignore[type-arg]
+    """An array view that counts the items its ``tolist`` converts (slices are views of the
+    same class, so converting a slice counts only its items)."""
+
+    converted = 0
+
+    def tolist(self) -> Any:
+        _CountingArray.converted += self.size
+        return super().tolist()
+
+
+def test_walking_a_32768_chain_batch_is_linear() -> None:
+    """chain(i) converts only chain i's entries and chains() each field once: walking a full
+    queue of 32768 chains chain by chain converts O(N) items (converting whole fields on
+    every call took minutes)."""
+    q = 32768
+    layout = RingLayout(q)
+    mem = GuestMemoryMap()
+    mem.add(0, 0, np.zeros(layout.size + 0x10000, dtype=np.uint8))
+    buf = layout.size + 0x100
+    driver = DriverRing(mem.translate(0, layout.size), layout, event_idx=False)
+    device = DeviceRing.from_layout(mem, 0, layout, event_idx=False)
+    writable = np.arange(q) % 3 == 0
+    heads = driver.add_batch(buf + np.arange(q) % 512, 1 + np.arange(q) % 7, writable)
+    batch = device.pop_batch()
+    assert device.broken is None and len(batch) == q
+    for k in (1, 2, 3, 4):  # starts, addrs, lens, flags
+        batch._arrays[k] = batch._arrays[k].view(_CountingArray)  # type: ignore[union-attr]
+    _CountingArray.converted = 0
+    walked = [batch.chain(i) for i in range(q)]
+    assert _CountingArray.converted <= 5 * q  # 2 starts and 3 fields of 1 segment per chain
+    assert batch.chain(-1) == walked[-1]
+    _CountingArray.converted = 0
+    assert batch.chains() == walked
+    assert _CountingArray.converted == 4 * q + 1  # each field once
+    # chain i is buffer i, in posting order
+    assert walked == [(Segment(buf + i % 512, 1 + i % 7, bool(writable[i])),) for i in range(q)]
+    assert batch.head_list == heads.tolist()
+    with pytest.raises(IndexError):
+        batch.chain(q)
+
+
+def test_walking_a_batch_of_chains_is_linear(memory: tuple[GuestMemoryMap, Any]) -> None:
+    """The same for a batch of multi-descriptor chains (and write_payloads, which walks it)."""
+    mem, _ = memory
+    p = Pair(mem, RING_A, 256)
+    for i in range(128):
+        p.driver.add_chain([(BUF_A + 16 * i, 8, False), (BUF_A + 0x4000 + 16 * i, 8, True)])
+    batch = p.device.pop_batch()
+    assert len(batch) == 128 and not batch.simple
+    for k in (1, 2, 3, 4):
+        batch._arrays[k] = batch._arrays[k].view(_CountingArray)  # type: ignore[union-attr]
+    _CountingArray.converted = 0
+    for i in range(128):
+        assert batch.chain(i) == (
+            Segment(BUF_A + 16 * i, 8, False),
+            Segment(BUF_A + 0x4000 + 16 * i, 8, True),
+        )
+    p.device.write_payloads(batch, np.full((128, 8), 9, dtype=np.uint8), np.full(128, 8))
+    assert _CountingArray.converted <= 2 * (2 + 3 * 2) * 128
+    assert mem.read(BUF_A + 0x4000, 8) == b"\x09" * 8
+
+
+# ============================================================================ separate areas
+
+# q = 8: desc 128 bytes, avail 22, used 70. Non-adjacent, in the order avail < used < desc,
+# each only minimally aligned (desc 16 but not 32, avail 2 but not 4, used 4 but not 8).
+SEP_DESC, SEP_AVAIL, SEP_USED = 0x7010, 0x3002, 0x5004
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_separately_placed_areas_interoperate(
+    memory: tuple[GuestMemoryMap, Any], event_idx: bool
+) -> None:
+    mem, ram = memory
+    ram[0x3000:0x8000] = 0xAA  # everything outside the three areas must stay untouched
+    area = mem.translate(0, 0x10000)
+    driver = DriverRing(
+        area, RingLayout(8), event_idx=event_idx, areas=(SEP_DESC, SEP_AVAIL, SEP_USED)
+    )
+    assert driver.areas == (SEP_DESC, SEP_AVAIL, SEP_USED)
+    device = DeviceRing(mem, SEP_DESC, SEP_AVAIL, SEP_USED, 8, event_idx=event_idx)
+    assert device.broken is None
+    outside = np.ones(0x5000, dtype=np.bool_)
+    for start, size in ((SEP_DESC, 128), (SEP_AVAIL, 22), (SEP_USED, 70)):
+        outside[start - 0x3000 : start - 0x3000 + size] = False
+    assert (ram[0x3000:0x8000][outside] == 0xAA).all()
+    assert not ram[SEP_DESC : SEP_DESC + 128].any() and not ram[SEP_USED : SEP_USED + 70].any()
+    mem.write(BUF_A, b"abcdefgh")
+    for rnd in range(40):  # past several wraps of the 8 entries, every kind of chain
+        heads = [
+            int(driver.add_batch([BUF_A, BUF_A + 0x100], [8, 8], [False, True])[0]),
+            driver.add_chain([(BUF_A, 4, False), (BUF_A + 0x200, 8, True)]),
+            driver.add_indirect(
+                mem.translate(TABLES, 32),
+                TABLES,
+                [(BUF_A + 4, 4, False), (BUF_A + 0x300, 8, True)],
+                leading=[(BUF_A, 4, False)],
+            ),
+        ]
+        driver.kick_needed()
+        assert device.has_available()
+        batch = device.pop_batch()
+        assert device.broken is None and len(batch) == 4
+        data, copied = device.read_payloads(batch, 8)
+        assert copied.tolist() == [8, 0, 4, 8] and bytes(data[3]) == b"abcdefgh"
+        written = device.write_payloads(
+            batch, np.full((4, 8), rnd, dtype=np.uint8), batch.writable_lens
+        )
+        device.push_used(batch.heads, written)
+        ids, lens = driver.get_used()
+        assert driver.broken is None
+        assert ids.tolist()[0] == heads[0] and sorted(lens.tolist()) == [0, 8, 8, 8]
+        assert mem.read(BUF_A + 0x300, 8) == bytes([rnd]) * 8
+        assert driver.free_descriptors == 8 and not device.in_flight
+    assert (ram[0x3000:0x8000][outside] == 0xAA).all()
+
+
+@pytest.mark.parametrize(
+    ("areas", "pattern"),
+    [
+        ((SEP_DESC + 8, SEP_AVAIL, SEP_USED), "misaligned"),
+        ((SEP_DESC, SEP_AVAIL + 1, SEP_USED), "misaligned"),
+        ((SEP_DESC, SEP_AVAIL, SEP_USED + 2), "misaligned"),
+        ((SEP_DESC, SEP_DESC + 0x70, SEP_USED), r"overlap \(desc .* and avail"),
+        ((SEP_DESC, SEP_AVAIL, SEP_AVAIL + 18), r"overlap \(avail .* and used"),
+        ((SEP_DESC, SEP_DESC, SEP_USED), "overlap"),
+        ((0xFFF0, SEP_AVAIL, SEP_USED), r"desc ring area \[0xfff0, 0x10070\) runs past 0x10000"),
+        ((SEP_DESC, SEP_AVAIL, 0x10000 - 68), "used ring area .* runs past 0x10000"),
+        ((SEP_DESC, SEP_AVAIL), "must be \\(desc, avail, used\\)"),
+        ((SEP_DESC, SEP_AVAIL, -4), "used offset"),
+    ],
+)
+def test_badly_placed_areas_are_refused(
+    memory: tuple[GuestMemoryMap, Any], areas: Any, pattern: str
+) -> None:
+    mem, ram = memory
+    area = mem.translate(0, 0x10000)
+    ram[: 0x10000] = 0x55
+    with pytest.raises(UsageError, match=pattern):
+        DriverRing(area, RingLayout(8), event_idx=False, areas=areas)
+    assert (ram[: 0x10000] == 0x55).all()  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("gpas", "pattern"),
+    [
+        ((SEP_DESC, SEP_DESC + 0x70, SEP_USED), "overlap"),
+        ((SEP_DESC, SEP_AVAIL, SEP_DESC + 0x40), "overlap"),
+    ],
+)
+def test_device_with_overlapping_areas_starts_broken(
+    memory: tuple[GuestMemoryMap, Any], gpas: tuple[int, int, int], pattern: str
+) -> None:
+    mem, _ = memory
+    dev = DeviceRing(mem, *gpas, 8, event_idx=False)
+    assert dev.broken is not None and pattern in dev.broken
+    assert len(dev.pop_batch()) == 0

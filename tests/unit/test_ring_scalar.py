@@ -36,6 +36,7 @@ from shared.ring import (
 
 RING = 0x0000
 BUF = 0x10000
+TABLES = 0x8000  # 64 indirect tables of 64 bytes
 SLOT1 = 0x200000  # a second RAM slot after a gap
 ROM = 0x300000
 TOP = 1 << 64
@@ -110,6 +111,7 @@ class Twin:
         self.fast = Side(q, event_idx, start, scalar=True)
         self.slow = Side(q, event_idx, start, scalar=False)
         self.sides = (self.fast, self.slow)
+        self.table = 0  # the next indirect table slot
 
     def both(self, op: Any) -> None:
         results = [op(side) for side in self.sides]
@@ -163,6 +165,29 @@ class Twin:
             addr, length = self._buffer(hostile)
             segs.append((addr, max(length, 1), i > 0 and self.rng.random() < 0.6))
         self.both(lambda side: outcome(side.driver.add_chain, segs))
+        self.both(lambda side: side.driver.kick_needed())
+
+    def add_indirect(self, hostile: bool) -> None:
+        """A chain of 0-2 normal descriptors ending in an indirect one (virtio 1.2,
+        2.7.5.3.2), its table in one of 64 table slots taken round-robin."""
+        free = self.fast.driver.free_descriptors
+        if free < 1 or self.fast.driver.broken:
+            return
+        lead_n = self.rng.randrange(0, min(free - 1, 2) + 1)
+        k = self.rng.randrange(1, 4)
+        segs = []
+        for i in range(lead_n + k):
+            addr, length = self._buffer(hostile)
+            segs.append((addr, max(length, 1), i > 0 and self.rng.random() < 0.6))
+        gpa = TABLES + 64 * self.table
+        self.table = (self.table + 1) % 64
+
+        def op(side: Side) -> Any:
+            table = side.mem.translate(gpa, 64)
+            return outcome(side.driver.add_indirect, table, gpa, segs[lead_n:],
+                           leading=segs[:lead_n])
+
+        self.both(op)
         self.both(lambda side: side.driver.kick_needed())
 
     def get_used(self) -> None:
@@ -274,7 +299,8 @@ class Twin:
         self.both(op)
 
     def step(self, hostile: bool) -> None:
-        ops = [lambda: self.add_batch(hostile), lambda: self.add_chain(hostile), self.pop,
+        ops = [lambda: self.add_batch(hostile), lambda: self.add_chain(hostile),
+               lambda: self.add_indirect(hostile), self.pop,
                self.pop, self.payloads, self.complete, self.complete, self.get_used,
                self.interrupts, self.notifications]
         if hostile:
