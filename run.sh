@@ -4,13 +4,15 @@
 #   test         -> the whole pytest suite (extra args go to pytest)
 #   anything else-> vbusemu <args>
 # Creates .venv with the machine's python3 when missing, or reinstalls when
-# pyproject.toml changed since the last install. Quiet when nothing to do.
+# pyproject.toml changed since the last install. Quiet when nothing to do. Concurrent
+# first runs take turns on .venv.lock: one sets up, the others wait and reuse it.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 venv="$here/.venv"
 stamp="$venv/.vbusemu-installed"
 log="$venv/install.log"
+lock="$here/.venv.lock"
 
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 
@@ -20,19 +22,33 @@ command -v "$python" >/dev/null 2>&1 || die "python3 not found on PATH (need Pyt
   || die "$("$python" -V 2>&1) is too old: vbusemu needs Python >= 3.10"
 
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
-have="$(cat "$stamp" 2>/dev/null || true)"
-if [ ! -x "$venv/bin/python" ] || [ "$want" != "$have" ]; then
-  echo "run.sh: setting up $venv (first run or pyproject.toml changed) ..." >&2
-  if [ ! -x "$venv/bin/python" ]; then
-    "$python" -m venv "$venv" || die "could not create a virtualenv in $venv (is python3-venv installed?)"
+ready() { [ -x "$venv/bin/python" ] && [ "$want" = "$(cat "$stamp" 2>/dev/null || true)" ]; }
+
+if ! ready; then
+  # Two first runs at once must not both build .venv: take an exclusive lock (next to
+  # .venv, which may not exist yet), then look again -- the other run may have finished
+  # the job while we waited. The lock is dropped before the command below runs.
+  if command -v flock >/dev/null 2>&1; then
+    exec 9>>"$lock" || die "cannot open the setup lock $lock"
+    if ! flock -n 9; then
+      echo "run.sh: waiting for another run.sh to finish setting up $venv ..." >&2
+      flock 9 || die "cannot take the setup lock $lock"
+    fi
   fi
-  rm -f "$stamp"
-  if ! { "$venv/bin/python" -m pip install -q --upgrade pip \
-         && "$venv/bin/python" -m pip install -q -e ".[test,dev,bench]"; } >"$log" 2>&1; then
-    tail -n 30 "$log" >&2
-    die "installing vbusemu into $venv failed (full log: $log)"
+  if ! ready; then
+    echo "run.sh: setting up $venv (first run or pyproject.toml changed) ..." >&2
+    if [ ! -x "$venv/bin/python" ]; then
+      "$python" -m venv "$venv" || die "could not create a virtualenv in $venv (is python3-venv installed?)"
+    fi
+    rm -f "$stamp"
+    if ! { "$venv/bin/python" -m pip install -q --upgrade pip \
+           && "$venv/bin/python" -m pip install -q -e ".[test,dev,bench]"; } >"$log" 2>&1; then
+      tail -n 30 "$log" >&2
+      die "installing vbusemu into $venv failed (full log: $log)"
+    fi
+    echo "$want" >"$stamp"
   fi
-  echo "$want" >"$stamp"
+  exec 9>&-  # closing our only descriptor of the lock file releases the lock
 fi
 
 export PATH="$venv/bin:$PATH"

@@ -11,6 +11,10 @@ VMs (guests and devices get peer-gone and exit), then the broker is stopped; any
 still there after the grace period is killed by pid. Because a crash is a leave, even a
 VMM killed outright leaves nothing behind: once the broker goes, every guest and device
 process sees EOF and exits.
+
+Before starting anything the launcher locks every disk image of the topology
+(:mod:`hostemu.imagelock`) and holds the locks until teardown is over, so a second run
+using one of them exits 2 at once, naming the image.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from hostemu import topology as topo
+from hostemu.imagelock import lock_images
 from hostemu.launcher import ManagedProcess, python_module, start_broker
 from shared.errors import ConfigError, PeerGoneError
 
@@ -184,13 +189,20 @@ class Launcher:
 def main(path: str | None, timeout: float = 120.0) -> int:
     try:
         topology = topo.load(Path(path) if path else DEFAULT_TOPOLOGY)
+        # Before anything starts: a second run of the same images stops here.
+        locks = lock_images(topo.image_paths(topology))
     except ConfigError as e:
         print(f"vbusemu run: {e}", file=sys.stderr)
         return 2
+    for image in locks.unlocked:
+        print(f"vbusemu run: warning: disk image {image} cannot be locked on its "
+              "filesystem; nothing stops another run from using it at the same time",
+              file=sys.stderr)
     launcher = Launcher(topology, timeout=timeout)
     previous = signal.getsignal(signal.SIGINT)
     try:
-        return launcher.run()
+        with locks:  # released only once the launcher has stopped every process
+            return launcher.run()
     except (KeyboardInterrupt, PeerGoneError) as e:
         print(f"vbusemu run: stopped ({type(e).__name__}: {e})", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 1

@@ -598,6 +598,20 @@ def load(path: Path | str) -> Topology:
     return dataclasses.replace(loads(text, p.parent, str(p)), source=p)
 
 
+def image_paths(topology: Topology) -> list[Path]:
+    """The disk images the topology's devices use (params a model lists in its
+    ``IMAGE_PARAMS``), in file order -- what ``vbusemu run`` locks for the run."""
+    out: list[Path] = []
+    for vm in topology.vms:
+        for dev in vm.devices:
+            module = _model_module(dev.model)
+            for key in getattr(module, "IMAGE_PARAMS", ()):
+                value = dev.params.get(key)
+                if isinstance(value, str) and value:
+                    out.append(Path(value))
+    return out
+
+
 def to_vmm_spec(topology: Topology) -> dict[str, Any]:
     """The JSON-able document ``python -m hostemu.vmm --spec`` takes:
     ``{"vms": [...], "switches": [...]}`` (see :func:`hostemu.vmm.parse_spec`)."""

@@ -21,10 +21,12 @@ Invariants
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import select
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +38,18 @@ from shared.fds import OwnedFd, recv_with_fds, send_with_fds
 
 DEFAULT_TIMEOUT = 10.0
 R = TypeVar("R", bound=wire.Message)
+
+
+def _set_send_timeout(sock: socket.socket, seconds: float) -> None:
+    """``SO_SNDTIMEO`` (which also bounds a blocking AF_UNIX connect); 0 means none.
+
+    A positive ``seconds`` is rounded up to at least one microsecond: a zero
+    ``struct timeval`` would mean "wait forever"."""
+    if seconds <= 0 or math.isinf(seconds):
+        sec, usec = 0, 0
+    else:
+        sec, usec = divmod(max(1, math.ceil(min(seconds, 1e9) * 1e6)), 1_000_000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", sec, usec))
 
 
 class Channel:
@@ -52,13 +66,39 @@ class Channel:
 
     @classmethod
     def connect(cls, path: str, timeout: float = DEFAULT_TIMEOUT) -> Channel:
+        """Dial the broker at ``path``, waiting up to ``timeout`` seconds for a free slot
+        in its listen backlog.
+
+        On AF_UNIX a connect to a listener whose backlog is full fails at once with
+        EAGAIN on a non-blocking socket (which is what a socket timeout makes it), but
+        *waits* on a blocking one, for at most ``SO_SNDTIMEO``, until the listener
+        accepts a connection. So the socket stays blocking while it dials, with
+        ``SO_SNDTIMEO`` set to what is left of the deadline, and an EAGAIN (the wait ran
+        out, or a spurious wake-up) or EINTR is retried until the deadline. Any other
+        error (no such socket, refused: nobody listens) fails at once."""
+        deadline = time.monotonic() + timeout
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        sock.settimeout(timeout)
         try:
-            sock.connect(path)
-        except OSError as e:
+            while True:
+                _set_send_timeout(sock, max(deadline - time.monotonic(), 1e-6))
+                try:
+                    sock.connect(path)
+                    sock.getpeername()  # an interrupted connect may look done but is not
+                    break
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError as e:
+                    if e.errno != errno.ENOTCONN:
+                        raise PeerGoneError(f"cannot reach the broker at {path}: {e}") from e
+                if time.monotonic() >= deadline:
+                    raise PeerGoneError(
+                        f"cannot reach the broker at {path}: its listen backlog stayed "
+                        f"full for {timeout:g} s (connect kept failing with EAGAIN)"
+                    )
+            _set_send_timeout(sock, 0.0)
+        except BaseException:
             sock.close()
-            raise PeerGoneError(f"cannot reach the broker at {path}: {e}") from e
+            raise
         return cls(sock)
 
     @classmethod

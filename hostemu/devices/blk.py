@@ -372,6 +372,8 @@ def _views(mem: GuestMemoryMap, segs: Sequence[Segment]) -> list[U8Array]:
 DEVICE_ID = pl.DEVICE_BLK
 QUEUES = 1
 VECTORS = 1
+IMAGE_PARAMS: Final = ("image",)
+"""Params naming a disk image: ``vbusemu run`` locks it for the whole run."""
 
 
 def device_config(params: dict[str, Any]) -> bytes:
