@@ -172,7 +172,7 @@ def broker_factory(sockdir: Path) -> Iterator[Callable[..., BrokerHandle]]:
         log = sockdir / f"{name}.log"
         with open(log, "w") as logf:
             proc = start_broker(str(run / "broker.sock"), policy, ack_timeout=ack_timeout,
-                                stderr=logf, stdout=logf)
+                                stderr=logf, stdout=logf, timeout=timing.scaled(15))
         handle = BrokerHandle(str(run / "broker.sock"), proc, log)
         started.append(handle)
         return handle
