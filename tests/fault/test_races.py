@@ -629,7 +629,7 @@ def start_guest(vmm: Vmm, owner: Channel, vm: int, name: str) -> ManagedProcess:
     with open(log, "w") as logf:
         proc = spawn_guest(owner.channel_open(wire.Scope.VM, vm), name, stderr=logf)
     vmm.procs.append(proc)
-    proc.wait_event("attached")
+    proc.wait_event("attached", timeout=timing.scaled(10))
     return proc
 
 
