@@ -4,6 +4,10 @@ The leak guard is autouse. It snapshots this process's open fds, ``/dev/shm`` an
 child processes before the test and compares afterwards. Leftover children are killed
 by pid (never by name) and reported; leftover /dev/shm entries are removed and
 reported; leaked fds are listed with what they point to.
+
+Every wall-clock bound is scaled by ``VBUSEMU_TEST_TIME_SCALE`` (:mod:`tests.timing`):
+the pytest-timeout limit of every test (its marker, or the configured default) too.
+Hypothesis gets no per-example deadline: a busy machine must not fail a property.
 """
 
 from __future__ import annotations
@@ -20,10 +24,51 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from hostemu.launcher import ManagedProcess, start_broker
 from shared.channel import Channel
 from shared.wire import Policy
+from tests import timing
+
+settings.register_profile("vbusemu", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("vbusemu")
+
+
+def _scaled_limit(value: object) -> object:
+    """A pytest-timeout limit times the scale (0 and None: no limit, left alone)."""
+    if isinstance(value, int | float | str) and float(value) > 0:
+        return timing.scaled(float(value))
+    return value
+
+
+def _configured_timeout(config: pytest.Config) -> object:
+    """The limit pytest-timeout applies to a test without a marker (as it looks it up)."""
+    value = config.getoption("timeout", None)
+    if value is None:
+        value = os.environ.get("PYTEST_TIMEOUT") or config.getini("timeout")
+    return value
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Scale every test's pytest-timeout limit by :data:`tests.timing.TIME_SCALE`: a
+    scaled marker in front of the one that applied (the closest marker wins)."""
+    if not config.pluginmanager.hasplugin("timeout"):
+        return
+    default = _configured_timeout(config)
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        if marker is None:
+            if _scaled_limit(default) is not default:
+                item.add_marker(pytest.mark.timeout(_scaled_limit(default)), append=False)
+            continue
+        args, kwargs = list(marker.args), dict(marker.kwargs)
+        if "timeout" in kwargs:
+            kwargs["timeout"] = _scaled_limit(kwargs["timeout"])
+        elif args:
+            args[0] = _scaled_limit(args[0])
+        item.add_marker(pytest.mark.timeout(*args, **kwargs), append=False)
 
 
 def open_fds() -> dict[int, str]:
@@ -64,9 +109,9 @@ def leak_guard() -> Iterator[None]:
     if set(open_fds()) - set(fds_before):
         gc.collect()  # only when needed: a full collection per test is slow
     problems: list[str] = []
-    deadline = time.monotonic() + 5.0
+    deadline = timing.deadline(5.0)
     stray = children() - kids_before
-    while stray and time.monotonic() < deadline:  # let exiting children be reaped
+    while stray and not timing.expired(deadline):  # let exiting children be reaped
         for pid in stray:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
@@ -127,7 +172,8 @@ def broker_factory(sockdir: Path) -> Iterator[Callable[..., BrokerHandle]]:
         log = sockdir / f"{name}.log"
         with open(log, "w") as logf:
             proc = start_broker(str(run / "broker.sock"), policy, ack_timeout=ack_timeout,
-                                stderr=logf, stdout=logf, extra_args=args)
+                                stderr=logf, stdout=logf, extra_args=args,
+                                timeout=timing.scaled(15))
         handle = BrokerHandle(str(run / "broker.sock"), proc, log)
         started.append(handle)
         return handle

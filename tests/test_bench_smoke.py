@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import timing
+
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"workload", "params", "metric", "value", "unit", "baseline", "baseline_value", "ratio",
         "min", "max", "reps", "machine"}
@@ -18,7 +20,8 @@ KEYS = {"workload", "params", "metric", "value", "unit", "baseline", "baseline_v
 @pytest.mark.timeout(240)
 def test_bench_quick_writes_results_table_and_targets(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "hostemu.cli", "bench", "--quick", "--out",
-                          str(tmp_path)], capture_output=True, text=True, timeout=200, cwd=ROOT)
+                          str(tmp_path)], capture_output=True, text=True,
+                         timeout=timing.scaled(200), cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())
     assert isinstance(rows, list) and rows

@@ -105,6 +105,7 @@ from shared.fds import (
     recv_with_fds,
     send_with_fds,
 )
+from tests import timing
 from tests.conftest import BrokerHandle
 from tests.fault import fuzzgen
 from tests.fault.fuzzgen import (
@@ -122,8 +123,9 @@ from tests.fault.fuzzgen import (
 CASES = int(os.environ.get("VBUSEMU_FUZZ_CASES", "10000"))
 SEED = int(os.environ.get("VBUSEMU_FUZZ_SEED", "15"), 0)
 FIRST = int(os.environ.get("VBUSEMU_FUZZ_FIRST", "0"))
-PING_DEADLINE = 1.0
-REPLY_DEADLINE = 3.0  # a held reply waits for our own prompt ack or relay answer
+PING_DEADLINE = timing.scaled(1.0)
+# a held reply waits for our own prompt ack or relay answer
+REPLY_DEADLINE = timing.scaled(3.0)
 MEM_SIZE = 64 * 1024
 COVERAGE_MIN_CASES = 2000  # below this, a run is too short to insist on full coverage
 R = TypeVar("R", bound=wire.Message)
@@ -1002,7 +1004,7 @@ def test_relayed_text_too_long_for_its_notice_is_emsgsize_not_a_broker_crash(
     device = Channel.adopt(vmm.channel_open(wire.Scope.DEVICE, dev))
     broker.channels.append(device)
     device.attach()
-    assert isinstance(vmm.next_notice(5.0), wire.PeerAttached)
+    assert isinstance(vmm.next_notice(timing.scaled(5)), wire.PeerAttached)
     report_fits = "f" * wire.text_room(wire.DeviceReportNotice)
     config_fits = "g" * wire.text_room(wire.DeviceConfigNotice)
     for sender, msg in ((device, wire.DeviceReport(text=report_fits + "x")),
@@ -1012,13 +1014,13 @@ def test_relayed_text_too_long_for_its_notice_is_emsgsize_not_a_broker_crash(
     assert vmm.ping(1) == 1 and device.ping(2) == 2 and not vmm.notices  # nothing relayed
 
     assert isinstance(device.request(wire.DeviceReport(text=report_fits)), wire.Ok)
-    report = vmm.next_notice(5.0)
+    report = vmm.next_notice(timing.scaled(5))
     assert isinstance(report, wire.DeviceReportNotice) and report.text == report_fits
 
     relayed: list[str] = []
 
     def device_process() -> None:  # answers the one configuration it is sent
-        notice = device.next_notice(5.0)
+        notice = device.next_notice(timing.scaled(5))
         assert isinstance(notice, wire.DeviceConfigNotice)
         relayed.append(notice.text)
         device.send(wire.DeviceConfigDone(token=notice.token))
@@ -1029,7 +1031,7 @@ def test_relayed_text_too_long_for_its_notice_is_emsgsize_not_a_broker_crash(
         assert isinstance(vmm.request(wire.DeviceConfig(device=dev, text=config_fits)),
                           wire.Ok)
     finally:
-        answering.join(10.0)
+        answering.join(timing.scaled(10))
     assert relayed == [config_fits] and broker.proc.alive
 
 

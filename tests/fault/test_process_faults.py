@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 
 import pytest
 
@@ -16,26 +15,31 @@ from shared import wire
 from shared.errors import PeerGoneError
 from shared.fds import new_eventfd
 from shared.loop import EXIT_BROKER_GONE
+from tests import timing
 from tests.conftest import BrokerHandle
 from tests.integration.conftest import Vmm
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_broker_killed_every_client_notices_within_a_second(vmm: Vmm) -> None:
-    """Scenario 9: SIGKILL the broker; guest and device see EOF and exit cleanly."""
+def test_broker_killed_every_client_notices_promptly(vmm: Vmm) -> None:
+    """Scenario 9: SIGKILL the broker; guest and device see EOF and exit cleanly (each
+    reports it before a deadline of a second, scaled)."""
     vm = vmm.channel.vm_create(ngsi=8)
     dev = vmm.channel.device_create(vm, nsignals=1)
     guest, device = vmm.guest(vm), vmm.device(dev)
-    killed = time.monotonic()
+    until = timing.deadline(1.0)
     vmm.broker.proc.kill()
     for p in (guest, device):
-        p.wait_event("broker_gone", timeout=5)
-        assert time.monotonic() - killed < 1.0, f"{p.name} noticed late"
+        try:
+            p.wait_event("broker_gone", timeout=timing.remaining(until))
+        except PeerGoneError as e:
+            raise AssertionError(f"{p.name} did not report the broker gone within "
+                                 f"{timing.scaled(1.0):g} s: {e}") from e
     for p in (guest, device):
-        assert p.proc.wait(10) == EXIT_BROKER_GONE
+        assert p.proc.wait(timing.scaled(10)) == EXIT_BROKER_GONE
     with pytest.raises(PeerGoneError):
-        vmm.channel.ping(timeout=2)
+        vmm.channel.ping(timeout=timing.scaled(2))
 
 
 def test_exec_helper_inherits_no_eventfd_or_memory(vmm: Vmm) -> None:
@@ -87,7 +91,7 @@ def test_peer_of_another_uid_is_refused_before_any_fd(broker: BrokerHandle) -> N
                 os.setgid(65534)
                 os.setuid(65534)
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                s.settimeout(5)
+                s.settimeout(timing.scaled(5))
                 s.connect(path)
                 data, _ = wire.encode(wire.Ping(seq=1, token=7))
                 try:
@@ -141,7 +145,7 @@ def test_fds_of_wrong_type_and_count_leave_broker_fd_count_unchanged(
                 data = wire.HEADER.pack(wire.PROTOCOL_VERSION, msg_type.TYPE, 0, len(fds) + 1,
                                         0, 1, msg_type._STRUCT.size) + b"\0" * msg_type._STRUCT.size
                 send_with_fds(s, data, [*fds, efd.fd])
-            s.settimeout(5)
+            s.settimeout(timing.scaled(5))
             assert s.recv(4096)  # an error reply, then EOF
             s.close()
             assert ok.ping(2) == 2
@@ -161,26 +165,30 @@ def test_client_that_stops_reading_is_dropped_and_others_see_no_delay(
     flood.setblocking(False)
     data, _ = wire.encode(wire.Ping(seq=1, token=1))
     sent = 0
-    worst = 0.0
     dropped = False
-    deadline = time.monotonic() + 60
-    while not dropped and time.monotonic() < deadline:
+    deadline = timing.deadline(60)
+    bound = timing.scaled(1.0)
+
+    def served() -> None:
+        # The other client is served meanwhile: its ping is answered before the bound.
+        try:
+            assert other.ping(sent, timeout=bound) == sent
+        except PeerGoneError as e:
+            raise AssertionError(f"another client got no answer within {bound:g} s "
+                                 f"(after {sent} unread requests): {e}") from e
+
+    while not dropped and not timing.expired(deadline):
         try:
             flood.send(data)
             sent += 1
         except BlockingIOError:  # our own buffer is full: check on the others meanwhile
-            t0 = time.monotonic()
-            assert other.ping(sent) == sent
-            worst = max(worst, time.monotonic() - t0)
+            served()
         except (BrokenPipeError, ConnectionResetError):
             dropped = True
         if sent % 1000 == 0:
-            t0 = time.monotonic()
-            assert other.ping(sent) == sent
-            worst = max(worst, time.monotonic() - t0)
+            served()
     flood.close()
     assert dropped, f"the broker never dropped a client that sent {sent} unread requests"
-    assert worst < 1.0, f"another client waited {worst:.2f} s"
     assert other.ping(9) == 9
     assert len(other.state()["connections"]) == 1  # only `other` is left
 

@@ -102,6 +102,7 @@ from shared.channel import Channel
 from shared.errors import BrokerError
 from shared.fds import OwnedFd, new_eventfd, recv_with_fds
 from shared.wire import DetachReason, PeerKind, Policy
+from tests import timing
 from tests.conftest import BrokerHandle
 from tests.fault.racekit import (
     GuestSide,
@@ -307,7 +308,7 @@ def kill_mid_assign(broker: BrokerHandle, target: int, delay: float, log: Path) 
     theirs.close()
     records: list[bytes] = []
     try:
-        ready, _, _ = select.select([ours], [], [], 15)
+        ready, _, _ = select.select([ours], [], [], timing.scaled(15))
         assert ready, f"the child never handed over its guest channel:\n{log.read_text()}"
         got = recv_with_fds(ours, 64)
         assert got is not None and len(got[1]) == 1, got
@@ -316,11 +317,11 @@ def kill_mid_assign(broker: BrokerHandle, target: int, delay: float, log: Path) 
         ours.send(b"go")
         trigger = b"A %d" % target
         ours.setblocking(False)
-        deadline = time.monotonic() + 15
+        deadline = timing.deadline(15)
         killed = False
         while not killed:
             r, _, _ = select.select([ours, guest.peer.sock], [], [],
-                                    max(0.0, deadline - time.monotonic()))
+                                    timing.remaining(deadline))
             assert r, f"the child stalled after {records}"
             if guest.peer.sock in r:
                 guest.serve()  # acknowledges its deassigns' detaches
@@ -336,16 +337,16 @@ def kill_mid_assign(broker: BrokerHandle, target: int, delay: float, log: Path) 
                     os.kill(proc.pid, signal.SIGKILL)
                     killed = True
                     break
-        assert proc.wait(10) == -signal.SIGKILL
+        assert proc.wait(timing.scaled(10)) == -signal.SIGKILL
         ours.setblocking(True)
-        ours.settimeout(10)
+        ours.settimeout(timing.scaled(10))
         while rec := ours.recv(64):  # what it reported before it died
             records.append(rec)
         guest.wait_vm_gone()  # its VM is torn down: a crash is a leave
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait(10)
+            proc.wait(timing.scaled(10))
         ours.close()
         if guest is not None:
             guest.close()
@@ -423,7 +424,7 @@ class GuestServer:
 
     def stop(self) -> None:
         os.eventfd_write(self.stop_fd.fileno(), 1)
-        self.thread.join(10)
+        self.thread.join(timing.scaled(10))
         assert not self.thread.is_alive(), "the guest thread hangs"
         self.stop_fd.close()
         if self.error is not None:
@@ -529,7 +530,7 @@ def test_irqfd_juggling_port_of_kvm_irqfd_test(
                 break
             h = p.eventfd_create()
             current[0] = h
-            published.put((h, p.handle_fd(h)), timeout=30)
+            published.put((h, p.handle_fd(h)), timeout=timing.scaled(30))
             juggle_primary(vm1, h)
             juggle_primary(vm2, h)
             p.handle_close(h)
@@ -537,7 +538,7 @@ def test_irqfd_juggling_port_of_kvm_irqfd_test(
                 worst = max(worst, ping(ctl, i))
                 assert_counts_sane(ctl.state())
         done.set()
-        thread.join(30)
+        thread.join(timing.scaled(30))
         assert not thread.is_alive(), "the secondary hangs"
         if s_error:
             raise s_error[0]
@@ -557,7 +558,7 @@ def test_irqfd_juggling_port_of_kvm_irqfd_test(
     finally:
         done.set()
         if thread is not None:
-            thread.join(30)
+            thread.join(timing.scaled(30))
         while not published.empty():
             published.get_nowait()[1].close()
         if server is not None:
@@ -617,7 +618,7 @@ def test_signal_before_assign_is_one_interrupt(vmm: Vmm) -> None:
         ping(ch, i)
     ch.vm_destroy(vm)
     guest.wait_event("peer_gone", kind="vm")
-    assert guest.proc.wait(10) == 0
+    assert guest.proc.wait(timing.scaled(10)) == 0
     assert_clean(vmm.broker, ch, base)
 
 
@@ -628,7 +629,7 @@ def start_guest(vmm: Vmm, owner: Channel, vm: int, name: str) -> ManagedProcess:
     with open(log, "w") as logf:
         proc = spawn_guest(owner.channel_open(wire.Scope.VM, vm), name, stderr=logf)
     vmm.procs.append(proc)
-    proc.wait_event("attached")
+    proc.wait_event("attached", timeout=timing.scaled(10))
     return proc
 
 
@@ -666,9 +667,9 @@ def test_signals_during_deassign_none_after_it_returns(vmm: Vmm) -> None:
                 thread = threading.Thread(target=signaller, name="signaller", daemon=True)
                 thread.start()
                 try:
-                    deadline = time.monotonic() + 10
+                    deadline = timing.deadline(10)
                     while consumed(guest.call("stats"), gsi) == before:  # it is delivering
-                        assert time.monotonic() < deadline, "no interrupt while signaled"
+                        assert not timing.expired(deadline), "no interrupt while signaled"
                     if stopped:
                         os.kill(guest.pid, signal.SIGSTOP)
                     try:
@@ -688,7 +689,7 @@ def test_signals_during_deassign_none_after_it_returns(vmm: Vmm) -> None:
                     stats = guest.call("stats")
                 finally:
                     stop.set()
-                    thread.join(10)
+                    thread.join(timing.scaled(10))
                 assert not thread.is_alive()
                 during += at_return > at_start
                 # The guest finished its detach before the broker answered the deassign.
@@ -710,7 +711,7 @@ def test_signals_during_deassign_none_after_it_returns(vmm: Vmm) -> None:
         assert during, "the signaller never ran while a deassign was in flight"
         owner.channel.vm_destroy(vm)
         guest.wait_event("peer_gone", kind="vm")
-        assert guest.proc.wait(10) == 0
+        assert guest.proc.wait(timing.scaled(10)) == 0
     finally:
         owner.close()
     assert_clean(vmm.broker, ch, base)
@@ -731,18 +732,19 @@ def test_routing_cycle_at_full_rate_stays_bounded(broker: BrokerHandle) -> None:
              "workload": ["--workload", "cycle", "--params",
                           json.dumps({"seconds": seconds, "fanout": CYCLE_FANOUT})]}]
     vmm = subprocess.Popen(python_module("hostemu.vmm", "--socket", broker.path, "--spec",
-                                         json.dumps(spec), "--timeout", str(seconds + 60)),
+                                         json.dumps(spec), "--timeout",
+                                         str(seconds + timing.scaled(60))),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     worst = 0.0
     try:
         while vmm.poll() is None:  # the broker is off the data path: it must stay snappy
             worst = max(worst, ping(ctl, 5))
             ctl.next_notice(0.05)  # paces the pings without sleeping blindly
-        out, err = vmm.communicate(timeout=30)
+        out, err = vmm.communicate(timeout=timing.scaled(30))
     finally:
         if vmm.poll() is None:
             vmm.kill()
-            vmm.communicate(timeout=10)
+            vmm.communicate(timeout=timing.scaled(10))
     assert "Traceback" not in err, err
     assert vmm.returncode == 0, (out, err)
     (done,) = [json.loads(line) for line in out.splitlines()
@@ -755,8 +757,9 @@ def test_routing_cycle_at_full_rate_stays_bounded(broker: BrokerHandle) -> None:
           f"{r['max_signals']}, longest gap {r['max_gap_s'] * 1e3:.1f} ms, worst ping "
           f"{worst * 1e3:.1f} ms")
     assert r["ok"], r
-    assert r["interrupts"] >= 500 * seconds, r  # it ran, at full rate (~50k/s here)
-    assert r["max_gap_s"] < 1.0, r  # never stalled: no deadlock
+    # it ran (~50k/s on a quiet machine; the bound allows for a busy one)
+    assert r["interrupts"] >= 500 * seconds / timing.TIME_SCALE, r
+    assert r["max_gap_s"] < timing.scaled(1.0), r  # never stalled: no deadlock
     # Bounded queues: each turn doubles the signals, yet one drain never holds more than a
     # turn's worth, and the device never runs more passes than it was rung.
     assert r["max_signals"] <= 2 * CYCLE_FANOUT, r
@@ -827,7 +830,7 @@ def test_counters_at_teardown_semaphore_zero_and_coalesced_100000(
         ch.vm_destroy(vm)
         ch.handle_close(fresh)
     guest.wait_event("peer_gone", kind="vm")
-    assert guest.proc.wait(10) == 0
+    assert guest.proc.wait(timing.scaled(10)) == 0
     ch.handle_close(sem)
     ch.handle_close(norm)
     assert_clean(vmm.broker, ch, base)

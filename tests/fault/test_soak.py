@@ -16,6 +16,7 @@ import subprocess
 import pytest
 
 from hostemu.launcher import python_module
+from tests import timing
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -32,7 +33,8 @@ def test_soak_loses_nothing_and_leaks_nothing() -> None:
     seed = int(os.environ.get("VBUSEMU_SOAK_SEED", "20261125"))
     out = subprocess.run(python_module("hostemu.cli", "soak", "--seconds", str(SECONDS),
                                        "--seed", str(seed), "--fault-every", "0.7"),
-                         capture_output=True, text=True, timeout=SECONDS + 180)
+                         capture_output=True, text=True,
+                         timeout=SECONDS + timing.scaled(180))
     report = out.stdout + out.stderr
     assert out.returncode == 0, report
     assert "soak: PASSED" in report, report

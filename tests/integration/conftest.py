@@ -11,6 +11,7 @@ import pytest
 from hostemu.launcher import ManagedProcess, spawn_device, spawn_guest
 from shared.channel import Channel
 from shared.wire import Scope
+from tests import timing
 from tests.conftest import BrokerHandle
 
 
@@ -33,14 +34,14 @@ class Vmm:
         with open(self._log(name), "w") as log:
             p = spawn_guest(self.channel.channel_open(Scope.VM, vm), name, stderr=log)
         self.procs.append(p)
-        p.wait_event("attached")
+        p.wait_event("attached", timeout=timing.scaled(10))
         return p
 
     def device(self, dev: int, name: str = "device") -> ManagedProcess:
         with open(self._log(name), "w") as log:
             p = spawn_device(self.channel.channel_open(Scope.DEVICE, dev), name, stderr=log)
         self.procs.append(p)
-        p.wait_event("attached")
+        p.wait_event("attached", timeout=timing.scaled(10))
         return p
 
     def broker_fds(self) -> int:

@@ -25,6 +25,7 @@ import pytest
 from guestemu.workloads.blk import first_mismatch
 from hostemu.launcher import python_module
 from shared import pci_layout as pl
+from tests import timing
 from tests.conftest import BrokerHandle
 from tests.integration.test_dataplane import run_vmm
 
@@ -102,7 +103,7 @@ def read_until_event(proc: subprocess.Popen[bytes], name: str, timeout: float) -
         if select.select([fd], [], [], left)[0]:
             chunk = os.read(fd, 65536)
             if not chunk:
-                pytest.fail(f"the VMM exited (status {proc.wait(5)}) before {name}")
+                pytest.fail(f"the VMM exited (status {proc.wait(timing.scaled(5))}) before {name}")
             buf += chunk
 
 
@@ -186,10 +187,10 @@ def test_flushed_writes_survive_sigkill_of_every_process(
     with open(tmp_path / "vmm.log", "wb") as log:
         vmm = subprocess.Popen(
             python_module("hostemu.vmm", "--socket", broker.path, "--spec", json.dumps(spec),
-                          "--timeout", "50"),
+                          "--timeout", str(timing.scaled(50))),
             stdout=subprocess.PIPE, stderr=log)
     try:
-        event = read_until_event(vmm, "blk_flushed", timeout=40)
+        event = read_until_event(vmm, "blk_flushed", timeout=timing.scaled(40))
         assert (event["sectors"], event["seed"], event["start"]) == (count * sectors, seed, start)
         victims = descendants(vmm.pid)  # the guest and device processes (the VMM's children)
         parents = {pid: ppid_of(pid) or 0 for pid in victims}
@@ -201,15 +202,15 @@ def test_flushed_writes_survive_sigkill_of_every_process(
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
             vmm.kill()
             broker.proc.kill()
-            vmm.wait(10)
-            wait_dead(fds, 10)
+            vmm.wait(timing.scaled(10))
+            wait_dead(fds, timing.scaled(10))
         assert all(is_dead(pid) for pid in victims)
         assert vmm.returncode == -signal.SIGKILL
         assert not broker.proc.alive
     finally:
         if vmm.poll() is None:
             vmm.kill()
-            vmm.wait(10)
+            vmm.wait(timing.scaled(10))
         assert vmm.stdout is not None
         vmm.stdout.close()
     check_image(image, seed, start, count * sectors)

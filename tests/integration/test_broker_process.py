@@ -19,13 +19,15 @@ from shared.errors import BrokerError, ConfigError
 from shared.fds import new_eventfd, recv_with_fds, send_with_fds
 from shared.loop import EXIT_BROKER_GONE
 from shared.wire import Policy
+from tests import timing
 from tests.conftest import BrokerHandle
 from tests.integration.conftest import Vmm
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def peer_gone(ch: Channel, kind: wire.PeerKind, timeout: float = 10.0) -> wire.PeerGone:
+def peer_gone(ch: Channel, kind: wire.PeerKind,
+              timeout: float = timing.scaled(10)) -> wire.PeerGone:
     while True:
         msg = ch.next_notice(timeout)
         assert msg is not None, f"no PeerGone({kind.name}) within {timeout}s"
@@ -91,7 +93,7 @@ def test_vmm_crash_tears_down_its_vms(broker: BrokerHandle, vmm_factory) -> None
     guest.wait_event("irqfd_attached")
     vmm.channel.close()  # the VMM's connection ends: like process exit
     assert guest.wait_event("detached")["reason"] in ("teardown", "hup")
-    assert guest.proc.wait(10) == 0  # PeerGone(VM) makes the guest exit cleanly
+    assert guest.proc.wait(timing.scaled(10)) == 0  # PeerGone(VM) makes the guest exit cleanly
     state = observer.state()
     assert not state["objects"] and not state["vms"] and not state["bindings"]
 
@@ -110,7 +112,7 @@ def test_unacknowledged_detach_times_out_and_drops_consumer(broker_factory) -> N
         assert not vmm.state()["bindings"]
         with pytest.raises(Exception):  # noqa: B017 - dropped: EOF or reset, either is right
             while True:
-                msg = silent_guest.next_notice(5)
+                msg = silent_guest.next_notice(timing.scaled(5))
                 assert msg is not None
                 msg.close_fds()
 
@@ -158,7 +160,7 @@ def test_broker_sigterm_is_graceful_and_clients_notice(vmm: Vmm) -> None:
     path = vmm.broker.path
     assert vmm.broker.proc.stop() == 0
     assert guest.wait_event("broker_gone")
-    assert guest.proc.wait(10) == EXIT_BROKER_GONE
+    assert guest.proc.wait(timing.scaled(10)) == EXIT_BROKER_GONE
     assert not os.path.exists(path)
     assert "Traceback" not in vmm.broker.log_text()
 
@@ -170,13 +172,15 @@ def test_vbusemu_ps_shows_both_reference_counts(broker: BrokerHandle) -> None:
     ch.handle_dup(h)
     ch.irqfd_assign(vm, h, 3)
     out = subprocess.run([sys.executable, "-m", "hostemu.cli", "ps", "--socket", broker.path,
-                          "--json"], capture_output=True, text=True, timeout=30, check=True)
+                          "--json"], capture_output=True, text=True, timeout=timing.scaled(30),
+                         check=True)
     state = json.loads(out.stdout)
     (obj,) = [o for o in state["objects"] if o["kind"] == "eventfd"]
     assert (obj["handles"], obj["bindings"]) == (2, 1)
     assert state["bindings"][0]["gsi"] == 3
     table = subprocess.run([sys.executable, "-m", "hostemu.cli", "ps", "--socket", broker.path],
-                           capture_output=True, text=True, timeout=30, check=True).stdout
+                           capture_output=True, text=True, timeout=timing.scaled(30),
+                           check=True).stdout
     assert "BINDINGS" in table and "irqfd" in table
 
 
@@ -211,7 +215,7 @@ def test_broker_process_refuses_live_path_and_exits_nonzero(broker: BrokerHandle
                                                             sockdir: Path) -> None:
     log = sockdir / "second.log"
     with open(log, "w") as f, pytest.raises(Exception, match="did not start"):
-        start_broker(broker.path, Policy.HUP, stderr=f, timeout=15)
+        start_broker(broker.path, Policy.HUP, stderr=f, timeout=timing.scaled(15))
     assert "already listening" in log.read_text()
     assert broker.connect().ping(1) == 1
 

@@ -18,6 +18,7 @@ from hostemu import topology
 from hostemu.devices.console import MAX_CHAIN, MAX_LINE, LineAssembler, sanitize
 from hostemu.launcher import python_module
 from shared.wire import Policy
+from tests import timing
 from tests.conftest import BrokerHandle
 from tests.integration.test_dataplane import run_vmm
 
@@ -138,10 +139,11 @@ def test_oversized_buffers_are_cut_and_counted(broker: BrokerHandle) -> None:
 def run_vmm_output(broker: BrokerHandle, vms: list[dict[str, Any]],
                    timeout: float = 60) -> list[dict[str, Any]]:
     """Every JSON line the VMM printed (``run_vmm`` keeps only the final one)."""
+    limit = timing.scaled(timeout)
     out = subprocess.run(
         python_module("hostemu.vmm", "--socket", broker.path, "--spec", json.dumps(vms),
-                      "--timeout", str(timeout)),
-        capture_output=True, text=True, timeout=timeout + 60)
+                      "--timeout", str(limit)),
+        capture_output=True, text=True, timeout=limit + timing.scaled(60))
     assert "Traceback" not in out.stderr, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 

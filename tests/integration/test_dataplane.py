@@ -15,6 +15,7 @@ import pytest
 
 from hostemu.launcher import python_module
 from shared.wire import Policy
+from tests import timing
 from tests.conftest import BrokerHandle
 
 pytestmark = pytest.mark.timeout(180)
@@ -22,10 +23,12 @@ pytestmark = pytest.mark.timeout(180)
 
 def run_vmm(broker: BrokerHandle, vms: list[dict[str, Any]],
             timeout: float = 60) -> dict[str, Any]:
+    """Run ``vms`` in a VMM process; ``timeout`` is its liveness bound, scaled here."""
+    limit = timing.scaled(timeout)
     out = subprocess.run(
         python_module("hostemu.vmm", "--socket", broker.path, "--spec", json.dumps(vms),
-                      "--timeout", str(timeout)),
-        capture_output=True, text=True, timeout=timeout + 60)
+                      "--timeout", str(limit)),
+        capture_output=True, text=True, timeout=limit + timing.scaled(60))
     assert "Traceback" not in out.stderr, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     done = [obj for obj in lines if obj.get("event") == "vmm_done"]

@@ -23,6 +23,7 @@ from guestemu.workloads.evil import ATTACKS
 from hostemu.launcher import start_broker
 from shared.channel import Channel
 from shared.wire import Policy
+from tests import timing
 from tests.conftest import BrokerHandle
 from tests.integration.test_dataplane import echo_vm, run_vmm
 
@@ -126,7 +127,8 @@ def test_attack_breaks_only_the_attacked_queue(attacked: dict[str, Any], attack:
 def test_rx_queue_broken_while_serving_tx_is_reported(broker: BrokerHandle) -> None:
     """The RX ring is corrupted; the device finds it while handling a TX kick (echo fills RX
     from its TX handler). The report must still reach the VMM."""
-    result = run_vmm(broker, [evil_vm("evil-rx", "zero_len", queue=1, wait=3.0)], timeout=60)
+    result = run_vmm(broker, [evil_vm("evil-rx", "zero_len", queue=1,
+                                               wait=timing.scaled(3.0))], timeout=60)
     dev = result["stats"]["evil-rx"]["devices"]["echo0"]
     reason = dev["queues"]["1"]["broken"]
     assert reason is not None and "zero-length buffer" in reason, dev  # the attack landed

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import timing
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
 
@@ -20,9 +22,11 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def vbusemu_run(topology: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    limit = timing.scaled(timeout)
     return subprocess.run([sys.executable, "-m", "hostemu.cli", "run", str(topology),
-                           "--timeout", str(timeout)],
-                          capture_output=True, text=True, timeout=timeout + 60, cwd=ROOT)
+                           "--timeout", str(limit)],
+                          capture_output=True, text=True, timeout=limit + timing.scaled(60),
+                          cwd=ROOT)
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)

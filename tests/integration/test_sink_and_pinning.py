@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from hostemu.launcher import python_module
+from tests import timing
 from tests.conftest import BrokerHandle
 from tests.integration.test_dataplane import run_vmm
 
@@ -63,7 +64,7 @@ def test_unusable_cpus_are_refused_before_anything_starts(broker: BrokerHandle,
     (vm if where == "vm" else vm["devices"][0])["cpus"] = [1 << 20]
     out = subprocess.run(python_module("hostemu.vmm", "--socket", broker.path, "--spec",
                                        json.dumps([vm])),
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=timing.scaled(60))
     assert out.returncode == 2, out
     assert "are not all usable here" in out.stderr and "Traceback" not in out.stderr
     assert not broker.connect().state()["objects"]
