@@ -34,7 +34,8 @@ def format_state(state: dict[str, Any]) -> str:
     """The human table of ``vbusemu ps``."""
     proc = state.get("process", {})
     lines = [f"broker pid {proc.get('pid')}  policy {state['policy']}  "
-             f"socket {proc.get('socket')}  open fds {proc.get('open_fds')}", ""]
+             f"socket {proc.get('socket')}  open fds {proc.get('open_fds')} of "
+             f"{proc.get('fd_limit')} (reserve {proc.get('fd_reserve')})", ""]
     lines.append("CONNECTIONS  id  pid      uid    scope   target  handles")
     for c in state["connections"]:
         lines.append(f"             {c['id']:<3} {c['pid']:<8} {c['uid']:<6} {c['scope']:<7} "

@@ -29,7 +29,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from shared import wire
@@ -323,15 +323,20 @@ class Channel:
     def ack_detach(self, binding: int) -> None:
         self.send(wire.DetachAck(binding=binding))
 
-    def state(self) -> dict[str, Any]:
-        """The broker's whole state (``vbusemu ps``), fetched in chunks."""
-        parts: list[str] = []
-        offset = 0
+    def state_pages(self, section: wire.StateSection,
+                    limit: int = 0) -> Iterator[list[dict[str, Any]]]:
+        """The items of one section, a page per request (each costs the broker one page)."""
+        after = 0
         while True:
-            reply = self.call(wire.GetState(offset=offset), wire.StateReply)
-            parts.append(reply.text)
-            offset += len(reply.text.encode())
-            if offset >= reply.total or not reply.text:
-                break
-        data: dict[str, Any] = json.loads("".join(parts))
-        return data
+            reply = self.call(wire.GetState(section=section, limit=limit, after=after),
+                              wire.StateReply)
+            yield json.loads(reply.text)
+            if not reply.next:
+                return
+            after = reply.next
+
+    def state(self) -> dict[str, Any]:
+        """The broker's whole state (``vbusemu ps``), every section paged through. Pages are
+        consistent one by one; an object created or destroyed meanwhile may be missed."""
+        return wire.assemble_state(
+            lambda section: [item for page in self.state_pages(section) for item in page])

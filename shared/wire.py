@@ -241,6 +241,38 @@ class DetachReason(enum.IntEnum):
     TEARDOWN = 2  # the VM or device was destroyed or its owner left
 
 
+class StateSection(enum.IntEnum):
+    """What :class:`GetState` pages through. Items are listed in cursor order: ids for the
+    tables, ``conn << 32 | handle`` for handles; SUMMARY is one item (policy, process,
+    counts)."""
+
+    SUMMARY = 0
+    CONNECTIONS = 1
+    HANDLES = 2
+    OBJECTS = 3
+    VMS = 4
+    DEVICES = 5
+    BINDINGS = 6
+
+
+def assemble_state(items: Callable[[StateSection], list[dict[str, Any]]]) -> dict[str, Any]:
+    """One dict of every section: the summary's keys, plus ``connections`` (each with its
+    ``handles`` as ``{handle: object id}``), ``objects``, ``vms``, ``devices``, ``bindings``."""
+    state: dict[str, Any] = dict(items(StateSection.SUMMARY)[0])
+    conns = items(StateSection.CONNECTIONS)
+    by_conn = {c["id"]: c for c in conns}
+    for c in conns:
+        c["handles"] = {}
+    for h in items(StateSection.HANDLES):
+        if h["conn"] in by_conn:  # a connection that came between two pages
+            by_conn[h["conn"]]["handles"][str(h["handle"])] = h["object"]
+    state["connections"] = conns
+    for section in (StateSection.OBJECTS, StateSection.VMS, StateSection.DEVICES,
+                    StateSection.BINDINGS):
+        state[section.name.lower()] = items(section)
+    return state
+
+
 class PeerKind(enum.IntEnum):
     HOST = 0
     GUEST = 1
@@ -278,9 +310,12 @@ class Ping(Message):
 @message(3, R)
 @dataclass(frozen=True, kw_only=True)
 class GetState(Message):
-    """Introspection: the broker's JSON state, ``offset`` bytes in (chunked)."""
+    """Introspection, one page at a time: up to ``limit`` items (0: the broker's default)
+    of one :class:`StateSection` whose cursor is past ``after`` (0: from the start)."""
 
-    offset: int = u32(0)
+    section: int = u32(0)
+    limit: int = u32(0)
+    after: int = u64(0)
 
 
 @message(4, R)
@@ -543,8 +578,11 @@ class Pong(Message):
 @message(69, P, text=True)
 @dataclass(frozen=True, kw_only=True)
 class StateReply(Message):
-    total: int = u32()
-    offset: int = u32()
+    """A page of a :class:`StateSection`: ``text`` is a JSON list of items; ``next`` is the
+    cursor to ask ``after`` for the next page, 0 when the section is complete."""
+
+    section: int = u32()
+    next: int = u64()
     text: str = ""
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from hostemu.broker.idmap import IdMap
 from shared import wire
 from shared.fds import OwnedFd
 from shared.wire import Scope
@@ -156,11 +157,10 @@ class Conn:
     uid: int
     scope: Scope
     target: int
-    handles: dict[int, KernelObject] = field(default_factory=dict)
+    handles: IdMap[KernelObject] = field(default_factory=IdMap)
     next_handle: int = 0
     vms: dict[int, Vm] = field(default_factory=dict)
     devices: dict[int, Device] = field(default_factory=dict)
-    state_cache: bytes = b""
     nbindings: int = 0  # bindings in its VMs and devices, counted against its quota
     nmemslots: int = 0  # memory slots in its VMs, counted against its quota
 

@@ -48,7 +48,6 @@ import contextlib
 import dataclasses
 import errno
 import itertools
-import json
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -56,6 +55,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeAlias
 
+from hostemu.broker import introspect
+from hostemu.broker.idmap import IdMap
 from hostemu.broker.limits import Quotas
 from hostemu.broker.objects import (
     Binding,
@@ -155,13 +156,15 @@ class ObjectTable:
         self._fd_room = fd_room
         self.relay_timeout = relay_timeout
         self._clock = clock
-        self._process_info = process_info
+        self.process_info = process_info
         self._ids = itertools.count(1)
-        self.conns: dict[int, Conn] = {}
-        self.objects: dict[int, KernelObject] = {}
+        # IdMaps: introspection pages through them from a cursor in O(log n + page).
+        self.conns: IdMap[Conn] = IdMap()
+        self.objects: IdMap[KernelObject] = IdMap()
         self._by_kernel_id: dict[int, EventfdObj] = {}
-        self.vms: dict[int, Vm] = {}
-        self.devices: dict[int, Device] = {}
+        self.vms: IdMap[Vm] = IdMap()
+        self.devices: IdMap[Device] = IdMap()
+        self.bindings: IdMap[Binding] = IdMap()  # every binding until it is released
         self._detaching: dict[int, Detaching] = {}
         self._out: list[Action] = []
         self._handlers: dict[type[wire.Message], Handler] = {
@@ -383,6 +386,7 @@ class ObjectTable:
         self._index(b)
         if owner is not None:
             owner.nbindings += 1
+        self.bindings[b.id] = b
         for obj in b.refs():
             obj.ctx_refs += 1
             obj.bindings[b.id] = b
@@ -482,6 +486,7 @@ class ObjectTable:
     def _release(self, b: Binding) -> None:
         b.state = "released"
         b.consumer = None
+        self.bindings.pop(b.id, None)
         owner = self.conns.get(self._owner_of(b))
         if owner is not None:
             owner.nbindings -= 1
@@ -621,16 +626,14 @@ class ObjectTable:
         return wire.Pong(token=msg.token)
 
     def _get_state(self, conn: Conn, msg: wire.GetState, op: PendingOp) -> wire.Message:
-        if msg.offset == 0 or not conn.state_cache:
-            conn.state_cache = json.dumps(self.snapshot(), sort_keys=True).encode()
-        data = conn.state_cache
-        if msg.offset > len(data):
-            raise _fail("EINVAL", f"offset {msg.offset} past the end ({len(data)} bytes)")
-        chunk = data[msg.offset : msg.offset + CHUNK]
-        # Never split a UTF-8 sequence: the JSON is ASCII (json.dumps escapes by default).
-        if msg.offset + len(chunk) >= len(data):
-            conn.state_cache = b""
-        return wire.StateReply(total=len(data), offset=msg.offset, text=chunk.decode())
+        try:
+            section = wire.StateSection(msg.section)
+        except ValueError:
+            raise _fail("EINVAL", f"no state section {msg.section}") from None
+        limit = introspect.DEFAULT_PAGE if msg.limit == 0 else min(msg.limit,
+                                                                    introspect.MAX_PAGE)
+        text, cursor = introspect.page(self, section, msg.after, limit)
+        return wire.StateReply(section=section, next=cursor, text=text)
 
     def _eventfd_create(self, conn: Conn, msg: wire.EventfdCreate, op: PendingOp) -> wire.Message:
         if msg.flags & ~wire.EFD_FLAG_SEMAPHORE:
@@ -1002,66 +1005,14 @@ class ObjectTable:
     # ----------------------------------------------------------------- introspection
 
     def snapshot(self) -> dict[str, Any]:
-        """Everything the broker owns, as plain JSON-able data (for ``vbusemu ps``)."""
-
-        def binding(b: Binding) -> dict[str, Any]:
-            d: dict[str, Any] = {"id": b.id, "kind": b.kind, "eventfd": b.eventfd.id,
-                                 "state": b.state, "consumer": b.consumer}
-            if isinstance(b, IrqfdBinding):
-                d.update(vm=b.vm.id, gsi=b.gsi,
-                         resamplefd=b.resample.id if b.resample else None)
-            elif isinstance(b, IoeventfdBinding):
-                d.update(vm=b.vm.id, bus="pio" if b.pio else "mmio", addr=b.addr,
-                         len=b.length, datamatch=b.datamatch)
-            elif isinstance(b, ShmSignalBinding):
-                d.update(device=b.device.id, sigid=b.sigid)
-            elif isinstance(b, KickfdBinding):
-                d.update(device=b.device.id, queue=b.queue)
-            return d
-
-        bindings: dict[int, Binding] = {}
-        for obj in self.objects.values():
-            if isinstance(obj, EventfdObj):
-                bindings.update(obj.bindings)
-        return {
-            "policy": self.policy.name.lower(),
-            "process": self._process_info(),
-            "connections": [
-                {"id": c.id, "pid": c.pid, "uid": c.uid, "scope": c.scope.name.lower(),
-                 "target": c.target, "handles": dict(sorted(
-                     (str(h), o.id) for h, o in c.handles.items()))}
-                for c in self.conns.values()],
-            "objects": [
-                {"id": o.id, "kind": o.kind, "handles": o.handles, "bindings": o.ctx_refs,
-                 "fd": o.fd.fd, **self._object_extra(o)}
-                for o in self.objects.values()],
-            "vms": [
-                {"id": v.id, "owner": v.owner, "ngsi": v.ngsi, "irqchip": v.irqchip,
-                 "guest": v.guest, "devices": sorted(v.devices),
-                 "memslots": [{"slot": s.slot, "gpa": s.gpa, "size": s.size,
-                               "offset": s.offset, "memory": s.memory.id}
-                              for s in sorted(v.memslots.values(), key=lambda s: s.gpa)]}
-                for v in self.vms.values()],
-            "devices": [
-                {"id": d.id, "owner": d.owner, "vm": d.vm.id, "nsignals": d.nsignals,
-                 "process": d.process} for d in self.devices.values()],
-            "bindings": [binding(b) for _, b in sorted(bindings.items())],
-        }
-
-    @staticmethod
-    def _object_extra(o: KernelObject) -> dict[str, Any]:
-        if isinstance(o, EventfdObj):
-            return {"semaphore": o.semaphore}
-        if isinstance(o, MemoryObj):
-            return {"size": o.size}
-        return {}
+        """Everything the broker owns, as plain JSON-able data (for tests and in-process
+        use; clients page through it with ``GetState``)."""
+        return introspect.snapshot(self)
 
     def is_empty(self) -> bool:
         """No objects, VMs, devices or pending detaches (connections may remain)."""
         return not (self.objects or self.vms or self.devices or self._detaching)
 
-
-CHUNK = wire.MAX_PAYLOAD - 64
 
 
 def _with_seq(msg: wire.Message, seq: int) -> wire.Message:

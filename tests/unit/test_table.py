@@ -1731,12 +1731,13 @@ def test_non_request_message_is_einval(h: Harness) -> None:
 def test_get_state_is_the_snapshot(h: Harness) -> None:
     w = world(h)
     h.irqfd(w.host, w.vm, w.handle, 1)
-    r = h.req(w.host, wire.GetState())
-    assert isinstance(r, wire.StateReply) and r.offset == 0 and r.total == len(r.text)
-    state = json.loads(r.text)
-    assert state["policy"] == h.t.policy.name.lower()
-    assert state["bindings"] == json.loads(json.dumps(h.snap()["bindings"]))
-    assert err(h.req(w.host, wire.GetState(offset=r.total + 1))) == "EINVAL"
+    r = h.req(w.host, wire.GetState(section=wire.StateSection.SUMMARY))
+    assert isinstance(r, wire.StateReply) and r.next == 0
+    assert json.loads(r.text)[0]["policy"] == h.t.policy.name.lower()
+    r = h.req(w.host, wire.GetState(section=wire.StateSection.BINDINGS))
+    assert isinstance(r, wire.StateReply) and r.next == 0
+    assert json.loads(r.text) == json.loads(json.dumps(h.snap()["bindings"]))
+    assert err(h.req(w.host, wire.GetState(section=99))) == "EINVAL"
 
 
 # ------------------------------------------------------------------------------ stateful
