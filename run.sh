@@ -6,6 +6,9 @@
 # Creates .venv with the machine's python3 when missing, or reinstalls when
 # pyproject.toml changed since the last install. Quiet when nothing to do.
 set -euo pipefail
+# Ctrl-C before vbusemu starts (setting up .venv): exit 130 quietly. exec resets it, and
+# from then on vbusemu handles Ctrl-C itself.
+trap 'exit 130' INT
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 venv="$here/.venv"
