@@ -6,9 +6,8 @@
 # Creates .venv with the machine's python3 when missing, or reinstalls when
 # pyproject.toml changed since the last install. Quiet when nothing to do.
 set -euo pipefail
-# Ctrl-C before vbusemu starts (setting up .venv): exit 130 quietly. exec resets it, and
-# from then on vbusemu handles Ctrl-C itself.
-trap 'exit 130' INT
+# Ctrl-C before vbusemu starts (setting up .venv): one line, exit 130.
+trap 'printf "run.sh: interrupted\n" >&2; exit 130' INT
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 venv="$here/.venv"
@@ -17,14 +16,13 @@ log="$venv/install.log"
 
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 
-python="${PYTHON:-python3}"
-command -v "$python" >/dev/null 2>&1 || die "python3 not found on PATH (need Python >= 3.10)"
-"$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
-  || die "$("$python" -V 2>&1) is too old: vbusemu needs Python >= 3.10"
-
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 have="$(cat "$stamp" 2>/dev/null || true)"
 if [ ! -x "$venv/bin/python" ] || [ "$want" != "$have" ]; then
+  python="${PYTHON:-python3}"
+  command -v "$python" >/dev/null 2>&1 || die "python3 not found on PATH (need Python >= 3.10)"
+  "$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null \
+    || die "$("$python" -V 2>&1) is too old: vbusemu needs Python >= 3.10"
   echo "run.sh: setting up $venv (first run or pyproject.toml changed) ..." >&2
   if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv" || die "could not create a virtualenv in $venv (is python3-venv installed?)"
@@ -39,8 +37,14 @@ if [ ! -x "$venv/bin/python" ] || [ "$want" != "$have" ]; then
 fi
 
 export PATH="$venv/bin:$PATH"
+if [ "${1-}" = test ]; then
+  shift; exec "$venv/bin/python" -m pytest "$@"
+fi
+# vbusemu starts with Ctrl-C ignored (so no KeyboardInterrupt can land while Python
+# starts up) and takes it over at once: VBUSEMU_CTRL_C tells it the ignore is ours.
+trap '' INT
+export VBUSEMU_CTRL_C=1
 case "${1-}" in
   "")   exec "$venv/bin/vbusemu" run ;;
-  test) shift; exec "$venv/bin/python" -m pytest "$@" ;;
   *)    exec "$venv/bin/vbusemu" "$@" ;;
 esac

@@ -17,10 +17,12 @@ import sys
 
 from shared.lifeline import CTRL_C
 
-if (os.path.basename(sys.argv[0]) == "vbusemu"
+# The ``vbusemu`` command: from here on Ctrl-C is recorded, never a traceback from inside
+# an import; ``main`` hands it to the launcher or back to KeyboardInterrupt. run.sh starts
+# us with SIGINT ignored (no window at all while Python starts) and says so.
+if os.environ.pop("VBUSEMU_CTRL_C", None) == "1" or (
+        os.path.basename(sys.argv[0]) == "vbusemu"
         and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-    # The ``vbusemu`` command: from here on Ctrl-C is recorded, never a traceback from
-    # inside an import. ``main`` hands it to the launcher or back to KeyboardInterrupt.
     CTRL_C.install()
 
 import argparse
