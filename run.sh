@@ -7,6 +7,8 @@
 # pyproject.toml changed since the last install. Quiet when nothing to do. Concurrent
 # first runs take turns on .venv.lock: one sets up, the others wait and reuse it.
 set -euo pipefail
+# Ctrl-C before vbusemu starts (setting up .venv): one line, exit 130.
+trap 'printf "run.sh: interrupted\n" >&2; exit 130' INT
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 venv="$here/.venv"
@@ -16,15 +18,14 @@ lock="$here/.venv.lock"
 
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 
-python="${PYTHON:-python3}"
-command -v "$python" >/dev/null 2>&1 || die "python3 not found on PATH (need Python >= 3.10)"
-"$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
-  || die "$("$python" -V 2>&1) is too old: vbusemu needs Python >= 3.10"
-
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 ready() { [ -x "$venv/bin/python" ] && [ "$want" = "$(cat "$stamp" 2>/dev/null || true)" ]; }
 
 if ! ready; then
+  python="${PYTHON:-python3}"
+  command -v "$python" >/dev/null 2>&1 || die "python3 not found on PATH (need Python >= 3.10)"
+  "$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null \
+    || die "$("$python" -V 2>&1) is too old: vbusemu needs Python >= 3.10"
   # Two first runs at once must not both build .venv: take an exclusive lock (next to
   # .venv, which may not exist yet), then look again -- the other run may have finished
   # the job while we waited. The lock is dropped before the command below runs.
@@ -52,8 +53,14 @@ if ! ready; then
 fi
 
 export PATH="$venv/bin:$PATH"
+if [ "${1-}" = test ]; then
+  shift; exec "$venv/bin/python" -m pytest "$@"
+fi
+# vbusemu starts with Ctrl-C ignored (so no KeyboardInterrupt can land while Python
+# starts up) and takes it over at once: VBUSEMU_CTRL_C tells it the ignore is ours.
+trap '' INT
+export VBUSEMU_CTRL_C=1
 case "${1-}" in
   "")   exec "$venv/bin/vbusemu" run ;;
-  test) shift; exec "$venv/bin/python" -m pytest "$@" ;;
   *)    exec "$venv/bin/vbusemu" "$@" ;;
 esac

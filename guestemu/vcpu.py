@@ -75,15 +75,26 @@ class Vcpu:
     # ------------------------------------------------------------------ halting
 
     def halt(self, until: Callable[[], bool], timeout: float = 30.0) -> bool:
-        """Return once ``until()`` is true (True) or after ``timeout`` seconds (False)."""
+        """Return once ``until()`` is true (True) or after ``timeout`` seconds (False).
+
+        A stop (the broker channel at EOF, the VM destroyed, stdin at EOF, SIGTERM) ends
+        the halt at once with False. Halting again once stopped, on a condition still
+        false, raises :class:`~shared.errors.PeerGoneError`: nothing will ever wake this
+        vCPU, and a workload that retries until its deadline would otherwise spin on a
+        dead channel."""
         if until():
             return True
         loop = self.agent.loop
+        if loop.stopping:
+            raise PeerGoneError("the vCPU was stopped (broker gone, VM destroyed or "
+                                "told to quit)")
         clock = time.monotonic_ns
         start = now = clock()
         poll_end = start + self.poll_ns
         while now < poll_end:
             loop.poll_once(0)  # irqfds and notices, without blocking
+            if loop.stopping:
+                return False
             if yield_cpu():
                 self.counters["halt_polls_contended"] += 1
                 break  # another task wants this CPU: stop polling, sleep (see yield_cpu)

@@ -11,9 +11,22 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+
+from shared.lifeline import CTRL_C
+
+# The ``vbusemu`` command: from here on Ctrl-C is recorded, never a traceback from inside
+# an import; ``main`` hands it to the launcher or back to KeyboardInterrupt. run.sh starts
+# us with SIGINT ignored (no window at all while Python starts) and says so.
+if os.environ.pop("VBUSEMU_CTRL_C", None) == "1" or (
+        os.path.basename(sys.argv[0]) == "vbusemu"
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+    CTRL_C.install()
+
 import argparse
 import json
-import sys
 from typing import Any
 
 from hostemu.broker.limits import DEFAULT_FD_RESERVE, Quotas
@@ -104,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
 
+    if args.command != "run" and CTRL_C.installed:
+        CTRL_C.uninstall()  # every other command: Ctrl-C is a KeyboardInterrupt again
+        if CTRL_C.pending:
+            return 130
     try:
         if args.command == "run":
             from hostemu.run import main as run_main

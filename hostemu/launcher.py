@@ -1,9 +1,10 @@
 """Starting, driving and stopping vbusemu's processes: the only process-management file.
 
 Every child is a :class:`ManagedProcess` addressed by its ``Popen`` object, i.e. by pid
--- never by name. Stopping is graceful, then hard: close its control pipe (an agent
-exits on stdin EOF) or send SIGTERM (the broker), wait, and SIGKILL only if it is still
-there after the grace period. Every wait has a timeout.
+-- never by name. Every child dies with its parent and ignores SIGINT (Ctrl-C is the
+top process's to handle): see :mod:`shared.lifeline`. Stopping is graceful, then hard:
+close its control pipe (an agent exits on stdin EOF) or send SIGTERM (the broker), wait,
+and SIGKILL only if it is still there after the grace period. Every wait has a timeout.
 
 Agent processes (guest, device) speak JSON lines: :meth:`ManagedProcess.call` sends
 ``{"id": n, "cmd": ...}`` and returns the matching ``{"id": n, "ok": ...}`` reply;
@@ -25,6 +26,7 @@ from typing import IO, Any
 
 from shared.errors import PeerGoneError, UsageError, VbusError
 from shared.fds import OwnedFd, close_all
+from shared.lifeline import child_setup
 from shared.wire import Policy
 
 GRACE = 5.0
@@ -49,7 +51,8 @@ class ManagedProcess:
         self.proc = subprocess.Popen(
             list(argv), pass_fds=tuple(pass_fds), env=env, close_fds=True,
             stdin=subprocess.PIPE if control else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if control else stdout, stderr=stderr)
+            stdout=subprocess.PIPE if control else stdout, stderr=stderr,
+            preexec_fn=child_setup(os.getpid()))
         self.control = control
 
     @property
@@ -143,14 +146,19 @@ class ManagedProcess:
 
     # ------------------------------------------------------------------ stopping
 
-    def stop(self, timeout: float = GRACE) -> int:
-        """Graceful then hard: EOF on stdin (or SIGTERM), wait, then SIGKILL."""
+    def request_stop(self) -> None:
+        """The graceful part of :meth:`stop`, without waiting: EOF on stdin (or SIGTERM)."""
         if self.proc.poll() is None:
             if self.control and self.proc.stdin is not None:
                 with contextlib.suppress(OSError):
                     self.proc.stdin.close()
             else:
                 self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = GRACE) -> int:
+        """Graceful then hard: EOF on stdin (or SIGTERM), wait, then SIGKILL."""
+        if self.proc.poll() is None:
+            self.request_stop()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -160,6 +168,28 @@ class ManagedProcess:
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait(timeout)
+        self._close_pipes()
+        return self.proc.returncode
+
+    def terminate(self, timeout: float = GRACE) -> int:
+        """SIGTERM now (the process's own orderly stop), then SIGKILL after ``timeout``.
+        Meanwhile whatever it still writes on its control pipe is read and dropped, so a
+        full pipe never holds it up."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            fd = -1 if self.stdout_closed or not self.control else self.stdout_fd()
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                if fd < 0:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.proc.wait(max(0.0, deadline - time.monotonic()))
+                    continue
+                left = max(0.0, deadline - time.monotonic())
+                if select.select([fd], [], [], min(0.1, left))[0] and not os.read(fd, 65536):
+                    fd = -1  # EOF: only the exit is left to wait for
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(timeout)
         self._close_pipes()
         return self.proc.returncode
 

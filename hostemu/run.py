@@ -10,11 +10,17 @@ Teardown is graceful, then forced, on completion, failure or Ctrl-C: the VMM des
 VMs (guests and devices get peer-gone and exit), then the broker is stopped; any process
 still there after the grace period is killed by pid. Because a crash is a leave, even a
 VMM killed outright leaves nothing behind: once the broker goes, every guest and device
-process sees EOF and exits.
+process sees EOF and exits -- and every child also dies with its parent
+(:mod:`shared.lifeline`), so a launcher killed outright leaves nothing either.
 
 Before starting anything the launcher locks every disk image of the topology
 (:mod:`hostemu.imagelock`) and holds the locks until teardown is over, so a second run
 using one of them exits 2 at once, naming the image.
+
+Ctrl-C reaches the whole foreground process group, but only the launcher acts on it (the
+children ignore SIGINT): it prints one line, stops the processes in order -- SIGTERM to
+the VMM, which stops its guests, then their devices, then exits; then the broker -- and
+exits with :data:`EXIT_INTERRUPTED` (130, as a shell reports a SIGINT).
 """
 
 from __future__ import annotations
@@ -34,8 +40,15 @@ from hostemu import topology as topo
 from hostemu.imagelock import lock_images
 from hostemu.launcher import ManagedProcess, python_module, start_broker
 from shared.errors import ConfigError, PeerGoneError
+from shared.lifeline import CTRL_C, CtrlC, become_subreaper, reap_orphans
 
 DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "examples" / "two-vms.toml"
+EXIT_INTERRUPTED = 130
+INTERRUPTED_LINE = "vbusemu run: interrupted; stopping guests, devices, VMM and broker"
+
+
+class Interrupted(Exception):
+    """Ctrl-C seen: unwind to the teardown."""
 
 
 def _fmt(value: Any, unit: str = "", digits: int = 1) -> str:
@@ -102,10 +115,12 @@ def first_discrepancy(done: dict[str, Any]) -> str | None:
 
 class Launcher:
     def __init__(self, topology: topo.Topology, out: TextIO = sys.stdout,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 120.0, ctrl_c: CtrlC | None = None) -> None:
         self.topology = topology
         self.out = out
         self.timeout = timeout
+        self.ctrl_c = ctrl_c
+        self.interrupted = False
         self.broker: ManagedProcess | None = None
         self.vmm: ManagedProcess | None = None
         self.logfile: Any = None
@@ -113,30 +128,54 @@ class Launcher:
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
+    def _check_interrupt(self) -> None:
+        if self.ctrl_c is not None and self.ctrl_c.pending:
+            raise Interrupted
+
     def run(self) -> int:
+        become_subreaper()  # orphaned grandchildren come to us; reaped after the teardown
         with tempfile.TemporaryDirectory(prefix="vbusemu-") as tmp:
             os.chmod(tmp, 0o700)
             log_path = Path(tmp) / "processes.log"
             with open(log_path, "w") as self.logfile:
                 try:
-                    return self._run(Path(tmp))
+                    code = self._run(Path(tmp))
+                    self._check_interrupt()  # a Ctrl-C while the summary was printed
+                except Interrupted:
+                    self._interrupted()
+                    code = EXIT_INTERRUPTED
                 finally:
                     self._teardown()
+                    reap_orphans()
                     self.logfile.flush()
                     text = log_path.read_text()
-                    if "Traceback" in text or "ERROR" in text:
+                    # Interrupted, processes may log why they stopped; a traceback is a bug.
+                    if "Traceback" in text or ("ERROR" in text and not self.interrupted):
                         self.say("--- process log ---\n" + text[-4000:])
+                if self.ctrl_c is not None and self.ctrl_c.pending:
+                    self._interrupted()  # a Ctrl-C during the teardown
+                    code = EXIT_INTERRUPTED
+                return code
+
+    def _interrupted(self) -> None:
+        """Say it once, on stderr; the teardown then stops the processes at once."""
+        if not self.interrupted:
+            self.interrupted = True
+            print(INTERRUPTED_LINE, file=sys.stderr, flush=True)
 
     def _run(self, tmp: Path) -> int:
         sock = str(tmp / "broker.sock")
+        self._check_interrupt()
         self.broker = start_broker(sock, self.topology.policy, stderr=self.logfile,
                                    stdout=self.logfile)
+        self._check_interrupt()
         self.say(f"broker pid {self.broker.pid} on {sock} "
                  f"(release policy {self.topology.policy.name.lower()})")
         spec = json.dumps(topo.to_vmm_spec(self.topology))
         self.vmm = ManagedProcess("vmm", python_module(
             "hostemu.vmm", "--socket", sock, "--spec", spec, "--timeout", str(self.timeout)),
             stderr=self.logfile)
+        self._check_interrupt()
         self.say(f"vmm pid {self.vmm.pid}: {len(self.topology.vms)} VMs")
         done = self._follow(self.vmm)
         if done is None:
@@ -157,8 +196,10 @@ class Launcher:
         """Print the VMM's progress lines until its final report (or its exit)."""
         deadline = time.monotonic() + self.timeout + 30
         fd = vmm.stdout_fd()
+        wake = [self.ctrl_c.fileno()] if self.ctrl_c is not None else []
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.5)
+            ready, _, _ = select.select([fd, *wake], [], [], 0.5)
+            self._check_interrupt()
             if not ready:
                 continue
             lines = vmm.poll_lines()
@@ -180,32 +221,48 @@ class Launcher:
             self.say(f"[{vm}] {name} {json.dumps(fields, sort_keys=True)}")
 
     def _teardown(self) -> None:
+        """The VMM first (it stops its guests, then their devices), then the broker."""
         if self.vmm is not None:
-            self.vmm.stop()  # graceful (EOF/SIGTERM), then SIGKILL
+            if self.interrupted:
+                self.vmm.terminate()  # SIGTERM now, then SIGKILL
+            else:
+                self.vmm.stop()  # graceful (EOF/SIGTERM), then SIGKILL
         if self.broker is not None:
             self.broker.stop()
 
 
 def main(path: str | None, timeout: float = 120.0) -> int:
-    try:
-        topology = topo.load(Path(path) if path else DEFAULT_TOPOLOGY)
-        # Before anything starts: a second run of the same images stops here.
-        locks = lock_images(topo.image_paths(topology))
-    except ConfigError as e:
-        print(f"vbusemu run: {e}", file=sys.stderr)
-        return 2
-    for image in locks.unlocked:
-        print(f"vbusemu run: warning: disk image {image} cannot be locked on its "
-              "filesystem; nothing stops another run from using it at the same time",
-              file=sys.stderr)
-    launcher = Launcher(topology, timeout=timeout)
+    """``vbusemu run``: exit 0 (all good), 1 (a discrepancy or failure), 2 (a bad
+    topology) or 130 (Ctrl-C)."""
+    ctrl_c = CTRL_C
+    own = not ctrl_c.installed  # not the ``vbusemu`` command (a test, python -m)
+    if own:
+        ctrl_c = CtrlC()
     previous = signal.getsignal(signal.SIGINT)
+    ctrl_c.install()
     try:
-        with locks:  # released only once the launcher has stopped every process
-            return launcher.run()
-    except (KeyboardInterrupt, PeerGoneError) as e:
-        print(f"vbusemu run: stopped ({type(e).__name__}: {e})", file=sys.stderr)
-        return 130 if isinstance(e, KeyboardInterrupt) else 1
+        try:
+            topology = topo.load(Path(path) if path else DEFAULT_TOPOLOGY)
+            # Before anything starts: a second run of the same images stops here.
+            locks = lock_images(topo.image_paths(topology))
+        except ConfigError as e:
+            print(f"vbusemu run: {e}", file=sys.stderr)
+            return 2
+        for image in locks.unlocked:
+            print(f"vbusemu run: warning: disk image {image} cannot be locked on its "
+                  "filesystem; nothing stops another run from using it at the same time",
+                  file=sys.stderr)
+        launcher = Launcher(topology, timeout=timeout, ctrl_c=ctrl_c)
+        try:
+            with locks:  # released only once the launcher has stopped every process
+                return launcher.run()
+        except PeerGoneError as e:
+            print(f"vbusemu run: stopped ({type(e).__name__}: {e})", file=sys.stderr)
+            return 1
     finally:
+        # Further Ctrl-Cs were ours until here: nothing is left to stop.
         with contextlib.suppress(ValueError, TypeError):
             signal.signal(signal.SIGINT, previous)
+        if own:
+            ctrl_c.close()
+

@@ -44,6 +44,7 @@ import functools
 import json
 import logging
 import os
+import select
 import sys
 import time
 from collections import deque
@@ -67,7 +68,7 @@ from shared import wire
 from shared.channel import Channel
 from shared.errors import BrokerError, ConfigError, PeerGoneError, VbusError
 from shared.fds import EventNotifier
-from shared.loop import EventLoop, setup_logging
+from shared.loop import EXIT_BROKER_GONE, EventLoop, setup_logging, silence_stdout
 from shared.memory import SharedRegion
 from shared.wire import Policy, Scope
 
@@ -671,7 +672,10 @@ class Vmm:
 
     def shutdown(self) -> None:
         """Destroy every VM (the guest and device processes get peer-gone and exit), then
-        make sure every process we started is gone: gracefully, then hard."""
+        make sure every process we started is gone, in order -- guests, then devices --
+        gracefully, then hard."""
+        guests: list[ManagedProcess] = []
+        devices: list[ManagedProcess] = []
         for vm in list(self.vms.values()):
             for dev in vm.devices.values():
                 for writer in dev.kick_writers.values():
@@ -680,13 +684,32 @@ class Vmm:
                 self.channel.vm_destroy(vm.id)
             except (BrokerError, PeerGoneError) as e:
                 self.errors.append(f"destroying {vm.spec.name}: {e}")
-            procs = [vm.guest] + [d.process for d in vm.devices.values()]
-            for p in procs:
-                if p is not None:
-                    p.stop()
+            if vm.guest is not None:
+                guests.append(vm.guest)
+            devices += [d.process for d in vm.devices.values() if d.process is not None]
             del self.vms[vm.id]
-        for p in self.switch_procs:
+        devices += self.switch_procs
+        self._wait_serving(guests)
+        for p in guests:
             p.stop()
+        for p in devices:
+            p.stop()
+
+    def _wait_serving(self, procs: list[ManagedProcess], timeout: float = 5.0) -> None:
+        """Ask ``procs`` to stop and wait for them while still answering I/O exits: a
+        guest may be inside one (relayed before its VM was destroyed), and it would
+        otherwise wait for the relay timeout before it could notice the VM is gone."""
+        for p in procs:
+            p.request_stop()
+        deadline = time.monotonic() + timeout
+        while any(p.alive for p in procs) and time.monotonic() < deadline:
+            try:
+                self.channel.pump()
+                self.process_notices()  # exits of a destroyed VM: read as all ones
+            except VbusError:
+                return  # the broker is gone (or broke the protocol): so is every exit
+            with contextlib.suppress(OSError):
+                select.select([self.channel.fileno()], [], [], 0.05)
 
 
 def parse_spec(text: str) -> tuple[list[VmSpec], list[SwitchSpec]]:
@@ -738,19 +761,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     loop = EventLoop()
     loop.install_signal_handlers()
-    with Channel.connect(args.socket) as ch:
-        vmm = Vmm(ch)
-        try:
-            for spec in specs:
-                vmm.create_vm(spec)
-            vmm.start(switches)
-            results = vmm.run_until_guests_exit(loop, args.timeout)
-            stats = vmm.stats()
-        finally:
-            vmm.shutdown()
-            loop.close()
-    print(json.dumps({"event": "vmm_done", "results": results, "stats": stats,
-                      "reports": vmm.reports, "errors": vmm.errors}), flush=True)
+    try:
+        with Channel.connect(args.socket) as ch:
+            vmm = Vmm(ch)
+            results: dict[str, Any] = {}
+            stats: dict[str, Any] = {}
+            try:
+                for spec in specs:
+                    if not loop.signalled:
+                        vmm.create_vm(spec)
+                if not loop.signalled:  # told to stop meanwhile: start no process
+                    vmm.start(switches)
+                    results = vmm.run_until_guests_exit(loop, args.timeout)
+                if not loop.signalled:
+                    stats = vmm.stats()
+            finally:
+                vmm.shutdown()  # guests, then devices, gracefully then hard
+                loop.close()
+    except PeerGoneError as e:  # the broker went first: what we started is stopped
+        print(f"vbusemu vmm: the broker is gone ({e})", file=sys.stderr, flush=True)
+        return EXIT_BROKER_GONE
+    if loop.signalled:
+        return 1
+    try:
+        print(json.dumps({"event": "vmm_done", "results": results, "stats": stats,
+                          "reports": vmm.reports, "errors": vmm.errors}), flush=True)
+    except BrokenPipeError:  # whoever started us stopped listening: exit quietly
+        silence_stdout()
     return 0 if not vmm.errors and len(results) == len(specs) else 1
 
 

@@ -11,8 +11,9 @@ by the VMM) and reacts to three sources, all watched by one ``selectors`` (epoll
   a test, the demo), answered on stdout as ``{"id": n, "ok": true, ...}``; unsolicited
   progress is reported as ``{"event": "..."}`` lines.
 
-Every loop watches a stop eventfd that SIGINT/SIGTERM write, so a signal ends the loop at
-the next wakeup with a clean exit (no traceback, fds closed). EOF on stdin (the parent
+Every loop watches a stop eventfd that SIGTERM (and SIGINT, unless the process started
+with it ignored, as the launcher's children do) writes, so a signal ends the loop at the
+next wakeup with a clean exit (no traceback, fds closed). EOF on stdin (the parent
 went away) also stops it. EOF on the broker channel is a peer-gone: the agent reports
 ``broker_gone`` and exits with :data:`EXIT_BROKER_GONE`.
 """
@@ -34,6 +35,7 @@ from shared import wire
 from shared.channel import Channel
 from shared.errors import BrokerError, PeerGoneError, ProtocolError, VbusError
 from shared.fds import new_eventfd
+from shared.lifeline import catch_sigint
 
 EXIT_OK = 0
 EXIT_BROKER_GONE = 3
@@ -73,16 +75,18 @@ class EventLoop:
         self.stop_fd = new_eventfd()
         self._sel.register(self.stop_fd.fileno(), selectors.EVENT_READ, None)
         self.stopping = False
+        self.signalled = False  # a stop signal arrived (it ends the loop at its next poll)
         self._timers: list[tuple[float, Callable[[], None]]] = []
         self._spinners: dict[object, Callable[[], bool]] = {}
         self.cpu_contended = False
 
     def install_signal_handlers(self) -> None:
         def on_signal(signum: int, frame: FrameType | None) -> None:
+            self.signalled = True
             if not self.stop_fd.closed:
                 os.eventfd_write(self.stop_fd.fd, 1)
 
-        signal.signal(signal.SIGINT, on_signal)
+        catch_sigint(on_signal)  # unless ignored: a launched child leaves Ctrl-C to its parent
         signal.signal(signal.SIGTERM, on_signal)
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
@@ -188,6 +192,8 @@ class ControlPipe:
             self.out.flush()
         except BrokenPipeError:  # the parent is gone; the stdin EOF will stop us
             self.eof = True
+            if self.out is sys.stdout:
+                silence_stdout()
 
 
 class Agent:
@@ -321,6 +327,21 @@ def run_group(agents: list[Agent], loop: EventLoop) -> int:
         for agent in agents:
             agent.close()
         loop.close()
+
+
+def silence_stdout() -> None:
+    """After EPIPE on stdout: point it at /dev/null, so that the buffered rest is dropped
+    at exit instead of reported (no "Exception ignored ... BrokenPipeError" on stderr)."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.dup2(fd, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(fd)
 
 
 def setup_logging(name: str) -> None:

@@ -64,6 +64,7 @@ from hostemu.broker.table import Action, Disconnect, ObjectTable, OpenChannel, S
 from shared import wire
 from shared.errors import ConfigError, PeerGoneError, ProtocolError
 from shared.fds import OwnedFd, close_all, new_eventfd, recv_with_fds, send_with_fds
+from shared.lifeline import catch_sigint
 from shared.wire import Policy
 
 log = logging.getLogger("vbusemu.broker")
@@ -186,9 +187,10 @@ class BrokerServer:
 
     def install_signal_handlers(self) -> None:
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            os.eventfd_write(self.stop_fd.fd, 1)
+            if not self.stop_fd.closed:  # a late signal after the stop changes nothing
+                os.eventfd_write(self.stop_fd.fd, 1)
 
-        signal.signal(signal.SIGINT, on_signal)
+        catch_sigint(on_signal)  # unless ignored: a launched broker leaves Ctrl-C to its parent
         signal.signal(signal.SIGTERM, on_signal)
 
     def request_stop(self) -> None:
