@@ -27,7 +27,7 @@ import ctypes
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 PR_SET_PDEATHSIG = 1
@@ -61,9 +61,9 @@ def become_subreaper() -> bool:
     return _prctl is not None and _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
-def children(pid: int) -> list[int]:
-    """The pids whose parent is ``pid`` (from ``/proc``; zombies included)."""
-    out = []
+def processes() -> Iterator[tuple[int, list[bytes]]]:
+    """Every process (zombies included) with the fields of its ``/proc/PID/stat`` after
+    ``pid (comm)``: state, ppid, pgrp, session, ..."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -72,10 +72,12 @@ def children(pid: int) -> list[int]:
                 stat = f.read()
         except OSError:  # gone meanwhile
             continue
-        fields = stat[stat.rfind(b")") + 2 :].split()  # after "pid (comm) "
-        if len(fields) > 1 and int(fields[1]) == pid:
-            out.append(int(name))
-    return out
+        yield int(name), stat[stat.rfind(b")") + 2 :].split()
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (from ``/proc``; zombies included)."""
+    return [p for p, fields in processes() if len(fields) > 1 and int(fields[1]) == pid]
 
 
 def reap_orphans(timeout: float = 5.0) -> list[int]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from hostemu.run import EXIT_INTERRUPTED, INTERRUPTED_LINE
+from shared.lifeline import processes
 
 ROOT = Path(__file__).resolve().parents[2]
 TRIALS = int(os.environ.get("VBUSEMU_CTRL_C_TRIALS", "14"))
@@ -34,19 +35,15 @@ booting, pci, disk, blk_flushed, disk ok, net role, net_ready."""
 def session_members(sid: int) -> list[str]:
     """Every process (zombies included) whose session is ``sid``: ``"pid state cmdline"``."""
     found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
+    for pid, fields in processes():
+        if int(fields[3]) != sid:
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-            with open(f"/proc/{name}/cmdline", "rb") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
-        except OSError:
+        except OSError:  # gone meanwhile
             continue
-        fields = stat[stat.rfind(b")") + 2 :].split()  # state ppid pgrp session ...
-        if int(fields[3]) == sid:
-            found.append(f"{name} {fields[0].decode()} {cmd}")
+        found.append(f"{pid} {fields[0].decode()} {cmd}")
     return found
 
 

@@ -4,7 +4,7 @@ request costs one page however big the table, and the assembled state is the sna
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,22 +13,8 @@ from hostemu.broker import introspect
 from hostemu.broker.idmap import IdMap
 from hostemu.broker.limits import Quotas
 from shared import wire
-from shared.wire import Policy, StateSection
+from shared.wire import StateSection
 from tests.unit.test_table import Harness, err
-
-
-@pytest.fixture
-def make() -> Iterator[Callable[..., Harness]]:
-    made: list[Harness] = []
-
-    def factory(**kw: Any) -> Harness:
-        h = Harness(Policy.HUP, **kw)
-        made.append(h)
-        return h
-
-    yield factory
-    for h in made:
-        h.close()
 
 
 def walk(h: Harness, conn: int, section: StateSection, limit: int) -> list[list[Any]]:
@@ -44,8 +30,8 @@ def walk(h: Harness, conn: int, section: StateSection, limit: int) -> list[list[
         after = r.next
 
 
-def test_each_section_pages_in_order_without_gaps(make: Callable[..., Harness]) -> None:
-    h = make(quotas=Quotas(vms=100))
+def test_each_section_pages_in_order_without_gaps(harness: Callable[..., Harness]) -> None:
+    h = harness(quotas=Quotas(vms=100))
     c = h.host()
     vms = [h.vm(c, ngsi=1, irqchip=False) for _ in range(50)]
     pages = walk(h, c, StateSection.VMS, 7)
@@ -58,8 +44,8 @@ def test_each_section_pages_in_order_without_gaps(make: Callable[..., Harness]) 
         vm for i, vm in enumerate(vms) if i % 3]
 
 
-def test_handles_page_across_connections(make: Callable[..., Harness]) -> None:
-    h = make()
+def test_handles_page_across_connections(harness: Callable[..., Harness]) -> None:
+    h = harness()
     conns = [h.host() for _ in range(3)]
     expect = []
     for c in conns:
@@ -71,10 +57,10 @@ def test_handles_page_across_connections(make: Callable[..., Harness]) -> None:
     assert got == expect
 
 
-def test_one_request_costs_one_page(make: Callable[..., Harness],
+def test_one_request_costs_one_page(harness: Callable[..., Harness],
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """20,000 VMs: a page of 10 builds about 10 items, not 20,000."""
-    h = make(quotas=Quotas(vms=20_000))
+    h = harness(quotas=Quotas(vms=20_000))
     c = h.host()
     for _ in range(20_000):
         h.req(c, wire.VmCreate(ngsi=1))
@@ -92,8 +78,8 @@ def test_one_request_costs_one_page(make: Callable[..., Harness],
     assert len(built) <= 11  # the page, and one look-ahead to know there is more
 
 
-def test_a_page_fits_one_frame(make: Callable[..., Harness]) -> None:
-    h = make(quotas=Quotas(handles=20_000))
+def test_a_page_fits_one_frame(harness: Callable[..., Harness]) -> None:
+    h = harness(quotas=Quotas(handles=20_000))
     c = h.host()
     e = h.import_eventfd(c)
     for _ in range(5000):
@@ -102,14 +88,14 @@ def test_a_page_fits_one_frame(make: Callable[..., Harness]) -> None:
     assert len(pages) >= 2 and sum(map(len, pages)) == 5001
 
 
-def test_unknown_section_is_einval(make: Callable[..., Harness]) -> None:
-    h = make()
+def test_unknown_section_is_einval(harness: Callable[..., Harness]) -> None:
+    h = harness()
     c = h.host()
     assert err(h.req(c, wire.GetState(section=len(StateSection)))) == "EINVAL"
 
 
-def test_snapshot_is_every_section_assembled(make: Callable[..., Harness]) -> None:
-    h = make()
+def test_snapshot_is_every_section_assembled(harness: Callable[..., Harness]) -> None:
+    h = harness()
     c = h.host()
     vm = h.vm(c)
     e = h.import_eventfd(c)

@@ -4,8 +4,7 @@ each refusal is an errno reply that changes nothing, and the table keeps serving
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
@@ -13,22 +12,8 @@ from hostemu.broker.limits import FdBudget, Quotas
 from shared import wire
 from shared.errors import ConfigError
 from shared.fds import OwnedFd
-from shared.wire import Policy, Scope
+from shared.wire import Scope
 from tests.unit.test_table import PAGE, Harness, err
-
-
-@pytest.fixture
-def make() -> Iterator[Callable[..., Harness]]:
-    made: list[Harness] = []
-
-    def factory(**kw: Any) -> Harness:
-        h = Harness(Policy.HUP, **kw)
-        made.append(h)
-        return h
-
-    yield factory
-    for h in made:
-        h.close()
 
 
 def state_counts(h: Harness) -> tuple[int, int, int, int]:
@@ -40,8 +25,8 @@ def state_counts(h: Harness) -> tuple[int, int, int, int]:
 # ------------------------------------------------------------------------------ quotas
 
 
-def test_vm_quota_is_enospc_and_per_connection(make: Callable[..., Harness]) -> None:
-    h = make(quotas=Quotas(vms=2))
+def test_vm_quota_is_enospc_and_per_connection(harness: Callable[..., Harness]) -> None:
+    h = harness(quotas=Quotas(vms=2))
     c, other = h.host(), h.host()
     h.vm(c)
     h.vm(c)
@@ -51,8 +36,8 @@ def test_vm_quota_is_enospc_and_per_connection(make: Callable[..., Harness]) -> 
     h.vm(other)  # another connection has its own quota
 
 
-def test_device_quota_is_enospc(make: Callable[..., Harness]) -> None:
-    h = make(quotas=Quotas(devices=1))
+def test_device_quota_is_enospc(harness: Callable[..., Harness]) -> None:
+    h = harness(quotas=Quotas(devices=1))
     c = h.host()
     vm = h.vm(c)
     h.device(c, vm)
@@ -61,8 +46,8 @@ def test_device_quota_is_enospc(make: Callable[..., Harness]) -> None:
     assert state_counts(h) == before
 
 
-def test_binding_quota_counts_bindings_until_released(make: Callable[..., Harness]) -> None:
-    h = make(quotas=Quotas(bindings=2))
+def test_binding_quota_counts_bindings_until_released(harness: Callable[..., Harness]) -> None:
+    h = harness(quotas=Quotas(bindings=2))
     c = h.host()
     vm = h.vm(c)
     e = h.import_eventfd(c)
@@ -78,8 +63,8 @@ def test_binding_quota_counts_bindings_until_released(make: Callable[..., Harnes
     h.ioeventfd(c, vm, e, 0x3000)  # a released binding gives its place back
 
 
-def test_memslot_quota_is_enospc(make: Callable[..., Harness]) -> None:
-    h = make(quotas=Quotas(memslots=1))
+def test_memslot_quota_is_enospc(harness: Callable[..., Harness]) -> None:
+    h = harness(quotas=Quotas(memslots=1))
     c = h.host()
     vm = h.vm(c)
     mem = h.import_memory(c, 4 * PAGE)
@@ -107,9 +92,9 @@ def test_quota_parse_names_the_bad_field() -> None:
 
 
 def test_fd_reserve_refuses_new_fd_objects_but_not_introspection_or_dups(
-        make: Callable[..., Harness]) -> None:
+        harness: Callable[..., Harness]) -> None:
     room = {"free": 10}
-    h = make(fd_room=lambda n: room["free"] - n >= 0)
+    h = harness(fd_room=lambda n: room["free"] - n >= 0)
     c = h.host()
     a = h.import_eventfd(c)
     room["free"] = 0
@@ -154,8 +139,8 @@ def dup_fails(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
 
 
 def test_assign_whose_notice_cannot_dup_is_emfile_and_changes_nothing(
-        make: Callable[..., Harness], dup_fails: dict[str, bool]) -> None:
-    h = make()
+        harness: Callable[..., Harness], dup_fails: dict[str, bool]) -> None:
+    h = harness()
     c = h.host()
     vm = h.vm(c)
     guest = h.guest(c, vm)
@@ -171,9 +156,9 @@ def test_assign_whose_notice_cannot_dup_is_emfile_and_changes_nothing(
     assert len(h.notices(guest, wire.IrqfdAttach)) == 1
 
 
-def test_attach_that_cannot_dup_fails_whole(make: Callable[..., Harness],
+def test_attach_that_cannot_dup_fails_whole(harness: Callable[..., Harness],
                                             dup_fails: dict[str, bool]) -> None:
-    h = make()
+    h = harness()
     c = h.host()
     vm = h.vm(c)
     e = h.import_eventfd(c)
@@ -191,9 +176,9 @@ def test_attach_that_cannot_dup_fails_whole(make: Callable[..., Harness],
     assert len(h.notices(guest, wire.IrqfdAttach)) == 1
 
 
-def test_get_fd_at_the_limit_is_emfile(make: Callable[..., Harness],
+def test_get_fd_at_the_limit_is_emfile(harness: Callable[..., Harness],
                                        dup_fails: dict[str, bool]) -> None:
-    h = make()
+    h = harness()
     c = h.host()
     e = h.import_eventfd(c)
     dup_fails["on"] = True
