@@ -166,3 +166,18 @@ def test_cached_kernels_load_from_the_chosen_directory(tmp_path: Path) -> None:
     assert not (src / "__pycache__").exists() or not list((src / "__pycache__").glob("*.nbi"))
     warm = json.loads(_python(code, env, timeout=240))
     assert warm["r"] == 9 and warm["hits"] >= 1 and warm["misses"] == 0
+
+
+def test_prepare_after_numba_was_imported_reloads_its_config(tmp_path: Path) -> None:
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("")
+    code = (
+        "import json, os, numba.core.config as c\n"
+        "from pathlib import Path\n"
+        "from shared import jit\n"
+        f"chosen = jit.prepare_numba_cache(None, [Path({str(a_file)!r})])\n"
+        "print(json.dumps([str(chosen), c.CACHE_DIR, os.environ['NUMBA_CACHE_DIR']]))\n"
+    )
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "NUMBA_CACHE_DIR": ""}
+    chosen, numba_sees, environ = json.loads(_python(code, env))
+    assert chosen == numba_sees == environ == str(tmp_path / "xdg" / "vbusemu" / "numba")
