@@ -163,11 +163,11 @@ def _walk_indirect(
 ) -> int:
     """Append the buffers of chain ``head``'s indirect table (``before`` buffers of the
     chain precede them); return how many table entries were read."""
-    if length == 0 or length % DESC_DTYPE.itemsize:
+    if length == 0 or length % DESC_SIZE:
         raise RingBroken(
             f"chain {head}: indirect table length {length} is not a non-zero multiple of 16"
         )
-    count = length // DESC_DTYPE.itemsize
+    count = length // DESC_SIZE
     if count > q:
         raise RingBroken(
             f"chain {head}: indirect table of {count} descriptors is longer than the queue size {q}"
