@@ -6,7 +6,7 @@ Theory of operation
 address (the VMM binds the queue doorbells as ioeventfds there) and programs each MSI
 vector with a fresh gsi (the VMM binds an irqfd to it and hands the same eventfd to the
 device as its shm-signal). :class:`Virtqueue` allocates a ring in guest RAM, programs it
-through the BAR registers and wraps a :class:`~shared.ring.DriverRing`; a kick is a write
+through the BAR registers and wraps a :class:`~shared.virtio.DriverRing`; a kick is a write
 of the queue index to its notify register -- caught by the ioeventfd, so no exit -- and
 happens only when the ring says the device asked for one (EVENT_IDX suppression).
 Counters record doorbells rung vs suppressed and interrupts taken.
@@ -26,7 +26,7 @@ from guestemu import pci
 from shared import pci_layout as pl
 from shared.errors import UsageError
 from shared.memory import GuestMemoryMap
-from shared.ring import DRIVER_SCALAR_MAX, DriverRing, RingLayout
+from shared.virtio import DRIVER_SCALAR_MAX, DriverRing, RingLayout
 
 if TYPE_CHECKING:
     from guestemu.vcpu import Vcpu

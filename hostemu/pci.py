@@ -8,7 +8,7 @@ event                     what the VMM typically does
 ========================  ======================================================================
 :class:`BarMoved`         deassign the notify ioeventfds at ``old``, assign them at ``new``
 :class:`MsiProgrammed`    deassign the vector's irqfd from ``old_gsi``, assign it to ``new_gsi``
-:class:`QueueEnabled`     build a :class:`~shared.ring.DeviceRing` and start serving the queue
+:class:`QueueEnabled`     build a :class:`~shared.virtio.DeviceRing` and start serving the queue
 :class:`QueueDisabled`    stop serving the queue, forget its ring
 :class:`StatusChanged`    log; start the device on DRIVER_OK
 :class:`DeviceReset`      drop all per-driver state (follows the queues' QueueDisabled events)
@@ -103,10 +103,7 @@ from shared.pci_layout import (
     MAX_QUEUES,
     MSI_UNPROGRAMMED,
     NOTIFY_SIZE,
-    QUEUE_AVAIL_ALIGN,
-    QUEUE_DESC_ALIGN,
     QUEUE_NO_VECTOR,
-    QUEUE_USED_ALIGN,
     REG_DEVICE_FEATURES,
     REG_DEVICE_STATUS,
     REG_DRIVER_FEATURES,
@@ -136,7 +133,7 @@ from shared.pci_layout import (
     notify_offset,
     notify_queue,
 )
-from shared.ring import RingLayout, valid_queue_size
+from shared.virtio import placement_problem, valid_queue_size
 
 _U64_LIMIT: Final = 1 << 64
 _LO_MASK: Final = U32_MASK
@@ -600,18 +597,14 @@ def _merge(addr: int, half: int, value: int) -> int:
 
 
 def _ring_ok(qs: _Queue) -> bool:
-    """Size set, areas aligned (16 / 2 / 4) and none wrapping past ``2**64``."""
+    """Size set, areas aligned (16 / 2 / 4) and none wrapping past ``2**64`` (overlapping
+    areas are the device's to find: its ring starts broken)."""
     if qs.size == 0:
         return False
-    layout = RingLayout(qs.size)
-    return (
-        qs.desc % QUEUE_DESC_ALIGN == 0
-        and qs.avail % QUEUE_AVAIL_ALIGN == 0
-        and qs.used % QUEUE_USED_ALIGN == 0
-        and qs.desc + layout.desc_size <= _U64_LIMIT
-        and qs.avail + layout.avail_size <= _U64_LIMIT
-        and qs.used + layout.used_size <= _U64_LIMIT
+    problem = placement_problem(
+        qs.size, qs.desc, qs.avail, qs.used, limit=_U64_LIMIT, allow_overlap=True
     )
+    return problem is None
 
 
 # ---------------------------------------------------------------------------- the bus

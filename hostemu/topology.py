@@ -69,7 +69,7 @@ from typing import Any, Final
 from hostemu.vmm import DeviceSpec, SwitchSpec, VmSpec
 from shared.errors import ConfigError
 from shared.pci_layout import MAX_FUNCTIONS
-from shared.ring import valid_queue_size
+from shared.virtio import valid_queue_size
 from shared.wire import Policy
 
 if sys.version_info >= (3, 11):

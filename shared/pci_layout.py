@@ -73,7 +73,7 @@ from typing import Any, Final
 import numpy as np
 
 from shared.errors import UsageError
-from shared.ring import AVAIL_ALIGN, DESC_ALIGN, USED_ALIGN
+from shared.virtio.layout import AVAIL_ALIGN, DESC_ALIGN, USED_ALIGN
 
 # ---------------------------------------------------------------------------- access widths
 
@@ -295,7 +295,8 @@ STATUS_DRIVER_BITS: Final = (
 QUEUE_NO_VECTOR: Final = 0xFFFF_FFFF
 """QUEUE_VECTOR value meaning "no interrupt for this queue" (the reset value)."""
 QUEUE_DESC_ALIGN: Final = DESC_ALIGN
-"""Required alignment of QUEUE_DESC (16), as the split ring requires (:mod:`shared.ring`)."""
+"""Required alignment of QUEUE_DESC (16), as the split ring requires
+(:mod:`shared.virtio.layout`)."""
 QUEUE_AVAIL_ALIGN: Final = AVAIL_ALIGN
 QUEUE_USED_ALIGN: Final = USED_ALIGN
 

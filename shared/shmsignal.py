@@ -34,15 +34,16 @@ consumer's enable returns ``True``, or a running wakeup's re-check sees ``dirty`
 
 Memory ordering
 ---------------
-Three store->load points (the only reordering x86 does; see :mod:`shared.ring`), each a
-:func:`~shared.ring.full_barrier`: inject stores ``dirty`` then loads ``enabled``/``pending``;
-enable stores ``enabled`` then loads ``dirty``/``pending``; wakeup stores ``pending = 0`` then
-re-loads ``dirty``. Two more fences: after wakeup's ``dirty = 0`` (before the handler loads the
-queue: a delayed clear could otherwise land after the producer's next ``dirty = 1`` and erase
-it while the handler read the old queue), and after inject's ``pending = 1`` (it must be
-visible before the remote can be woken by our signal, or its wakeup could clear ``pending``
-first and leave it stuck at 1, silencing every later inject). The vbus original used
-``wmb()`` at these points, which orders stores only, not a store before a later load.
+Three store->load points (the only reordering x86 does; see :mod:`shared.virtio.ordering`),
+each a :func:`~shared.virtio.ordering.full_barrier`: inject stores ``dirty`` then loads
+``enabled``/``pending``; enable stores ``enabled`` then loads ``dirty``/``pending``; wakeup
+stores ``pending = 0`` then re-loads ``dirty``. Two more fences: after wakeup's ``dirty = 0``
+(before the handler loads the queue: a delayed clear could otherwise land after the producer's
+next ``dirty = 1`` and erase it while the handler read the old queue), and after inject's
+``pending = 1`` (it must be visible before the remote can be woken by our signal, or its wakeup
+could clear ``pending`` first and leave it stuck at 1, silencing every later inject). The vbus
+original used ``wmb()`` at these points, which orders stores only, not a store before a later
+load.
 
 The protocol is written once, as pure step generators (:func:`inject_steps`,
 :func:`enable_steps`, :func:`wakeup_steps` ...) that yield the memory operations they need
@@ -67,7 +68,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.errors import UsageError
-from shared.ring import full_barrier
+from shared.virtio.ordering import full_barrier
 
 U8Array: TypeAlias = npt.NDArray[np.uint8]
 

@@ -16,7 +16,7 @@ the device has consumed everything posted.
 
 Interrupts stay *disabled* while the console is not waiting: a console that only prints
 does not want an interrupt per line. Before halting, the driver re-enables them and
-re-checks the ring (:meth:`~shared.ring.DriverRing.enable_interrupts`), so a completion
+re-checks the ring (:meth:`~shared.virtio.DriverRing.enable_interrupts`), so a completion
 that raced the decision to sleep is never slept through; after waking it disables them
 again.
 

@@ -3,7 +3,7 @@
 The guest owns its rings, so it can write anything into them. This workload brings the echo
 device up like :class:`~guestemu.workloads.echo.EchoSession` does, proves the path with a few
 good frames, and then performs ONE attack (``params["attack"]``, see :data:`ATTACKS`) by
-writing guest memory of one ring directly -- bypassing :class:`~shared.ring.DriverRing`,
+writing guest memory of one ring directly -- bypassing :class:`~shared.virtio.DriverRing`,
 whose checks a real malicious guest does not have -- and kicks the queue.
 
 The device must mark that queue broken and report it; the VMM then shows it in the queue's
@@ -14,7 +14,7 @@ exit served by the VMM -- and checks that the device's other queue is not marked
 Where the hostile entry goes
 ----------------------------
 The ring area's address is read back from the device's own ``QUEUE_DESC`` / ``QUEUE_AVAIL``
-registers and viewed through guest RAM; offsets come from :class:`~shared.ring.RingLayout`.
+registers and viewed through guest RAM; offsets come from :class:`~shared.virtio.RingLayout`.
 After a completed transfer the echo device has taken every TX buffer (it completes a TX
 buffer as soon as it copies it out), so on queue 0 the hostile entries are *new* ones posted
 at ``avail.idx``. RX buffers stay posted until a frame comes back, so on queue 1 the attack
@@ -40,7 +40,7 @@ from guestemu.drivers import Virtqueue
 from guestemu.workloads.echo import EchoSession
 from shared import pci_layout as pl
 from shared.errors import VbusError
-from shared.ring import (
+from shared.virtio import (
     DESC_DTYPE,
     INDEX_MASK,
     VRING_DESC_F_INDIRECT,

@@ -64,7 +64,7 @@ from shared import pci_layout as pl
 from shared.errors import ConfigError, MemoryAccessError
 from shared.fds import OwnedFd
 from shared.memory import GuestMemoryMap
-from shared.ring import Batch, Segment
+from shared.virtio import Batch, Segment
 
 U8Array = npt.NDArray[np.uint8]
 

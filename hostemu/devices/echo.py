@@ -22,7 +22,7 @@ into RX buffers once no staged copy is ahead of them.
 When nothing waits in the backlog and RX buffers are posted, a pass takes at most as many TX
 buffers as there are RX buffers and delivers them in the same pass: a few frames, or large
 ones, are copied straight from each TX buffer into its RX buffer
-(:meth:`~shared.ring.DeviceRing.copy_payloads`: one copy, no staging array); many small
+(:meth:`~shared.virtio.DeviceRing.copy_payloads`: one copy, no staging array); many small
 ones go through one vectorized gather into a staging array and one scatter out of it. With
 the ``busy_poll_us`` option the runtime busy-polls the TX ring after each pass (see
 :attr:`~hostemu.devices.runtime.DeviceRuntime.busy_poll`).
@@ -46,7 +46,7 @@ import numpy as np
 from hostemu.devices.runtime import BUDGET, DeviceModel, DeviceRuntime, Queue, no_params
 from shared import pci_layout as pl
 from shared.errors import ConfigError
-from shared.ring import Batch, DeviceRing
+from shared.virtio import Batch, DeviceRing
 
 TX, RX = 0, 1
 MAX_FRAME = 16 << 20  # the ring's own per-buffer limit

@@ -8,7 +8,7 @@ notices: the VM's memory slots (mapped with :class:`~shared.memory.SlotMapper`),
 write to the notify register signals it directly) and one *shm-signal* eventfd per MSI
 vector (the eventfd the VMM also bound as an irqfd: signaling it interrupts the guest).
 The VMM relays the guest's queue programming as a ``DeviceConfigNotice`` (JSON, like
-vhost-user's SET_VRING_ADDR); the runtime builds a :class:`~shared.ring.DeviceRing` for it
+vhost-user's SET_VRING_ADDR); the runtime builds a :class:`~shared.virtio.DeviceRing` for it
 and answers ``DeviceConfigDone``.
 
 On a kick the runtime drains the kickfd and runs the model's queue handler in passes of
@@ -41,7 +41,7 @@ from shared.errors import BrokerError, ConfigError, PeerGoneError, VbusError
 from shared.fds import EventConsumer
 from shared.loop import ControlPipe, EventLoop
 from shared.memory import SlotMapper
-from shared.ring import DeviceRing
+from shared.virtio import DeviceRing
 
 BUDGET = 256
 """Chains one pass of a queue handler may take before yielding to other events."""

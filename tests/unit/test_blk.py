@@ -28,7 +28,7 @@ from hostemu.devices.runtime import Queue
 from shared import pci_layout as pl
 from shared.errors import ConfigError
 from shared.memory import GuestMemoryMap
-from shared.ring import DeviceRing, DriverRing, RingLayout
+from shared.virtio import DeviceRing, DriverRing, RingLayout
 
 CAPACITY = 64  # sectors: a 32 KiB disk
 QSIZE = 256

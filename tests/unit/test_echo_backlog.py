@@ -15,7 +15,7 @@ import pytest
 from hostemu.devices import echo as echo_module
 from hostemu.devices.echo import RX, TX, EchoModel
 from hostemu.devices.runtime import Queue
-from shared.ring import DeviceRing
+from shared.virtio import DeviceRing
 from tests.unit.test_ring import RING_A, RING_B, Pair, make_memory
 
 TX_BUF = 0x20000  # guest-physical addresses of the TX frames ...

@@ -30,7 +30,6 @@ from hostemu.pci import (
     QueueNotifyExit,
     StatusChanged,
 )
-from shared import ring
 from shared.errors import UsageError
 from shared.pci_layout import (
     BAR0_DTYPE,
@@ -103,6 +102,7 @@ from shared.pci_layout import (
     notify_offset,
     notify_queue,
 )
+from shared.virtio import layout as ring_layout
 
 BAR_A = 0xC000_0000
 BAR_B = 0xC001_0000
@@ -213,10 +213,10 @@ def test_layout_constants() -> None:
     assert COMMON_RANGE.end <= DEVICE_CONFIG_RANGE.start
     assert (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK) == (1, 2, 4, 8)
     assert (STATUS_NEEDS_RESET, STATUS_FAILED, F_EVENT_IDX) == (64, 128, 1)
-    # the ring alignment the device checks is the split ring's (shared.ring)
+    # the ring alignment the device checks is the split ring's (shared.virtio.layout)
     assert (QUEUE_DESC_ALIGN, QUEUE_AVAIL_ALIGN, QUEUE_USED_ALIGN) == (16, 2, 4)
     assert (QUEUE_DESC_ALIGN, QUEUE_AVAIL_ALIGN, QUEUE_USED_ALIGN) == (
-        ring.DESC_ALIGN, ring.AVAIL_ALIGN, ring.USED_ALIGN)
+        ring_layout.DESC_ALIGN, ring_layout.AVAIL_ALIGN, ring_layout.USED_ALIGN)
     assert class_revision(DEVICE_NET) == 0x020000_01
     assert class_revision(0x777) == 0xFF0000_01
 
@@ -509,7 +509,7 @@ def test_queue_setup_round_trip_through_the_guest_driver() -> None:
     assert drv.negotiate(F_EVENT_IDX | 0x8000_0000) == F_EVENT_IDX
     assert drv.status() == STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
     io.take_events()
-    layout = ring.RingLayout(128)
+    layout = ring_layout.RingLayout(128)
     desc, avail, used = layout.addresses(0x1_2345_0000)  # above 4 GiB: hi registers matter
     assert drv.setup_queue(1, 128, desc, avail, used, vector=2)
     expected = QueueEnabled(0, 1, 128, desc, avail, used, 2, True)

@@ -1,6 +1,6 @@
-"""Tests for shared/ring.py: layout, both ring sides, suppression, a malicious guest, wrap-around,
-a model-based property test and a two-thread lost-wakeup stress test. No processes, no fds
-except the one SharedRegion test (closed before the leak guard looks)."""
+"""Tests for the split ring (shared/virtio): layout, both ring sides, suppression, a malicious
+guest, wrap-around, a model-based property test and a two-thread lost-wakeup stress test. No
+processes, no fds except the one SharedRegion test (closed before the leak guard looks)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import ring as ring_module
 from shared.errors import UsageError
 from shared.memory import GuestMemoryMap, SharedRegion
-from shared.ring import (
+from shared.virtio import (
     DESC_DTYPE,
     INDEX_MASK,
     MAX_BUFFER_LEN,
@@ -43,17 +42,24 @@ from shared.ring import (
 from tests import timing
 
 
+class _Paths:
+    """Which paths the rings built by this module's tests take (``fast_path``)."""
+
+    fast = True
+
+
+PATHS = _Paths()
+
+
 @pytest.fixture(autouse=True, scope="module", params=["scalar", "vectorized"])
 def ring_paths(request: pytest.FixtureRequest) -> Iterator[str]:
     """Every test runs twice: with the scalar paths for small batches (the default) and with
     the vectorized paths only (the reference; see tests/unit/test_ring_scalar.py)."""
-    saved = ring_module.SCALAR_MAX, ring_module.DRIVER_SCALAR_MAX
-    if request.param == "vectorized":  # both are read by every ring constructor
-        ring_module.SCALAR_MAX = ring_module.DRIVER_SCALAR_MAX = 0  # type: ignore[misc]
+    PATHS.fast = request.param == "scalar"
     try:
         yield request.param
     finally:
-        ring_module.SCALAR_MAX, ring_module.DRIVER_SCALAR_MAX = saved  # type: ignore[misc]
+        PATHS.fast = True
 
 
 # Guest-physical map used by most tests:
@@ -130,10 +136,12 @@ class Pair:
         self.layout = RingLayout(q)
         self.area = mem.translate(ring_gpa, self.layout.size)
         self.driver = DriverRing(
-            self.area, self.layout, event_idx=event_idx, start_index=start_index
+            self.area, self.layout, event_idx=event_idx, start_index=start_index,
+            fast_path=PATHS.fast,
         )
         self.device = DeviceRing.from_layout(
-            mem, ring_gpa, self.layout, event_idx=event_idx, start_index=start_index, **device_kw
+            mem, ring_gpa, self.layout, event_idx=event_idx, start_index=start_index,
+            fast_path=PATHS.fast, **device_kw
         )
         self.raw = Raw(self.area, q)
 
@@ -381,8 +389,10 @@ def test_round_trip_over_a_real_shared_region() -> None:
             guest_mem.add(0, 0x10000, guest_side.array)
             host_mem.add(0, 0x10000, host_side.array)
             lay = RingLayout(16)
-            driver = DriverRing(guest_mem.translate(0x10000, lay.size), lay, event_idx=True)
-            device = DeviceRing.from_layout(host_mem, 0x10000, lay, event_idx=True)
+            driver = DriverRing(guest_mem.translate(0x10000, lay.size), lay, event_idx=True,
+                                fast_path=PATHS.fast)
+            device = DeviceRing.from_layout(host_mem, 0x10000, lay, event_idx=True,
+                                            fast_path=PATHS.fast)
             guest_mem.write(0x18000, b"ping")
             driver.add_chain([(0x18000, 4, False), (0x18100, 8, True)])
             assert driver.kick_needed()
@@ -1645,8 +1655,9 @@ def test_walking_a_32768_chain_batch_is_linear() -> None:
     mem = GuestMemoryMap()
     mem.add(0, 0, np.zeros(layout.size + 0x10000, dtype=np.uint8))
     buf = layout.size + 0x100
-    driver = DriverRing(mem.translate(0, layout.size), layout, event_idx=False)
-    device = DeviceRing.from_layout(mem, 0, layout, event_idx=False)
+    driver = DriverRing(mem.translate(0, layout.size), layout, event_idx=False,
+                        fast_path=PATHS.fast)
+    device = DeviceRing.from_layout(mem, 0, layout, event_idx=False, fast_path=PATHS.fast)
     writable = np.arange(q) % 3 == 0
     heads = driver.add_batch(buf + np.arange(q) % 512, 1 + np.arange(q) % 7, writable)
     batch = device.pop_batch()
@@ -1703,10 +1714,12 @@ def test_separately_placed_areas_interoperate(
     ram[0x3000:0x8000] = 0xAA  # everything outside the three areas must stay untouched
     area = mem.translate(0, 0x10000)
     driver = DriverRing(
-        area, RingLayout(8), event_idx=event_idx, areas=(SEP_DESC, SEP_AVAIL, SEP_USED)
+        area, RingLayout(8), event_idx=event_idx, areas=(SEP_DESC, SEP_AVAIL, SEP_USED),
+        fast_path=PATHS.fast,
     )
     assert driver.areas == (SEP_DESC, SEP_AVAIL, SEP_USED)
-    device = DeviceRing(mem, SEP_DESC, SEP_AVAIL, SEP_USED, 8, event_idx=event_idx)
+    device = DeviceRing(mem, SEP_DESC, SEP_AVAIL, SEP_USED, 8, event_idx=event_idx,
+                        fast_path=PATHS.fast)
     assert device.broken is None
     outside = np.ones(0x5000, dtype=np.bool_)
     for start, size in ((SEP_DESC, 128), (SEP_AVAIL, 22), (SEP_USED, 70)):

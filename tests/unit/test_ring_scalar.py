@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from shared.errors import UsageError
 from shared.memory import GuestMemoryMap
-from shared.ring import (
+from shared.virtio import (
     DESC_DTYPE,
     DRIVER_SCALAR_MAX,
     INDEX_MASK,
@@ -62,12 +62,9 @@ class Side:
         self.layout = RingLayout(q)
         self.area = self.mem.translate(RING, self.layout.size)
         self.driver = DriverRing(self.area, self.layout, event_idx=event_idx,
-                                 start_index=start)
+                                 start_index=start, fast_path=scalar)
         self.device = DeviceRing.from_layout(self.mem, RING, self.layout, event_idx=event_idx,
-                                             start_index=start)
-        if not scalar:
-            self.driver._scalar_max = 0
-            self.device._scalar_max = 0
+                                             start_index=start, fast_path=scalar)
         self.batches: list[Batch] = []
 
     def ram(self) -> bytes:
@@ -336,10 +333,8 @@ def _copy_pair(scalar: bool) -> tuple[GuestMemoryMap, DriverRing, DeviceRing, Dr
     lay = RingLayout(16)
     rings = []
     for gpa in (RING, RING + 0x2000):
-        drv = DriverRing(mem.translate(gpa, lay.size), lay, event_idx=True)
-        dev = DeviceRing.from_layout(mem, gpa, lay, event_idx=True)
-        if not scalar:
-            drv._scalar_max = dev._scalar_max = 0
+        drv = DriverRing(mem.translate(gpa, lay.size), lay, event_idx=True, fast_path=scalar)
+        dev = DeviceRing.from_layout(mem, gpa, lay, event_idx=True, fast_path=scalar)
         rings += [drv, dev]
     return mem, rings[0], rings[1], rings[2], rings[3]
 

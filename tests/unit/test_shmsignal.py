@@ -240,7 +240,7 @@ def test_as_a_ring_suppression_scheme() -> None:
     """shm-signal in place of the ring's own flags: the device signals when inject says so,
     the driver's handler drains the used ring."""
     from shared.memory import GuestMemoryMap
-    from shared.ring import DeviceRing, DriverRing, RingLayout
+    from shared.virtio import DeviceRing, DriverRing, RingLayout
 
     mem = GuestMemoryMap()
     ram = np.zeros(0x10000, dtype=np.uint8)

@@ -21,7 +21,7 @@ from hostemu.devices.runtime import BUDGET, DeviceRuntime, Queue
 from shared import pci_layout as pl
 from shared.errors import ConfigError
 from shared.memory import GuestMemoryMap
-from shared.ring import DESC_DTYPE, DeviceRing, DriverRing, RingLayout
+from shared.virtio import DESC_DTYPE, DeviceRing, DriverRing, RingLayout
 
 pytestmark = pytest.mark.timeout(30)
 
