@@ -17,7 +17,7 @@ import pytest
 from numba import njit
 from numba.core.errors import TypingError
 
-from shared.atomics import (
+from shared.virtio.atomics import (
     fence_seq_cst,
     load_acquire_u16,
     load_acquire_u16_unchecked,

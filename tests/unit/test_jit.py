@@ -126,7 +126,7 @@ def test_prepare_sets_numba_cache_dir_for_a_read_only_tree(tmp_path: Path) -> No
 KERNEL_MODULE = """
 import numpy as np
 from numba import njit
-from shared.atomics import fence_seq_cst, load_acquire_u16, store_release_u16
+from shared.virtio.atomics import fence_seq_cst, load_acquire_u16, store_release_u16
 
 @njit(cache=True, nogil=True)
 def publish(mine, theirs, value):
