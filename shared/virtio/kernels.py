@@ -80,18 +80,15 @@ def _buffer_ok(addr: np.uint64, length: int, writable: bool, max_len: int,
 def device_pop_simple(avail16: np.ndarray, desc64: np.ndarray, desc32: np.ndarray,
                       desc16: np.ndarray, in_flight: np.ndarray, wcap: np.ndarray,
                       mark: np.ndarray, slot_gpa: np.ndarray, slot_last: np.ndarray,
-                      slot_w: np.ndarray, q: int, last_avail: int, num_in_flight: int,
-                      max_len: int, limit: int, heads: np.ndarray, addrs: np.ndarray,
-                      lens: np.ndarray, wflags: np.ndarray) -> int:
-    """Take up to ``limit`` single-descriptor chains; the number taken, or DECLINE.
+                      slot_w: np.ndarray, q: int, last_avail: int, k: int, max_len: int,
+                      heads: np.ndarray, addrs: np.ndarray, lens: np.ndarray,
+                      wflags: np.ndarray) -> int:
+    """Take the next ``k`` chains if every one is a single valid descriptor: ``k``, or
+    DECLINE. The caller has read ``avail.idx`` (once) and checked that ``k`` chains are
+    available and fit; the entries it publishes are read after it (load->load).
 
     ``heads/addrs/lens/wflags`` receive the batch; ``in_flight``/``wcap`` are updated for
     it. ``mark`` is a private scratch array of Q zero bytes (zero again on return)."""
-    idx = load_acquire_u16_unchecked(avail16, 1)  # the guest's publish point
-    n = (idx - last_avail) & 0xFFFF
-    if n > q or n + num_in_flight > q:
-        return DECLINE
-    k = min(n, limit)
     mask = q - 1
     ok = True
     j = 0
@@ -215,19 +212,14 @@ def driver_kick_needed(avail16: np.ndarray, used16: np.ndarray, q: int, old: int
 
 
 @njit(cache=True, nogil=True)
-def driver_get_used(used16: np.ndarray, used32: np.ndarray, in_flight: np.ndarray,
+def driver_get_used(used32: np.ndarray, in_flight: np.ndarray,
                     multi: np.ndarray, wcap: np.ndarray, mark: np.ndarray, free: np.ndarray,
-                    nfree: int, num_in_flight: int, q: int, last_used: int, limit: int,
-                    ids: np.ndarray, lens: np.ndarray) -> int:
-    """Take up to ``limit`` used entries of single-descriptor chains and push their
-    descriptors back on the free stack; the number taken, or DECLINE (an index jump, an id
-    not in flight or of a multi-descriptor chain, a length over the chain's capacity:
-    nothing changed; the reference handles it)."""
-    idx = load_acquire_u16_unchecked(used16, 1)  # the device's publish point
-    n = (idx - last_used) & 0xFFFF
-    if n > num_in_flight:
-        return DECLINE
-    k = min(n, limit)
+                    nfree: int, q: int, last_used: int, k: int, ids: np.ndarray,
+                    lens: np.ndarray) -> int:
+    """Take the next ``k`` used entries if each is a single-descriptor chain in flight
+    with a length it can hold, and push their descriptors back on the free stack: ``k``,
+    or DECLINE (nothing changed; the reference handles it). The caller has read
+    ``used.idx`` once and checked ``k``."""
     mask = q - 1
     ok = True
     j = 0
