@@ -470,14 +470,21 @@ class Vm:
         _ioctl(self.fd, KVM_SET_IRQCHIP, chip)
 
     def pic_irr(self) -> int:
-        """The 16 legacy lines' request bits (master in bits 0-7, slave in 8-15)."""
-        master = self.get_irqchip(KVM_IRQCHIP_PIC_MASTER).chip.pic.irr
-        slave = self.get_irqchip(KVM_IRQCHIP_PIC_SLAVE).chip.pic.irr
-        return int(master) | int(slave) << 8
+        """The 16 legacy lines' request bits (master in bits 0-7, slave in 8-15).
+
+        A request on the slave also raises the master's cascade input (line 2); that bit
+        is left out while the slave has a request, so that bit 2 means gsi 2."""
+        master = int(self.get_irqchip(KVM_IRQCHIP_PIC_MASTER).chip.pic.irr)
+        slave = int(self.get_irqchip(KVM_IRQCHIP_PIC_SLAVE).chip.pic.irr)
+        if slave:
+            master &= ~(1 << 2)
+        return master | slave << 8
 
     def clear_pic_irr(self) -> None:
-        """Forget every request latched so far, so the next one can be seen."""
-        for chip_id in (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE):
+        """Forget every request latched so far, so the next one can be seen. The slave
+        first: clearing the master while the slave still requests would re-raise the
+        cascade line."""
+        for chip_id in (KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_PIC_MASTER):
             chip = self.get_irqchip(chip_id)
             chip.chip.pic.irr = 0
             self.set_irqchip(chip)

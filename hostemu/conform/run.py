@@ -36,9 +36,15 @@ class StepResult:
     note: str = ""
 
     def as_json(self) -> dict[str, Any]:
-        return {"step": self.index, "op": self.step.describe(), "kernel": self.kernel,
-                "vbusemu": self.broker, "verdict": self.verdict,
-                "cites": self.step.deviation, "note": self.note}
+        return {
+            "step": self.index,
+            "op": self.step.describe(),
+            "kernel": self.kernel,
+            "vbusemu": self.broker,
+            "verdict": self.verdict,
+            "cites": self.step.deviation,
+            "note": self.note,
+        }
 
 
 @dataclass
@@ -51,9 +57,13 @@ class ScenarioResult:
         return any(s.verdict == DIFFERENT for s in self.steps)
 
     def as_json(self) -> dict[str, Any]:
-        return {"scenario": self.scenario.name, "doc": self.scenario.doc,
-                "irqchip": self.scenario.irqchip, "policy": self.scenario.policy,
-                "steps": [s.as_json() for s in self.steps]}
+        return {
+            "scenario": self.scenario.name,
+            "doc": self.scenario.doc,
+            "irqchip": self.scenario.irqchip,
+            "policy": self.scenario.policy,
+            "steps": [s.as_json() for s in self.steps],
+        }
 
 
 def verdict(step: Step, kernel: Observation, broker: Observation) -> tuple[str, str]:
@@ -68,8 +78,7 @@ def verdict(step: Step, kernel: Observation, broker: Observation) -> tuple[str, 
     return (DEVIATION if cited.kind == "deviation" else KNOWN_BUG), cited.name
 
 
-def compare(scenario: Scenario, kernel: KernelBackend,
-            broker: BrokerBackend) -> ScenarioResult:
+def compare(scenario: Scenario, kernel: KernelBackend, broker: BrokerBackend) -> ScenarioResult:
     result = ScenarioResult(scenario)
     for i, step in enumerate(scenario.steps, 1):
         k = kernel.step(step)
@@ -107,16 +116,19 @@ class Conformance:
             run = self.dir / policy
             run.mkdir(mode=0o700)
             with open(self.dir / f"broker-{policy}.log", "w") as log:
-                proc = start_broker(str(run / "broker.sock"), Policy[policy.upper()],
-                                    stderr=log, stdout=log)
+                proc = start_broker(
+                    str(run / "broker.sock"), Policy[policy.upper()], stderr=log, stdout=log
+                )
             self._stack.callback(proc.stop)
             self._brokers[policy] = str(run / "broker.sock")
         return self._brokers[policy]
 
     def run(self, scenario: Scenario) -> ScenarioResult:
         socket = self._broker(scenario.policy)
-        with KernelBackend(self.kvm, scenario) as kernel, \
-                BrokerBackend(socket, scenario, self.dir) as broker:
+        with (
+            KernelBackend(self.kvm, scenario) as kernel,
+            BrokerBackend(socket, scenario, self.dir) as broker,
+        ):
             return compare(scenario, kernel, broker)
 
     def run_all(self, scenarios: Iterable[Scenario]) -> Iterator[ScenarioResult]:
@@ -148,8 +160,10 @@ def format_table(results: Iterable[ScenarioResult]) -> str:
             v = s.verdict + (f" ({s.note})" if s.note else "")
             rows.append((label, _cell(s.broker), _cell(s.kernel), v))
     head = ("scenario/step", "vbusemu", "kernel", "verdict")
-    widths = [min(max(len(row[i]) for row in [head, *rows]), cap)
-              for i, cap in enumerate((72, 44, 44, 40))]
+    widths = [
+        min(max(len(row[i]) for row in [head, *rows]), cap)
+        for i, cap in enumerate((72, 44, 44, 40))
+    ]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     for row in rows:
@@ -166,6 +180,10 @@ def summary(results: list[ScenarioResult]) -> str:
     return f"{len(results)} scenarios, " + ", ".join(parts) + " (steps)"
 
 
+def list_scenarios() -> str:
+    return "\n".join(f"{s.name:<40} {s.doc}" for s in SCENARIOS)
+
+
 def main(names: list[str], as_json: bool) -> int:
     """``vbusemu conform``: 0 when every difference is documented, 1 otherwise, 2 on
     bad usage (an unknown scenario) or when KVM cannot be used here."""
@@ -173,8 +191,10 @@ def main(names: list[str], as_json: bool) -> int:
 
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
-        print(f"vbusemu conform: unknown scenario {', '.join(map(repr, unknown))} "
-              f"(see --list)", file=sys.stderr)
+        print(
+            f"vbusemu conform: unknown scenario {', '.join(map(repr, unknown))} (see --list)",
+            file=sys.stderr,
+        )
         return 2
     why = K.unusable()
     if why is not None:
