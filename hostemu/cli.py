@@ -6,6 +6,7 @@
     vbusemu soak [--seconds N] [--seed S] [--fault-every S]  faults + churn + traffic
     vbusemu broker [--socket PATH] [--policy hup|refcount]    run a broker
     vbusemu ps [--socket PATH] [--json]                       what a broker owns
+    vbusemu conform [--json] [--scenario NAME]...             the broker next to real KVM
     vbusemu guest|device --channel-fd N                       agent processes
 """
 
@@ -112,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("ps", help="list what a broker owns, with both reference counts")
     p.add_argument("--socket", default=default_socket_path())
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("conform", help="run the control-plane scenarios on the broker and "
+                                       "on the real KVM (/dev/kvm) and compare them")
+    p.add_argument("--json", action="store_true", help="every step's observables as JSON")
+    p.add_argument("--scenario", action="append", default=[], metavar="NAME",
+                   help="run only this scenario (repeatable)")
+    p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     for name in ("guest", "device"):
         p = sub.add_parser(name, help=f"run a {name} process on an inherited channel")
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -130,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
             from hostemu.bench.runner import main as bench_main
 
             return bench_main(args.quick, args.out)
+        if args.command == "conform":
+            from hostemu.conform.run import list_scenarios
+            from hostemu.conform.run import main as conform_main
+
+            if args.list:
+                print(list_scenarios())
+                return 0
+            return conform_main(args.scenario, args.json)
         if args.command == "demo":
             from hostemu.demo import run_demo
 

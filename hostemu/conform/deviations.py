@@ -1,0 +1,77 @@
+"""Where vbusemu differs from KVM on purpose, and the differences not fixed yet.
+
+Each entry names a difference the conformance run may meet at a step that cites it. A
+*deviation* is deliberate and stays; a *bug* is known and open: it should be fixed, and
+the scenario that shows it is expected to fail until it is (``docs/semantics.md`` lists
+both with the same names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Deviation:
+    name: str
+    kind: str  # "deviation" | "bug"
+    reason: str
+
+
+DEVIATIONS: dict[str, Deviation] = {
+    d.name: d
+    for d in (
+        Deviation(
+            "resample-self",
+            "deviation",
+            "A resampling irqfd whose resamplefd is its own eventfd is refused (EINVAL). "
+            "KVM accepts it, and then every EOI re-signals the line: an interrupt storm.",
+        ),
+        Deviation(
+            "vm-id",
+            "deviation",
+            "VMs are named by broker ids, not file descriptors: after teardown the id is "
+            "unknown (ENOENT) where KVM sees a closed descriptor (EBADF).",
+        ),
+        Deviation(
+            "refcount",
+            "deviation",
+            "Under the refcount release policy an irqfd outlives the last close of its "
+            "eventfd (the 2009 proposal); KVM detaches it (HUP). Run under the hup "
+            "policy the broker behaves like KVM.",
+        ),
+        Deviation(
+            "guest-eoi",
+            "deviation",
+            "vbusemu's guest services a level-triggered interrupt at once: it EOIs, which "
+            "de-asserts the line and signals the resamplefd. The oracle's guest runs with "
+            "interrupts disabled, never takes the interrupt, so KVM's line stays asserted "
+            "and its resamplefd stays 0.",
+        ),
+        Deviation(
+            "sync-hup",
+            "deviation",
+            "KVM detaches an irqfd on the last close from a workqueue: for a moment a "
+            "signal through another holder can still inject. vbusemu's detach is "
+            "synchronous (the kernel side waits the window out).",
+        ),
+        Deviation(
+            "pending-at-assign",
+            "bug",
+            "A count already pending when an irqfd is assigned: KVM injects one edge and "
+            "leaves the count in the eventfd (only later signals are drained). vbusemu's "
+            "guest drains the pending count when it attaches the line. The fix belongs in "
+            "the guest's interrupt controller (inject once without draining, then drain "
+            "only on the next signal).",
+        ),
+        Deviation(
+            "ioeventfd-ccw-bus",
+            "bug",
+            "Flag 0x8 (VIRTIO_CCW_NOTIFY) puts a KVM ioeventfd on the virtio-ccw notify "
+            "bus, which x86 guests never reach: the assign succeeds but the binding never "
+            "matches (and does not collide with MMIO ones). vbusemu accepts the flag but "
+            "binds on the MMIO bus, so a write there is absorbed. The fix: a third bus "
+            "in the table whose bindings are never handed to the guest.",
+        ),
+    )
+}

@@ -1,0 +1,671 @@
+"""A thin, typed binding to the real KVM: the kernel oracle vbusemu checks itself against.
+
+Only ``fcntl.ioctl``, ``os``, ``mmap`` and ``ctypes``: ioctl numbers are computed from the
+``_IO``/``_IOW``/``_IOR``/``_IOWR`` encoding of ``include/uapi/linux/ioctl.h``, structure
+layouts are ctypes declarations (``tests/unit/test_kvm_layout.py`` checks their sizes and
+offsets against the uapi header). It does just enough for the conformance scenarios:
+
+* :class:`Kvm` (``/dev/kvm``) -> :class:`Vm` (``KVM_CREATE_VM``; optionally
+  ``KVM_CREATE_IRQCHIP``; one page-aligned RAM slot) -> :class:`Vcpu` (``KVM_CREATE_VCPU``,
+  the ``kvm_run`` mmap, a real-mode start).
+* ``KVM_IRQFD`` / ``KVM_IOEVENTFD`` as plain calls that raise ``OSError`` with the
+  kernel's errno.
+* :func:`program` builds a tiny real-mode program: one ``out``/``in`` of width 1, 2 or 4
+  at a port, or one MMIO ``mov`` of width 1, 2, 4 or 8 to a 32-bit address, then a write
+  to :data:`DONE_PORT` and ``hlt``. :meth:`Vcpu.run_program` runs it and returns every
+  exit to userspace it caused (an access an ioeventfd absorbed causes none).
+* :meth:`Vm.pic_irr` (``KVM_GET_IRQCHIP``) shows which legacy lines were raised.
+
+How the guest reaches any address from real mode: the vCPU starts in "unreal mode" -- DS
+has base 0 and a 4 GiB limit (set with ``KVM_SET_SREGS``) -- so an address-size prefix
+(``0x67``) makes ``mov [ebx], ...`` reach any 32-bit physical address. An 8-byte MMIO
+write uses the MMX ``movq [ebx], mm0`` (loaded from RAM first): MMX needs no CR4 bits and
+no guest CPUID setup, and KVM's instruction emulator completes it as one 8-byte MMIO
+access. (SSE would need CR4.OSFXSR, which KVM refuses until CPUID advertises FXSR; long
+mode would need EFER.LME, refused until CPUID advertises LM.)
+
+Why the program ends with an ``out`` rather than ``hlt`` alone: with an in-kernel irqchip
+``hlt`` is handled inside the kernel (the vCPU sleeps there until an interrupt), so it
+never returns to userspace. The final ``out`` to :data:`DONE_PORT` does, in both cases.
+
+Every fd and mapping is owned by a context manager; :func:`unusable` says why KVM cannot
+be used here (for tests to skip with a reason), or ``None``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+# ------------------------------------------------------------------ ioctl encoding
+
+_IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
+_IOC_NRSHIFT = 0
+_IOC_TYPESHIFT = _IOC_NRSHIFT + _IOC_NRBITS
+_IOC_SIZESHIFT = _IOC_TYPESHIFT + _IOC_TYPEBITS
+_IOC_DIRSHIFT = _IOC_SIZESHIFT + _IOC_SIZEBITS
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+
+
+def _ioc(direction: int, kind: int, nr: int, size: int) -> int:
+    if size >= 1 << _IOC_SIZEBITS:
+        raise ValueError(f"ioctl argument of {size} bytes does not fit the size field")
+    return (
+        (direction << _IOC_DIRSHIFT)
+        | (kind << _IOC_TYPESHIFT)
+        | (nr << _IOC_NRSHIFT)
+        | (size << _IOC_SIZESHIFT)
+    )
+
+
+def _IO(kind: int, nr: int) -> int:
+    return _ioc(_IOC_NONE, kind, nr, 0)
+
+
+def _IOW(kind: int, nr: int, struct_type: type[ctypes.Structure]) -> int:
+    return _ioc(_IOC_WRITE, kind, nr, ctypes.sizeof(struct_type))
+
+
+def _IOR(kind: int, nr: int, struct_type: type[ctypes.Structure]) -> int:
+    return _ioc(_IOC_READ, kind, nr, ctypes.sizeof(struct_type))
+
+
+def _IOWR(kind: int, nr: int, struct_type: type[ctypes.Structure]) -> int:
+    return _ioc(_IOC_READ | _IOC_WRITE, kind, nr, ctypes.sizeof(struct_type))
+
+
+# ------------------------------------------------------------------ structures (uapi)
+
+u8, u16, u32, u64, s32 = (
+    ctypes.c_uint8,
+    ctypes.c_uint16,
+    ctypes.c_uint32,
+    ctypes.c_uint64,
+    ctypes.c_int32,
+)
+
+
+class KvmIrqfd(ctypes.Structure):
+    _fields_ = (("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32), ("pad", u8 * 16))
+
+
+class KvmIoeventfd(ctypes.Structure):
+    _fields_ = (
+        ("datamatch", u64),
+        ("addr", u64),
+        ("len", u32),
+        ("fd", s32),
+        ("flags", u32),
+        ("pad", u8 * 36),
+    )
+
+
+class KvmUserspaceMemoryRegion(ctypes.Structure):
+    _fields_ = (
+        ("slot", u32),
+        ("flags", u32),
+        ("guest_phys_addr", u64),
+        ("memory_size", u64),
+        ("userspace_addr", u64),
+    )
+
+
+class KvmPicState(ctypes.Structure):
+    _fields_ = tuple(
+        (name, u8)
+        for name in (
+            "last_irr",
+            "irr",
+            "imr",
+            "isr",
+            "priority_add",
+            "irq_base",
+            "read_reg_select",
+            "poll",
+            "special_mask",
+            "init_state",
+            "auto_eoi",
+            "rotate_on_auto_eoi",
+            "special_fully_nested_mode",
+            "init4",
+            "elcr",
+            "elcr_mask",
+        )
+    )
+
+
+IOAPIC_NUM_PINS = 24
+
+
+class KvmIoapicState(ctypes.Structure):
+    # Each redirection entry is one u64; the bit fields are decoded by ioapic_entry().
+    _fields_ = (
+        ("base_address", u64),
+        ("ioregsel", u32),
+        ("id", u32),
+        ("irr", u32),
+        ("pad", u32),
+        ("redirtbl", u64 * IOAPIC_NUM_PINS),
+    )
+
+
+class _IrqchipUnion(ctypes.Union):
+    _fields_ = (("dummy", ctypes.c_char * 512), ("pic", KvmPicState), ("ioapic", KvmIoapicState))
+
+
+class KvmIrqchip(ctypes.Structure):
+    _fields_ = (("chip_id", u32), ("pad", u32), ("chip", _IrqchipUnion))
+
+
+class KvmSegment(ctypes.Structure):
+    _fields_ = (
+        ("base", u64),
+        ("limit", u32),
+        ("selector", u16),
+        ("type", u8),
+        ("present", u8),
+        ("dpl", u8),
+        ("db", u8),
+        ("s", u8),
+        ("l", u8),
+        ("g", u8),
+        ("avl", u8),
+        ("unusable", u8),
+        ("padding", u8),
+    )
+
+
+class KvmDtable(ctypes.Structure):
+    _fields_ = (("base", u64), ("limit", u16), ("padding", u16 * 3))
+
+
+class KvmSregs(ctypes.Structure):
+    _fields_ = (
+        *((name, KvmSegment) for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")),
+        ("gdt", KvmDtable),
+        ("idt", KvmDtable),
+        *((name, u64) for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")),
+        ("interrupt_bitmap", u64 * 4),
+    )
+
+
+class KvmRegs(ctypes.Structure):
+    _fields_ = tuple(
+        (name, u64)
+        for name in (
+            "rax",
+            "rbx",
+            "rcx",
+            "rdx",
+            "rsi",
+            "rdi",
+            "rsp",
+            "rbp",
+            "r8",
+            "r9",
+            "r10",
+            "r11",
+            "r12",
+            "r13",
+            "r14",
+            "r15",
+            "rip",
+            "rflags",
+        )
+    )
+
+
+class KvmRunIo(ctypes.Structure):
+    _fields_ = (
+        ("direction", u8),
+        ("size", u8),
+        ("port", u16),
+        ("count", u32),
+        ("data_offset", u64),
+    )
+
+
+class KvmRunMmio(ctypes.Structure):
+    _fields_ = (("phys_addr", u64), ("data", u8 * 8), ("len", u32), ("is_write", u8))
+
+
+class _KvmRunExit(ctypes.Union):
+    _fields_ = (("io", KvmRunIo), ("mmio", KvmRunMmio), ("padding", ctypes.c_char * 256))
+
+
+class KvmRunHead(ctypes.Structure):
+    """The start of ``struct kvm_run`` up to the exit union (x86: no s390 fields)."""
+
+    _fields_ = (
+        ("request_interrupt_window", u8),
+        ("immediate_exit", u8),
+        ("padding1", u8 * 6),
+        ("exit_reason", u32),
+        ("ready_for_interrupt_injection", u8),
+        ("if_flag", u8),
+        ("flags", u16),
+        ("cr8", u64),
+        ("apic_base", u64),
+        ("exit", _KvmRunExit),
+    )
+
+
+# ------------------------------------------------------------------ constants
+
+KVMIO = 0xAE
+KVM_API_VERSION = 12
+KVM_GET_API_VERSION = _IO(KVMIO, 0x00)
+KVM_CREATE_VM = _IO(KVMIO, 0x01)
+KVM_CHECK_EXTENSION = _IO(KVMIO, 0x03)
+KVM_GET_VCPU_MMAP_SIZE = _IO(KVMIO, 0x04)
+KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
+KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, KvmUserspaceMemoryRegion)
+KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
+KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
+KVM_GET_IRQCHIP = _IOWR(KVMIO, 0x62, KvmIrqchip)
+KVM_SET_IRQCHIP = _IOR(KVMIO, 0x63, KvmIrqchip)
+KVM_IRQFD = _IOW(KVMIO, 0x76, KvmIrqfd)
+KVM_IOEVENTFD = _IOW(KVMIO, 0x79, KvmIoeventfd)
+KVM_RUN = _IO(KVMIO, 0x80)
+KVM_GET_REGS = _IOR(KVMIO, 0x81, KvmRegs)
+KVM_SET_REGS = _IOW(KVMIO, 0x82, KvmRegs)
+KVM_GET_SREGS = _IOR(KVMIO, 0x83, KvmSregs)
+KVM_SET_SREGS = _IOW(KVMIO, 0x84, KvmSregs)
+
+KVM_CAP_IRQCHIP = 0
+KVM_CAP_IRQFD = 32
+KVM_CAP_IOEVENTFD = 36
+KVM_CAP_IRQFD_RESAMPLE = 82
+
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+
+KVM_EXIT_IO = 2
+KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT = 0, 1
+
+KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC = 0, 1, 2
+
+# ------------------------------------------------------------------ guest layout
+
+RAM_SIZE = 0x10000
+"""Guest RAM: one slot at guest-physical 0."""
+CODE_ADDR = 0x1000
+DATA_ADDR = 0x0800
+"""Where an 8-byte MMIO write's value is staged for ``movq mm0, [DATA_ADDR]``."""
+TSS_ADDR = 0x7FFF_D000
+"""Three pages Intel's VMX may use for its real-mode TSS; no scenario goes near it (it
+must fit the C int that ``fcntl.ioctl`` passes)."""
+DONE_PORT = 0x7FF0
+"""The port the program writes when it is done (see the module docstring)."""
+
+
+class KvmUnavailable(RuntimeError):
+    """``/dev/kvm`` is missing or unusable here."""
+
+
+def unusable() -> str | None:
+    """Why the kernel oracle cannot run here, or ``None`` when it can."""
+    try:
+        with Kvm() as kvm, kvm.create_vm(irqchip=True):
+            return None
+    except KvmUnavailable as e:
+        return str(e)
+    except OSError as e:
+        return f"KVM refused a minimal VM: {e}"
+
+
+def _ioctl(fd: int, request: int, arg: int | ctypes.Structure = 0) -> int:
+    """One ioctl; ``OSError`` carries the kernel's errno."""
+    if isinstance(arg, ctypes.Structure):
+        return fcntl.ioctl(fd, request, arg, True)  # type: ignore[no-any-return]
+    return fcntl.ioctl(fd, request, arg)
+
+
+class Kvm:
+    """``/dev/kvm``."""
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise KvmUnavailable(f"cannot open {path}: {e.strerror}") from e
+        try:
+            version = _ioctl(self.fd, KVM_GET_API_VERSION)
+            if version != KVM_API_VERSION:
+                raise KvmUnavailable(f"{path} speaks KVM API {version}, not {KVM_API_VERSION}")
+            for cap, name in (
+                (KVM_CAP_IRQFD, "irqfd"),
+                (KVM_CAP_IOEVENTFD, "ioeventfd"),
+                (KVM_CAP_IRQCHIP, "an in-kernel irqchip"),
+            ):
+                if _ioctl(self.fd, KVM_CHECK_EXTENSION, cap) <= 0:
+                    raise KvmUnavailable(f"this KVM has no {name}")
+            self.vcpu_mmap_size = _ioctl(self.fd, KVM_GET_VCPU_MMAP_SIZE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def check_extension(self, cap: int) -> int:
+        return _ioctl(self.fd, KVM_CHECK_EXTENSION, cap)
+
+    def create_vm(self, *, irqchip: bool) -> Vm:
+        return Vm(self, irqchip=irqchip)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> Kvm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class Exit:
+    """One exit to userspace caused by a guest access."""
+
+    pio: bool
+    write: bool
+    addr: int
+    len: int
+    value: int
+
+    def describe(self) -> str:
+        bus = "pio" if self.pio else "mmio"
+        op = "write" if self.write else "read"
+        return f"{bus} {op} {self.addr:#x}/{self.len}" + (f"={self.value:#x}" if self.write else "")
+
+
+class Vm:
+    """A VM fd with one RAM slot, optionally an in-kernel irqchip, and one vCPU on demand."""
+
+    def __init__(self, kvm: Kvm, *, irqchip: bool) -> None:
+        self.kvm = kvm
+        self.irqchip = irqchip
+        self._stack = contextlib.ExitStack()
+        try:
+            self.fd = _ioctl(kvm.fd, KVM_CREATE_VM, 0)
+            self._stack.callback(self._close_fd)
+            _ioctl(self.fd, KVM_SET_TSS_ADDR, TSS_ADDR)
+            if irqchip:
+                _ioctl(self.fd, KVM_CREATE_IRQCHIP)
+            self.ram = self._stack.enter_context(mmap.mmap(-1, RAM_SIZE))
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(self.ram))
+            region = KvmUserspaceMemoryRegion(
+                slot=0, flags=0, guest_phys_addr=0, memory_size=RAM_SIZE, userspace_addr=addr
+            )
+            _ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, region)
+        except BaseException:
+            self._stack.close()
+            raise
+        self._vcpu: Vcpu | None = None
+
+    def _close_fd(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def close(self) -> None:
+        """Tear the VM down: the vCPU, the RAM mapping, then the VM fd (KVM destroys the VM
+        when its last reference goes, deactivating every irqfd and ioeventfd)."""
+        if self._vcpu is not None:
+            self._vcpu.close()
+            self._vcpu = None
+        self._stack.close()
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- eventfd bindings
+
+    def irqfd(self, fd: int, gsi: int, flags: int = 0, resamplefd: int = 0) -> None:
+        _ioctl(
+            self.fd,
+            KVM_IRQFD,
+            KvmIrqfd(fd=fd & 0xFFFFFFFF, gsi=gsi, flags=flags, resamplefd=resamplefd & 0xFFFFFFFF),
+        )
+
+    def ioeventfd(
+        self, fd: int, addr: int, length: int, flags: int = 0, datamatch: int = 0
+    ) -> None:
+        _ioctl(
+            self.fd,
+            KVM_IOEVENTFD,
+            KvmIoeventfd(datamatch=datamatch, addr=addr, len=length, fd=fd, flags=flags),
+        )
+
+    # -------------------------------------------------------------- interrupt state
+
+    def get_irqchip(self, chip_id: int) -> KvmIrqchip:
+        chip = KvmIrqchip(chip_id=chip_id)
+        _ioctl(self.fd, KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: KvmIrqchip) -> None:
+        _ioctl(self.fd, KVM_SET_IRQCHIP, chip)
+
+    def pic_irr(self) -> int:
+        """The 16 legacy lines' request bits (master in bits 0-7, slave in 8-15).
+
+        A request on the slave also raises the master's cascade input (line 2); that bit
+        is left out while the slave has a request, so that bit 2 means gsi 2."""
+        master = int(self.get_irqchip(KVM_IRQCHIP_PIC_MASTER).chip.pic.irr)
+        slave = int(self.get_irqchip(KVM_IRQCHIP_PIC_SLAVE).chip.pic.irr)
+        if slave:
+            master &= ~(1 << 2)
+        return master | slave << 8
+
+    def clear_pic_irr(self) -> None:
+        """Forget every request latched so far, so the next one can be seen. The slave
+        first: clearing the master while the slave still requests would re-raise the
+        cascade line."""
+        for chip_id in (KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_PIC_MASTER):
+            chip = self.get_irqchip(chip_id)
+            chip.chip.pic.irr = 0
+            self.set_irqchip(chip)
+
+    def ioapic(self) -> KvmIoapicState:
+        state: KvmIoapicState = self.get_irqchip(KVM_IRQCHIP_IOAPIC).chip.ioapic
+        return state
+
+    # -------------------------------------------------------------- the vCPU
+
+    def vcpu(self) -> Vcpu:
+        if self._vcpu is None:
+            self._vcpu = Vcpu(self)
+        return self._vcpu
+
+
+def ioapic_entry(bits: int) -> dict[str, int]:
+    """Decode one IOAPIC redirection entry."""
+    return {
+        "vector": bits & 0xFF,
+        "delivery_mode": bits >> 8 & 7,
+        "dest_mode": bits >> 11 & 1,
+        "delivery_status": bits >> 12 & 1,
+        "polarity": bits >> 13 & 1,
+        "remote_irr": bits >> 14 & 1,
+        "trig_mode": bits >> 15 & 1,
+        "mask": bits >> 16 & 1,
+        "dest_id": bits >> 56 & 0xFF,
+    }
+
+
+class Vcpu:
+    """vCPU 0 with its ``kvm_run`` mapping."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self._stack = contextlib.ExitStack()
+        try:
+            self.fd = _ioctl(vm.fd, KVM_CREATE_VCPU, 0)
+            self._stack.callback(os.close, self.fd)
+            self.run_map = self._stack.enter_context(
+                mmap.mmap(
+                    self.fd,
+                    vm.kvm.vcpu_mmap_size,
+                    mmap.MAP_SHARED,
+                    mmap.PROT_READ | mmap.PROT_WRITE,
+                )
+            )
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def _reset(self) -> None:
+        sregs = KvmSregs()
+        _ioctl(self.fd, KVM_GET_SREGS, sregs)
+        for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+            seg: KvmSegment = getattr(sregs, name)
+            seg.base, seg.selector = 0, 0
+        # "Unreal mode": DS reaches all 4 GiB (see the module docstring).
+        sregs.ds.limit, sregs.ds.g = 0xFFFFFFFF, 1
+        sregs.cr0 &= ~0x8  # CR0.TS clear: MMX instructions must not fault
+        _ioctl(self.fd, KVM_SET_SREGS, sregs)
+        _ioctl(self.fd, KVM_SET_REGS, KvmRegs(rip=CODE_ADDR, rflags=0x2, rsp=0xF000))
+
+    def run_program(self, code: bytes, data: bytes = b"", max_exits: int = 16) -> list[Exit]:
+        """Load ``code`` (and ``data`` at :data:`DATA_ADDR`), run until it writes
+        :data:`DONE_PORT`; return the exits it caused. Reads are answered with 0."""
+        ram = self.vm.ram
+        ram[CODE_ADDR : CODE_ADDR + len(code)] = code
+        ram[DATA_ADDR : DATA_ADDR + len(data)] = data
+        self._reset()
+        exits: list[Exit] = []
+        run = KvmRunHead.from_buffer(self.run_map)
+        try:
+            for _ in range(max_exits):
+                _ioctl(self.fd, KVM_RUN)
+                reason = run.exit_reason
+                if reason == KVM_EXIT_IO:
+                    io = run.exit.io
+                    off = int(io.data_offset)
+                    write = io.direction == KVM_EXIT_IO_OUT
+                    if write:
+                        value = int.from_bytes(self.run_map[off : off + io.size], "little")
+                    else:
+                        value = 0
+                        self.run_map[off : off + io.size * io.count] = bytes(io.size * io.count)
+                    if write and io.port == DONE_PORT:
+                        return exits
+                    exits.append(Exit(True, write, int(io.port), int(io.size), value))
+                elif reason == KVM_EXIT_MMIO:
+                    mm = run.exit.mmio
+                    length = int(mm.len)
+                    if mm.is_write:
+                        value = int.from_bytes(bytes(mm.data)[:length], "little")
+                    else:
+                        value = 0
+                        ctypes.memset(ctypes.addressof(mm.data), 0, 8)
+                    exits.append(Exit(False, bool(mm.is_write), int(mm.phys_addr), length, value))
+                else:
+                    raise RuntimeError(f"unexpected KVM exit reason {reason}")
+            raise RuntimeError(f"the guest program made more than {max_exits} exits")
+        finally:
+            del run  # release the buffer export before the mapping can be closed
+
+
+# ------------------------------------------------------------------ the guest program
+
+_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+
+
+def _mov_dx(port: int) -> bytes:
+    return b"\xba" + struct.pack("<H", port)  # mov dx, imm16
+
+
+def _mov_acc(width: int, value: int) -> bytes:
+    if width == 1:
+        return b"\xb0" + struct.pack("<B", value)  # mov al, imm8
+    if width == 2:
+        return b"\xb8" + struct.pack("<H", value)  # mov ax, imm16
+    return b"\x66\xb8" + struct.pack("<I", value)  # mov eax, imm32
+
+
+_DONE = _mov_dx(DONE_PORT) + b"\xee" + b"\xf4"  # out dx, al ; hlt
+
+
+def program(
+    *, pio: bool, write: bool, addr: int, width: int, value: int = 0
+) -> tuple[bytes, bytes]:
+    """Real-mode code (and staged data) for one access; ``value`` is cut to ``width``
+    bytes, as a CPU can only carry that many."""
+    if width not in _MASK:
+        raise ValueError(f"an access is 1, 2, 4 or 8 bytes wide, not {width}")
+    value &= _MASK[width]
+    code, data = b"", b""
+    if pio:
+        if width == 8 or not 0 <= addr <= 0xFFFF:
+            raise ValueError("port I/O is 1, 2 or 4 bytes wide at a 16-bit port")
+        size = b"" if width < 4 else b"\x66"
+        code += _mov_dx(addr)
+        if write:
+            code += _mov_acc(width, value) + size + (b"\xee" if width == 1 else b"\xef")
+        else:
+            code += size + (b"\xec" if width == 1 else b"\xed")  # in al/ax/eax, dx
+    else:
+        if not 0 <= addr <= 0xFFFFFFFF - width + 1:
+            raise ValueError("MMIO from the oracle's real-mode guest reaches 32-bit addresses only")
+        code += b"\x66\xbb" + struct.pack("<I", addr)  # mov ebx, imm32
+        if width == 8:
+            data = struct.pack("<Q", value)
+            code += b"\x0f\x6f\x06" + struct.pack("<H", DATA_ADDR)  # movq mm0, [DATA]
+            code += b"\x67\x0f\x7f\x03" if write else b"\x67\x0f\x6f\x03"  # movq [ebx]
+        elif write:
+            size = b"\x66" if width == 4 else b""
+            code += _mov_acc(width, value)
+            code += size + (b"\x67\x88\x03" if width == 1 else b"\x67\x89\x03")
+        else:
+            size = b"\x66" if width == 4 else b""
+            code += size + (b"\x67\x8a\x03" if width == 1 else b"\x67\x8b\x03")
+    return code + _DONE, data
+
+
+# ------------------------------------------------------------------ eventfds
+
+
+def eventfd_count(fd: int) -> int:
+    """An eventfd's counter, read without consuming it (``/proc/self/fdinfo``)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() == "eventfd-count":
+                return int(value.strip(), 16)
+    raise OSError(errno.EINVAL, f"fd {fd} is not an eventfd")
+
+
+@contextlib.contextmanager
+def opened(path: str = "/dev/kvm") -> Iterator[Kvm]:
+    kvm = Kvm(path)
+    try:
+        yield kvm
+    finally:
+        kvm.close()
