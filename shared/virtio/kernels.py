@@ -172,7 +172,7 @@ def driver_add_simple(desc64: np.ndarray, desc32: np.ndarray, desc16: np.ndarray
     """Post one single-descriptor chain per buffer and publish ``avail.idx``; the number
     posted, or DECLINE (too few free descriptors, a zero or oversized length, a buffer
     past 2**64: nothing written; the reference raises the error)."""
-    n = addrs.shape[0]
+    n = int(addrs.shape[0])
     if n > nfree:
         return DECLINE
     for j in range(n):

@@ -33,7 +33,11 @@ import numpy as np
 import pytest
 from numba import njit
 
-from shared.virtio.atomics import fence_seq_cst, load_acquire_u32_unchecked, store_release_u32_unchecked
+from shared.virtio.atomics import (
+    fence_seq_cst,
+    load_acquire_u32_unchecked,
+    store_release_u32_unchecked,
+)
 from tests.fault.racekit import scale, scaled
 
 LINE = 16  # u32 words per 64-byte cache line: every control word on its own line
