@@ -222,7 +222,15 @@ def write_payloads(
         return np.zeros(0, dtype=np.uint32)
     if batch.simple:
         rows = np.nonzero(n > 0)[0]
-        for slot, group, offs, take in groups(mem, slots, batch.addrs, n, rows):
+        plan = groups(mem, slots, batch.addrs, n, rows)
+        if len(plan) > 1 and _overlapping(batch.addrs[rows], n[rows]):
+            # Groups are written one after another, not in chain order. Only a guest that
+            # posts overlapping writable buffers can tell: write those in chain order, so
+            # the last chain wins, as the scalar path and a real device's in-order DMA do.
+            plan = [(slot, grp[k : k + 1], off[k : k + 1], take)
+                    for slot, grp, off, take in plan for k in range(grp.shape[0])]
+            plan.sort(key=lambda p: int(p[1][0]))
+        for slot, group, offs, take in plan:
             if not slot.flags.writeable:
                 raise MemoryAccessError("a device-writable buffer is in read-only memory")
             # every row in order: a basic slice of data, no fancy-indexed copy
@@ -244,6 +252,13 @@ def write_payloads(
                 src += take
                 left -= take
     return n.astype(np.uint32)
+
+
+def _overlapping(addrs: U64Array, lens: I64Array) -> bool:
+    """Whether any two of the buffers ``[addr, addr + len)`` share a byte."""
+    order = np.argsort(addrs, kind="stable")
+    gaps = np.diff(addrs[order])  # sorted: no u64 wrap; a buffer overlaps the next one
+    return bool((lens[order][:-1].astype(np.uint64) > gaps).any())  # iff it is longer
 
 
 def _write_rows(

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from shared.errors import UsageError
@@ -309,6 +309,8 @@ class Twin:
 @given(q=st.sampled_from([1, 2, 4, 8, 16, 64]), event_idx=st.booleans(),
        start=st.one_of(st.just(0), st.integers(65530, 65535), st.integers(0, INDEX_MASK)),
        seed=st.integers(0, 2**32), steps=st.integers(5, 60), hostile=st.booleans())
+# Overlapping writable buffers of different lengths: both paths write in chain order.
+@example(q=64, event_idx=False, start=0, seed=10812, steps=25, hostile=False)
 def test_scalar_and_vectorized_paths_agree(q: int, event_idx: bool, start: int, seed: int,
                                            steps: int, hostile: bool) -> None:
     twin = Twin(q, event_idx, start, seed)
