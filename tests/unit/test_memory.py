@@ -714,7 +714,8 @@ def test_translate_matches_reference_model(ops: list[tuple[str, int, int, int]])
             else:
                 v = m.translate(a, b)
                 assert v.shape == (b,)
-                assert addr_of(v) == expected[0]
+                if b:  # an empty view has no meaningful address (numpy may reset it)
+                    assert addr_of(v) == expected[0]
         assert [(s.slot, s.gpa, s.size) for s in m.slots()] == sorted(
             ((k, g, n) for k, (g, n, _) in model.items()), key=lambda t: t[1]
         )
