@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.errors import UsageError
-from shared.virtio.layout import I64Array, U64Array
+from shared.virtio.layout import NATIVE_LE, I64Array, U64Array
 
 I64_MAX: Final = (1 << 63) - 1
 
@@ -124,3 +124,12 @@ def private_array(
     dt = np.dtype(dtype)
     buf = bytearray(count * dt.itemsize)
     return np.frombuffer(buf, dtype=dt), memoryview(buf).cast(fmt)
+
+
+def use_jit(choice: bool | None) -> bool:
+    """Whether a ring takes the compiled path: ``choice``, or ``VBUSEMU_JIT`` when None.
+    The kernels index little-endian fields natively, so a big-endian host never does."""
+    from shared.jit import jit_enabled
+
+    wanted = jit_enabled() if choice is None else bool(choice)
+    return wanted and NATIVE_LE

@@ -39,7 +39,7 @@ reason). ``fast_path=False`` turns them off.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -47,7 +47,14 @@ import numpy.typing as npt
 from shared.errors import MemoryAccessError, UsageError
 from shared.memory import GuestMemoryMap
 from shared.virtio import payload
-from shared.virtio.args import I64_MAX, check_int, index_array, private_array, small_ints
+from shared.virtio.args import (
+    I64_MAX,
+    check_int,
+    index_array,
+    private_array,
+    small_ints,
+    use_jit,
+)
 from shared.virtio.batch import Batch, empty_batch, make_batch, simple_batch
 from shared.virtio.chains import (
     MAX_BUFFER_LEN,
@@ -83,6 +90,9 @@ from shared.virtio.layout import (
 )
 from shared.virtio.ordering import full_barrier
 from shared.virtio.slots import SlotCache
+
+if TYPE_CHECKING:
+    from shared.virtio.compiled import DeviceKernels
 
 SCALAR_MAX: Final = 32
 """Device-side operations on at most this many chains take the *scalar* paths: plain Python
@@ -138,6 +148,7 @@ class DeviceRing:
         start_index: int = 0,
         max_buffer_len: int = MAX_BUFFER_LEN,
         fast_path: bool = True,
+        jit: bool | None = None,
     ) -> None:
         if not isinstance(mem, GuestMemoryMap):
             raise UsageError(f"mem must be a GuestMemoryMap, got {mem!r}")
@@ -167,6 +178,8 @@ class DeviceRing:
         self._notify_enabled = True
         self._used_flags_shadow = 0
         self._broken: str | None = None
+        self._jit = use_jit(jit)
+        self._kernels: DeviceKernels | None = None
         self._attach()
         self._reset_state()
 
@@ -181,6 +194,7 @@ class DeviceRing:
         start_index: int = 0,
         max_buffer_len: int = MAX_BUFFER_LEN,
         fast_path: bool = True,
+        jit: bool | None = None,
     ) -> DeviceRing:
         """A device ring over a contiguous :class:`RingLayout` placed at ``ring_gpa``."""
         desc, avail, used = layout.addresses(check_int(ring_gpa, "ring_gpa", 0, (1 << 64) - 1))
@@ -194,6 +208,7 @@ class DeviceRing:
             start_index=start_index,
             max_buffer_len=max_buffer_len,
             fast_path=fast_path,
+            jit=jit,
         )
 
     def _attach(self) -> None:
@@ -237,6 +252,10 @@ class DeviceRing:
         self._used_event16 = v.used_event16
         self._used_hdr16 = v.used_hdr16
         self._used_ring_mv = v.used_ring_mv
+        if self._jit:
+            from shared.virtio.compiled import DeviceKernels
+
+            self._kernels = DeviceKernels(desc, avail, used, q)
 
     def _reset_state(self) -> None:
         start = self._start
@@ -348,6 +367,10 @@ class DeviceRing:
             return empty_batch()
         if k <= self._scalar_max:
             return self._pop_scalar(k, budget)
+        if self._kernels is not None:
+            compiled = self._kernels.pop(self, k)
+            if compiled is not None:
+                return compiled
         # load->load: avail.idx was read before the ring entries it publishes; x86 does not
         # reorder loads with loads. astype / fancy indexing copy each entry once.
         first = self._last_avail & self._mask
@@ -659,6 +682,10 @@ class DeviceRing:
             raise UsageError(f"{i.shape[0]} ids but {n.shape[0]} lengths")
         if self._broken is not None or i.shape[0] == 0:
             return False
+        if self._kernels is not None:
+            compiled = self._kernels.push(self, i, n)
+            if compiled is not None:
+                return compiled
         q = self._q
         if int(i.max()) >= q:
             raise UsageError(f"an id is out of range (queue size {q})")

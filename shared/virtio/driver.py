@@ -34,13 +34,20 @@ are the reference).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from shared.errors import UsageError
-from shared.virtio.args import check_int, private_array, small_bools, small_ints, u64_array
+from shared.virtio.args import (
+    check_int,
+    private_array,
+    small_bools,
+    small_ints,
+    u64_array,
+    use_jit,
+)
 from shared.virtio.layout import (
     DESC_ALIGN,
     DESC_DTYPE,
@@ -66,6 +73,9 @@ from shared.virtio.layout import (
     ring_views,
 )
 from shared.virtio.ordering import full_barrier
+
+if TYPE_CHECKING:
+    from shared.virtio.compiled import DriverKernels
 
 DRIVER_SCALAR_MAX: Final = 24
 """Driver-side operations (``add_batch``, ``get_used``) on at most this many buffers take the
@@ -118,6 +128,7 @@ class DriverRing:
         start_index: int = 0,
         areas: tuple[int, int, int] | None = None,
         fast_path: bool = True,
+        jit: bool | None = None,
     ) -> None:
         if not isinstance(layout, RingLayout):
             raise UsageError(f"layout must be a RingLayout, got {layout!r}")
@@ -185,6 +196,11 @@ class DriverRing:
         self._avail_ring16 = v.avail_ring16
         self._used_ring_mv = v.used_ring_mv
         self._scalar_max = DRIVER_SCALAR_MAX if fast_path and NATIVE_LE else 0
+        self._kernels: DriverKernels | None = None
+        if use_jit(jit):
+            from shared.virtio.compiled import DriverKernels
+
+            self._kernels = DriverKernels(*self._parts, q)
         # Private bookkeeping (never read back from shared memory), each as a numpy array
         # and a memoryview over the same bytes.
         self._free, self._free_mv = private_array(q, np.uint16, "H")
@@ -324,6 +340,10 @@ class DriverRing:
                 raise UsageError(f"device_writable does not match {n} buffers: {e}") from None
         if n == 0:
             return np.zeros(0, dtype=np.uint16)
+        if self._kernels is not None:
+            posted = self._kernels.add(self, a, n_arr, same if same is not None else wr)
+            if posted is not None:
+                return posted
         if n > self._nfree:
             raise UsageError(f"{n} buffers but only {self._nfree} free descriptors")
         if int(n_arr.min()) == 0 or int(n_arr.max()) > 0xFFFFFFFF:
@@ -649,6 +669,10 @@ class DriverRing:
         k = min(pending, limit)
         if k == 0:
             return empty
+        if k > self._scalar_max and self._kernels is not None:
+            compiled = self._kernels.get_used(self, k)
+            if compiled is not None:
+                return compiled
         if k <= self._scalar_max:
             ids_l, lens_l = self._get_used_scalar(k)
             self._after_get_used(len(ids_l))

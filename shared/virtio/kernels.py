@@ -176,10 +176,10 @@ def driver_add_simple(desc64: np.ndarray, desc32: np.ndarray, desc16: np.ndarray
     if n > nfree:
         return DECLINE
     for j in range(n):
-        ln = lens[j]
+        ln = lens[j]  # u64
         if ln == 0 or ln > 0xFFFFFFFF:
             return DECLINE
-        if np.uint64(ln - 1) > _U64_MAX - addrs[j]:
+        if ln - np.uint64(1) > _U64_MAX - addrs[j]:  # addr + len would pass 2**64
             return DECLINE
     mask = q - 1
     top = nfree - 1
@@ -194,7 +194,7 @@ def driver_add_simple(desc64: np.ndarray, desc32: np.ndarray, desc16: np.ndarray
         avail16[2 + ((avail_shadow + j) & mask)] = h
         in_flight[h] = True
         multi[h] = False
-        wcap[h] = lens[j] if w else 0
+        wcap[h] = np.int64(lens[j]) if w else np.int64(0)
     # store->store: descriptors and ring entries before the index (release).
     store_release_u16_unchecked(avail16, 1, (avail_shadow + n) & 0xFFFF)
     return n

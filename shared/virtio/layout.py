@@ -307,6 +307,36 @@ def ring_views(desc: U8Array, avail: U8Array, used: U8Array, qsize: int) -> Ring
     )
 
 
+class KernelViews(NamedTuple):
+    """The three areas as the flat native-endian arrays the compiled kernels index: the
+    descriptor table as u64/u32/u16 (descriptor ``i``: ``desc64[2i]`` addr,
+    ``desc32[4i+2]`` len, ``desc16[8i+6]`` flags, ``desc16[8i+7]`` next), the available
+    ring as u16 (``[0]`` flags, ``[1]`` idx, ``[2+i]`` ring, ``[2+Q]`` used_event), the used
+    ring as u16 (``[0]`` flags, ``[1]`` idx, ``[2+4Q]`` avail_event) and its elements as u32
+    pairs (``used32[2i]`` id, ``used32[2i+1]`` len)."""
+
+    desc64: npt.NDArray[np.uint64]
+    desc32: npt.NDArray[np.uint32]
+    desc16: U16Array
+    avail16: U16Array
+    used16: U16Array
+    used32: npt.NDArray[np.uint32]
+
+
+def kernel_views(desc: U8Array, avail: U8Array, used: U8Array, qsize: int) -> KernelViews:
+    """:class:`KernelViews` over the three areas of a ring of ``qsize`` entries (native
+    byte order: the kernels run only where that is little-endian)."""
+    ae = _avail_event_at(qsize)
+    return KernelViews(
+        desc64=desc.view(np.uint64),
+        desc32=desc.view(np.uint32),
+        desc16=desc.view(np.uint16),
+        avail16=avail.view(np.uint16),
+        used16=used.view(np.uint16),
+        used32=used[RING_AT:ae].view(np.uint32),
+    )
+
+
 def need_event(event: int, new: int, old: int) -> bool:
     """Virtio's ``vring_need_event``: did moving an index from ``old`` to ``new`` pass ``event``?
 

@@ -55,16 +55,18 @@ def memory() -> GuestMemoryMap:
 
 
 class Side:
-    """One driver + device pair over its own memory; ``scalar`` picks the paths."""
+    """One driver + device pair over its own memory; ``scalar`` picks the paths, ``jit``
+    whether batches beyond the scalar path go to the compiled kernels."""
 
-    def __init__(self, q: int, event_idx: bool, start: int, scalar: bool) -> None:
+    def __init__(self, q: int, event_idx: bool, start: int, scalar: bool,
+                 jit: bool = False) -> None:
         self.mem = memory()
         self.layout = RingLayout(q)
         self.area = self.mem.translate(RING, self.layout.size)
         self.driver = DriverRing(self.area, self.layout, event_idx=event_idx,
-                                 start_index=start, fast_path=scalar)
+                                 start_index=start, fast_path=scalar, jit=jit)
         self.device = DeviceRing.from_layout(self.mem, RING, self.layout, event_idx=event_idx,
-                                             start_index=start, fast_path=scalar)
+                                             start_index=start, fast_path=scalar, jit=jit)
         self.batches: list[Batch] = []
 
     def ram(self) -> bytes:
@@ -100,13 +102,17 @@ def norm(value: Any) -> Any:
 
 
 class Twin:
-    """The same program on a scalar side and a vectorized side, compared step by step."""
+    """The same program on two sides, compared step by step: by default a scalar side and
+    a vectorized side, both on the reference (numpy) path; ``fast``/``slow`` give each
+    side's ``(scalar, jit)``."""
 
-    def __init__(self, q: int, event_idx: bool, start: int, seed: int) -> None:
+    def __init__(self, q: int, event_idx: bool, start: int, seed: int,
+                 fast: tuple[bool, bool] = (True, False),
+                 slow: tuple[bool, bool] = (False, False)) -> None:
         self.q = q
         self.rng = random.Random(seed)
-        self.fast = Side(q, event_idx, start, scalar=True)
-        self.slow = Side(q, event_idx, start, scalar=False)
+        self.fast = Side(q, event_idx, start, scalar=fast[0], jit=fast[1])
+        self.slow = Side(q, event_idx, start, scalar=slow[0], jit=slow[1])
         self.sides = (self.fast, self.slow)
         self.table = 0  # the next indirect table slot
 

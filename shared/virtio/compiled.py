@@ -1,0 +1,127 @@
+"""The kernel path of each ring side: what a :class:`~shared.virtio.DeviceRing` or
+:class:`~shared.virtio.DriverRing` built with ``jit=True`` hands to
+:mod:`shared.virtio.kernels`, and how a kernel's result goes back into the ring's state.
+
+Theory of operation
+-------------------
+The reference classes keep their private state (indices, counts, the in-flight and
+capacity arrays, the free stack) and stay the only statement of the rules. For a batch
+larger than their scalar fast path they first offer the work to a kernel through the
+objects here; a kernel either does all of it -- and these objects advance the ring's
+counters exactly as the reference would have -- or declines having changed nothing, and
+the reference does the call from scratch. Small batches stay on the scalar fast path,
+whose per-call cost is below a kernel call's (a kernel call with a dozen array arguments
+costs ~2 µs to enter).
+
+Importing this module imports numba (through :mod:`shared.virtio.kernels`): only rings
+built with ``jit=True`` do, so processes that never run the data path stay small.
+
+The ring classes are this module's only callers and it reads and writes their private
+attributes: it is their other half, kept apart so that numba stays optional.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from shared.virtio import kernels as k
+from shared.virtio.batch import Batch, empty_batch, simple_batch
+from shared.virtio.layout import INDEX_MASK, U8Array, U16Array, U32Array, kernel_views
+
+if TYPE_CHECKING:
+    from shared.virtio.device import DeviceRing
+    from shared.virtio.driver import DriverRing
+    from shared.virtio.layout import I64Array, U64Array
+
+
+class DeviceKernels:
+    """Views of a device ring's areas and the scratch arrays its kernels write into."""
+
+    def __init__(self, desc: U8Array, avail: U8Array, used: U8Array, qsize: int) -> None:
+        self.v = kernel_views(desc, avail, used, qsize)
+        self.mark = np.zeros(qsize, dtype=np.uint8)
+        self.heads = np.empty(qsize, dtype=np.int64)
+        self.addrs = np.empty(qsize, dtype=np.uint64)
+        self.lens = np.empty(qsize, dtype=np.uint32)
+        self.wflags = np.empty(qsize, dtype=np.uint16)
+
+    def pop(self, ring: DeviceRing, count: int) -> Batch | None:
+        """Take the next ``count`` chains (the caller read ``avail.idx`` and checked it) if
+        they are all single valid descriptors; ``None``: declined, nothing changed."""
+        table = ring._slots.table()
+        v = self.v
+        got = k.device_pop_simple(
+            v.avail16, v.desc64, v.desc32, v.desc16, ring._in_flight, ring._wcap, self.mark,
+            table.starts, table.lasts, table.writable, ring._q, ring._last_avail, count,
+            ring._max_len, self.heads, self.addrs, self.lens, self.wflags)
+        if got < 0:
+            return None
+        if got == 0:
+            return empty_batch()
+        batch = simple_batch(self.heads[:got], self.addrs[:got], self.lens[:got],
+                             self.wflags[:got])
+        ring._took(got)
+        return batch
+
+    def push(self, ring: DeviceRing, ids: I64Array, lens: I64Array) -> bool | None:
+        """Complete ``ids``; whether to interrupt, or ``None``: declined (an id not in flight
+        or repeated, a length too long: the reference raises the error)."""
+        v = self.v
+        r = k.device_push_used(v.used16, v.used32, v.avail16, ring._in_flight, ring._wcap,
+                               self.mark, ring._q, ring._next_used, ring._event_idx, ids, lens)
+        if r < 0:
+            return None
+        count = int(ids.shape[0])
+        ring._next_used = (ring._next_used + count) & INDEX_MASK
+        ring._num_in_flight -= count
+        return bool(r)
+
+
+class DriverKernels:
+    """Views of a driver ring's areas and the scratch arrays its kernels write into."""
+
+    def __init__(self, desc: U8Array, avail: U8Array, used: U8Array, qsize: int) -> None:
+        self.v = kernel_views(desc, avail, used, qsize)
+        self.mark = np.zeros(qsize, dtype=np.uint8)
+        self.heads = np.empty(qsize, dtype=np.int64)
+        self.ids = np.empty(qsize, dtype=np.int64)
+        self.lens = np.empty(qsize, dtype=np.int64)
+        self.all_writable = np.ones(qsize, dtype=np.bool_)
+        self.none_writable = np.zeros(qsize, dtype=np.bool_)
+
+    def add(self, ring: DriverRing, addrs: U64Array, lens: U64Array,
+            writable: bool | np.ndarray) -> U16Array | None:
+        """Post one single-descriptor chain per buffer and publish; the heads, or ``None``:
+        declined (the reference raises the error)."""
+        n = int(addrs.shape[0])
+        if isinstance(writable, bool):
+            writable = (self.all_writable if writable else self.none_writable)[:n]
+        v = self.v
+        got = k.driver_add_simple(
+            v.desc64, v.desc32, v.desc16, v.avail16, ring._free, ring._nfree, ring._in_flight,
+            ring._multi, ring._wcap, ring._q, ring._avail_shadow, addrs, lens, writable,
+            self.heads)
+        if got < 0:
+            return None
+        ring._nfree -= n
+        ring._num_in_flight += n
+        # What _publish does, but the kernel already stored avail.idx (release).
+        ring._avail_shadow = (ring._avail_shadow + n) & INDEX_MASK
+        ring._unkicked += n
+        heads: U16Array = self.heads[:n].astype(np.uint16)
+        return heads
+
+    def get_used(self, ring: DriverRing, count: int) -> tuple[U16Array, U32Array] | None:
+        """Take the next ``count`` used entries (the caller read ``used.idx`` and checked
+        it) if each is a valid single-descriptor chain; ``None``: declined."""
+        got = k.driver_get_used(
+            self.v.used32, ring._in_flight, ring._multi, ring._wcap, self.mark, ring._free,
+            ring._nfree, ring._q, ring._last_used, count, self.ids, self.lens)
+        if got < 0:
+            return None
+        ring._nfree += got
+        ring._num_in_flight -= got
+        ring._after_get_used(got)
+        return self.ids[:got].astype(np.uint16), self.lens[:got].astype(np.uint32)
