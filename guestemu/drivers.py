@@ -83,14 +83,17 @@ class Virtqueue:
     """One queue of one function: ring in guest RAM, doorbell, interrupt line."""
 
     def __init__(self, vcpu: Vcpu, ram: GuestRam, fn: Function, index: int, size: int,
-                 vector: int, *, event_idx: bool) -> None:
+                 vector: int, *, event_idx: bool, jit: bool | None = False) -> None:
+        """``jit``: None runs the ring on the compiled kernels when ``VBUSEMU_JIT`` allows
+        (the packet queues); False (low-rate queues) keeps the reference path, so a guest
+        that drives no packet queue never imports numba."""
         self.vcpu = vcpu
         self.fn = fn
         self.index = index
         self.layout = RingLayout(size)
         gpa = ram.alloc(self.layout.size, align=4096)
         self.ring = DriverRing(ram.view(gpa, self.layout.size), self.layout,
-                               event_idx=event_idx)
+                               event_idx=event_idx, jit=jit)
         desc, avail, used = self.layout.addresses(gpa)
         if not fn.driver.setup_queue(index, size, desc, avail, used, vector):
             raise UsageError(f"the device refused queue {index}")
@@ -158,8 +161,8 @@ class PacketQueues:
         self.fn = fn
         accepted = start_device(fn, F_EVENT_IDX if event_idx else 0)
         event_idx = bool(accepted & F_EVENT_IDX)
-        self.tx = Virtqueue(vcpu, ram, fn, 0, qsize, vector=0, event_idx=event_idx)
-        self.rx = Virtqueue(vcpu, ram, fn, 1, qsize, vector=1, event_idx=event_idx)
+        self.tx = Virtqueue(vcpu, ram, fn, 0, qsize, vector=0, event_idx=event_idx, jit=None)
+        self.rx = Virtqueue(vcpu, ram, fn, 1, qsize, vector=1, event_idx=event_idx, jit=None)
         self.tx.always_kick = self.rx.always_kick = always_kick
         # interrupts only while halted waiting for something (see wait())
         self.tx.ring.disable_interrupts()

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from shared.errors import PeerGoneError, UsageError, VbusError
@@ -210,6 +210,32 @@ class ManagedProcess:
 
 def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+def warm_kernels(interrupted: Callable[[], bool] = lambda: False) -> bool:
+    """Compile or load the data-path kernels once, in a child (this process never imports
+    numba), before guests and devices start and each would do it. ``False`` if
+    ``interrupted()`` became true meanwhile (the child is stopped). A no-op with
+    ``VBUSEMU_JIT=0``. The child says so on stderr when it really compiles."""
+    from shared.jit import jit_enabled
+
+    if not jit_enabled():
+        return True
+    proc = ManagedProcess("warm", python_module("shared.virtio.warm"), control=False,
+                          stdout=subprocess.DEVNULL)
+    while True:
+        try:
+            proc.proc.wait(0.1)
+            break
+        except subprocess.TimeoutExpired:
+            if interrupted():
+                proc.stop()
+                return False
+    if proc.proc.returncode:
+        print("vbusemu: warning: the data-path kernels did not compile (exit status "
+              f"{proc.proc.returncode}); guests and devices will try again themselves",
+              file=sys.stderr)
+    return True
 
 
 def start_broker(path: str, policy: Policy = Policy.HUP, *, ack_timeout: float = 2.0,

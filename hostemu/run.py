@@ -38,7 +38,12 @@ from typing import Any, TextIO
 
 from hostemu import topology as topo
 from hostemu.imagelock import lock_images
-from hostemu.launcher import ManagedProcess, python_module, start_broker
+from hostemu.launcher import (
+    ManagedProcess,
+    python_module,
+    start_broker,
+    warm_kernels,
+)
 from shared.errors import ConfigError, PeerGoneError
 from shared.lifeline import CTRL_C, CtrlC, become_subreaper, reap_orphans
 
@@ -166,6 +171,8 @@ class Launcher:
     def _run(self, tmp: Path) -> int:
         sock = str(tmp / "broker.sock")
         self._check_interrupt()
+        if not warm_kernels(lambda: self.ctrl_c is not None and self.ctrl_c.pending):
+            raise Interrupted
         self.broker = start_broker(sock, self.topology.policy, stderr=self.logfile,
                                    stdout=self.logfile)
         self._check_interrupt()

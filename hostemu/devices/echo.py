@@ -87,6 +87,7 @@ def _pieces(readable: list[int], room: int) -> list[tuple[int, int, int]]:
 
 class EchoModel(DeviceModel):
     name = "echo"
+    data_path = True
 
     def __init__(self, busy_poll_ns: int = 0, *, sink: bool = False) -> None:
         self.busy_poll_ns = busy_poll_ns

@@ -59,6 +59,9 @@ class DeviceModel:
     """What a device does with its queues. Subclasses override :meth:`on_queue`."""
 
     name = "model"
+    # A high-rate model runs its rings on the compiled kernels (VBUSEMU_JIT permitting);
+    # a low-rate one keeps the reference path, and its process never imports numba.
+    data_path = False
 
     def attach(self, runtime: DeviceRuntime) -> None:
         self.runtime = runtime
@@ -146,7 +149,8 @@ class DeviceRuntime(DeviceAgent):
             start = self._used_index(int(cfg["used"])) if resume else 0
             ring = DeviceRing(self.memory.map, int(cfg["desc"]), int(cfg["avail"]),
                               int(cfg["used"]), int(cfg["size"]),
-                              event_idx=bool(cfg.get("event_idx", False)), start_index=start)
+                              event_idx=bool(cfg.get("event_idx", False)), start_index=start,
+                              jit=None if self.model.data_path else False)
             queue = self.queues[q] = Queue(q, ring, int(cfg["vector"]))
             self.model.on_queue_ready(queue)
             if ring.broken:

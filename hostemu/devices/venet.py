@@ -239,6 +239,7 @@ class Switch:
 
 class VenetPort(DeviceModel):
     name = "venet"
+    data_path = True
 
     def __init__(self, switch: Switch, port: int) -> None:
         self.switch = switch
