@@ -126,6 +126,11 @@ def private_array(
     return np.frombuffer(buf, dtype=dt), memoryview(buf).cast(fmt)
 
 
+KERNEL_OVER: Final = 4
+"""With the kernels on, ring operations on more chains than this go to them: a kernel call
+(a dozen array arguments) costs about what the scalar path spends on four chains."""
+
+
 def use_jit(choice: bool | None) -> bool:
     """Whether a ring takes the compiled path: ``choice``, or ``VBUSEMU_JIT`` when None.
     The kernels index little-endian fields natively, so a big-endian host never does."""

@@ -22,6 +22,7 @@ attributes: it is their other half, kept apart so that numba stays optional.
 
 from __future__ import annotations
 
+import bisect
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,8 +30,10 @@ import numpy as np
 from shared.virtio import kernels as k
 from shared.virtio.batch import Batch, empty_batch, simple_batch
 from shared.virtio.layout import INDEX_MASK, U8Array, U16Array, U32Array, kernel_views
+from shared.virtio.slots import SlotTable
 
 if TYPE_CHECKING:
+    from shared.memory import GuestMemoryMap
     from shared.virtio.device import DeviceRing
     from shared.virtio.driver import DriverRing
     from shared.virtio.layout import I64Array, U64Array
@@ -62,6 +65,7 @@ class DeviceKernels:
         self.addrs = np.empty(qsize, dtype=np.uint64)
         self.lens = np.empty(qsize, dtype=np.uint32)
         self.wflags = np.empty(qsize, dtype=np.uint16)
+        self.copied = np.empty(qsize, dtype=np.int64)
 
     def pop(self, ring: DeviceRing, count: int) -> Batch | None:
         """Take the next ``count`` chains (the caller read ``avail.idx`` and checked it) if
@@ -93,6 +97,34 @@ class DeviceKernels:
         ring._next_used = (ring._next_used + count) & INDEX_MASK
         ring._num_in_flight -= count
         return bool(r)
+
+    def copy(self, src_ring: DeviceRing, batch: Batch, dst_ring: DeviceRing,
+             dst_batch: Batch, width: int) -> U32Array | None:
+        """:meth:`~shared.virtio.DeviceRing.copy_payloads` for single-descriptor batches
+        whose buffers each lie in the slot of their side's first buffer; ``None``:
+        declined."""
+        n = len(dst_batch)
+        s_addrs, d_addrs = batch.addrs, dst_batch.addrs
+        src = _slot_of(src_ring._mem, src_ring._slots.table(), int(s_addrs[0]))
+        dst = _slot_of(dst_ring._mem, dst_ring._slots.table(), int(d_addrs[0]))
+        if src is None or dst is None or not dst[0].flags.writeable:
+            return None
+        same = src_ring._mem is dst_ring._mem and src[1] == dst[1]
+        got = k.copy_simple(src[0], np.uint64(src[1]), dst[0], np.uint64(dst[1]), same,
+                            s_addrs, batch.lens, batch.flags, d_addrs, dst_batch.lens,
+                            dst_batch.flags, n, width, self.copied)
+        if got < 0:
+            return None
+        return self.copied[:n].astype(np.uint32)
+
+
+
+def _slot_of(mem: GuestMemoryMap, table: SlotTable, addr: int) -> tuple[U8Array, int] | None:
+    """The whole memory slot holding ``addr`` (a view) and its gpa, or None."""
+    s = bisect.bisect_right(table.gpas, addr) - 1
+    if s < 0 or addr > table.last_list[s]:
+        return None
+    return mem.translate(table.gpas[s], table.sizes[s]), table.gpas[s]
 
 
 class DriverKernels:

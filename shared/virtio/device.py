@@ -49,6 +49,7 @@ from shared.memory import GuestMemoryMap
 from shared.virtio import payload
 from shared.virtio.args import (
     I64_MAX,
+    KERNEL_OVER,
     check_int,
     index_array,
     private_array,
@@ -179,6 +180,10 @@ class DeviceRing:
         self._used_flags_shadow = 0
         self._broken: str | None = None
         self._jit = use_jit(jit)
+        # With the kernels, batches past a few chains go to them (a kernel call costs about
+        # what the scalar path spends on four chains); payload copies keep _scalar_max.
+        self._ops_scalar_max = min(self._scalar_max, KERNEL_OVER) if self._jit else \
+            self._scalar_max
         self._kernels: DeviceKernels | None = None
         self._attach()
         self._reset_state()
@@ -365,12 +370,14 @@ class DeviceRing:
         k = min(n, limit)
         if k == 0:
             return empty_batch()
-        if k <= self._scalar_max:
+        if k <= self._ops_scalar_max:
             return self._pop_scalar(k, budget)
         if self._kernels is not None:
             compiled = self._kernels.pop(self, k)
             if compiled is not None:
                 return compiled
+        if k <= self._scalar_max:
+            return self._pop_scalar(k, budget)
         # load->load: avail.idx was read before the ring entries it publishes; x86 does not
         # reorder loads with loads. astype / fancy indexing copy each entry once.
         first = self._last_avail & self._mask
@@ -651,6 +658,11 @@ class DeviceRing:
             raise UsageError(f"{n} destination chains for {len(batch)} source chains")
         if self._broken is not None or dst._broken is not None:
             return np.zeros(0, dtype=np.uint32)
+        if (self._kernels is not None and n > KERNEL_OVER and batch.simple
+                and dst_batch.simple):
+            copied = self._kernels.copy(self, batch, dst, dst_batch, w)
+            if copied is not None:
+                return copied
         try:
             return payload.copy_payloads(self._mem, batch, dst._mem, dst_batch, w)
         except payload.CopyFault as e:
@@ -674,7 +686,8 @@ class DeviceRing:
         if self._scalar_max:
             i_l = small_ints(ids, "ids", self._scalar_max, I64_MAX)
             n_l = small_ints(lens, "lens", self._scalar_max, I64_MAX) if i_l is not None else None
-            if i_l is not None and n_l is not None and len(i_l) == len(n_l):
+            if i_l is not None and n_l is not None and len(i_l) == len(n_l) and (
+                    len(i_l) <= self._ops_scalar_max or self._broken is not None):
                 return self._push_scalar(i_l, n_l)
         i = index_array(ids, "ids")
         n = index_array(lens, "lens")

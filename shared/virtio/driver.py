@@ -41,6 +41,7 @@ import numpy.typing as npt
 
 from shared.errors import UsageError
 from shared.virtio.args import (
+    KERNEL_OVER,
     check_int,
     private_array,
     small_bools,
@@ -201,6 +202,9 @@ class DriverRing:
             from shared.virtio.compiled import DriverKernels
 
             self._kernels = DriverKernels(*self._parts, q)
+        # Batches past a few buffers go to the kernels (see KERNEL_OVER).
+        self._ops_scalar_max = (min(self._scalar_max, KERNEL_OVER) if self._kernels is not None
+                                else self._scalar_max)
         # Private bookkeeping (never read back from shared memory), each as a numpy array
         # and a memoryview over the same bytes.
         self._free, self._free_mv = private_array(q, np.uint16, "H")
@@ -319,8 +323,8 @@ class DriverRing:
         """
         self._check_usable()
         if self._scalar_max:
-            a_l = small_ints(addrs, "addrs", self._scalar_max, (1 << 64) - 1)
-            n_l = small_ints(lens, "lens", self._scalar_max, (1 << 64) - 1)
+            a_l = small_ints(addrs, "addrs", self._ops_scalar_max, (1 << 64) - 1)
+            n_l = small_ints(lens, "lens", self._ops_scalar_max, (1 << 64) - 1)
             if a_l is not None and n_l is not None and len(a_l) == len(n_l) and a_l:
                 w_l = small_bools(device_writable, len(a_l))
                 if w_l is not None:
@@ -669,7 +673,7 @@ class DriverRing:
         k = min(pending, limit)
         if k == 0:
             return empty
-        if k > self._scalar_max and self._kernels is not None:
+        if k > self._ops_scalar_max and self._kernels is not None:
             compiled = self._kernels.get_used(self, k)
             if compiled is not None:
                 return compiled

@@ -243,3 +243,34 @@ def driver_get_used(used32: np.ndarray, in_flight: np.ndarray,
         in_flight[i] = False
         free[nfree + m] = i
     return k
+
+
+@njit(cache=True, nogil=True)
+def copy_simple(src: np.ndarray, src_gpa: np.uint64, dst: np.ndarray, dst_gpa: np.uint64,
+                same_memory: bool, s_addrs: np.ndarray, s_lens: np.ndarray,
+                s_flags: np.ndarray, d_addrs: np.ndarray, d_lens: np.ndarray,
+                d_flags: np.ndarray, n: int, width: int, out: np.ndarray) -> int:
+    """Copy single-descriptor chain ``i``'s readable buffer into single-descriptor chain
+    ``i``'s writable buffer, ``min(len, capacity, width)`` bytes, for ``i < n``; ``n``, or
+    DECLINE (a buffer outside the one slot given for its side, a source that is writable or
+    a destination that is not, a row whose source and destination overlap: nothing copied).
+    ``src``/``dst`` are whole memory slots starting at ``src_gpa``/``dst_gpa``."""
+    for i in range(n):
+        if s_flags[i] & _WRITE or not d_flags[i] & _WRITE:
+            return DECLINE
+        take = min(int(s_lens[i]), int(d_lens[i]), width)
+        if s_addrs[i] < src_gpa or d_addrs[i] < dst_gpa:
+            return DECLINE
+        so = int(s_addrs[i] - src_gpa)
+        do = int(d_addrs[i] - dst_gpa)
+        if so + take > src.shape[0] or do + take > dst.shape[0]:
+            return DECLINE
+        if same_memory and so < do + take and do < so + take:
+            return DECLINE
+    for i in range(n):
+        take = min(int(s_lens[i]), int(d_lens[i]), width)
+        so = int(s_addrs[i] - src_gpa)
+        do = int(d_addrs[i] - dst_gpa)
+        dst[do:do + take] = src[so:so + take]
+        out[i] = take
+    return n

@@ -20,7 +20,7 @@ SLOW = 0.5  # seconds: longer than loading from the cache takes
 
 
 def exercise() -> None:
-    """One ring of each side on the kernel path, driven through every kernel."""
+    """Two rings of each side on the kernel path, driven through every kernel."""
     q = 16
     from shared.virtio import DeviceRing, DriverRing, RingLayout
 
@@ -28,17 +28,27 @@ def exercise() -> None:
     ram = np.zeros(1 << 16, dtype=np.uint8)
     mem = GuestMemoryMap()
     mem.add(0, 0, ram)
-    driver = DriverRing(mem.translate(0, layout.size), layout, event_idx=True,
-                        fast_path=False, jit=True)
-    device = DeviceRing.from_layout(mem, 0, layout, event_idx=True, fast_path=False,
-                                    jit=True)
+    pairs = []
+    for base in (0, 0x2000):
+        driver = DriverRing(mem.translate(base, layout.size), layout, event_idx=True,
+                            fast_path=False, jit=True)
+        device = DeviceRing.from_layout(mem, base, layout, event_idx=True, fast_path=False,
+                                        jit=True)
+        pairs.append((driver, device))
+    (tx_driver, tx), (rx_driver, rx) = pairs
     addrs = np.arange(8, dtype=np.uint64) * 64 + 0x8000
+    lens = np.full(8, 64, dtype=np.uint64)
     for writable in (False, True, np.array([True, False] * 4)):
-        driver.add_batch(addrs, np.full(8, 64, dtype=np.uint64), writable)
-        driver.kick_needed()
-        batch = device.pop_batch()
-        device.push_used(batch.heads, batch.writable_lens)
-        driver.get_used()
+        tx_driver.add_batch(addrs, lens, writable)
+        tx_driver.kick_needed()
+        batch = tx.pop_batch()
+        tx.push_used(batch.heads, batch.writable_lens)
+        tx_driver.get_used()
+    tx_driver.add_batch(addrs, lens, False)
+    rx_driver.add_batch(addrs + np.uint64(0x1000), lens, True)
+    sent, room = tx.pop_batch(), rx.pop_batch()
+    rx.push_used(room.heads, tx.copy_payloads(sent, rx, room, 64))
+    tx.push_used(sent.heads, np.zeros(len(sent), dtype=np.int64))
 
 
 def main() -> int:
