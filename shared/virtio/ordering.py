@@ -56,6 +56,17 @@ weakly ordered CPU would need real acquire/release fences.
 
 The vbus shm-signal (:mod:`shared.shmsignal`) has the same store->load points and uses the
 same :func:`full_barrier`.
+
+The compiled kernels (:mod:`shared.virtio.kernels`) cannot rely on call boundaries: LLVM
+sees the whole loop. They state every ordering explicitly with the intrinsics of
+:mod:`shared.virtio.atomics` -- a *release* store publishes ``avail.idx`` / ``used.idx``
+after the entries it covers, an *acquire* load reads the peer's event index or flags, and a
+``seq_cst`` fence (``lock or`` / ``mfence`` on x86) sits at each store->load decision
+point (:func:`~shared.virtio.kernels.device_push_used`: publish, fence, then
+``used_event``). Where a kernel is handed an index the Python caller read (``pop``,
+``get_used``), that read is the load->load point above. The fence is checked in the
+compiled code (``tests/unit/test_atomics.py``) and by a two-process store-buffering litmus
+test (``tests/fault/test_litmus.py``).
 """
 
 from __future__ import annotations
