@@ -112,3 +112,30 @@ def _copy_world(jit: bool, seed: int) -> tuple[Any, ...]:
 @pytest.mark.parametrize("seed", range(60))
 def test_copy_kernel_agrees_with_the_reference(seed: int) -> None:
     assert _copy_world(True, seed) == _copy_world(False, seed)
+
+
+def _llvm(kernel: Any) -> str:
+    """The LLVM IR of ``kernel`` for the signatures the rings use. Code loaded from the
+    cache cannot be inspected, so the same Python function is compiled afresh."""
+    from numba import njit
+
+    from shared.virtio.warm import exercise
+
+    exercise()
+    fresh = njit(nogil=True)(kernel.py_func)
+    for signature in kernel.signatures:
+        fresh.compile(signature)
+    return "\n".join(fresh.inspect_llvm().values())
+
+
+def test_kernels_publish_with_release_and_fence_before_deciding() -> None:
+    from shared.virtio import kernels
+
+    push = _llvm(kernels.device_push_used)
+    assert "store atomic i16" in push and " release" in push
+    assert "fence seq_cst" in push  # used.idx, then used_event: a store->load point
+    assert "load atomic i16" in push and " acquire" in push
+    add = _llvm(kernels.driver_add_simple)
+    assert "store atomic i16" in add and " release" in add
+    # The driver's own publish needs no fence there: kick_needed is the decision point.
+    assert "fence seq_cst" not in add
