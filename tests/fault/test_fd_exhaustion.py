@@ -72,7 +72,7 @@ def test_eventfd_create_loop_at_fd_limit_is_errno_and_broker_keeps_serving(
     assert b.proc.alive
 
 
-def test_syscalls_failing_at_the_kernel_limit_are_errno_replies(
+def test_syscalls_and_accept_at_the_kernel_fd_limit_are_errno_replies_without_spin(
         limited: Callable[..., BrokerHandle]) -> None:
     """With no reserve and the limit lowered under what the broker holds, the kernel
     itself refuses: every syscall made for a request becomes that request's errno."""
