@@ -126,18 +126,9 @@ def ioeventfd_deassign(
     flags: int = 0,
     vm: str = "a",
 ) -> Step:
-    return Step(
-        "ioeventfd_deassign",
-        {
-            "efd": efd,
-            "addr": addr,
-            "len": length,
-            "datamatch": datamatch,
-            "pio": pio,
-            "flags": flags,
-            "vm": vm,
-        },
-    )
+    """The same arguments as :func:`ioeventfd`, with DEASSIGN."""
+    assign = ioeventfd(efd, addr, length, datamatch=datamatch, pio=pio, flags=flags, vm=vm)
+    return Step("ioeventfd_deassign", assign.args)
 
 
 def write(addr: int, length: int, value: int, *, pio: bool = False) -> Step:
