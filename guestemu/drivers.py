@@ -82,8 +82,18 @@ def boot(vcpu: Vcpu, *, first_gsi: int = 1) -> list[Function]:
 class Virtqueue:
     """One queue of one function: ring in guest RAM, doorbell, interrupt line."""
 
-    def __init__(self, vcpu: Vcpu, ram: GuestRam, fn: Function, index: int, size: int,
-                 vector: int, *, event_idx: bool, jit: bool | None = False) -> None:
+    def __init__(
+        self,
+        vcpu: Vcpu,
+        ram: GuestRam,
+        fn: Function,
+        index: int,
+        size: int,
+        vector: int,
+        *,
+        event_idx: bool,
+        jit: bool | None = False,
+    ) -> None:
         """``jit``: None runs the ring on the compiled kernels when ``VBUSEMU_JIT`` allows
         (the packet queues); False (low-rate queues) keeps the reference path, so a guest
         that drives no packet queue never imports numba."""
@@ -92,8 +102,9 @@ class Virtqueue:
         self.index = index
         self.layout = RingLayout(size)
         gpa = ram.alloc(self.layout.size, align=4096)
-        self.ring = DriverRing(ram.view(gpa, self.layout.size), self.layout,
-                               event_idx=event_idx, jit=jit)
+        self.ring = DriverRing(
+            ram.view(gpa, self.layout.size), self.layout, event_idx=event_idx, jit=jit
+        )
         desc, avail, used = self.layout.addresses(gpa)
         if not fn.driver.setup_queue(index, size, desc, avail, used, vector):
             raise UsageError(f"the device refused queue {index}")
@@ -125,8 +136,9 @@ class BufferPool:
         self.free = list(range(count - 1, -1, -1))
 
     def addrs(self, slots: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        out: np.ndarray[Any, Any] = (np.uint64(self.base)
-                                     + slots.astype(np.uint64) * np.uint64(self.size))
+        out: np.ndarray[Any, Any] = np.uint64(self.base) + slots.astype(np.uint64) * np.uint64(
+            self.size
+        )
         return out
 
     def take(self, n: int) -> np.ndarray[Any, Any]:
@@ -137,8 +149,8 @@ class BufferPool:
         """:meth:`take` as a list of ints (few buffers: cheaper than numpy arrays)."""
         if n > len(self.free):
             raise UsageError(f"{n} buffers wanted, {len(self.free)} free")
-        taken = self.free[len(self.free) - n:]
-        del self.free[len(self.free) - n:]
+        taken = self.free[len(self.free) - n :]
+        del self.free[len(self.free) - n :]
         taken.reverse()  # the same order as popping one by one
         return taken
 
@@ -154,9 +166,18 @@ class PacketQueues:
     driver half that echo and venet ports share. RX is kept full; TX buffers come back as
     the device completes them; :meth:`wait` halts with interrupts on, after a re-check."""
 
-    def __init__(self, vcpu: Vcpu, ram: GuestRam, fn: Function, size: int,
-                 qsize: int = 256, *, event_idx: bool = True, always_kick: bool = False,
-                 indirect_tail: bool = False) -> None:
+    def __init__(
+        self,
+        vcpu: Vcpu,
+        ram: GuestRam,
+        fn: Function,
+        size: int,
+        qsize: int = 256,
+        *,
+        event_idx: bool = True,
+        always_kick: bool = False,
+        indirect_tail: bool = False,
+    ) -> None:
         self.vcpu = vcpu
         self.fn = fn
         accepted = start_device(fn, F_EVENT_IDX if event_idx else 0)
@@ -199,8 +220,14 @@ class PacketQueues:
         """A few buffers as a list of ints (the ring's scalar path), many as an array."""
         return pool.take_list(n) if n <= SMALL_BATCH else pool.take(n)
 
-    def _post(self, q: Virtqueue, pool: BufferPool, slot_of: np.ndarray[Any, Any],
-              slots: list[int] | np.ndarray[Any, Any], writable: bool) -> None:
+    def _post(
+        self,
+        q: Virtqueue,
+        pool: BufferPool,
+        slot_of: np.ndarray[Any, Any],
+        slots: list[int] | np.ndarray[Any, Any],
+        writable: bool,
+    ) -> None:
         """Post whole buffers ``slots`` of ``pool`` on ``q`` and remember head -> slot."""
         if self.indirect_tail:
             slot_list = slots if isinstance(slots, list) else slots.tolist()
@@ -210,12 +237,18 @@ class PacketQueues:
             for h, slot in zip(heads.tolist(), slots, strict=True):
                 slot_of[h] = slot
         else:
-            heads = q.ring.add_batch(pool.addrs(slots), np.full(len(slots), self.size),
-                                     writable)
+            heads = q.ring.add_batch(pool.addrs(slots), np.full(len(slots), self.size), writable)
             slot_of[heads] = slots
 
-    def _post_tail(self, q: Virtqueue, pool: BufferPool, slot_of: np.ndarray[Any, Any],
-                   slots: list[int], lens: list[int], writable: bool) -> None:
+    def _post_tail(
+        self,
+        q: Virtqueue,
+        pool: BufferPool,
+        slot_of: np.ndarray[Any, Any],
+        slots: list[int],
+        lens: list[int],
+        writable: bool,
+    ) -> None:
         """Post each buffer as a normal descriptor (its first quarter) followed by an
         indirect one, whose table (the slot's own) holds the rest in two pieces."""
         gpa, view = self._tables[q.index]
@@ -225,9 +258,11 @@ class PacketQueues:
             m = h + max(1, (n - h) // 2)
             off = slot * _TAIL_TABLE
             head = q.ring.add_indirect(
-                view[off:off + _TAIL_TABLE], gpa + off,
+                view[off : off + _TAIL_TABLE],
+                gpa + off,
                 [(addr + h, m - h, writable), (addr + m, n - m, writable)],
-                leading=[(addr, h, writable)])
+                leading=[(addr, h, writable)],
+            )
             slot_of[head] = slot
 
     def send(self, frames: np.ndarray[Any, Any]) -> None:
@@ -263,11 +298,10 @@ class PacketQueues:
             for slot, frame in zip(slots, frames, strict=True):
                 if len(frame) > size:
                     raise UsageError(f"a {len(frame)}-byte frame in {size}-byte buffers")
-                flat[slot * size:slot * size + len(frame)] = frame
+                flat[slot * size : slot * size + len(frame)] = frame
             # store->store: the frames are in guest RAM before the descriptors publish them
             if self.indirect_tail:
-                self._post_tail(self.tx, pool, self.tx_slot, slots, [len(f) for f in frames],
-                                False)
+                self._post_tail(self.tx, pool, self.tx_slot, slots, [len(f) for f in frames], False)
             elif len(slots) == 1:  # one frame per kick: the ring's single-buffer path
                 self.tx_slot[ring.add_one(pool.base + slots[0] * size, len(frames[0]))] = slots[0]
             else:
@@ -327,16 +361,20 @@ class PacketQueues:
             return True
         ok = self.vcpu.halt(
             lambda: self.rx.ring.has_used() or (need_tx and self.tx.ring.has_used()),
-            max(0.0, deadline - time.monotonic()))
+            max(0.0, deadline - time.monotonic()),
+        )
         self.rx.ring.disable_interrupts()
         if need_tx:
             self.tx.ring.disable_interrupts()
         return ok
 
     def counters(self) -> dict[str, int]:
-        return {"doorbells": self.tx.counters["doorbells"] + self.rx.counters["doorbells"],
-                "doorbells_suppressed": (self.tx.counters["doorbells_suppressed"]
-                                         + self.rx.counters["doorbells_suppressed"])}
+        return {
+            "doorbells": self.tx.counters["doorbells"] + self.rx.counters["doorbells"],
+            "doorbells_suppressed": (
+                self.tx.counters["doorbells_suppressed"] + self.rx.counters["doorbells_suppressed"]
+            ),
+        }
 
 
 def find(functions: list[Function], device_id: int) -> list[Function]:

@@ -39,9 +39,14 @@ from shared.memory import SlotMapper
 class GuestAgent(Agent):
     name = "guest"
 
-    def __init__(self, channel: Channel, control: ControlPipe,
-                 workload: Callable[[GuestAgent], dict[str, Any]] | None = None,
-                 halt_poll_ns: int = ADAPTIVE, device_grace: float = 0.0) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        control: ControlPipe,
+        workload: Callable[[GuestAgent], dict[str, Any]] | None = None,
+        halt_poll_ns: int = ADAPTIVE,
+        device_grace: float = 0.0,
+    ) -> None:
         super().__init__(channel, control)
         self.irq = InterruptController()
         self.io = IoEventTable()
@@ -80,16 +85,19 @@ class GuestAgent(Agent):
             resample = msg.fds[1].move() if len(msg.fds) == 2 else None
             line = self.irq.add(msg.binding, msg.gsi, msg.fds[0].move(), resample)
             if msg.gsi not in self.irq.masked:
-                self.loop.watch(line.consumer.fileno(),
-                                functools.partial(self._on_irq, msg.binding))
+                self.loop.watch(
+                    line.consumer.fileno(), functools.partial(self._on_irq, msg.binding)
+                )
             # A signal already pending at assign time is seen by the first epoll pass.
-            self.emit("irqfd_attached", binding=msg.binding, gsi=msg.gsi,
-                      level=resample is not None)
+            self.emit(
+                "irqfd_attached", binding=msg.binding, gsi=msg.gsi, level=resample is not None
+            )
         elif isinstance(msg, wire.IoeventfdAttach):
             pio = bool(msg.flags & wire.IOEVENTFD_FLAG_PIO)
             dm = msg.datamatch if msg.flags & wire.IOEVENTFD_FLAG_DATAMATCH else None
-            self.io.add(IoEventFd(msg.binding, pio, msg.addr, msg.len, dm,
-                                  EventNotifier(msg.fds[0].move())))
+            self.io.add(
+                IoEventFd(msg.binding, pio, msg.addr, msg.len, dm, EventNotifier(msg.fds[0].move()))
+            )
             self.emit("ioeventfd_attached", binding=msg.binding, addr=msg.addr)
         elif isinstance(msg, wire.Detach):
             self._detach(msg.binding, wire.DetachReason(msg.reason))
@@ -132,8 +140,9 @@ class GuestAgent(Agent):
                 if masked:
                     self.loop.unwatch(line.consumer.fileno())
                 else:
-                    self.loop.watch(line.consumer.fileno(),
-                                    functools.partial(self._on_irq, binding))
+                    self.loop.watch(
+                        line.consumer.fileno(), functools.partial(self._on_irq, binding)
+                    )
         (self.irq.mask if masked else self.irq.unmask)(gsi)
 
     def _on_irq(self, binding: int) -> None:
@@ -148,12 +157,15 @@ class GuestAgent(Agent):
     # ------------------------------------------------------------------ commands
 
     def _stats(self) -> dict[str, Any]:
-        return {"delivered": {str(k): v for k, v in self.irq.delivered.items()},
-                "wakeups": {str(k): v for k, v in self.irq.wakeups.items()},
-                "drained_at_detach": {str(k): v for k, v in self.irq.drained_at_detach.items()},
-                "eois": {str(k): v for k, v in self.irq.eois.items()},
-                "irqfds": sorted(line.gsi for line in self.irq.lines.values()),
-                "ioeventfds": len(self.io.entries), "detached": self.detached}
+        return {
+            "delivered": {str(k): v for k, v in self.irq.delivered.items()},
+            "wakeups": {str(k): v for k, v in self.irq.wakeups.items()},
+            "drained_at_detach": {str(k): v for k, v in self.irq.drained_at_detach.items()},
+            "eois": {str(k): v for k, v in self.irq.eois.items()},
+            "irqfds": sorted(line.gsi for line in self.irq.lines.values()),
+            "ioeventfds": len(self.io.entries),
+            "detached": self.detached,
+        }
 
     def _check_waiters(self) -> None:
         keep = []
@@ -184,13 +196,26 @@ class GuestAgent(Agent):
         if name == "exec_probe":
             # Fork and exec a helper that inherits every fd not marked close-on-exec
             # (close_fds=False on purpose): it must see none of our eventfds or memory.
-            out = subprocess.run(["ls", "-l", "/proc/self/fd"], close_fds=False,
-                                 capture_output=True, text=True, timeout=10, check=False)
-            return {"fds": [line.split(" -> ", 1)[1] for line in out.stdout.splitlines()
-                            if " -> " in line]}
+            out = subprocess.run(
+                ["ls", "-l", "/proc/self/fd"],
+                close_fds=False,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+            return {
+                "fds": [
+                    line.split(" -> ", 1)[1] for line in out.stdout.splitlines() if " -> " in line
+                ]
+            }
         if name == "io_write":
-            hit = self.io.write(bool(cmd.get("pio", False)), int(cmd["addr"]),
-                                int(cmd["len"]), int(cmd.get("value", 0)))
+            hit = self.io.write(
+                bool(cmd.get("pio", False)),
+                int(cmd["addr"]),
+                int(cmd["len"]),
+                int(cmd.get("value", 0)),
+            )
             return {"hit": hit}
         raise KeyError(name)
 
@@ -202,18 +227,32 @@ class GuestAgent(Agent):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="vbusemu guest process")
-    parser.add_argument("--channel-fd", type=int, required=True,
-                        help="inherited fd of the VM channel the VMM opened")
+    parser.add_argument(
+        "--channel-fd",
+        type=int,
+        required=True,
+        help="inherited fd of the VM channel the VMM opened",
+    )
     parser.add_argument("--name", default="guest")
-    parser.add_argument("--workload", default=None,
-                        help="run this workload (a module of guestemu.workloads) after boot, "
-                             "report it, and exit")
+    parser.add_argument(
+        "--workload",
+        default=None,
+        help="run this workload (a module of guestemu.workloads) after boot, report it, and exit",
+    )
     parser.add_argument("--params", default="{}", help="the workload's parameters (JSON)")
-    parser.add_argument("--halt-poll-ns", type=int, default=ADAPTIVE,
-                        help="halt-polling window; -1 = adaptive (default), 0 = never poll")
-    parser.add_argument("--device-grace", type=float, default=0.0,
-                        help="seconds a halted vCPU waits for a device whose process died "
-                             "to come back (the VMM restarts it) before failing; 0 = fail now")
+    parser.add_argument(
+        "--halt-poll-ns",
+        type=int,
+        default=ADAPTIVE,
+        help="halt-polling window; -1 = adaptive (default), 0 = never poll",
+    )
+    parser.add_argument(
+        "--device-grace",
+        type=float,
+        default=0.0,
+        help="seconds a halted vCPU waits for a device whose process died "
+        "to come back (the VMM restarts it) before failing; 0 = fail now",
+    )
     args = parser.parse_args(argv)
     setup_logging(args.name)
     workload = None
@@ -224,8 +263,13 @@ def main(argv: list[str] | None = None) -> int:
         def workload(agent: GuestAgent) -> dict[str, Any]:
             return run(agent, params)
 
-    agent = GuestAgent(Channel.adopt(OwnedFd(args.channel_fd)), ControlPipe(), workload,
-                       halt_poll_ns=args.halt_poll_ns, device_grace=args.device_grace)
+    agent = GuestAgent(
+        Channel.adopt(OwnedFd(args.channel_fd)),
+        ControlPipe(),
+        workload,
+        halt_poll_ns=args.halt_poll_ns,
+        device_grace=args.device_grace,
+    )
     agent.name = args.name
     return agent.run()
 

@@ -86,8 +86,12 @@ class InterruptController:
         self.masked.discard(gsi)
 
     def add(self, binding: int, gsi: int, fd: OwnedFd, resample: OwnedFd | None = None) -> IrqLine:
-        line = IrqLine(binding, gsi, EventConsumer(fd),
-                       EventNotifier(resample) if resample is not None else None)
+        line = IrqLine(
+            binding,
+            gsi,
+            EventConsumer(fd),
+            EventNotifier(resample) if resample is not None else None,
+        )
         self.lines[binding] = line
         return line
 

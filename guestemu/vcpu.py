@@ -45,8 +45,13 @@ POLL_SLICE_NS = 20_000
 
 
 class Vcpu:
-    def __init__(self, agent: GuestAgent, *, halt_poll_ns: int = ADAPTIVE,
-                 max_poll_ns: int = DEFAULT_MAX_POLL_NS) -> None:
+    def __init__(
+        self,
+        agent: GuestAgent,
+        *,
+        halt_poll_ns: int = ADAPTIVE,
+        max_poll_ns: int = DEFAULT_MAX_POLL_NS,
+    ) -> None:
         self.agent = agent
         self.adaptive = halt_poll_ns == ADAPTIVE
         self.max_poll_ns = max_poll_ns
@@ -57,8 +62,7 @@ class Vcpu:
 
     def read(self, addr: int, size: int) -> int:
         self.counters["exits"] += 1
-        reply = self.agent.channel.call(wire.IoExit(write=0, len=size, addr=addr),
-                                        wire.IoExitReply)
+        reply = self.agent.channel.call(wire.IoExit(write=0, len=size, addr=addr), wire.IoExitReply)
         return reply.value
 
     def write(self, addr: int, size: int, value: int) -> None:
@@ -69,8 +73,9 @@ class Vcpu:
             self.counters["fast_writes"] += 1  # the ioeventfd fired; no exit
             return
         self.counters["exits"] += 1
-        self.agent.channel.call(wire.IoExit(write=1, len=size, addr=addr, value=value),
-                                wire.IoExitReply)
+        self.agent.channel.call(
+            wire.IoExit(write=1, len=size, addr=addr, value=value), wire.IoExitReply
+        )
 
     # ------------------------------------------------------------------ halting
 
@@ -86,8 +91,7 @@ class Vcpu:
             return True
         loop = self.agent.loop
         if loop.stopping:
-            raise PeerGoneError("the vCPU was stopped (broker gone, VM destroyed or "
-                                "told to quit)")
+            raise PeerGoneError("the vCPU was stopped (broker gone, VM destroyed or told to quit)")
         clock = time.monotonic_ns
         start = now = clock()
         poll_end = start + self.poll_ns

@@ -1,13 +1,13 @@
 """The ``vbusemu`` command: thin entry points, no logic of their own.
 
-    vbusemu run [topology.toml] [--timeout S]                 run a topology (main job)
-    vbusemu bench [--quick] [--out DIR]                       benchmarks with baselines
-    vbusemu demo [--policy hup|refcount|both] [--signals N]   the 2009 scenario
-    vbusemu soak [--seconds N] [--seed S] [--fault-every S]  faults + churn + traffic
-    vbusemu broker [--socket PATH] [--policy hup|refcount]    run a broker
-    vbusemu ps [--socket PATH] [--json]                       what a broker owns
-    vbusemu conform [--json] [--scenario NAME]...             the broker next to real KVM
-    vbusemu guest|device --channel-fd N                       agent processes
+vbusemu run [topology.toml] [--timeout S]                 run a topology (main job)
+vbusemu bench [--quick] [--out DIR]                       benchmarks with baselines
+vbusemu demo [--policy hup|refcount|both] [--signals N]   the 2009 scenario
+vbusemu soak [--seconds N] [--seed S] [--fault-every S]  faults + churn + traffic
+vbusemu broker [--socket PATH] [--policy hup|refcount]    run a broker
+vbusemu ps [--socket PATH] [--json]                       what a broker owns
+vbusemu conform [--json] [--scenario NAME]...             the broker next to real KVM
+vbusemu guest|device --channel-fd N                       agent processes
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from shared.lifeline import CTRL_C
 # an import; ``main`` hands it to the launcher or back to KeyboardInterrupt. run.sh starts
 # us with SIGINT ignored (no window at all while Python starts) and says so.
 if os.environ.pop("VBUSEMU_CTRL_C", None) == "1" or (
-        os.path.basename(sys.argv[0]) == "vbusemu"
-        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+    os.path.basename(sys.argv[0]) == "vbusemu"
+    and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+):
     CTRL_C.install()
 
 import argparse
@@ -40,50 +41,67 @@ def _policy(name: str) -> Policy:
     try:
         return Policy[name.upper()]
     except KeyError:
-        raise argparse.ArgumentTypeError(f"policy must be hup or refcount, not {name!r}") \
-            from None
+        raise argparse.ArgumentTypeError(f"policy must be hup or refcount, not {name!r}") from None
 
 
 def format_state(state: dict[str, Any]) -> str:
     """The human table of ``vbusemu ps``."""
     proc = state.get("process", {})
-    lines = [f"broker pid {proc.get('pid')}  policy {state['policy']}  "
-             f"socket {proc.get('socket')}  open fds {proc.get('open_fds')} of "
-             f"{proc.get('fd_limit')} (reserve {proc.get('fd_reserve')})", ""]
+    lines = [
+        f"broker pid {proc.get('pid')}  policy {state['policy']}  "
+        f"socket {proc.get('socket')}  open fds {proc.get('open_fds')} of "
+        f"{proc.get('fd_limit')} (reserve {proc.get('fd_reserve')})",
+        "",
+    ]
     lines.append("CONNECTIONS  id  pid      uid    scope   target  handles")
     for c in state["connections"]:
-        lines.append(f"             {c['id']:<3} {c['pid']:<8} {c['uid']:<6} {c['scope']:<7} "
-                     f"{c['target']:<7} {len(c['handles'])}")
+        lines.append(
+            f"             {c['id']:<3} {c['pid']:<8} {c['uid']:<6} {c['scope']:<7} "
+            f"{c['target']:<7} {len(c['handles'])}"
+        )
     lines.append("OBJECTS      id  kind     handles  bindings  broker-fd")
     for o in state["objects"]:
-        lines.append(f"             {o['id']:<3} {o['kind']:<8} {o['handles']:<8} "
-                     f"{o['bindings']:<9} {o['fd']}")
+        lines.append(
+            f"             {o['id']:<3} {o['kind']:<8} {o['handles']:<8} "
+            f"{o['bindings']:<9} {o['fd']}"
+        )
     lines.append("VMS          id  owner  ngsi  irqchip  guest  devices  memslots")
     for v in state["vms"]:
-        lines.append(f"             {v['id']:<3} {v['owner']:<6} {v['ngsi']:<5} "
-                     f"{v['irqchip']!s:<8} {v['guest']!s:<6} {v['devices']!s:<8} "
-                     f"{len(v['memslots'])}")
+        lines.append(
+            f"             {v['id']:<3} {v['owner']:<6} {v['ngsi']:<5} "
+            f"{v['irqchip']!s:<8} {v['guest']!s:<6} {v['devices']!s:<8} "
+            f"{len(v['memslots'])}"
+        )
     lines.append("DEVICES      id  owner  vm   nsignals  process")
     for d in state["devices"]:
-        lines.append(f"             {d['id']:<3} {d['owner']:<6} {d['vm']:<4} "
-                     f"{d['nsignals']:<9} {d['process']}")
+        lines.append(
+            f"             {d['id']:<3} {d['owner']:<6} {d['vm']:<4} "
+            f"{d['nsignals']:<9} {d['process']}"
+        )
     lines.append("BINDINGS     id  kind       eventfd  state      consumer  where")
     for b in state["bindings"]:
-        where = {k: v for k, v in b.items()
-                 if k not in ("id", "kind", "eventfd", "state", "consumer")}
-        lines.append(f"             {b['id']:<3} {b['kind']:<10} {b['eventfd']:<8} "
-                     f"{b['state']:<10} {b['consumer']!s:<9} {where}")
+        where = {
+            k: v for k, v in b.items() if k not in ("id", "kind", "eventfd", "state", "consumer")
+        }
+        lines.append(
+            f"             {b['id']:<3} {b['kind']:<10} {b['eventfd']:<8} "
+            f"{b['state']:<10} {b['consumer']!s:<9} {where}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     from hostemu.broker.server import default_socket_path
 
-    parser = argparse.ArgumentParser(prog="vbusemu", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vbusemu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run a topology of VMs and devices (default: two VMs "
-                                   "through venet, each with a disk and a console)")
+    p = sub.add_parser(
+        "run",
+        help="run a topology of VMs and devices (default: two VMs "
+        "through venet, each with a disk and a console)",
+    )
     p.add_argument("topology", nargs="?", default=None)
     p.add_argument("--timeout", type=float, default=120.0)
     p = sub.add_parser("bench", help="measure the data path next to its baselines")
@@ -92,32 +110,57 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="the 2009 assign-then-close scenario in real processes")
     p.add_argument("--policy", default="both", choices=["hup", "refcount", "both"])
     p.add_argument("--signals", type=int, default=1000)
-    p = sub.add_parser("soak", help="random SIGKILL/restart of guests and devices, control "
-                                    "churn and traffic; fails on any loss or leak")
+    p = sub.add_parser(
+        "soak",
+        help="random SIGKILL/restart of guests and devices, control "
+        "churn and traffic; fails on any loss or leak",
+    )
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=None, help="fault schedule (default: random)")
-    p.add_argument("--fault-every", type=float, default=1.0,
-                   help="mean seconds between injected faults")
+    p.add_argument(
+        "--fault-every", type=float, default=1.0, help="mean seconds between injected faults"
+    )
     p = sub.add_parser("broker", help="run a broker (the emulated host kernel)")
     p.add_argument("--socket", default=default_socket_path())
     p.add_argument("--policy", type=_policy, default=Policy.HUP)
-    p.add_argument("--ack-timeout", type=float, default=2.0,
-                   help="seconds a consumer may take to acknowledge a detach")
-    p.add_argument("--quota", action="append", default=[], metavar="NAME=N",
-                   help="a per-connection limit: handles, vms, devices, bindings or "
-                        "memslots (repeatable; defaults in SECURITY.md)")
-    p.add_argument("--fd-reserve", type=int, default=DEFAULT_FD_RESERVE, metavar="N",
-                   help="fds kept free for replies, dups and introspection "
-                        f"(default {DEFAULT_FD_RESERVE})")
+    p.add_argument(
+        "--ack-timeout",
+        type=float,
+        default=2.0,
+        help="seconds a consumer may take to acknowledge a detach",
+    )
+    p.add_argument(
+        "--quota",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="a per-connection limit: handles, vms, devices, bindings or "
+        "memslots (repeatable; defaults in SECURITY.md)",
+    )
+    p.add_argument(
+        "--fd-reserve",
+        type=int,
+        default=DEFAULT_FD_RESERVE,
+        metavar="N",
+        help=f"fds kept free for replies, dups and introspection (default {DEFAULT_FD_RESERVE})",
+    )
     p.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
     p = sub.add_parser("ps", help="list what a broker owns, with both reference counts")
     p.add_argument("--socket", default=default_socket_path())
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("conform", help="run the control-plane scenarios on the broker and "
-                                       "on the real KVM (/dev/kvm) and compare them")
+    p = sub.add_parser(
+        "conform",
+        help="run the control-plane scenarios on the broker and "
+        "on the real KVM (/dev/kvm) and compare them",
+    )
     p.add_argument("--json", action="store_true", help="every step's observables as JSON")
-    p.add_argument("--scenario", action="append", default=[], metavar="NAME",
-                   help="run only this scenario (repeatable)")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only this scenario (repeatable)",
+    )
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     for name in ("guest", "device"):
         p = sub.add_parser(name, help=f"run a {name} process on an inherited channel")
@@ -165,14 +208,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.fd_reserve < 0:
                 parser.error(f"--fd-reserve {args.fd_reserve}: must be 0 or more")
             setup_logging("broker")
-            return run_broker(args.socket, args.policy, ready_fd=args.ready_fd,
-                              ack_timeout=args.ack_timeout, quotas=quotas,
-                              fd_reserve=args.fd_reserve)
+            return run_broker(
+                args.socket,
+                args.policy,
+                ready_fd=args.ready_fd,
+                ack_timeout=args.ack_timeout,
+                quotas=quotas,
+                fd_reserve=args.fd_reserve,
+            )
         if args.command == "ps":
             with Channel.connect(args.socket) as ch:
                 state = ch.state()
-            print(json.dumps(state, indent=2, sort_keys=True) if args.json
-                  else format_state(state))
+            print(json.dumps(state, indent=2, sort_keys=True) if args.json else format_state(state))
             return 0
         if args.command == "guest":
             from guestemu.guest import main as guest_main

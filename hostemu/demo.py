@@ -52,8 +52,14 @@ class ScenarioReport:
 class Scenario:
     """One run of the scenario under one release policy."""
 
-    def __init__(self, policy: Policy, *, signals: int = 1000,
-                 out: Callable[[str], None] = print, stderr: Any = None) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        signals: int = 1000,
+        out: Callable[[str], None] = print,
+        stderr: Any = None,
+    ) -> None:
         self.policy = policy
         self.signals = signals
         self.out = out
@@ -75,16 +81,17 @@ class Scenario:
         fds = state["process"]["open_fds"]
         for obj in state["objects"]:
             if obj["id"] == obj_id:
-                return (f"eventfd #{obj_id}: handles={obj['handles']} "
-                        f"bindings={obj['bindings']}  (broker open fds: {fds})")
+                return (
+                    f"eventfd #{obj_id}: handles={obj['handles']} "
+                    f"bindings={obj['bindings']}  (broker open fds: {fds})"
+                )
         return f"eventfd #{obj_id}: released, broker fd closed  (broker open fds: {fds})"
 
     def run(self) -> ScenarioReport:
         with tempfile.TemporaryDirectory(prefix="vbusemu-demo-") as tmp:
             os.chmod(tmp, 0o700)
             path = os.path.join(tmp, "broker.sock")
-            broker = start_broker(path, self.policy, stderr=self.stderr,
-                                  stdout=self.stderr)
+            broker = start_broker(path, self.policy, stderr=self.stderr, stdout=self.stderr)
             procs: list[ManagedProcess] = []
             try:
                 with Channel.connect(path) as vmm:
@@ -100,33 +107,42 @@ class Scenario:
         r = self.report
         vm = vmm.vm_create(ngsi=24)
         dev = vmm.device_create(vm, nsignals=1)
-        self.step(f"broker up (policy={self.policy.name.lower()}); VM {vm} with 24 gsi and an "
-                  f"interrupt controller; vbus device {dev} with 1 shm-signal")
+        self.step(
+            f"broker up (policy={self.policy.name.lower()}); VM {vm} with 24 gsi and an "
+            f"interrupt controller; vbus device {dev} with 1 shm-signal"
+        )
         guest = spawn_guest(vmm.channel_open(Scope.VM, vm), "guest", stderr=self.stderr)
         procs.append(guest)
-        device = spawn_device(vmm.channel_open(Scope.DEVICE, dev), "device",
-                              stderr=self.stderr)
+        device = spawn_device(vmm.channel_open(Scope.DEVICE, dev), "device", stderr=self.stderr)
         procs.append(device)
         guest.wait_event("attached")
         device.wait_event("attached")
-        self.step(f"guest process (pid {guest.pid}) and device process (pid {device.pid}) "
-                  "attached on their scoped channels")
+        self.step(
+            f"guest process (pid {guest.pid}) and device process (pid {device.pid}) "
+            "attached on their scoped channels"
+        )
         r.broker_fds_before = vmm.state()["process"]["open_fds"]
 
         with new_eventfd(nonblock=False) as fd:  # fd = eventfd(0, 0)
             handle = vmm.eventfd_import(fd)
         obj_id = next(o["id"] for o in vmm.state()["objects"] if o["kind"] == "eventfd")
-        self.step(f"VMM: fd = eventfd(0, 0), handed to the broker as handle {handle}; the "
-                  f"VMM's own copy is closed -> {self.refs(vmm, obj_id)}")
+        self.step(
+            f"VMM: fd = eventfd(0, 0), handed to the broker as handle {handle}; the "
+            f"VMM's own copy is closed -> {self.refs(vmm, obj_id)}"
+        )
 
         vmm.irqfd_assign(vm, handle, GSI)
         guest.wait_event("irqfd_attached", gsi=GSI)
-        self.step(f"KVM_IRQFD_ASSIGN {{fd, gsi {GSI}}}: the guest got the eventfd -> "
-                  f"{self.refs(vmm, obj_id)}")
+        self.step(
+            f"KVM_IRQFD_ASSIGN {{fd, gsi {GSI}}}: the guest got the eventfd -> "
+            f"{self.refs(vmm, obj_id)}"
+        )
         vmm.shmsignal_assign(dev, SIGID, handle)
         device.wait_event("shmsignal_attached", sigid=SIGID)
-        self.step(f"VBUS_SHMSIGNAL_ASSIGN {{device {dev}, sigid {SIGID}, fd}}: the device got "
-                  f"it -> {self.refs(vmm, obj_id)}")
+        self.step(
+            f"VBUS_SHMSIGNAL_ASSIGN {{device {dev}, sigid {SIGID}, fd}}: the device got "
+            f"it -> {self.refs(vmm, obj_id)}"
+        )
 
         self._signal(device, guest, expect_total=self.signals)
         vmm.handle_close(handle)
@@ -138,16 +154,20 @@ class Scenario:
                 r.detach_reasons.append(ev["reason"])
                 r.drained_at_detach += int(ev.get("drained", 0))
                 self.check(ev["reason"] == "hup", f"{who.name} detached for {ev['reason']}")
-            self.step(f"HUP: the guest detached its irqfd and the device its shm-signal "
-                      f"(reasons: {', '.join(r.detach_reasons)})")
+            self.step(
+                f"HUP: the guest detached its irqfd and the device its shm-signal "
+                f"(reasons: {', '.join(r.detach_reasons)})"
+            )
             try:
                 device.call("signal", sigid=SIGID, count=1)
                 self.check(False, "the device could still signal after HUP")
             except AgentError:
                 self.step("the device can no longer signal: its binding is gone")
         else:
-            self.check(f"eventfd #{obj_id}: handles=0 bindings=2" in self.refs(vmm, obj_id),
-                       "the bindings should keep the eventfd alive after close")
+            self.check(
+                f"eventfd #{obj_id}: handles=0 bindings=2" in self.refs(vmm, obj_id),
+                "the bindings should keep the eventfd alive after close",
+            )
             self._signal(device, guest, expect_total=2 * self.signals)
             vmm.shmsignal_deassign(dev, SIGID)
             ev = device.wait_event("detached")
@@ -161,19 +181,25 @@ class Scenario:
 
         stats = guest.call("stats")
         r.delivered = int(stats["delivered"].get(str(GSI), 0))
-        self.check(r.delivered + r.drained_at_detach == r.signaled,
-                   f"guest drained {r.delivered}+{r.drained_at_detach}, device signaled "
-                   f"{r.signaled}")
+        self.check(
+            r.delivered + r.drained_at_detach == r.signaled,
+            f"guest drained {r.delivered}+{r.drained_at_detach}, device signaled {r.signaled}",
+        )
         self.check(not stats["irqfds"], "the guest still holds an irqfd")
         state = vmm.state()
         r.broker_fds_after = state["process"]["open_fds"]
-        self.check(all(o["id"] != obj_id for o in state["objects"]),
-                   "the broker still holds the eventfd")
-        self.check(r.broker_fds_after == r.broker_fds_before,
-                   f"broker open fds {r.broker_fds_before} -> {r.broker_fds_after}")
-        self.step(f"guest drained {r.delivered} of {r.signaled} signals on gsi {GSI} "
-                  f"(+{r.drained_at_detach} at detach); broker open fds "
-                  f"{r.broker_fds_before} -> {r.broker_fds_after}")
+        self.check(
+            all(o["id"] != obj_id for o in state["objects"]), "the broker still holds the eventfd"
+        )
+        self.check(
+            r.broker_fds_after == r.broker_fds_before,
+            f"broker open fds {r.broker_fds_before} -> {r.broker_fds_after}",
+        )
+        self.step(
+            f"guest drained {r.delivered} of {r.signaled} signals on gsi {GSI} "
+            f"(+{r.drained_at_detach} at detach); broker open fds "
+            f"{r.broker_fds_before} -> {r.broker_fds_after}"
+        )
 
         vmm.vm_destroy(vm)
         for p in (guest, device):
@@ -187,12 +213,15 @@ class Scenario:
         self.report.signaled += sent
         got = guest.call("wait_total", gsi=GSI, total=expect_total, timeout=20)
         stats = guest.call("stats")
-        self.step(f"device signaled {sent} times; guest counted {got['delivered']} on gsi "
-                  f"{GSI} in {stats['wakeups'].get(str(GSI), 0)} interrupts (coalesced)")
+        self.step(
+            f"device signaled {sent} times; guest counted {got['delivered']} on gsi "
+            f"{GSI} in {stats['wakeups'].get(str(GSI), 0)} interrupts (coalesced)"
+        )
 
 
-def run_demo(policies: list[Policy], *, signals: int = 1000,
-             out: Callable[[str], None] = print) -> int:
+def run_demo(
+    policies: list[Policy], *, signals: int = 1000, out: Callable[[str], None] = print
+) -> int:
     ok = True
     for policy in policies:
         out(f"== the 2009 scenario, release policy '{policy.name.lower()}' ==")

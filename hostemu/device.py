@@ -28,8 +28,9 @@ from shared.loop import Agent, ControlPipe, EventLoop, setup_logging
 class DeviceAgent(Agent):
     name = "device"
 
-    def __init__(self, channel: Channel, control: ControlPipe,
-                 loop: EventLoop | None = None) -> None:
+    def __init__(
+        self, channel: Channel, control: ControlPipe, loop: EventLoop | None = None
+    ) -> None:
         super().__init__(channel, control, loop)
         self.signals: dict[int, tuple[int, EventNotifier]] = {}  # sigid -> (binding, end)
         self.signaled: dict[int, int] = {}
@@ -40,8 +41,10 @@ class DeviceAgent(Agent):
             self.signals[msg.sigid] = (msg.binding, EventNotifier(msg.fds[0].move()))
             self.emit("shmsignal_attached", binding=msg.binding, sigid=msg.sigid)
         elif isinstance(msg, wire.Detach):
-            event: dict[str, Any] = {"binding": msg.binding,
-                                     "reason": wire.DetachReason(msg.reason).name.lower()}
+            event: dict[str, Any] = {
+                "binding": msg.binding,
+                "reason": wire.DetachReason(msg.reason).name.lower(),
+            }
             for sigid, (binding, notifier) in list(self.signals.items()):
                 if binding == msg.binding:
                     notifier.close()
@@ -50,8 +53,10 @@ class DeviceAgent(Agent):
             self.channel.ack_detach(msg.binding)  # after we can no longer signal it
             self.detached.append(event)
             self.emit("detached", **event)
-        elif isinstance(msg, wire.PeerGone) and msg.kind in (wire.PeerKind.DEVICE,
-                                                             wire.PeerKind.VM):
+        elif isinstance(msg, wire.PeerGone) and msg.kind in (
+            wire.PeerKind.DEVICE,
+            wire.PeerKind.VM,
+        ):
             self.loop.stop()
         msg.close_fds()
 
@@ -72,8 +77,11 @@ class DeviceAgent(Agent):
         if name == "signal":
             return {"signaled": self.signal(int(cmd.get("sigid", 0)), int(cmd.get("count", 1)))}
         if name == "stats":
-            return {"bound": sorted(self.signals), "detached": self.detached,
-                    "signaled": {str(k): v for k, v in self.signaled.items()}}
+            return {
+                "bound": sorted(self.signals),
+                "detached": self.detached,
+                "signaled": {str(k): v for k, v in self.signaled.items()},
+            }
         raise KeyError(name)
 
     def shutdown(self) -> None:
@@ -84,8 +92,12 @@ class DeviceAgent(Agent):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="vbusemu device process")
-    parser.add_argument("--channel-fd", type=int, required=True,
-                        help="inherited fd of the device channel the VMM opened")
+    parser.add_argument(
+        "--channel-fd",
+        type=int,
+        required=True,
+        help="inherited fd of the device channel the VMM opened",
+    )
     parser.add_argument("--name", default="device")
     args = parser.parse_args(argv)
     setup_logging(args.name)

@@ -39,9 +39,16 @@ class AgentError(VbusError):
 class ManagedProcess:
     """One child process we started; optionally driven over a JSON-lines control pipe."""
 
-    def __init__(self, name: str, argv: Sequence[str], *, pass_fds: Sequence[int] = (),
-                 control: bool = True, stderr: IO[Any] | int | None = None,
-                 stdout: IO[Any] | int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        pass_fds: Sequence[int] = (),
+        control: bool = True,
+        stderr: IO[Any] | int | None = None,
+        stdout: IO[Any] | int | None = None,
+    ) -> None:
         self.name = name
         self.events: list[dict[str, Any]] = []
         self._buf = b""
@@ -49,10 +56,15 @@ class ManagedProcess:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.proc = subprocess.Popen(
-            list(argv), pass_fds=tuple(pass_fds), env=env, close_fds=True,
+            list(argv),
+            pass_fds=tuple(pass_fds),
+            env=env,
+            close_fds=True,
             stdin=subprocess.PIPE if control else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if control else stdout, stderr=stderr,
-            preexec_fn=child_setup(os.getpid()))
+            stdout=subprocess.PIPE if control else stdout,
+            stderr=stderr,
+            preexec_fn=child_setup(os.getpid()),
+        )
         self.control = control
 
     @property
@@ -78,8 +90,9 @@ class ManagedProcess:
                 continue
             chunk = os.read(fd, 65536)
             if not chunk:
-                raise PeerGoneError(f"{self.name} (pid {self.pid}) exited "
-                                    f"(status {self.proc.wait(GRACE)})")
+                raise PeerGoneError(
+                    f"{self.name} (pid {self.pid}) exited (status {self.proc.wait(GRACE)})"
+                )
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         obj: dict[str, Any] = json.loads(line)
@@ -221,8 +234,9 @@ def warm_kernels(interrupted: Callable[[], bool] = lambda: False) -> bool:
 
     if not jit_enabled():
         return True
-    proc = ManagedProcess("warm", python_module("shared.virtio.warm"), control=False,
-                          stdout=subprocess.DEVNULL)
+    proc = ManagedProcess(
+        "warm", python_module("shared.virtio.warm"), control=False, stdout=subprocess.DEVNULL
+    )
     while True:
         try:
             proc.proc.wait(0.1)
@@ -232,23 +246,47 @@ def warm_kernels(interrupted: Callable[[], bool] = lambda: False) -> bool:
                 proc.stop()
                 return False
     if proc.proc.returncode:
-        print("vbusemu: warning: the data-path kernels did not compile (exit status "
-              f"{proc.proc.returncode}); guests and devices will try again themselves",
-              file=sys.stderr)
+        print(
+            "vbusemu: warning: the data-path kernels did not compile (exit status "
+            f"{proc.proc.returncode}); guests and devices will try again themselves",
+            file=sys.stderr,
+        )
     return True
 
 
-def start_broker(path: str, policy: Policy = Policy.HUP, *, ack_timeout: float = 2.0,
-                 stderr: IO[Any] | int | None = None, stdout: IO[Any] | int | None = None,
-                 timeout: float = 15.0, extra_args: Sequence[str] = ()) -> ManagedProcess:
+def start_broker(
+    path: str,
+    policy: Policy = Policy.HUP,
+    *,
+    ack_timeout: float = 2.0,
+    stderr: IO[Any] | int | None = None,
+    stdout: IO[Any] | int | None = None,
+    timeout: float = 15.0,
+    extra_args: Sequence[str] = (),
+) -> ManagedProcess:
     """Start a broker process and wait until it accepts connections. ``extra_args`` are
     more ``vbusemu broker`` options (``--quota``, ``--fd-reserve``)."""
     r, w = os.pipe()
     with OwnedFd(r) as rfd, OwnedFd(w) as wfd:
-        proc = ManagedProcess("broker", python_module(
-            "hostemu.broker", "--socket", path, "--policy", policy.name.lower(),
-            "--ack-timeout", str(ack_timeout), "--ready-fd", str(wfd.fd), *extra_args),
-            pass_fds=[wfd.fd], control=False, stderr=stderr, stdout=stdout)
+        proc = ManagedProcess(
+            "broker",
+            python_module(
+                "hostemu.broker",
+                "--socket",
+                path,
+                "--policy",
+                policy.name.lower(),
+                "--ack-timeout",
+                str(ack_timeout),
+                "--ready-fd",
+                str(wfd.fd),
+                *extra_args,
+            ),
+            pass_fds=[wfd.fd],
+            control=False,
+            stderr=stderr,
+            stdout=stdout,
+        )
         wfd.close()  # only the child holds the write end now: EOF means it died
         ready, _, _ = select.select([rfd.fd], [], [], timeout)
         if not ready or os.read(rfd.fd, 16) != b"ready\n":
@@ -257,14 +295,23 @@ def start_broker(path: str, policy: Policy = Policy.HUP, *, ack_timeout: float =
     return proc
 
 
-def spawn_agent(module: str, channel: OwnedFd | list[OwnedFd], name: str, *args: str,
-                stderr: IO[Any] | int | None = None) -> ManagedProcess:
+def spawn_agent(
+    module: str,
+    channel: OwnedFd | list[OwnedFd],
+    name: str,
+    *args: str,
+    stderr: IO[Any] | int | None = None,
+) -> ManagedProcess:
     """Start a guest or device process on its scoped channel(s); our copies are closed."""
     channels = channel if isinstance(channel, list) else [channel]
     try:
         fd_args = [word for c in channels for word in ("--channel-fd", str(c.fileno()))]
-        return ManagedProcess(name, python_module(module, *args, *fd_args, "--name", name),
-                              pass_fds=[c.fileno() for c in channels], stderr=stderr)
+        return ManagedProcess(
+            name,
+            python_module(module, *args, *fd_args, "--name", name),
+            pass_fds=[c.fileno() for c in channels],
+            stderr=stderr,
+        )
     finally:
         close_all(channels)
 

@@ -70,43 +70,71 @@ def summary_rows(done: dict[str, Any]) -> list[dict[str, Any]]:
     for vm, result in sorted(done.get("results", {}).items()):
         devices = done.get("stats", {}).get(vm, {}).get("devices", {})
         irq = sum(int(d.get("counters", {}).get("interrupts", 0)) for d in devices.values())
-        irq_off = sum(int(d.get("counters", {}).get("interrupts_suppressed", 0))
-                      for d in devices.values())
+        irq_off = sum(
+            int(d.get("counters", {}).get("interrupts_suppressed", 0)) for d in devices.values()
+        )
         parts = result.get("parts", {"workload": result})
         net = parts.get("net", {}) if "net" in parts else result
         disk = parts.get("blk", {})
-        rows.append({
-            "vm": vm, "ok": bool(result.get("ok")),
-            "frames": net.get("frames"), "frames_per_s": net.get("frames_per_s"),
-            "mb_per_s": net.get("mb_per_s"), "rtt_p50_us": net.get("rtt_p50_us"),
-            "rtt_p99_us": net.get("rtt_p99_us"), "interrupts": irq,
-            "interrupts_suppressed": irq_off,
-            "doorbells": sum(int(p.get("doorbells", 0)) for p in parts.values()),
-            "doorbells_suppressed": sum(int(p.get("doorbells_suppressed", 0))
-                                        for p in parts.values()),
-            "disk_mb_per_s_write": disk.get("mb_per_s_write"),
-            "disk_mb_per_s_read": disk.get("mb_per_s_read"),
-            "exits": done.get("stats", {}).get(vm, {}).get("exits"),
-        })
+        rows.append(
+            {
+                "vm": vm,
+                "ok": bool(result.get("ok")),
+                "frames": net.get("frames"),
+                "frames_per_s": net.get("frames_per_s"),
+                "mb_per_s": net.get("mb_per_s"),
+                "rtt_p50_us": net.get("rtt_p50_us"),
+                "rtt_p99_us": net.get("rtt_p99_us"),
+                "interrupts": irq,
+                "interrupts_suppressed": irq_off,
+                "doorbells": sum(int(p.get("doorbells", 0)) for p in parts.values()),
+                "doorbells_suppressed": sum(
+                    int(p.get("doorbells_suppressed", 0)) for p in parts.values()
+                ),
+                "disk_mb_per_s_write": disk.get("mb_per_s_write"),
+                "disk_mb_per_s_read": disk.get("mb_per_s_read"),
+                "exits": done.get("stats", {}).get(vm, {}).get("exits"),
+            }
+        )
     return rows
 
 
 def format_summary(rows: list[dict[str, Any]]) -> str:
-    head = ("VM", "ok", "frames", "frames/s", "MB/s", "RTT p50", "RTT p99", "irq sent/supp",
-            "doorbells rung/supp", "disk W/R MB/s", "exits")
+    head = (
+        "VM",
+        "ok",
+        "frames",
+        "frames/s",
+        "MB/s",
+        "RTT p50",
+        "RTT p99",
+        "irq sent/supp",
+        "doorbells rung/supp",
+        "disk W/R MB/s",
+        "exits",
+    )
     lines = [head]
     for r in rows:
-        lines.append((
-            r["vm"], "yes" if r["ok"] else "NO", _fmt(r["frames"]), _fmt(r["frames_per_s"]),
-            _fmt(r["mb_per_s"], digits=2), _fmt(r["rtt_p50_us"], " us", 0),
-            _fmt(r["rtt_p99_us"], " us", 0),
-            f"{r['interrupts']}/{r['interrupts_suppressed']}",
-            f"{r['doorbells']}/{r['doorbells_suppressed']}",
-            f"{_fmt(r['disk_mb_per_s_write'], digits=2)}/"
-            f"{_fmt(r['disk_mb_per_s_read'], digits=2)}", _fmt(r["exits"])))
+        lines.append(
+            (
+                r["vm"],
+                "yes" if r["ok"] else "NO",
+                _fmt(r["frames"]),
+                _fmt(r["frames_per_s"]),
+                _fmt(r["mb_per_s"], digits=2),
+                _fmt(r["rtt_p50_us"], " us", 0),
+                _fmt(r["rtt_p99_us"], " us", 0),
+                f"{r['interrupts']}/{r['interrupts_suppressed']}",
+                f"{r['doorbells']}/{r['doorbells_suppressed']}",
+                f"{_fmt(r['disk_mb_per_s_write'], digits=2)}/"
+                f"{_fmt(r['disk_mb_per_s_read'], digits=2)}",
+                _fmt(r["exits"]),
+            )
+        )
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
-                     for row in lines)
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in lines
+    )
 
 
 def first_discrepancy(done: dict[str, Any]) -> str | None:
@@ -119,8 +147,13 @@ def first_discrepancy(done: dict[str, Any]) -> str | None:
 
 
 class Launcher:
-    def __init__(self, topology: topo.Topology, out: TextIO = sys.stdout,
-                 timeout: float = 120.0, ctrl_c: CtrlC | None = None) -> None:
+    def __init__(
+        self,
+        topology: topo.Topology,
+        out: TextIO = sys.stdout,
+        timeout: float = 120.0,
+        ctrl_c: CtrlC | None = None,
+    ) -> None:
         self.topology = topology
         self.out = out
         self.timeout = timeout
@@ -173,15 +206,22 @@ class Launcher:
         self._check_interrupt()
         if not warm_kernels(lambda: self.ctrl_c is not None and self.ctrl_c.pending):
             raise Interrupted
-        self.broker = start_broker(sock, self.topology.policy, stderr=self.logfile,
-                                   stdout=self.logfile)
+        self.broker = start_broker(
+            sock, self.topology.policy, stderr=self.logfile, stdout=self.logfile
+        )
         self._check_interrupt()
-        self.say(f"broker pid {self.broker.pid} on {sock} "
-                 f"(release policy {self.topology.policy.name.lower()})")
+        self.say(
+            f"broker pid {self.broker.pid} on {sock} "
+            f"(release policy {self.topology.policy.name.lower()})"
+        )
         spec = json.dumps(topo.to_vmm_spec(self.topology))
-        self.vmm = ManagedProcess("vmm", python_module(
-            "hostemu.vmm", "--socket", sock, "--spec", spec, "--timeout", str(self.timeout)),
-            stderr=self.logfile)
+        self.vmm = ManagedProcess(
+            "vmm",
+            python_module(
+                "hostemu.vmm", "--socket", sock, "--spec", spec, "--timeout", str(self.timeout)
+            ),
+            stderr=self.logfile,
+        )
         self._check_interrupt()
         self.say(f"vmm pid {self.vmm.pid}: {len(self.topology.vms)} VMs")
         done = self._follow(self.vmm)
@@ -195,8 +235,9 @@ class Launcher:
         if problem is not None or not rows:
             self.say(f"\nFAILED: {problem or 'no workload reported'}")
             return 1
-        self.say("\nOK: every frame arrived exactly once, in order, intact; every block "
-                 "read matched")
+        self.say(
+            "\nOK: every frame arrived exactly once, in order, intact; every block read matched"
+        )
         return 0
 
     def _follow(self, vmm: ManagedProcess) -> dict[str, Any] | None:
@@ -256,9 +297,11 @@ def main(path: str | None, timeout: float = 120.0) -> int:
             print(f"vbusemu run: {e}", file=sys.stderr)
             return 2
         for image in locks.unlocked:
-            print(f"vbusemu run: warning: disk image {image} cannot be locked on its "
-                  "filesystem; nothing stops another run from using it at the same time",
-                  file=sys.stderr)
+            print(
+                f"vbusemu run: warning: disk image {image} cannot be locked on its "
+                "filesystem; nothing stops another run from using it at the same time",
+                file=sys.stderr,
+            )
         launcher = Launcher(topology, timeout=timeout, ctrl_c=ctrl_c)
         try:
             with locks:  # released only once the launcher has stopped every process
@@ -272,4 +315,3 @@ def main(path: str | None, timeout: float = 120.0) -> int:
             signal.signal(signal.SIGINT, previous)
         if own:
             ctrl_c.close()
-

@@ -92,8 +92,16 @@ class Tally:
 
 
 class Soak:
-    def __init__(self, seconds: float, *, seed: int, fault_every: float, workdir: Path,
-                 log: TextIO, out: TextIO) -> None:
+    def __init__(
+        self,
+        seconds: float,
+        *,
+        seed: int,
+        fault_every: float,
+        workdir: Path,
+        log: TextIO,
+        out: TextIO,
+    ) -> None:
         self.seconds = seconds
         self.rng = random.Random(seed)
         self.fault_every = fault_every
@@ -127,10 +135,14 @@ class Soak:
         out: list[tuple[str, ManagedProcess]] = []
         for vm in vmm.vms.values():
             procs = [(f"guest:{vm.spec.name}", vm.guest)]
-            procs += [(f"device:{vm.spec.name}/{d.spec.name}", d.process)
-                      for d in vm.devices.values()]
-            out += [(what, p) for what, p in procs
-                    if p is not None and p.alive and p.pid not in self.killed]
+            procs += [
+                (f"device:{vm.spec.name}/{d.spec.name}", d.process) for d in vm.devices.values()
+            ]
+            out += [
+                (what, p)
+                for what, p in procs
+                if p is not None and p.alive and p.pid not in self.killed
+            ]
         return out
 
     def schedule_fault(self, vmm: Vmm) -> None:
@@ -168,8 +180,7 @@ class Soak:
         except VbusError as e:
             t.churn_errors.append(f"{type(e).__name__}: {e}")
         if time.monotonic() < self.end and len(t.churn_errors) < 10:
-            self.loop.call_at(time.monotonic() + CHURN_EVERY,
-                              lambda: self.churn(ch, vm, handles))
+            self.loop.call_at(time.monotonic() + CHURN_EVERY, lambda: self.churn(ch, vm, handles))
 
     # ------------------------------------------------------------------ the run
 
@@ -178,13 +189,27 @@ class Soak:
             return ("--workload", "soak", "--params", json.dumps({**params, "until": until}))
 
         return [
-            VmSpec(name="net", devices=(DeviceSpec("echo", "echo0", restarts=FOREVER),),
-                   workload=workload({"mode": "echo"}), guest_restarts=FOREVER),
-            VmSpec(name="disk", devices=(DeviceSpec("blk", "disk0", {
-                "image": str(self.image), "capacity": 4096}, restarts=FOREVER),),
-                   workload=workload({"mode": "blk", "count": BLK_COUNT,
-                                      "sectors": BLK_SECTORS, "start": BLK_START}),
-                   guest_restarts=FOREVER),
+            VmSpec(
+                name="net",
+                devices=(DeviceSpec("echo", "echo0", restarts=FOREVER),),
+                workload=workload({"mode": "echo"}),
+                guest_restarts=FOREVER,
+            ),
+            VmSpec(
+                name="disk",
+                devices=(
+                    DeviceSpec(
+                        "blk",
+                        "disk0",
+                        {"image": str(self.image), "capacity": 4096},
+                        restarts=FOREVER,
+                    ),
+                ),
+                workload=workload(
+                    {"mode": "blk", "count": BLK_COUNT, "sectors": BLK_SECTORS, "start": BLK_START}
+                ),
+                guest_restarts=FOREVER,
+            ),
         ]
 
     def run(self, socket_path: str, broker: ManagedProcess) -> None:
@@ -204,12 +229,17 @@ class Soak:
                     vmm.create_vm(spec)
                 vmm.start()
                 self.schedule_fault(vmm)
-                self.loop.call_at(time.monotonic(), lambda: self.churn(churn_ch, churn_vm,
-                                                                       handles))
+                self.loop.call_at(time.monotonic(), lambda: self.churn(churn_ch, churn_vm, handles))
                 results = vmm.run_until_guests_exit(self.loop, self.seconds + 120)
                 t.problems.extend(vmm.errors)
-                last_net = next((vm.guest.pid for vm in vmm.vms.values()
-                                 if vm.spec.name == "net" and vm.guest is not None), 0)
+                last_net = next(
+                    (
+                        vm.guest.pid
+                        for vm in vmm.vms.values()
+                        if vm.spec.name == "net" and vm.guest is not None
+                    ),
+                    0,
+                )
                 self.collect(results, last_net)
             finally:
                 vmm.shutdown()
@@ -226,8 +256,9 @@ class Soak:
             if len(state["connections"]) != 1:
                 t.leaks.append(f"broker still has {len(state['connections'])} connections")
             if state["process"]["open_fds"] != baseline:
-                t.leaks.append(f"broker open fds {state['process']['open_fds']}, "
-                               f"baseline {baseline}")
+                t.leaks.append(
+                    f"broker open fds {state['process']['open_fds']}, baseline {baseline}"
+                )
 
     def collect(self, results: dict[str, Any], last_net_pid: int) -> None:
         t = self.tally
@@ -266,8 +297,7 @@ class Soak:
             t.problems.append(f"{torn} sectors of the image hold no intact generation")
         t.lost += stale  # an acknowledged write that is not on disk
         if stale:
-            t.problems.append(f"{stale} sectors older than acknowledged generation "
-                              f"{t.blk_acked}")
+            t.problems.append(f"{stale} sectors older than acknowledged generation {t.blk_acked}")
 
     def report(self) -> str:
         t = self.tally
@@ -310,8 +340,13 @@ def children_of_me() -> set[int]:
     return kids
 
 
-def main(seconds: float = 60.0, *, seed: int | None = None, fault_every: float = 1.0,
-         out: TextIO = sys.stdout) -> int:
+def main(
+    seconds: float = 60.0,
+    *,
+    seed: int | None = None,
+    fault_every: float = 1.0,
+    out: TextIO = sys.stdout,
+) -> int:
     seed = random.randrange(1 << 32) if seed is None else seed
     shm_before = set(os.listdir("/dev/shm"))
     kids_before = children_of_me()
@@ -319,18 +354,20 @@ def main(seconds: float = 60.0, *, seed: int | None = None, fault_every: float =
     run_dir = workdir / "run"
     run_dir.mkdir(mode=0o700)
     log_path = workdir / "soak.log"
-    print(f"soak: {seconds:.0f} s, seed {seed}, a fault every {fault_every} s on average; "
-          f"logs in {log_path}", file=out, flush=True)
+    print(
+        f"soak: {seconds:.0f} s, seed {seed}, a fault every {fault_every} s on average; "
+        f"logs in {log_path}",
+        file=out,
+        flush=True,
+    )
     with open(log_path, "w") as log:
         # The embedded VMM logs (restarts, deferred configurations) go to the log file.
         handler = logging.StreamHandler(log)
         handler.setFormatter(logging.Formatter("soak-vmm: %(levelname)s %(message)s"))
         logging.getLogger("vbusemu").addHandler(handler)
         logging.getLogger("vbusemu").propagate = False
-        broker = start_broker(str(run_dir / "broker.sock"), Policy.REFCOUNT,
-                              stderr=log, stdout=log)
-        soak = Soak(seconds, seed=seed, fault_every=fault_every, workdir=workdir,
-                    log=log, out=out)
+        broker = start_broker(str(run_dir / "broker.sock"), Policy.REFCOUNT, stderr=log, stdout=log)
+        soak = Soak(seconds, seed=seed, fault_every=fault_every, workdir=workdir, log=log, out=out)
         try:
             soak.run(str(run_dir / "broker.sock"), broker)
         except VbusError as e:

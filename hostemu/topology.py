@@ -90,8 +90,7 @@ PATH_SUFFIX: Final = "_path"
 
 TOP_KEYS: Final = frozenset({"policy", "vm", "switch"})
 VM_KEYS: Final = frozenset({"name", "memory_mib", "gsis", "workload", "device", "cpus"})
-DEVICE_KEYS: Final = frozenset({"name", "model", "params", "queue_size_max", "restarts",
-                                "cpus"})
+DEVICE_KEYS: Final = frozenset({"name", "model", "params", "queue_size_max", "restarts", "cpus"})
 MAX_RESTARTS: Final = 1_000_000
 SWITCH_KEYS: Final = frozenset({"name", "model", "ports"})
 _NOT_MODELS: Final = frozenset({"runtime", "__main__"})
@@ -106,8 +105,7 @@ class TopologyError(ConfigError):
         if len(problems) == 1:
             text = f"{source}: {problems[0]}"
         else:
-            text = f"{source}: {len(problems)} problems:\n" + "\n".join(
-                f"  {p}" for p in problems)
+            text = f"{source}: {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems)
         super().__init__(text)
 
 
@@ -157,8 +155,7 @@ def _model_module(name: str) -> ModuleType | None:
 
 def _candidates(package: str) -> list[str]:
     pkg = importlib.import_module(package)
-    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)
-                  if not m.name.startswith("_"))
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
 
 
 def known_models() -> list[str]:
@@ -197,9 +194,15 @@ def known_workloads() -> list[str]:
 # ---------------------------------------------------------------------------- checking
 
 _TOML_TYPES: Final[list[tuple[type, str]]] = [
-    (bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"),
-    (list, "array"), (dict, "table"), (datetime.datetime, "datetime"),
-    (datetime.date, "date"), (datetime.time, "time"),
+    (bool, "boolean"),
+    (int, "integer"),
+    (float, "float"),
+    (str, "string"),
+    (list, "array"),
+    (dict, "table"),
+    (datetime.datetime, "datetime"),
+    (datetime.date, "date"),
+    (datetime.time, "time"),
 ]
 
 
@@ -223,8 +226,14 @@ class _Checker:
     def fail(self, path: str, problem: str) -> None:
         self.problems.append(f"{path}: {problem}")
 
-    def keys(self, table: dict[str, Any], allowed: Iterable[str], path: str,
-             outer: Iterable[str] = (), outer_header: str = "") -> None:
+    def keys(
+        self,
+        table: dict[str, Any],
+        allowed: Iterable[str],
+        path: str,
+        outer: Iterable[str] = (),
+        outer_header: str = "",
+    ) -> None:
         """Unknown keys are problems. ``outer``: the enclosing table's keys -- TOML puts
         every key written after ``[[outer_header]]`` into that table, a classic slip."""
         allowed = sorted(allowed)
@@ -232,8 +241,11 @@ class _Checker:
             if key in allowed:
                 continue
             if key in outer:
-                self.fail(_join(path, key), f"belongs to the enclosing table: keys written "
-                          f"after [[{outer_header}]] go into it, so move {key!r} above it")
+                self.fail(
+                    _join(path, key),
+                    f"belongs to the enclosing table: keys written "
+                    f"after [[{outer_header}]] go into it, so move {key!r} above it",
+                )
                 continue
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -267,15 +279,21 @@ class _Checker:
         """A list of CPUs this machine lets us use (checked here, where the file is read:
         a topology written for a bigger machine fails before anything starts)."""
         usable = sorted(os.sched_getaffinity(0))
-        if (isinstance(value, list) and value
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
             if set(value) <= set(usable):
                 return tuple(value)
-            self.fail(path, f"CPUs {sorted(set(value) - set(usable))} are not usable here "
-                      f"(usable: {usable})")
+            self.fail(
+                path,
+                f"CPUs {sorted(set(value) - set(usable))} are not usable here (usable: {usable})",
+            )
         else:
-            self.fail(path, f"must be a non-empty list of CPU numbers, got {_kind(value)} "
-                      f"{value!r}")
+            self.fail(
+                path, f"must be a non-empty list of CPU numbers, got {_kind(value)} {value!r}"
+            )
         return ()
 
     def want_name(self, table: dict[str, Any], path: str) -> str | None:
@@ -284,8 +302,10 @@ class _Checker:
             return None
         name = self.want_str(table["name"], _join(path, "name"))
         if name is not None and not NAME_RE.fullmatch(name):
-            self.fail(_join(path, "name"), f"{name!r} is not a valid name (1-32 of "
-                      "A-Z a-z 0-9 _ -, not starting with _ or -)")
+            self.fail(
+                _join(path, "name"),
+                f"{name!r} is not a valid name (1-32 of A-Z a-z 0-9 _ -, not starting with _ or -)",
+            )
             return None
         return name
 
@@ -298,8 +318,7 @@ class _Checker:
             for i, v in enumerate(value):
                 self.json_safe(v, f"{path}[{i}]")
         elif isinstance(value, datetime.date | datetime.time):
-            self.fail(path, f"a TOML {_kind(value)} cannot be passed as a parameter "
-                      "(use a string)")
+            self.fail(path, f"a TOML {_kind(value)} cannot be passed as a parameter (use a string)")
 
 
 @dataclass
@@ -360,8 +379,9 @@ def _parse_device(c: _Checker, raw: dict[str, Any], path: str) -> _Device | None
         if valid_queue_size(v):
             qmax = int(v)
         else:
-            c.fail(f"{path}.queue_size_max",
-                   f"must be a power of two 1..32768, got {_kind(v)} {v!r}")
+            c.fail(
+                f"{path}.queue_size_max", f"must be a power of two 1..32768, got {_kind(v)} {v!r}"
+            )
     restarts = c.want_int(raw.get("restarts", 0), f"{path}.restarts", 0, MAX_RESTARTS)
     cpus = c.want_cpus(raw["cpus"], f"{path}.cpus") if "cpus" in raw else ()
     if name is None:
@@ -389,8 +409,7 @@ def _parse_workload(c: _Checker, raw: object, path: str) -> WorkloadSpec | None:
         c.fail(f"{path}.name", f"workload {name!r} cannot be loaded: {type(e).__name__}: {e}")
         return None
     if not ok:
-        c.fail(f"{path}.name", f"unknown workload {name!r} "
-               f"(known: {', '.join(known_workloads())})")
+        c.fail(f"{path}.name", f"unknown workload {name!r} (known: {', '.join(known_workloads())})")
         return None
     return WorkloadSpec(name, params)
 
@@ -398,8 +417,9 @@ def _parse_workload(c: _Checker, raw: object, path: str) -> WorkloadSpec | None:
 def _parse_vm(c: _Checker, raw: dict[str, Any], path: str) -> _Vm:
     c.keys(raw, VM_KEYS, path, TOP_KEYS - VM_KEYS, "vm")
     name = c.want_name(raw, path)
-    memory = c.want_int(raw.get("memory_mib", DEFAULT_MEMORY_MIB), f"{path}.memory_mib",
-                        1, MAX_MEMORY_MIB)
+    memory = c.want_int(
+        raw.get("memory_mib", DEFAULT_MEMORY_MIB), f"{path}.memory_mib", 1, MAX_MEMORY_MIB
+    )
     gsis = c.want_int(raw.get("gsis", DEFAULT_GSIS), f"{path}.gsis", 1, MAX_GSIS)
     workload = None
     if "workload" in raw:
@@ -408,15 +428,18 @@ def _parse_vm(c: _Checker, raw: dict[str, Any], path: str) -> _Vm:
     seen: dict[str, str] = {}
     raw_devices = c.want_tables(raw.get("device", []), f"{path}.device", "vm.device")
     if len(raw_devices) > MAX_FUNCTIONS:
-        c.fail(f"{path}.device", f"at most {MAX_FUNCTIONS} devices per VM (PCI functions), "
-               f"got {len(raw_devices)}")
+        c.fail(
+            f"{path}.device",
+            f"at most {MAX_FUNCTIONS} devices per VM (PCI functions), got {len(raw_devices)}",
+        )
     for j, d in enumerate(raw_devices):
         dev = _parse_device(c, d, f"{path}.device[{j}]")
         if dev is None:
             continue
         if dev.name in seen:
-            c.fail(f"{dev.path}.name", f"duplicate device name {dev.name!r} "
-                   f"(also {seen[dev.name]})")
+            c.fail(
+                f"{dev.path}.name", f"duplicate device name {dev.name!r} (also {seen[dev.name]})"
+            )
             continue
         seen[dev.name] = dev.path
         devices.append(dev)
@@ -441,16 +464,20 @@ def _parse_switches(c: _Checker, raw: object, vms: dict[str, _Vm]) -> list[Switc
         if model is not None and not _model_ok(c, model, f"{path}.model"):
             model = None
         elif model is not None and not hasattr(_model_module(model), "make_group"):
-            c.fail(f"{path}.model", f"model {model!r} cannot serve a switch "
-                   "(it defines no make_group)")
+            c.fail(
+                f"{path}.model", f"model {model!r} cannot serve a switch (it defines no make_group)"
+            )
             model = None
         raw_ports = s.get("ports")
         if raw_ports is None:
             c.fail(f"{path}.ports", "missing (which vm/device pairs does it connect?)")
             continue
         if not isinstance(raw_ports, list) or not raw_ports:
-            c.fail(f"{path}.ports", f"must be a non-empty array of \"vm/device\" strings, "
-                   f"got {_kind(raw_ports)} {raw_ports!r}")
+            c.fail(
+                f"{path}.ports",
+                f'must be a non-empty array of "vm/device" strings, '
+                f"got {_kind(raw_ports)} {raw_ports!r}",
+            )
             continue
         ports: list[str] = []
         for k, p in enumerate(raw_ports):
@@ -460,7 +487,7 @@ def _parse_switches(c: _Checker, raw: object, vms: dict[str, _Vm]) -> list[Switc
                 continue
             vm_name, sep, dev_name = text.partition("/")
             if not sep or not vm_name or not dev_name:
-                c.fail(ppath, f"{text!r} is not of the form \"vm/device\"")
+                c.fail(ppath, f'{text!r} is not of the form "vm/device"')
                 continue
             vm = vms.get(vm_name)
             if vm is None:
@@ -468,15 +495,20 @@ def _parse_switches(c: _Checker, raw: object, vms: dict[str, _Vm]) -> list[Switc
                 continue
             dev = next((d for d in vm.devices if d.name == dev_name), None)
             if dev is None:
-                c.fail(ppath, f"VM {vm_name!r} has no device {dev_name!r} "
-                       f"(devices: {', '.join(d.name for d in vm.devices) or 'none'})")
+                c.fail(
+                    ppath,
+                    f"VM {vm_name!r} has no device {dev_name!r} "
+                    f"(devices: {', '.join(d.name for d in vm.devices) or 'none'})",
+                )
                 continue
             if (vm_name, dev_name) in taken:
                 c.fail(ppath, f"{text!r} is already a port of {taken[vm_name, dev_name]}")
                 continue
             if model is not None and dev.model is not None and dev.model != model:
-                c.fail(ppath, f"{text!r} is a {dev.model!r} device; switch {name!r} "
-                       f"serves {model!r} devices")
+                c.fail(
+                    ppath,
+                    f"{text!r} is a {dev.model!r} device; switch {name!r} serves {model!r} devices",
+                )
                 continue
             if "port" in dev.params:
                 c.fail(f"{dev.path}.params.port", f"assigned by switch {name!r}; remove it")
@@ -501,18 +533,25 @@ def _model_ok(c: _Checker, model: str, path: str) -> bool:
     return True
 
 
-def _check_device(c: _Checker, vm: _Vm, dev: _Device, on_switch: set[tuple[str, ...]],
-                  base: Path) -> int:
+def _check_device(
+    c: _Checker, vm: _Vm, dev: _Device, on_switch: set[tuple[str, ...]], base: Path
+) -> int:
     """Validate a device against its model; return its MSI vectors (0 if unknown)."""
     if dev.model is None or not _model_ok(c, dev.model, f"{dev.path}.model"):
         return 0
     dev.module = module = _model_module(dev.model)
     assert module is not None  # _model_ok said so
     _resolve_paths(c, dev, base)
-    if (hasattr(module, "make_group") and vm.name is not None
-            and (vm.name, dev.name) not in on_switch):
-        c.fail(dev.path, f"a {dev.model!r} device must be a port of a [[switch]] "
-               f"(none lists \"{vm.name}/{dev.name}\")")
+    if (
+        hasattr(module, "make_group")
+        and vm.name is not None
+        and (vm.name, dev.name) not in on_switch
+    ):
+        c.fail(
+            dev.path,
+            f"a {dev.model!r} device must be a port of a [[switch]] "
+            f'(none lists "{vm.name}/{dev.name}")',
+        )
         return int(module.VECTORS)
     make_config = getattr(module, "device_config", None)
     if make_config is not None:
@@ -523,8 +562,7 @@ def _check_device(c: _Checker, vm: _Vm, dev: _Device, on_switch: set[tuple[str, 
     return int(module.VECTORS)
 
 
-def parse(data: dict[str, Any], base_dir: Path | str = ".",
-          source: str = "<topology>") -> Topology:
+def parse(data: dict[str, Any], base_dir: Path | str = ".", source: str = "<topology>") -> Topology:
     """Validate parsed TOML ``data``; relative paths resolve against ``base_dir``."""
     c = _Checker()
     base = Path(base_dir).absolute()
@@ -534,7 +572,7 @@ def parse(data: dict[str, Any], base_dir: Path | str = ".",
         if p in ("hup", "refcount"):
             policy = Policy[p.upper()]
         else:
-            c.fail("policy", f"must be \"hup\" or \"refcount\", got {p!r}")
+            c.fail("policy", f'must be "hup" or "refcount", got {p!r}')
     if "vm" not in data:
         c.fail("vm", "missing: a topology needs at least one [[vm]]")
     raw_vms = c.want_tables(data.get("vm", []), "vm", "vm")
@@ -548,8 +586,9 @@ def parse(data: dict[str, Any], base_dir: Path | str = ".",
         if vm.name is None:
             continue
         if vm.name in by_name:
-            c.fail(f"{vm.path}.name", f"duplicate VM name {vm.name!r} "
-                   f"(also {by_name[vm.name].path})")
+            c.fail(
+                f"{vm.path}.name", f"duplicate VM name {vm.name!r} (also {by_name[vm.name].path})"
+            )
         else:
             by_name[vm.name] = vm
     switches = _parse_switches(c, data.get("switch", []), by_name)
@@ -558,25 +597,44 @@ def parse(data: dict[str, Any], base_dir: Path | str = ".",
         vectors = sum(_check_device(c, vm, d, on_switch, base) for d in vm.devices)
         # The guest's boot gives every MSI vector its own gsi, from 1 up (0 stays unused).
         if vm.gsis is not None and vectors >= vm.gsis:
-            c.fail(f"{vm.path}.gsis", f"{vm.gsis} gsis cannot serve the {vectors} MSI "
-                   f"vectors of its devices (gsi 0 is unused: need at least {vectors + 1})")
+            c.fail(
+                f"{vm.path}.gsis",
+                f"{vm.gsis} gsis cannot serve the {vectors} MSI "
+                f"vectors of its devices (gsi 0 is unused: need at least {vectors + 1})",
+            )
     if c.problems:
         raise TopologyError(source, c.problems)
-    specs = [VmSpec(name=str(vm.name), memory=vm.memory_mib << 20, ngsi=int(vm.gsis or 0),
-                    devices=tuple(_device_spec(d) for d in vm.devices),
-                    workload=vm.workload.argv() if vm.workload else (), cpus=vm.cpus)
-             for vm in vms]
-    return Topology(specs, policy, switches, {str(vm.name): vm.workload for vm in vms},
-                    None)
+    specs = [
+        VmSpec(
+            name=str(vm.name),
+            memory=vm.memory_mib << 20,
+            ngsi=int(vm.gsis or 0),
+            devices=tuple(_device_spec(d) for d in vm.devices),
+            workload=vm.workload.argv() if vm.workload else (),
+            cpus=vm.cpus,
+        )
+        for vm in vms
+    ]
+    return Topology(specs, policy, switches, {str(vm.name): vm.workload for vm in vms}, None)
 
 
 def _device_spec(dev: _Device) -> DeviceSpec:
     if dev.queue_size_max is None:
-        return DeviceSpec(model=str(dev.model), name=dev.name, params=dev.params,
-                          restarts=dev.restarts, cpus=dev.cpus)
-    return DeviceSpec(model=str(dev.model), name=dev.name, params=dev.params,
-                      queue_size_max=dev.queue_size_max, restarts=dev.restarts,
-                      cpus=dev.cpus)
+        return DeviceSpec(
+            model=str(dev.model),
+            name=dev.name,
+            params=dev.params,
+            restarts=dev.restarts,
+            cpus=dev.cpus,
+        )
+    return DeviceSpec(
+        model=str(dev.model),
+        name=dev.name,
+        params=dev.params,
+        queue_size_max=dev.queue_size_max,
+        restarts=dev.restarts,
+        cpus=dev.cpus,
+    )
 
 
 def loads(text: str, base_dir: Path | str = ".", source: str = "<topology>") -> Topology:
@@ -616,13 +674,28 @@ def to_vmm_spec(topology: Topology) -> dict[str, Any]:
     """The JSON-able document ``python -m hostemu.vmm --spec`` takes:
     ``{"vms": [...], "switches": [...]}`` (see :func:`hostemu.vmm.parse_spec`)."""
     return {
-        "vms": [{"name": vm.name, "memory": vm.memory, "ngsi": vm.ngsi,
-                 "devices": [{"model": d.model, "name": d.name, "params": d.params,
-                              "queue_size_max": d.queue_size_max, "restarts": d.restarts,
-                              "cpus": list(d.cpus)}
-                             for d in vm.devices],
-                 "workload": list(vm.workload), "cpus": list(vm.cpus)}
-                for vm in topology.vms],
-        "switches": [{"name": s.name, "model": s.model, "ports": list(s.ports)}
-                     for s in topology.switches],
+        "vms": [
+            {
+                "name": vm.name,
+                "memory": vm.memory,
+                "ngsi": vm.ngsi,
+                "devices": [
+                    {
+                        "model": d.model,
+                        "name": d.name,
+                        "params": d.params,
+                        "queue_size_max": d.queue_size_max,
+                        "restarts": d.restarts,
+                        "cpus": list(d.cpus),
+                    }
+                    for d in vm.devices
+                ],
+                "workload": list(vm.workload),
+                "cpus": list(vm.cpus),
+            }
+            for vm in topology.vms
+        ],
+        "switches": [
+            {"name": s.name, "model": s.model, "ports": list(s.ports)} for s in topology.switches
+        ],
     }

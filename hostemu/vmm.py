@@ -75,8 +75,16 @@ from shared.wire import Policy, Scope
 log = logging.getLogger("vbusemu.vmm")
 
 F_EVENT_IDX = 1
-INTERNAL_EVENTS = frozenset({"attached", "irqfd_attached", "ioeventfd_attached", "detached",
-                             "peer_gone", "shmsignal_attached"})
+INTERNAL_EVENTS = frozenset(
+    {
+        "attached",
+        "irqfd_attached",
+        "ioeventfd_attached",
+        "detached",
+        "peer_gone",
+        "shmsignal_attached",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -143,8 +151,9 @@ def check_cpus(cpus: tuple[int, ...], what: str) -> None:
     """``ConfigError`` unless ``cpus`` is empty or a set of CPUs this process may use."""
     usable = os.sched_getaffinity(0)
     if cpus and not set(cpus) <= usable:
-        raise ConfigError(f"{what}: cpus {list(cpus)} are not all usable here "
-                          f"(usable: {sorted(usable)})")
+        raise ConfigError(
+            f"{what}: cpus {list(cpus)} are not all usable here (usable: {sorted(usable)})"
+        )
 
 
 def pin(proc: ManagedProcess, cpus: tuple[int, ...]) -> None:
@@ -233,9 +242,15 @@ class Vmm:
         for slot, dspec in enumerate(spec.devices):
             shape = model_shape(dspec)
             dev_id = ch.device_create(vm_id, nsignals=max(1, shape.vectors))
-            fn = PciFunction(slot, shape.device_id, num_queues=shape.queues,
-                             num_vectors=shape.vectors, queue_size_max=dspec.queue_size_max,
-                             features=F_EVENT_IDX, device_config=shape.config)
+            fn = PciFunction(
+                slot,
+                shape.device_id,
+                num_queues=shape.queues,
+                num_vectors=shape.vectors,
+                queue_size_max=dspec.queue_size_max,
+                features=F_EVENT_IDX,
+                device_config=shape.config,
+            )
             vm.bus.add(fn)
             dev = vm.devices[slot] = VmmDevice(dspec, shape, dev_id, fn, vm_name=spec.name)
             for q in range(shape.queues):
@@ -247,8 +262,9 @@ class Vmm:
         self.vms[vm_id] = vm
         return vm
 
-    def start(self, switches: list[SwitchSpec] | tuple[SwitchSpec, ...] = (),
-              timeout: float = 20.0) -> None:
+    def start(
+        self, switches: list[SwitchSpec] | tuple[SwitchSpec, ...] = (), timeout: float = 20.0
+    ) -> None:
         """Start every device process (one per switch for switch ports), wait until all
         attached, then start the guests. Processes started before are left alone, so VMs
         created later are started by calling this again."""
@@ -257,10 +273,14 @@ class Vmm:
         for sw in switches:
             devs = [self.device_named(port) for port in sw.ports]
             proc = spawn_agent(
-                "hostemu.devices", [self.channel.channel_open(Scope.DEVICE, d.id)
-                                    for _, d in devs],
-                f"switch/{sw.name}", sw.model, "--params",
-                json.dumps({"ports": list(range(len(devs)))}), stderr=self.stderr)
+                "hostemu.devices",
+                [self.channel.channel_open(Scope.DEVICE, d.id) for _, d in devs],
+                f"switch/{sw.name}",
+                sw.model,
+                "--params",
+                json.dumps({"ports": list(range(len(devs)))}),
+                stderr=self.stderr,
+            )
             self.switch_procs.append(proc)
             for _, d in devs:
                 d.process = proc
@@ -279,10 +299,19 @@ class Vmm:
                 self._spawn_guest(vm)
 
     def _spawn_guest(self, vm: VmmVm) -> ManagedProcess:
-        grace = (["--device-grace", str(vm.spec.device_grace)]
-                 if any(d.spec.restarts for d in vm.devices.values()) else [])
-        vm.guest = spawn_agent("guestemu.guest", self.channel.channel_open(Scope.VM, vm.id),
-                               vm.spec.name, *vm.spec.workload, *grace, stderr=self.stderr)
+        grace = (
+            ["--device-grace", str(vm.spec.device_grace)]
+            if any(d.spec.restarts for d in vm.devices.values())
+            else []
+        )
+        vm.guest = spawn_agent(
+            "guestemu.guest",
+            self.channel.channel_open(Scope.VM, vm.id),
+            vm.spec.name,
+            *vm.spec.workload,
+            *grace,
+            stderr=self.stderr,
+        )
         pin(vm.guest, vm.spec.cpus)
         return vm.guest
 
@@ -291,25 +320,47 @@ class Vmm:
         restarts are left. The new guest boots from scratch: it reprograms BARs and MSI
         vectors (the VMM rebinds) and resets its devices before using them."""
         old = vm.guest
-        if (not (vm.guest_exited and (vm.guest_gone or not vm.guest_attached)) or old is None
-                or vm.guest_restarted >= vm.spec.guest_restarts):
+        if (
+            not (vm.guest_exited and (vm.guest_gone or not vm.guest_attached))
+            or old is None
+            or vm.guest_restarted >= vm.spec.guest_restarts
+        ):
             return False
         status = old.stop()
         vm.guest_restarted += 1
         vm.guest_gone = vm.guest_exited = vm.guest_attached = False
         new = self._spawn_guest(vm)
-        log.warning("guest %s (pid %d) exited with status %s: restarted as pid %d (%d of %d)",
-                    vm.spec.name, old.pid, status, new.pid, vm.guest_restarted,
-                    vm.spec.guest_restarts)
-        self.on_event({"event": "guest_restarted", "vm": vm.spec.name, "old_pid": old.pid,
-                       "pid": new.pid, "status": status, "restart": vm.guest_restarted})
+        log.warning(
+            "guest %s (pid %d) exited with status %s: restarted as pid %d (%d of %d)",
+            vm.spec.name,
+            old.pid,
+            status,
+            new.pid,
+            vm.guest_restarted,
+            vm.spec.guest_restarts,
+        )
+        self.on_event(
+            {
+                "event": "guest_restarted",
+                "vm": vm.spec.name,
+                "old_pid": old.pid,
+                "pid": new.pid,
+                "status": status,
+                "restart": vm.guest_restarted,
+            }
+        )
         return True
 
     def _spawn_device(self, dev: VmmDevice) -> ManagedProcess:
         dev.process = spawn_agent(
-            "hostemu.devices", self.channel.channel_open(Scope.DEVICE, dev.id),
-            f"{dev.vm_name}/{dev.spec.name}", dev.spec.model,
-            "--params", json.dumps(dev.spec.params), stderr=self.stderr)
+            "hostemu.devices",
+            self.channel.channel_open(Scope.DEVICE, dev.id),
+            f"{dev.vm_name}/{dev.spec.name}",
+            dev.spec.model,
+            "--params",
+            json.dumps(dev.spec.params),
+            stderr=self.stderr,
+        )
         pin(dev.process, dev.spec.cpus)
         return dev.process
 
@@ -318,20 +369,38 @@ class Vmm:
         one can attach) and restarts are left. The new process attaches; the broker
         resends memory and eventfds; :meth:`_replay_queues` resumes its queues."""
         proc = dev.process
-        if (not (dev.exited and (dev.gone or not dev.attached)) or proc is None
-                or proc in self.switch_procs
-                or dev.restarted >= dev.spec.restarts):
+        if (
+            not (dev.exited and (dev.gone or not dev.attached))
+            or proc is None
+            or proc in self.switch_procs
+            or dev.restarted >= dev.spec.restarts
+        ):
             return False
         status = proc.stop()  # reaps it (it closed its output: it is exiting or gone)
         dev.restarted += 1
         dev.gone = dev.exited = dev.attached = False
         new = self._spawn_device(dev)
-        log.warning("device %s/%s (pid %d) exited with status %s: restarted as pid %d "
-                    "(%d of %d)", dev.vm_name, dev.spec.name, proc.pid, status, new.pid,
-                    dev.restarted, dev.spec.restarts)
-        self.on_event({"event": "device_restarted", "vm": dev.vm_name,
-                       "device": dev.spec.name, "old_pid": proc.pid, "pid": new.pid,
-                       "status": status, "restart": dev.restarted})
+        log.warning(
+            "device %s/%s (pid %d) exited with status %s: restarted as pid %d (%d of %d)",
+            dev.vm_name,
+            dev.spec.name,
+            proc.pid,
+            status,
+            new.pid,
+            dev.restarted,
+            dev.spec.restarts,
+        )
+        self.on_event(
+            {
+                "event": "device_restarted",
+                "vm": dev.vm_name,
+                "device": dev.spec.name,
+                "old_pid": proc.pid,
+                "pid": new.pid,
+                "status": status,
+                "restart": dev.restarted,
+            }
+        )
         return True
 
     def device_named(self, path: str) -> tuple[VmmVm, VmmDevice]:
@@ -404,8 +473,9 @@ class Vmm:
             if msg.id in self.vms:
                 self.vms[msg.id].guest_attached = True
         elif isinstance(msg, wire.PeerGone):
-            self.reports.append({"event": "peer_gone",
-                                 "kind": wire.PeerKind(msg.kind).name.lower(), "id": msg.id})
+            self.reports.append(
+                {"event": "peer_gone", "kind": wire.PeerKind(msg.kind).name.lower(), "id": msg.id}
+            )
             if msg.kind == wire.PeerKind.DEVICE:
                 for dev in self.all_devices():
                     if dev.id == msg.id:
@@ -457,18 +527,23 @@ class Vmm:
             self.errors.append(f"{vm.spec.name}/{dev.spec.name}: {type(event).__name__}: {e}")
             log.warning("%s", self.errors[-1])
 
-    def _move_doorbells(self, vm: VmmVm, dev: VmmDevice, old: int | None,
-                        new: int | None) -> None:
+    def _move_doorbells(self, vm: VmmVm, dev: VmmDevice, old: int | None, new: int | None) -> None:
         for q, handle in dev.doorbells.items():
             if old is not None:
-                self.channel.ioeventfd(vm.id, handle, old + pl.notify_offset(q), pl.NOTIFY_SIZE,
-                                       datamatch=q, deassign=True)
+                self.channel.ioeventfd(
+                    vm.id,
+                    handle,
+                    old + pl.notify_offset(q),
+                    pl.NOTIFY_SIZE,
+                    datamatch=q,
+                    deassign=True,
+                )
             if new is not None:
-                self.channel.ioeventfd(vm.id, handle, new + pl.notify_offset(q), pl.NOTIFY_SIZE,
-                                       datamatch=q)
+                self.channel.ioeventfd(
+                    vm.id, handle, new + pl.notify_offset(q), pl.NOTIFY_SIZE, datamatch=q
+                )
 
-    def _program_vector(self, vm: VmmVm, dev: VmmDevice, vector: int,
-                        gsi: int | None) -> None:
+    def _program_vector(self, vm: VmmVm, dev: VmmDevice, vector: int, gsi: int | None) -> None:
         ch = self.channel
         if vector in dev.vectors:
             old_gsi, old_handle = dev.vectors.pop(vector)
@@ -494,9 +569,16 @@ class Vmm:
 
     @staticmethod
     def _queue_config(ev: QueueEnabled) -> dict[str, Any]:
-        return {"op": "queue", "queue": ev.queue, "size": ev.size, "desc": ev.desc,
-                "avail": ev.avail, "used": ev.used,
-                "vector": -1 if ev.vector is None else ev.vector, "event_idx": ev.event_idx}
+        return {
+            "op": "queue",
+            "queue": ev.queue,
+            "size": ev.size,
+            "desc": ev.desc,
+            "avail": ev.avail,
+            "used": ev.used,
+            "vector": -1 if ev.vector is None else ev.vector,
+            "event_idx": ev.event_idx,
+        }
 
     def _configure(self, dev: VmmDevice, cfg: dict[str, Any]) -> None:
         try:
@@ -506,8 +588,13 @@ class Vmm:
                 # The device process is down (or died before answering) and will be
                 # restarted: the function model keeps the queue state, and the new process
                 # gets it replayed when it attaches (a reset needs nothing: it starts clean).
-                log.info("%s/%s: %s deferred until the device is back: %s", dev.vm_name,
-                         dev.spec.name, cfg.get("op"), e)
+                log.info(
+                    "%s/%s: %s deferred until the device is back: %s",
+                    dev.vm_name,
+                    dev.spec.name,
+                    cfg.get("op"),
+                    e,
+                )
                 return
             if cfg.get("op") == "queue":
                 dev.function.set_queue_broken(int(cfg["queue"]), str(e))
@@ -525,15 +612,15 @@ class Vmm:
                         try:
                             self._configure(dev, {**self._queue_config(cfg), "resume": True})
                         except BrokerError as e:
-                            self.errors.append(f"{vm.spec.name}/{dev.spec.name}: resuming "
-                                               f"queue {q}: {e}")
+                            self.errors.append(
+                                f"{vm.spec.name}/{dev.spec.name}: resuming queue {q}: {e}"
+                            )
 
     def _mark_broken(self, device_id: int, report: dict[str, Any]) -> None:
         for vm in self.vms.values():
             for dev in vm.devices.values():
                 if dev.id == device_id and "queue" in report:
-                    dev.function.set_queue_broken(int(report["queue"]),
-                                                  str(report.get("reason")))
+                    dev.function.set_queue_broken(int(report["queue"]), str(report.get("reason")))
 
     # ------------------------------------------------------------------ running
 
@@ -560,13 +647,19 @@ class Vmm:
                     results[vm.spec.name] = obj
                 elif event not in INTERNAL_EVENTS and event is not None:
                     # progress the guest reports (console text, milestones) goes upstream
-                    self.on_event({**obj, "event": "guest_event", "name": event,
-                                   "vm": vm.spec.name, "guest_pid": guest.pid})
+                    self.on_event(
+                        {
+                            **obj,
+                            "event": "guest_event",
+                            "name": event,
+                            "vm": vm.spec.name,
+                            "guest_pid": guest.pid,
+                        }
+                    )
             if lines is None:
                 loop.unwatch(fd)
                 del pending[fd]
-                if (vm.spec.name not in results
-                        and vm.guest_restarted < vm.spec.guest_restarts):
+                if vm.spec.name not in results and vm.guest_restarted < vm.spec.guest_restarts:
                     vm.guest_exited = True
                     self.channel.pump()  # its PeerAttached / PeerGone may be waiting
                     self.process_notices()
@@ -598,8 +691,15 @@ class Vmm:
             for obj in lines or []:
                 event = obj.get("event")
                 if event not in INTERNAL_EVENTS and event is not None:
-                    self.on_event({**obj, "event": "guest_event", "name": event,
-                                   "vm": vm_name, "device": proc.name})
+                    self.on_event(
+                        {
+                            **obj,
+                            "event": "guest_event",
+                            "name": event,
+                            "vm": vm_name,
+                            "device": proc.name,
+                        }
+                    )
             # poll_lines also keeps every event; a chatty console must not grow that list
             proc.events[:] = [e for e in proc.events if e.get("event") in INTERNAL_EVENTS]
             return lines
@@ -617,8 +717,10 @@ class Vmm:
                     self.process_notices()
                     self.restart_if_due(dev)  # or once the broker's PeerGone arrives
                 elif pending:
-                    self.errors.append(f"device process {proc.name} (pid {proc.pid}) exited "
-                                       f"with status {proc.proc.wait(5)} while guests ran")
+                    self.errors.append(
+                        f"device process {proc.name} (pid {proc.pid}) exited "
+                        f"with status {proc.proc.wait(5)} while guests ran"
+                    )
 
         loop.watch(self.channel.fileno(), lambda: None)
         watch_guests()
@@ -644,8 +746,10 @@ class Vmm:
                 if not forward(proc, vm_name):
                     break
         if pending:
-            self.errors.append(f"guests still running after {timeout}s: "
-                               f"{[v.spec.name for v, _ in pending.values()]}")
+            self.errors.append(
+                f"guests still running after {timeout}s: "
+                f"{[v.spec.name for v, _ in pending.values()]}"
+            )
         return results
 
     def stats(self) -> dict[str, Any]:
@@ -717,8 +821,7 @@ def parse_spec(text: str) -> tuple[list[VmSpec], list[SwitchSpec]]:
     A switch port device gets ``params.port`` = its index on the switch."""
     doc = json.loads(text)
     vms_doc, sw_doc = (doc, []) if isinstance(doc, list) else (doc["vms"], doc.get("switches", []))
-    switches = [SwitchSpec(s["name"], tuple(s["ports"]), s.get("model", "venet"))
-                for s in sw_doc]
+    switches = [SwitchSpec(s["name"], tuple(s["ports"]), s.get("model", "venet")) for s in sw_doc]
     port_ids = {path: i for sw in switches for i, path in enumerate(sw.ports)}
     vms = []
     for v in vms_doc:
@@ -728,17 +831,29 @@ def parse_spec(text: str) -> tuple[list[VmSpec], list[SwitchSpec]]:
             path = f"{v['name']}/{d['name']}"
             if path in port_ids:
                 params["port"] = port_ids[path]
-            devices.append(DeviceSpec(d["model"], d["name"], params,
-                                      int(d.get("queue_size_max", 256)),
-                                      restarts=int(d.get("restarts", 0)),
-                                      cpus=tuple(int(c) for c in d.get("cpus", ()))))
-        vms.append(VmSpec(name=v["name"], memory=int(v.get("memory", 16 << 20)),
-                          ngsi=int(v.get("ngsi", 32)), devices=tuple(devices),
-                          workload=tuple(v.get("workload", [])),
-                          memory_sealed=bool(v.get("memory_sealed", True)),
-                          device_grace=float(v.get("device_grace", 10.0)),
-                          guest_restarts=int(v.get("guest_restarts", 0)),
-                          cpus=tuple(int(c) for c in v.get("cpus", ()))))
+            devices.append(
+                DeviceSpec(
+                    d["model"],
+                    d["name"],
+                    params,
+                    int(d.get("queue_size_max", 256)),
+                    restarts=int(d.get("restarts", 0)),
+                    cpus=tuple(int(c) for c in d.get("cpus", ())),
+                )
+            )
+        vms.append(
+            VmSpec(
+                name=v["name"],
+                memory=int(v.get("memory", 16 << 20)),
+                ngsi=int(v.get("ngsi", 32)),
+                devices=tuple(devices),
+                workload=tuple(v.get("workload", [])),
+                memory_sealed=bool(v.get("memory_sealed", True)),
+                device_grace=float(v.get("device_grace", 10.0)),
+                guest_restarts=int(v.get("guest_restarts", 0)),
+                cpus=tuple(int(c) for c in v.get("cpus", ())),
+            )
+        )
     return vms, switches
 
 
@@ -784,8 +899,18 @@ def main(argv: list[str] | None = None) -> int:
     if loop.signalled:
         return 1
     try:
-        print(json.dumps({"event": "vmm_done", "results": results, "stats": stats,
-                          "reports": vmm.reports, "errors": vmm.errors}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "event": "vmm_done",
+                    "results": results,
+                    "stats": stats,
+                    "reports": vmm.reports,
+                    "errors": vmm.errors,
+                }
+            ),
+            flush=True,
+        )
     except BrokenPipeError:  # whoever started us stopped listening: exit quietly
         silence_stdout()
     return 0 if not vmm.errors and len(results) == len(specs) else 1

@@ -271,10 +271,13 @@ class Channel:
     def vm_destroy(self, vm: int) -> None:
         self.call(wire.VmDestroy(vm=vm), wire.Ok)
 
-    def memslot_set(self, vm: int, slot: int, gpa: int, size: int, handle: int,
-                    offset: int = 0) -> None:
-        self.call(wire.MemslotSet(vm=vm, slot=slot, gpa=gpa, size=size, offset=offset,
-                                  handle=handle), wire.Ok)
+    def memslot_set(
+        self, vm: int, slot: int, gpa: int, size: int, handle: int, offset: int = 0
+    ) -> None:
+        self.call(
+            wire.MemslotSet(vm=vm, slot=slot, gpa=gpa, size=size, offset=offset, handle=handle),
+            wire.Ok,
+        )
 
     def device_create(self, vm: int, nsignals: int) -> int:
         return self.call(wire.DeviceCreate(vm=vm, nsignals=nsignals), wire.IdReply).id
@@ -282,36 +285,57 @@ class Channel:
     def device_destroy(self, device: int) -> None:
         self.call(wire.DeviceDestroy(device=device), wire.Ok)
 
-    def irqfd_assign(self, vm: int, handle: int, gsi: int, *,
-                     resample_handle: int | None = None) -> int:
+    def irqfd_assign(
+        self, vm: int, handle: int, gsi: int, *, resample_handle: int | None = None
+    ) -> int:
         flags = wire.IRQFD_FLAG_RESAMPLE if resample_handle is not None else 0
-        msg = wire.Irqfd(vm=vm, handle=handle, gsi=gsi, flags=flags,
-                         resample_handle=wire.NO_HANDLE if resample_handle is None
-                         else resample_handle)
+        msg = wire.Irqfd(
+            vm=vm,
+            handle=handle,
+            gsi=gsi,
+            flags=flags,
+            resample_handle=wire.NO_HANDLE if resample_handle is None else resample_handle,
+        )
         return self.call(msg, wire.IdReply).id
 
     def irqfd_deassign(self, vm: int, handle: int | None, gsi: int) -> None:
         h = wire.NO_HANDLE if handle is None else handle
         self.call(wire.Irqfd(vm=vm, handle=h, gsi=gsi, flags=wire.IRQFD_FLAG_DEASSIGN), wire.Ok)
 
-    def ioeventfd(self, vm: int, handle: int, addr: int, length: int, *,
-                  datamatch: int | None = None, pio: bool = False,
-                  deassign: bool = False) -> int | None:
-        flags = ((wire.IOEVENTFD_FLAG_DATAMATCH if datamatch is not None else 0)
-                 | (wire.IOEVENTFD_FLAG_PIO if pio else 0)
-                 | (wire.IOEVENTFD_FLAG_DEASSIGN if deassign else 0))
-        reply = self.request(wire.Ioeventfd(vm=vm, handle=handle, flags=flags, len=length,
-                                            addr=addr, datamatch=datamatch or 0))
+    def ioeventfd(
+        self,
+        vm: int,
+        handle: int,
+        addr: int,
+        length: int,
+        *,
+        datamatch: int | None = None,
+        pio: bool = False,
+        deassign: bool = False,
+    ) -> int | None:
+        flags = (
+            (wire.IOEVENTFD_FLAG_DATAMATCH if datamatch is not None else 0)
+            | (wire.IOEVENTFD_FLAG_PIO if pio else 0)
+            | (wire.IOEVENTFD_FLAG_DEASSIGN if deassign else 0)
+        )
+        reply = self.request(
+            wire.Ioeventfd(
+                vm=vm, handle=handle, flags=flags, len=length, addr=addr, datamatch=datamatch or 0
+            )
+        )
         return reply.id if isinstance(reply, wire.IdReply) else None
 
     def shmsignal_assign(self, device: int, sigid: int, handle: int) -> int:
-        return self.call(wire.ShmSignal(device=device, sigid=sigid, handle=handle),
-                         wire.IdReply).id
+        return self.call(wire.ShmSignal(device=device, sigid=sigid, handle=handle), wire.IdReply).id
 
     def shmsignal_deassign(self, device: int, sigid: int, handle: int | None = None) -> None:
         h = wire.NO_HANDLE if handle is None else handle
-        self.call(wire.ShmSignal(device=device, sigid=sigid, handle=h,
-                                 flags=wire.SHMSIGNAL_FLAG_DEASSIGN), wire.Ok)
+        self.call(
+            wire.ShmSignal(
+                device=device, sigid=sigid, handle=h, flags=wire.SHMSIGNAL_FLAG_DEASSIGN
+            ),
+            wire.Ok,
+        )
 
     def channel_open(self, scope: wire.Scope, target: int) -> OwnedFd:
         """A socket scoped to one VM or device, to hand to a guest or device process."""
@@ -323,13 +347,15 @@ class Channel:
     def ack_detach(self, binding: int) -> None:
         self.send(wire.DetachAck(binding=binding))
 
-    def state_pages(self, section: wire.StateSection,
-                    limit: int = 0) -> Iterator[list[dict[str, Any]]]:
+    def state_pages(
+        self, section: wire.StateSection, limit: int = 0
+    ) -> Iterator[list[dict[str, Any]]]:
         """The items of one section, a page per request (each costs the broker one page)."""
         after = 0
         while True:
-            reply = self.call(wire.GetState(section=section, limit=limit, after=after),
-                              wire.StateReply)
+            reply = self.call(
+                wire.GetState(section=section, limit=limit, after=after), wire.StateReply
+            )
             yield json.loads(reply.text)
             if not reply.next:
                 return
@@ -339,4 +365,5 @@ class Channel:
         """The broker's whole state (``vbusemu ps``), every section paged through. Pages are
         consistent one by one; an object created or destroyed meanwhile may be missed."""
         return wire.assemble_state(
-            lambda section: [item for page in self.state_pages(section) for item in page])
+            lambda section: [item for page in self.state_pages(section) for item in page]
+        )

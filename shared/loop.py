@@ -201,8 +201,9 @@ class Agent:
 
     name = "agent"
 
-    def __init__(self, channel: Channel, control: ControlPipe,
-                 loop: EventLoop | None = None) -> None:
+    def __init__(
+        self, channel: Channel, control: ControlPipe, loop: EventLoop | None = None
+    ) -> None:
         self.channel = channel
         self.control = control
         self.loop = loop if loop is not None else EventLoop()
@@ -346,6 +347,8 @@ def silence_stdout() -> None:
 
 def setup_logging(name: str) -> None:
     """Log lines to stderr as ``name: LEVEL message``."""
-    logging.basicConfig(level=os.environ.get("VBUSEMU_LOG", "WARNING").upper(),
-                        format=f"{name}[%(process)d]: %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=os.environ.get("VBUSEMU_LOG", "WARNING").upper(),
+        format=f"{name}[%(process)d]: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )

@@ -329,8 +329,7 @@ def _bar0_dtype() -> np.dtype[Any]:
     names.append("device_config")
     formats.append(("u1", DEVICE_CONFIG_SIZE))
     offsets.append(DEVICE_CONFIG_OFFSET)
-    return np.dtype({"names": names, "formats": formats, "offsets": offsets,
-                     "itemsize": BAR0_SIZE})
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": BAR0_SIZE})
 
 
 BAR0_DTYPE: Final = _bar0_dtype()
@@ -339,17 +338,22 @@ BAR0_DTYPE: Final = _bar0_dtype()
 # ---------------------------------------------------------------------------- device config
 
 NET_CONFIG_DTYPE: Final = np.dtype(
-    {"names": ["mac", "port_id"], "formats": [("u1", 6), "<u4"], "offsets": [0, 8],
-     "itemsize": 12}
+    {"names": ["mac", "port_id"], "formats": [("u1", 6), "<u4"], "offsets": [0, 8], "itemsize": 12}
 )
 """Device-specific config of DEVICE_NET: MAC address (6 bytes), then the port id at 8."""
-BLK_CONFIG_DTYPE: Final = np.dtype({"names": ["capacity"], "formats": ["<u8"], "offsets": [0],
-                                    "itemsize": 8})
+BLK_CONFIG_DTYPE: Final = np.dtype(
+    {"names": ["capacity"], "formats": ["<u8"], "offsets": [0], "itemsize": 8}
+)
 """Device-specific config of DEVICE_BLK: capacity in 512-byte sectors."""
 SECTOR_SIZE: Final = 512
 BLK_REQ_HEADER_DTYPE: Final = np.dtype(
-    {"names": ["type", "reserved", "sector"], "formats": ["<u4", "<u4", "<u8"],
-     "offsets": [0, 4, 8], "itemsize": 16})
+    {
+        "names": ["type", "reserved", "sector"],
+        "formats": ["<u4", "<u4", "<u8"],
+        "offsets": [0, 4, 8],
+        "itemsize": 16,
+    }
+)
 """DEVICE_BLK request header (virtio-blk's ``struct virtio_blk_outhdr``)."""
 BLK_T_IN: Final = 0
 BLK_T_OUT: Final = 1

@@ -267,8 +267,12 @@ def assemble_state(items: Callable[[StateSection], list[dict[str, Any]]]) -> dic
         if h["conn"] in by_conn:  # a connection that came between two pages
             by_conn[h["conn"]]["handles"][str(h["handle"])] = h["object"]
     state["connections"] = conns
-    for section in (StateSection.OBJECTS, StateSection.VMS, StateSection.DEVICES,
-                    StateSection.BINDINGS):
+    for section in (
+        StateSection.OBJECTS,
+        StateSection.VMS,
+        StateSection.DEVICES,
+        StateSection.BINDINGS,
+    ):
         state[section.name.lower()] = items(section)
     return state
 
@@ -764,8 +768,10 @@ def relay_overflow(msg: Message) -> str | None:
     room = text_room(relayed_as)
     if size <= room:
         return None
-    return (f"{type(msg).__name__}: {size} bytes of text do not fit the {room} a "
-            f"{relayed_as.__name__} carries")
+    return (
+        f"{type(msg).__name__}: {size} bytes of text do not fit the {room} a "
+        f"{relayed_as.__name__} carries"
+    )
 
 
 def describe(msg: Message) -> str:

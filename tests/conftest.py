@@ -31,8 +31,7 @@ from shared.channel import Channel
 from shared.wire import Policy
 from tests import timing
 
-settings.register_profile("vbusemu", deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("vbusemu", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("vbusemu")
 
 
@@ -165,15 +164,25 @@ def broker_factory(sockdir: Path) -> Iterator[Callable[..., BrokerHandle]]:
     """Start brokers (real processes); all are stopped and their logs checked after."""
     started: list[BrokerHandle] = []
 
-    def start(policy: Policy = Policy.HUP, ack_timeout: float = 2.0,
-              name: str = "broker", args: Sequence[str] = ()) -> BrokerHandle:
+    def start(
+        policy: Policy = Policy.HUP,
+        ack_timeout: float = 2.0,
+        name: str = "broker",
+        args: Sequence[str] = (),
+    ) -> BrokerHandle:
         run = sockdir / name
         run.mkdir(mode=0o700)
         log = sockdir / f"{name}.log"
         with open(log, "w") as logf:
-            proc = start_broker(str(run / "broker.sock"), policy, ack_timeout=ack_timeout,
-                                stderr=logf, stdout=logf, extra_args=args,
-                                timeout=timing.scaled(15))
+            proc = start_broker(
+                str(run / "broker.sock"),
+                policy,
+                ack_timeout=ack_timeout,
+                stderr=logf,
+                stdout=logf,
+                extra_args=args,
+                timeout=timing.scaled(15),
+            )
         handle = BrokerHandle(str(run / "broker.sock"), proc, log)
         started.append(handle)
         return handle

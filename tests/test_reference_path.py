@@ -31,7 +31,12 @@ def test_ring_device_and_dataplane_tests_pass_on_the_reference_path() -> None:
     env = dict(os.environ, VBUSEMU_JIT="0")
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *REFERENCE_SUBSET],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timing.scaled(280))
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timing.scaled(280),
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout
 
@@ -44,8 +49,13 @@ def test_control_plane_processes_never_import_numba() -> None:
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite'))\n"
         "print(heavy)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timing.scaled(60))
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timing.scaled(60),
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
@@ -63,7 +73,12 @@ def test_a_reference_ring_does_not_load_numba() -> None:
         "v.push_used(v.pop_batch().heads, np.zeros(8, dtype=np.int64))\n"
         "print('numba' in sys.modules)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timing.scaled(60))
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timing.scaled(60),
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"

@@ -121,8 +121,16 @@ Check = Callable[[Request, U8Array], "str | None"]
 class BlkDriver:
     """A blk function brought up on queue 0, with ``depth`` request slots in guest RAM."""
 
-    def __init__(self, agent: GuestAgent, ram: GuestRam, fn: Function, *, depth: int,
-                 max_sectors: int, qsize: int = 256) -> None:
+    def __init__(
+        self,
+        agent: GuestAgent,
+        ram: GuestRam,
+        fn: Function,
+        *,
+        depth: int,
+        max_sectors: int,
+        qsize: int = 256,
+    ) -> None:
         if not 1 <= depth <= qsize // 3:
             raise VbusError(f"depth must be in 1..{qsize // 3} (3 descriptors per request)")
         self.agent = agent
@@ -180,8 +188,14 @@ class BlkDriver:
         self.free.append(slot)
         return error
 
-    def execute(self, reqs: list[Request], *, fill: Fill | None = None,
-                check: Check | None = None, timeout: float = 60.0) -> str | None:
+    def execute(
+        self,
+        reqs: list[Request],
+        *,
+        fill: Fill | None = None,
+        check: Check | None = None,
+        timeout: float = 60.0,
+    ) -> str | None:
         """Run ``reqs`` with up to ``depth`` in flight, in order of submission; return the
         first discrepancy or ``None``. Completions may come back in any order."""
         ring = self.vq.ring
@@ -231,8 +245,9 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
     return run_on(agent, GuestRam(agent.memory.map), found[0], params)
 
 
-def run_on(agent: GuestAgent, ram: GuestRam, fn: Function,
-           params: dict[str, Any]) -> dict[str, Any]:
+def run_on(
+    agent: GuestAgent, ram: GuestRam, fn: Function, params: dict[str, Any]
+) -> dict[str, Any]:
     """Write, flush, (optionally hold,) read back and verify; then check that requests past
     the end of the disk fail with IOERR."""
     count = int(params.get("count", 64))
@@ -243,14 +258,29 @@ def run_on(agent: GuestAgent, ram: GuestRam, fn: Function,
     hold = bool(params.get("hold_after_flush", False))
     if count < 1 or sectors < 1 or first < 0:
         raise VbusError("count and sectors must be >= 1, start >= 0")
-    drv = BlkDriver(agent, ram, fn, depth=int(params.get("depth", 16)), max_sectors=sectors,
-                    qsize=int(params.get("qsize", 256)))
+    drv = BlkDriver(
+        agent,
+        ram,
+        fn,
+        depth=int(params.get("depth", 16)),
+        max_sectors=sectors,
+        qsize=int(params.get("qsize", 256)),
+    )
     drv.progress_every = int(params.get("progress_every", 0))
     total = count * sectors
-    result: dict[str, Any] = {"workload": "blk", "ok": False, "error": None,
-                              "capacity": drv.capacity, "sectors": total, "seed": seed,
-                              "written_bytes": 0, "read_bytes": 0, "flushes": 0,
-                              "mb_per_s_write": 0.0, "mb_per_s_read": 0.0}
+    result: dict[str, Any] = {
+        "workload": "blk",
+        "ok": False,
+        "error": None,
+        "capacity": drv.capacity,
+        "sectors": total,
+        "seed": seed,
+        "written_bytes": 0,
+        "read_bytes": 0,
+        "flushes": 0,
+        "mb_per_s_write": 0.0,
+        "mb_per_s_read": 0.0,
+    }
     if first + total > drv.capacity:
         result["error"] = f"sectors {first}..{first + total - 1} exceed capacity {drv.capacity}"
         return result
@@ -284,12 +314,17 @@ def run_on(agent: GuestAgent, ram: GuestRam, fn: Function,
         # Past the end of the disk: a read at capacity, and a write straddling the end
         # (the device must refuse both before touching the file).
         cap = drv.capacity
-        error = drv.execute([Request(T_IN, cap, 1, expect=S_IOERR),
-                             Request(T_OUT, cap - 1, 2, expect=S_IOERR)],
-                            fill=fill, timeout=timeout)
-    result.update(ok=error is None, error=error,
-                  doorbells=drv.vq.counters["doorbells"],
-                  doorbells_suppressed=drv.vq.counters["doorbells_suppressed"],
-                  interrupts={str(k): v for k, v in agent.irq.wakeups.items()},
-                  vcpu=dict(drv.vcpu.counters))
+        error = drv.execute(
+            [Request(T_IN, cap, 1, expect=S_IOERR), Request(T_OUT, cap - 1, 2, expect=S_IOERR)],
+            fill=fill,
+            timeout=timeout,
+        )
+    result.update(
+        ok=error is None,
+        error=error,
+        doorbells=drv.vq.counters["doorbells"],
+        doorbells_suppressed=drv.vq.counters["doorbells_suppressed"],
+        interrupts={str(k): v for k, v in agent.irq.wakeups.items()},
+        vcpu=dict(drv.vcpu.counters),
+    )
     return result

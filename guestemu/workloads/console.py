@@ -62,11 +62,20 @@ DEFAULT_BUF_SIZE = 512
 class Console:
     """The driver of one console function (already enumerated by :func:`boot`)."""
 
-    def __init__(self, vcpu: Vcpu, ram: GuestRam, fn: Function, *, qsize: int = DEFAULT_QSIZE,
-                 buf_size: int = DEFAULT_BUF_SIZE, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        vcpu: Vcpu,
+        ram: GuestRam,
+        fn: Function,
+        *,
+        qsize: int = DEFAULT_QSIZE,
+        buf_size: int = DEFAULT_BUF_SIZE,
+        timeout: float = 30.0,
+    ) -> None:
         if fn.found.device_id != pl.DEVICE_CONSOLE:
-            raise ConfigError(f"function {fn.found.slot} is not a console "
-                              f"(device id {fn.found.device_id})")
+            raise ConfigError(
+                f"function {fn.found.slot} is not a console (device id {fn.found.device_id})"
+            )
         if buf_size < 1:
             raise ConfigError(f"console buffers need at least 1 byte, got {buf_size}")
         self.vcpu = vcpu
@@ -81,8 +90,7 @@ class Console:
         self.counters: Counter[str] = Counter()
 
     @classmethod
-    def first(cls, vcpu: Vcpu, ram: GuestRam, functions: list[Function],
-              **kw: Any) -> Console:
+    def first(cls, vcpu: Vcpu, ram: GuestRam, functions: list[Function], **kw: Any) -> Console:
         """The driver of the first console on the bus; :class:`VbusError` if there is none."""
         consoles = find(functions, pl.DEVICE_CONSOLE)
         if not consoles:
@@ -143,17 +151,21 @@ class Console:
             if ring.enable_interrupts():
                 ring.disable_interrupts()
                 continue
-            woke = self.vcpu.halt(lambda: ring.has_used() or ring.broken is not None,
-                                  self.timeout)
+            woke = self.vcpu.halt(lambda: ring.has_used() or ring.broken is not None, self.timeout)
             ring.disable_interrupts()
             self.counters["waits"] += 1
             if not woke:
-                raise VbusError(f"console: the device consumed nothing for {self.timeout}s "
-                                f"({ring.in_flight} buffers in flight)")
+                raise VbusError(
+                    f"console: the device consumed nothing for {self.timeout}s "
+                    f"({ring.in_flight} buffers in flight)"
+                )
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counters, "doorbells": self.tx.counters["doorbells"],
-                "doorbells_suppressed": self.tx.counters["doorbells_suppressed"]}
+        return {
+            **self.counters,
+            "doorbells": self.tx.counters["doorbells"],
+            "doorbells_suppressed": self.tx.counters["doorbells_suppressed"],
+        }
 
 
 def default_lines(functions: list[Function]) -> list[str]:
@@ -169,22 +181,34 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
     its buffers (a small ``buf_size`` makes lines span buffers)."""
     unknown = set(params) - PARAMS
     if unknown:
-        raise ConfigError(f"console workload: unknown parameters {sorted(unknown)} "
-                          f"(known: {sorted(PARAMS)})")
+        raise ConfigError(
+            f"console workload: unknown parameters {sorted(unknown)} (known: {sorted(PARAMS)})"
+        )
     ram = GuestRam(agent.memory.map)
     functions = boot(agent.vcpu)
     lines = params.get("lines", default_lines(functions))
     if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
         raise ConfigError("console workload: lines must be a list of strings")
-    console = Console.first(agent.vcpu, ram, functions,
-                            qsize=int(params.get("qsize", DEFAULT_QSIZE)),
-                            buf_size=int(params.get("buf_size", DEFAULT_BUF_SIZE)))
+    console = Console.first(
+        agent.vcpu,
+        ram,
+        functions,
+        qsize=int(params.get("qsize", DEFAULT_QSIZE)),
+        buf_size=int(params.get("buf_size", DEFAULT_BUF_SIZE)),
+    )
     for line in lines:
         console.write(line + "\n")
     console.flush()
     stats = console.stats()
-    return {"workload": "console", "ok": True, "error": None, "lines": len(lines),
-            "bytes": stats.get("bytes", 0), "doorbells": stats["doorbells"],
-            "doorbells_suppressed": stats["doorbells_suppressed"], "console": stats,
-            "interrupts": {str(k): v for k, v in agent.irq.wakeups.items()},
-            "vcpu": dict(agent.vcpu.counters)}
+    return {
+        "workload": "console",
+        "ok": True,
+        "error": None,
+        "lines": len(lines),
+        "bytes": stats.get("bytes", 0),
+        "doorbells": stats["doorbells"],
+        "doorbells_suppressed": stats["doorbells_suppressed"],
+        "console": stats,
+        "interrupts": {str(k): v for k, v in agent.irq.wakeups.items()},
+        "vcpu": dict(agent.vcpu.counters),
+    }

@@ -52,8 +52,7 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
             return result
         fn = found[0]
         start_device(fn, 0)
-        vq = Virtqueue(agent.vcpu, GuestRam(agent.memory.map), fn, 0, 16, vector=0,
-                       event_idx=False)
+        vq = Virtqueue(agent.vcpu, GuestRam(agent.memory.map), fn, 0, 16, vector=0, event_idx=False)
         if not fn.driver.set_driver_ok():
             result["error"] = "the device did not go live"
             return result
@@ -61,8 +60,7 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
         result["error"] = f"{type(e).__name__}: {e}"
         return result
 
-    counts = {"interrupts": 0, "signals": 0, "max_signals": 0, "doorbells": 0,
-              "reentered": 0}
+    counts = {"interrupts": 0, "signals": 0, "max_signals": 0, "doorbells": 0, "reentered": 0}
     depth_min, depth_max = sys.maxsize, 0
     running = True
     nesting = 0
@@ -102,8 +100,13 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
     running = False
     max_gap = max(max_gap, time.monotonic() - last)  # a cycle that stopped shows here
     elapsed = time.monotonic() - start
-    result.update(counts, ok=True, max_gap_s=max_gap, elapsed=elapsed,
-                  interrupts_per_s=counts["interrupts"] / max(elapsed, 1e-9),
-                  depth_min=depth_min if counts["interrupts"] else None,
-                  depth_max=depth_max if counts["interrupts"] else None)
+    result.update(
+        counts,
+        ok=True,
+        max_gap_s=max_gap,
+        elapsed=elapsed,
+        interrupts_per_s=counts["interrupts"] / max(elapsed, 1e-9),
+        depth_min=depth_min if counts["interrupts"] else None,
+        depth_max=depth_max if counts["interrupts"] else None,
+    )
     return result

@@ -105,7 +105,7 @@ def stamp_row(row: np.ndarray[Any, Any], seq: int) -> None:
     what :func:`~guestemu.workloads.frames.stamp` writes."""
     runs = payload_runs(seq, row.shape[0] - HEADER)
     for start, stop, value in runs:
-        row[HEADER + start:HEADER + stop] = value
+        row[HEADER + start : HEADER + stop] = value
     row[:HEADER] = np.frombuffer(_HDR.pack(seq & 0xFFFFFFFF, _checksum(runs)), np.uint8)
 
 
@@ -113,10 +113,11 @@ def _run_matches(seg: np.ndarray[Any, Any], value: int) -> bool:
     """Whether every byte of ``seg`` is ``value`` (compared as 64-bit words, then the tail)."""
     n = seg.shape[0]
     words = n // 8
-    if words and not bool((seg[:words * 8].view(np.uint64)
-                           == np.uint64(value * 0x0101010101010101)).all()):
+    if words and not bool(
+        (seg[: words * 8].view(np.uint64) == np.uint64(value * 0x0101010101010101)).all()
+    ):
         return False
-    return bool((seg[words * 8:] == value).all())
+    return bool((seg[words * 8 :] == value).all())
 
 
 def check_row(row: np.ndarray[Any, Any], length: int, seq: int) -> str | None:
@@ -135,7 +136,7 @@ def check_row(row: np.ndarray[Any, Any], length: int, seq: int) -> str | None:
     if ok and size - HEADER < _SMALL_PAYLOAD:
         ok = row[HEADER:].tobytes() == b"".join(bytes((v,)) * (b - a) for a, b, v in runs)
     elif ok:
-        ok = all(_run_matches(row[HEADER + a:HEADER + b], v) for a, b, v in runs)
+        ok = all(_run_matches(row[HEADER + a : HEADER + b], v) for a, b, v in runs)
     if not ok:
         return f"frame {seq}: checksum mismatch (payload corrupted)"
     return None
@@ -144,9 +145,18 @@ def check_row(row: np.ndarray[Any, Any], length: int, seq: int) -> str | None:
 class EchoSession:
     """An echo device brought up by the driver, and frames pushed through it."""
 
-    def __init__(self, agent: GuestAgent, size: int, batch: int, qsize: int = 256, *,
-                 event_idx: bool = True, always_kick: bool = False,
-                 sink: bool = False, indirect_tail: bool = False) -> None:
+    def __init__(
+        self,
+        agent: GuestAgent,
+        size: int,
+        batch: int,
+        qsize: int = 256,
+        *,
+        event_idx: bool = True,
+        always_kick: bool = False,
+        sink: bool = False,
+        indirect_tail: bool = False,
+    ) -> None:
         self.agent = agent
         # one way: the device (its ``sink`` option) consumes the frames; a frame is done
         # when its TX buffer comes back, and nothing comes back on RX
@@ -160,8 +170,16 @@ class EchoSession:
         self.fn = fn = echo[0]
         self.size = max(size, HEADER + 1)
         self.batch = batch
-        self.queues = q = PacketQueues(vcpu, ram, fn, self.size, qsize, event_idx=event_idx,
-                                       always_kick=always_kick, indirect_tail=indirect_tail)
+        self.queues = q = PacketQueues(
+            vcpu,
+            ram,
+            fn,
+            self.size,
+            qsize,
+            event_idx=event_idx,
+            always_kick=always_kick,
+            indirect_tail=indirect_tail,
+        )
         self.window = qsize  # frames outstanding at most; 1 = stop-and-wait (round trips)
         self.rtts: list[float] = []  # per frame, when window == 1
         # the rings and pools, for callers (and hostile tests) that need them
@@ -181,8 +199,9 @@ class EchoSession:
         big = self.size >= IN_PLACE_MIN_SIZE
         while self.received < goal and error is None:
             progressed = False
-            n = min(self.batch, goal - self.sent, q.tx_room(),
-                    self.window - (self.sent - self.received))
+            n = min(
+                self.batch, goal - self.sent, q.tx_room(), self.window - (self.sent - self.received)
+            )
             if n > 0:
                 first = self.sent
                 if n <= BYTES_MAX_FRAMES and self.size <= BYTES_MAX_SIZE:
@@ -192,8 +211,13 @@ class EchoSession:
                 elif big or n <= IN_PLACE_MAX_FRAMES:
                     clock = [0.0]
 
-                    def fill(row: np.ndarray[Any, Any], i: int, first: int = first,
-                             last: int = n - 1, clock: list[float] = clock) -> None:
+                    def fill(
+                        row: np.ndarray[Any, Any],
+                        i: int,
+                        first: int = first,
+                        last: int = n - 1,
+                        clock: list[float] = clock,
+                    ) -> None:
                         stamp_row(row, first + i)
                         if i == last:  # the frames are written: the round trip starts
                             clock[0] = time.perf_counter()
@@ -216,8 +240,7 @@ class EchoSession:
                 progressed = True
             if q.broken():
                 error = f"ring broken: {q.broken()}"
-            if not progressed and error is None and not q.wait(deadline,
-                                                                need_tx=self.sink or None):
+            if not progressed and error is None and not q.wait(deadline, need_tx=self.sink or None):
                 error = f"timed out: sent {self.sent}, received {self.received} of {goal}"
         self.elapsed += time.monotonic() - start
         return error
@@ -247,8 +270,9 @@ class EchoSession:
         frames, lens_arr = q.receive()
         if len(frames) <= IN_PLACE_MAX_FRAMES:
             for i in range(len(frames)):
-                self._error = self._error or check_row(frames[i], int(lens_arr[i]),
-                                                       self.received + i)
+                self._error = self._error or check_row(
+                    frames[i], int(lens_arr[i]), self.received + i
+                )
         elif len(frames):
             self._error = check(frames, lens_arr, self.received)
         return len(frames)
@@ -256,8 +280,9 @@ class EchoSession:
     def move_bar(self) -> int:
         """Reprogram BAR0 to a fresh address; the doorbells follow (ioeventfds rebound)."""
         fn = self.fn
-        new = pci.BarAllocator(pl.Window(pl.MMIO_WINDOW.start + 0x100000,
-                                         pl.MMIO_WINDOW.end)).allocate(fn.found.bar_size)
+        new = pci.BarAllocator(
+            pl.Window(pl.MMIO_WINDOW.start + 0x100000, pl.MMIO_WINDOW.end)
+        ).allocate(fn.found.bar_size)
         fn.driver.program_bar(new)
         for q in (self.tx, self.rx):
             q.notify_addr = fn.driver.queue_notify_address(q.index)
@@ -277,17 +302,25 @@ class EchoSession:
     def result(self, error: str | None, **extra: Any) -> dict[str, Any]:
         tx, rx = self.tx, self.rx
         elapsed = max(self.elapsed, 1e-9)
-        return {"workload": "echo", "sink": self.sink,
-                "ok": error is None and self.received == self.sent,
-                "error": error, "frames": self.received, "bytes": self.received * self.size,
-                "elapsed": elapsed, "frames_per_s": self.received / elapsed,
-                "mb_per_s": self.received * self.size / elapsed / 1e6,
-                "doorbells": tx.counters["doorbells"] + rx.counters["doorbells"],
-                "doorbells_suppressed": (tx.counters["doorbells_suppressed"]
-                                         + rx.counters["doorbells_suppressed"]),
-                "interrupts": {str(k): v for k, v in self.agent.irq.wakeups.items()},
-                "vcpu": dict(self.vcpu.counters), "cpus": sorted(os.sched_getaffinity(0)),
-                **extra}
+        return {
+            "workload": "echo",
+            "sink": self.sink,
+            "ok": error is None and self.received == self.sent,
+            "error": error,
+            "frames": self.received,
+            "bytes": self.received * self.size,
+            "elapsed": elapsed,
+            "frames_per_s": self.received / elapsed,
+            "mb_per_s": self.received * self.size / elapsed / 1e6,
+            "doorbells": tx.counters["doorbells"] + rx.counters["doorbells"],
+            "doorbells_suppressed": (
+                tx.counters["doorbells_suppressed"] + rx.counters["doorbells_suppressed"]
+            ),
+            "interrupts": {str(k): v for k, v in self.agent.irq.wakeups.items()},
+            "vcpu": dict(self.vcpu.counters),
+            "cpus": sorted(os.sched_getaffinity(0)),
+            **extra,
+        }
 
 
 def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
@@ -304,10 +337,16 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
     chains = str(params.get("chains", "single"))
     if chains not in ("single", "indirect_tail"):
         raise VbusError(f"echo: chains must be 'single' or 'indirect_tail', not {chains!r}")
-    session = EchoSession(agent, int(params.get("size", 64)), int(params.get("batch", 32)),
-                          int(params.get("qsize", 256)), event_idx=notify == "event_idx",
-                          always_kick=notify == "always", sink=bool(params.get("sink", False)),
-                          indirect_tail=chains == "indirect_tail")
+    session = EchoSession(
+        agent,
+        int(params.get("size", 64)),
+        int(params.get("batch", 32)),
+        int(params.get("qsize", 256)),
+        event_idx=notify == "event_idx",
+        always_kick=notify == "always",
+        sink=bool(params.get("sink", False)),
+        indirect_tail=chains == "indirect_tail",
+    )
     session.window = max(1, int(params.get("window", session.window)))
     agent.emit("echo_ready")
     if not rebind:
@@ -316,9 +355,12 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
         if session.rtts:
             rtt = np.array(session.rtts) * 1e6
             step = max(1, len(rtt) // MAX_RTT_SAMPLES)  # an even subsample of long runs
-            extra = {"rtt_p50_us": float(np.percentile(rtt, 50)),
-                     "rtt_p99_us": float(np.percentile(rtt, 99)), "rtt_samples": len(rtt),
-                     "rtt_us": [round(float(x), 2) for x in rtt[::step]]}
+            extra = {
+                "rtt_p50_us": float(np.percentile(rtt, 50)),
+                "rtt_p99_us": float(np.percentile(rtt, 99)),
+                "rtt_samples": len(rtt),
+                "rtt_us": [round(float(x), 2) for x in rtt[::step]],
+            }
         return session.result(error, **extra)
     third = max(1, count // 3)
     error = session.transfer(third)

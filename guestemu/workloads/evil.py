@@ -54,16 +54,16 @@ if TYPE_CHECKING:
 
 TX, RX = 0, 1
 ATTACKS: Final = (
-    "index_jump",         # avail.idx += Q + 5
+    "index_jump",  # avail.idx += Q + 5
     "head_out_of_range",  # a head >= Q in the available ring
     "next_out_of_range",  # a NEXT descriptor whose next >= Q
-    "loop",               # two descriptors chained to each other
-    "addr_outside",       # a buffer beyond the end of guest RAM
-    "addr_overflow",      # addr + len wraps past 2**64
-    "zero_len",           # a buffer of length 0
-    "huge_len",           # a buffer of length 0xFFFFFFFF
-    "too_many",           # the same head made available twice while in flight
-    "bad_indirect",       # an INDIRECT descriptor whose len % 16 != 0
+    "loop",  # two descriptors chained to each other
+    "addr_outside",  # a buffer beyond the end of guest RAM
+    "addr_overflow",  # addr + len wraps past 2**64
+    "zero_len",  # a buffer of length 0
+    "huge_len",  # a buffer of length 0xFFFFFFFF
+    "too_many",  # the same head made available twice while in flight
+    "bad_indirect",  # an INDIRECT descriptor whose len % 16 != 0
 )
 RX_TRIGGER_FRAMES: Final = 2
 """Good frames sent after an RX attack: the echo device takes RX buffers only for replies."""
@@ -79,10 +79,12 @@ class RawRing:
         q = layout.qsize
         self.qsize = q
         self.desc = area[layout.desc_offset : layout.desc_offset + layout.desc_size].view(
-            DESC_DTYPE)
+            DESC_DTYPE
+        )
         self.avail_idx = area[layout.avail_idx_offset : layout.avail_idx_offset + 2].view("<u2")
         self.avail_ring = area[layout.avail_ring_offset : layout.avail_ring_offset + 2 * q].view(
-            "<u2")
+            "<u2"
+        )
 
     def set_desc(self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0) -> None:
         self.desc[i] = (addr, length, flags, nxt)
@@ -132,8 +134,10 @@ class EvilDriver:
         desc = self.queue_addr(vq.index, pl.REG_QUEUE_DESC_LO)
         avail = self.queue_addr(vq.index, pl.REG_QUEUE_AVAIL_LO)
         if avail != desc + layout.avail_offset:
-            raise VbusError(f"queue {vq.index}: avail ring at {avail:#x}, expected "
-                            f"{desc + layout.avail_offset:#x} (not a RingLayout ring)")
+            raise VbusError(
+                f"queue {vq.index}: avail ring at {avail:#x}, expected "
+                f"{desc + layout.avail_offset:#x} (not a RingLayout ring)"
+            )
         raw = RawRing(self.session.ram.view(desc, layout.size), layout)
         if int(raw.avail_idx[0]) != vq.ring.avail_idx:
             raise VbusError(f"queue {vq.index}: the ring at {desc:#x} is not the driver's")
@@ -223,9 +227,17 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
     queue = int(params.get("queue", TX))
     frames = int(params.get("frames", 8))
     wait = float(params.get("wait", 20.0))
-    result: dict[str, Any] = {"workload": "evil", "ok": False, "attack": attack,
-                              "queue": queue, "broken_reason": None, "queue_broken": {},
-                              "needs_reset": None, "frames": 0, "error": None}
+    result: dict[str, Any] = {
+        "workload": "evil",
+        "ok": False,
+        "attack": attack,
+        "queue": queue,
+        "broken_reason": None,
+        "queue_broken": {},
+        "needs_reset": None,
+        "frames": 0,
+        "error": None,
+    }
     if attack not in ATTACKS or queue not in (TX, RX):
         result["error"] = f"unknown attack {attack!r} on queue {queue} (attacks: {ATTACKS})"
         return result
@@ -242,8 +254,11 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
         driver.attack(attack, queue)
         broken = driver.wait_broken(queue, time.monotonic() + wait)
         other_broken = driver.queue_reg(other, pl.REG_QUEUE_BROKEN)
-        result.update(broken_reason=broken, needs_reset=driver.needs_reset(),
-                      queue_broken={str(queue): broken, str(other): other_broken})
+        result.update(
+            broken_reason=broken,
+            needs_reset=driver.needs_reset(),
+            queue_broken={str(queue): broken, str(other): other_broken},
+        )
         if not broken:
             result["error"] = f"QUEUE_BROKEN of queue {queue} still 0 after {wait}s"
         elif other_broken:

@@ -17,16 +17,19 @@ HEADER = 8  # seq u32, checksum u32
 def stamp(frames: np.ndarray[Any, Any], seqs: np.ndarray[Any, Any]) -> None:
     """Fill ``frames`` (N x size) with a payload derived from each seq, then its header."""
     size = frames.shape[1]
-    body = (seqs[:, None].astype(np.uint32) * np.uint32(2654435761)
-            + np.arange(size - HEADER, dtype=np.uint32)[None, :]) >> np.uint32(24)
+    body = (
+        seqs[:, None].astype(np.uint32) * np.uint32(2654435761)
+        + np.arange(size - HEADER, dtype=np.uint32)[None, :]
+    ) >> np.uint32(24)
     frames[:, HEADER:] = body.astype(np.uint8)
     checksum = frames[:, HEADER:].sum(axis=1, dtype=np.uint32)
     frames[:, 0:4] = seqs.astype("<u4")[:, None].view(np.uint8).reshape(-1, 4)
     frames[:, 4:8] = checksum.astype("<u4")[:, None].view(np.uint8).reshape(-1, 4)
 
 
-def check(frames: np.ndarray[Any, Any], lens: np.ndarray[Any, Any],
-          expect_first: int) -> str | None:
+def check(
+    frames: np.ndarray[Any, Any], lens: np.ndarray[Any, Any], expect_first: int
+) -> str | None:
     """The first discrepancy in received frames, or None if all are intact and in order."""
     n, size = frames.shape
     seqs = frames[:, 0:4].copy().view("<u4").reshape(n)

@@ -20,8 +20,12 @@ from shared import pci_layout as pl
 if TYPE_CHECKING:
     from guestemu.guest import GuestAgent
 
-KIND = {pl.DEVICE_ECHO: "echo", pl.DEVICE_NET: "net", pl.DEVICE_BLK: "blk",
-        pl.DEVICE_CONSOLE: "console"}
+KIND = {
+    pl.DEVICE_ECHO: "echo",
+    pl.DEVICE_NET: "net",
+    pl.DEVICE_BLK: "blk",
+    pl.DEVICE_CONSOLE: "console",
+}
 
 
 def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
@@ -35,28 +39,32 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
             console.write(text + "\n")
 
     say(f"vbusemu guest {params.get('hostname', agent.name)} booting")
-    say("pci: " + ", ".join(f"{f.found.slot:02x}.0 {KIND.get(f.found.device_id, '?')} "
-                            f"(BAR {f.found.bar_address:#x}, gsi "
-                            f"{','.join(str(g) for g in f.gsis.values())})"
-                            for f in functions))
+    say(
+        "pci: "
+        + ", ".join(
+            f"{f.found.slot:02x}.0 {KIND.get(f.found.device_id, '?')} "
+            f"(BAR {f.found.bar_address:#x}, gsi "
+            f"{','.join(str(g) for g in f.gsis.values())})"
+            for f in functions
+        )
+    )
     parts: dict[str, dict[str, Any]] = {}
     disks = find(functions, pl.DEVICE_BLK)
     if disks:
         say("disk: write, flush, read back, verify")
         parts["blk"] = r = blk.run_on(agent, ram, disks[0], dict(params.get("disk", {})))
-        say(f"disk: {'ok' if r['ok'] else 'FAILED: ' + str(r['error'])} "
-            f"({r['written_bytes'] >> 10} KiB written, {r['read_bytes'] >> 10} KiB verified)")
+        say(
+            f"disk: {'ok' if r['ok'] else 'FAILED: ' + str(r['error'])} "
+            f"({r['written_bytes'] >> 10} KiB written, {r['read_bytes'] >> 10} KiB verified)"
+        )
     nets = find(functions, pl.DEVICE_NET)
     if nets and "net" in params:
         say(f"net: {params['net'].get('role', 'send')}")
         parts["net"] = r = net.run_port(agent, ram, nets[0], dict(params["net"]))
-        say(f"net: {'ok' if r['ok'] else 'FAILED: ' + str(r['error'])} "
-            f"({r['frames']} frames)")
+        say(f"net: {'ok' if r['ok'] else 'FAILED: ' + str(r['error'])} ({r['frames']} frames)")
     if console is not None:
         say("guest done")
         console.flush()
         parts["console"] = {"ok": True, **console.stats()}
-    error = next((f"{name}: {p['error']}" for name, p in parts.items() if not p.get("ok")),
-                 None)
-    return {"workload": "main", "ok": error is None and bool(parts), "error": error,
-            "parts": parts}
+    error = next((f"{name}: {p['error']}" for name, p in parts.items() if not p.get("ok")), None)
+    return {"workload": "main", "ok": error is None and bool(parts), "error": error, "parts": parts}

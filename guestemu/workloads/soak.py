@@ -129,16 +129,25 @@ def run_echo(agent: GuestAgent, params: dict[str, Any], until: float) -> dict[st
         if q.broken():
             error = f"ring broken: {q.broken()}"
         acked = sent - (qsize - q.tx_room())
-        progress.maybe(mode="echo", sent=sent, acked=acked, received=received,
-                       duplicates=duplicates)
+        progress.maybe(
+            mode="echo", sent=sent, acked=acked, received=received, duplicates=duplicates
+        )
         if not progressed and error is None:
             # Wake at least at ``until`` to start draining (halts fail past a device grace).
             q.wait(min(deadline, time.monotonic() + max(0.01, until - time.time())))
     acked = sent - (qsize - q.tx_room())
-    return {"workload": "soak", "mode": "echo", "ok": error is None, "error": error,
-            "sent": sent, "acked": acked, "received": received, "duplicates": duplicates,
-            "lost": sent - received if error is None else None,
-            "device_returns": agent.device_returns}
+    return {
+        "workload": "soak",
+        "mode": "echo",
+        "ok": error is None,
+        "error": error,
+        "sent": sent,
+        "acked": acked,
+        "received": received,
+        "duplicates": duplicates,
+        "lost": sent - received if error is None else None,
+        "device_returns": agent.device_returns,
+    }
 
 
 def run_blk(agent: GuestAgent, params: dict[str, Any], until: float) -> dict[str, Any]:
@@ -162,8 +171,13 @@ def run_blk(agent: GuestAgent, params: dict[str, Any], until: float) -> dict[str
     gens = np.concatenate([seen[s] for s in reqs])
     if (gens < 0).any():
         bad = first + int(np.nonzero(gens < 0)[0][0])
-        return {"workload": "soak", "mode": "blk", "ok": False, "passes": 0,
-                "error": f"sector {bad} holds no intact generation at start"}
+        return {
+            "workload": "soak",
+            "mode": "blk",
+            "ok": False,
+            "passes": 0,
+            "error": f"sector {bad} holds no intact generation at start",
+        }
     gen = int(gens.max())
     agent.emit("blk_start", generation=gen)
     passes = 0
@@ -184,8 +198,15 @@ def run_blk(agent: GuestAgent, params: dict[str, Any], until: float) -> dict[str
         if error is None:
             passes += 1
             agent.emit("blk_pass", generation=gen)
-    return {"workload": "soak", "mode": "blk", "ok": error is None, "error": error,
-            "passes": passes, "generation": gen, "device_returns": agent.device_returns}
+    return {
+        "workload": "soak",
+        "mode": "blk",
+        "ok": error is None,
+        "error": error,
+        "passes": passes,
+        "generation": gen,
+        "device_returns": agent.device_returns,
+    }
 
 
 def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
@@ -197,6 +218,5 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
         if mode == "blk":
             return run_blk(agent, params, until)
     except VbusError as e:
-        return {"workload": "soak", "mode": mode, "ok": False,
-                "error": f"{type(e).__name__}: {e}"}
+        return {"workload": "soak", "mode": mode, "ok": False, "error": f"{type(e).__name__}: {e}"}
     return {"workload": "soak", "mode": mode, "ok": False, "error": f"unknown mode {mode!r}"}

@@ -23,8 +23,13 @@ if TYPE_CHECKING:
 def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
     seconds = float(params.get("seconds", 5.0))
     frames_every = int(params.get("frames_every", 20_000))
-    result: dict[str, Any] = {"workload": "storm", "ok": False, "kicks": 0, "frames": 0,
-                              "error": None}
+    result: dict[str, Any] = {
+        "workload": "storm",
+        "ok": False,
+        "kicks": 0,
+        "frames": 0,
+        "error": None,
+    }
     try:
         session = EchoSession(agent, 64, batch=8)
         error = session.transfer(8)
@@ -45,8 +50,13 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
             kicks += frames_every
             error = session.transfer(8, timeout=30.0)  # real work between the bursts
         elapsed = time.monotonic() - start
-        result.update(kicks=kicks, kicks_per_s=kicks / max(elapsed, 1e-9),
-                      frames=session.received, error=error, ok=error is None)
+        result.update(
+            kicks=kicks,
+            kicks_per_s=kicks / max(elapsed, 1e-9),
+            frames=session.received,
+            error=error,
+            ok=error is None,
+        )
     except VbusError as e:
         result["error"] = f"{type(e).__name__}: {e}"
     return result

@@ -40,8 +40,14 @@ def _attempt(action: Callable[[], object]) -> str:
 
 def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
     frames = int(params.get("frames", 64))
-    result: dict[str, Any] = {"workload": "truncate", "ok": False, "sealed": {},
-                              "attempts": {}, "frames": 0, "error": None}
+    result: dict[str, Any] = {
+        "workload": "truncate",
+        "ok": False,
+        "sealed": {},
+        "attempts": {},
+        "frames": 0,
+        "error": None,
+    }
     try:
         session = EchoSession(agent, 64, batch=8)
         error = session.transfer(frames)
@@ -55,8 +61,9 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
                 "shrink_to_0": functools.partial(os.ftruncate, fd, 0),
                 "shrink_to_half": functools.partial(os.ftruncate, fd, size // 2),
                 "grow_to_double": functools.partial(os.ftruncate, fd, size * 2),
-                "add_write_seal": functools.partial(fcntl.fcntl, fd, fcntl.F_ADD_SEALS,
-                                                    fcntl.F_SEAL_WRITE),
+                "add_write_seal": functools.partial(
+                    fcntl.fcntl, fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE
+                ),
             }
             for what, action in attempts.items():
                 result["attempts"][f"{slot}:{what}"] = _attempt(action)

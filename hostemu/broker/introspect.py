@@ -49,8 +49,14 @@ _HANDLE_BITS = 32
 
 
 def connection_item(c: Conn) -> dict[str, Any]:
-    return {"id": c.id, "pid": c.pid, "uid": c.uid, "scope": c.scope.name.lower(),
-            "target": c.target, "handles": len(c.handles)}
+    return {
+        "id": c.id,
+        "pid": c.pid,
+        "uid": c.uid,
+        "scope": c.scope.name.lower(),
+        "target": c.target,
+        "handles": len(c.handles),
+    }
 
 
 def object_item(o: KernelObject) -> dict[str, Any]:
@@ -59,31 +65,65 @@ def object_item(o: KernelObject) -> dict[str, Any]:
         extra = {"semaphore": o.semaphore}
     elif isinstance(o, MemoryObj):
         extra = {"size": o.size}
-    return {"id": o.id, "kind": o.kind, "handles": o.handles, "bindings": o.ctx_refs,
-            "fd": o.fd.fd, **extra}
+    return {
+        "id": o.id,
+        "kind": o.kind,
+        "handles": o.handles,
+        "bindings": o.ctx_refs,
+        "fd": o.fd.fd,
+        **extra,
+    }
 
 
 def vm_item(v: Vm) -> dict[str, Any]:
-    return {"id": v.id, "owner": v.owner, "ngsi": v.ngsi, "irqchip": v.irqchip,
-            "guest": v.guest, "devices": sorted(v.devices),
-            "memslots": [{"slot": s.slot, "gpa": s.gpa, "size": s.size, "offset": s.offset,
-                          "memory": s.memory.id}
-                         for s in sorted(v.memslots.values(), key=lambda s: s.gpa)]}
+    return {
+        "id": v.id,
+        "owner": v.owner,
+        "ngsi": v.ngsi,
+        "irqchip": v.irqchip,
+        "guest": v.guest,
+        "devices": sorted(v.devices),
+        "memslots": [
+            {
+                "slot": s.slot,
+                "gpa": s.gpa,
+                "size": s.size,
+                "offset": s.offset,
+                "memory": s.memory.id,
+            }
+            for s in sorted(v.memslots.values(), key=lambda s: s.gpa)
+        ],
+    }
 
 
 def device_item(d: Device) -> dict[str, Any]:
-    return {"id": d.id, "owner": d.owner, "vm": d.vm.id, "nsignals": d.nsignals,
-            "process": d.process}
+    return {
+        "id": d.id,
+        "owner": d.owner,
+        "vm": d.vm.id,
+        "nsignals": d.nsignals,
+        "process": d.process,
+    }
 
 
 def binding_item(b: Binding) -> dict[str, Any]:
-    d: dict[str, Any] = {"id": b.id, "kind": b.kind, "eventfd": b.eventfd.id,
-                         "state": b.state, "consumer": b.consumer}
+    d: dict[str, Any] = {
+        "id": b.id,
+        "kind": b.kind,
+        "eventfd": b.eventfd.id,
+        "state": b.state,
+        "consumer": b.consumer,
+    }
     if isinstance(b, IrqfdBinding):
         d.update(vm=b.vm.id, gsi=b.gsi, resamplefd=b.resample.id if b.resample else None)
     elif isinstance(b, IoeventfdBinding):
-        d.update(vm=b.vm.id, bus="pio" if b.pio else "mmio", addr=b.addr, len=b.length,
-                 datamatch=b.datamatch)
+        d.update(
+            vm=b.vm.id,
+            bus="pio" if b.pio else "mmio",
+            addr=b.addr,
+            len=b.length,
+            datamatch=b.datamatch,
+        )
     elif isinstance(b, ShmSignalBinding):
         d.update(device=b.device.id, sigid=b.sigid)
     elif isinstance(b, KickfdBinding):
@@ -92,15 +132,26 @@ def binding_item(b: Binding) -> dict[str, Any]:
 
 
 def _summary(t: ObjectTable) -> Iterator[tuple[int, dict[str, Any]]]:
-    yield 1, {"policy": t.policy.name.lower(), "process": t.process_info(),
-              "counts": {"connections": len(t.conns), "objects": len(t.objects),
-                         "vms": len(t.vms), "devices": len(t.devices),
-                         "bindings": len(t.bindings)},
-              "quotas": dataclasses.asdict(t.quotas)}
+    yield (
+        1,
+        {
+            "policy": t.policy.name.lower(),
+            "process": t.process_info(),
+            "counts": {
+                "connections": len(t.conns),
+                "objects": len(t.objects),
+                "vms": len(t.vms),
+                "devices": len(t.devices),
+                "bindings": len(t.bindings),
+            },
+            "quotas": dataclasses.asdict(t.quotas),
+        },
+    )
 
 
-def _table(table: IdMap[Any], item: Callable[[Any], dict[str, Any]],
-           after: int) -> Iterator[tuple[int, dict[str, Any]]]:
+def _table(
+    table: IdMap[Any], item: Callable[[Any], dict[str, Any]], after: int
+) -> Iterator[tuple[int, dict[str, Any]]]:
     for key in table.keys_after(after):
         yield key, item(table[key])
 
@@ -111,12 +162,12 @@ def _handles(t: ObjectTable, after: int) -> Iterator[tuple[int, dict[str, Any]]]
         handles = t.conns[cid].handles
         start = first_handle if cid == first_conn else -1
         for h in handles.keys_after(start):
-            yield (cid << _HANDLE_BITS) | h, {"conn": cid, "handle": h,
-                                              "object": handles[h].id}
+            yield (cid << _HANDLE_BITS) | h, {"conn": cid, "handle": h, "object": handles[h].id}
 
 
-def _items(t: ObjectTable, section: StateSection,
-           after: int) -> Iterator[tuple[int, dict[str, Any]]]:
+def _items(
+    t: ObjectTable, section: StateSection, after: int
+) -> Iterator[tuple[int, dict[str, Any]]]:
     if section is StateSection.SUMMARY:
         return _summary(t) if after == 0 else iter(())
     if section is StateSection.HANDLES:
@@ -132,8 +183,7 @@ def _items(t: ObjectTable, section: StateSection,
     return _table(table, item, after)
 
 
-def page(t: ObjectTable, section: StateSection, after: int,
-         limit: int) -> tuple[str, int]:
+def page(t: ObjectTable, section: StateSection, after: int, limit: int) -> tuple[str, int]:
     """The JSON text of up to ``limit`` items past ``after`` that fit a reply frame, and
     the cursor to continue from (0: nothing more)."""
     texts: list[str] = []

@@ -50,8 +50,9 @@ class Quotas:
         for spec in specs:
             name, sep, raw = spec.partition("=")
             if not sep or name not in names:
-                raise ConfigError(f"--quota {spec!r}: expected NAME=N with NAME one of "
-                                  f"{', '.join(names)}")
+                raise ConfigError(
+                    f"--quota {spec!r}: expected NAME=N with NAME one of {', '.join(names)}"
+                )
             try:
                 value = int(raw, 0)
             except ValueError:

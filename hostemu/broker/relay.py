@@ -39,8 +39,7 @@ class RelayTable:
         token = self._single.get((requester, kind))
         return None if token is None else self.pending.get(token)
 
-    def open(self, kind: str, requester: int, seq: int, responder: int,
-             deadline: float) -> Forward:
+    def open(self, kind: str, requester: int, seq: int, responder: int, deadline: float) -> Forward:
         if kind in ONE_IN_FLIGHT and (requester, kind) in self._single:
             raise ValueError(f"connection {requester} already has a {kind} in flight")
         fwd = Forward(next(self._tokens), kind, requester, seq, responder, deadline)

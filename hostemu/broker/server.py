@@ -80,8 +80,11 @@ _UCRED = struct.Struct("3i")
 
 def default_socket_path() -> str:
     base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/vbusemu-{os.getuid()}"
-    return os.path.join(base, "vbusemu", "broker.sock") if "XDG_RUNTIME_DIR" in os.environ \
+    return (
+        os.path.join(base, "vbusemu", "broker.sock")
+        if "XDG_RUNTIME_DIR" in os.environ
         else os.path.join(base, "broker.sock")
+    )
 
 
 def prepare_socket_path(path: str) -> bool:
@@ -103,8 +106,9 @@ def prepare_socket_path(path: str) -> bool:
     if st.st_uid != os.getuid():
         raise ConfigError(f"{directory} belongs to uid {st.st_uid}, not to us")
     if st.st_mode & 0o077:
-        raise ConfigError(f"{directory} is accessible to others (mode {st.st_mode & 0o777:o}); "
-                          "it must be 0700")
+        raise ConfigError(
+            f"{directory} is accessible to others (mode {st.st_mode & 0o777:o}); it must be 0700"
+        )
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -139,15 +143,26 @@ class Client:
 class BrokerServer:
     """Owns the listening socket, client sockets and the stop eventfd."""
 
-    def __init__(self, path: str, policy: Policy = Policy.HUP, *,
-                 allowed_uids: frozenset[int] | None = None,
-                 ack_timeout: float = 2.0, quotas: Quotas | None = None,
-                 fd_reserve: int = DEFAULT_FD_RESERVE) -> None:
+    def __init__(
+        self,
+        path: str,
+        policy: Policy = Policy.HUP,
+        *,
+        allowed_uids: frozenset[int] | None = None,
+        ack_timeout: float = 2.0,
+        quotas: Quotas | None = None,
+        fd_reserve: int = DEFAULT_FD_RESERVE,
+    ) -> None:
         self.path = os.path.abspath(path)
         self.policy = policy
         self.allowed_uids = allowed_uids if allowed_uids is not None else frozenset({os.getuid()})
-        self.table = ObjectTable(policy, ack_timeout=ack_timeout, quotas=quotas,
-                                 process_info=self._info, fd_room=self._fd_room)
+        self.table = ObjectTable(
+            policy,
+            ack_timeout=ack_timeout,
+            quotas=quotas,
+            process_info=self._info,
+            fd_room=self._fd_room,
+        )
         self.budget = FdBudget(raise_nofile_limit(), fixed=0, reserve=fd_reserve)
         self.stop_fd = new_eventfd()
         self._sel = selectors.DefaultSelector()
@@ -204,8 +219,11 @@ class BrokerServer:
 
     def run_once(self, timeout: float | None) -> None:
         deadline = self.table.next_deadline()
-        stalls = [c.stalled_since + SEND_STALL_LIMIT for c in self._clients.values()
-                  if c.stalled_since is not None]
+        stalls = [
+            c.stalled_since + SEND_STALL_LIMIT
+            for c in self._clients.values()
+            if c.stalled_since is not None
+        ]
         if stalls:
             deadline = min([*stalls, *([deadline] if deadline is not None else [])])
         if deadline is not None:
@@ -227,8 +245,7 @@ class BrokerServer:
                 self._read(client)
         now = time.monotonic()
         for client in list(self._clients.values()):
-            if client.stalled_since is not None and now - client.stalled_since > \
-                    SEND_STALL_LIMIT:
+            if client.stalled_since is not None and now - client.stalled_since > SEND_STALL_LIMIT:
                 self._drop(client.id, f"stopped reading for {SEND_STALL_LIMIT:.0f} s")
         self._apply(self.table.expire())
         if self._listening_paused:
@@ -272,18 +289,26 @@ class BrokerServer:
 
     def _info(self) -> dict[str, object]:
         self._account()
-        return {"pid": os.getpid(), "open_fds": _count_open_fds(),
-                "fd_limit": self.budget.limit, "fd_reserve": self.budget.reserve,
-                "fds_free": self.budget.free(), "socket": self.path,
-                "clients": len(self._clients)}
+        return {
+            "pid": os.getpid(),
+            "open_fds": _count_open_fds(),
+            "fd_limit": self.budget.limit,
+            "fd_reserve": self.budget.reserve,
+            "fds_free": self.budget.free(),
+            "socket": self.path,
+            "clients": len(self._clients),
+        }
 
     # ------------------------------------------------------------------ fd budget
 
     def _account(self) -> None:
         # The limit is read again: someone may have changed it (prlimit) under us.
         self.budget.limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.budget.variable = (len(self.table.objects) + len(self._clients)
-                                + sum(c.queued_fds for c in self._clients.values()))
+        self.budget.variable = (
+            len(self.table.objects)
+            + len(self._clients)
+            + sum(c.queued_fds for c in self._clients.values())
+        )
 
     def _fd_room(self, n: int) -> bool:
         self._account()
@@ -301,8 +326,11 @@ class BrokerServer:
         if self._spare is None:
             self._spare = _open_spare()
         self._account()
-        if (self._spare is not None and self._listener is not None
-                and self.budget.free() > self.budget.reserve // 2):
+        if (
+            self._spare is not None
+            and self._listener is not None
+            and self.budget.free() > self.budget.reserve // 2
+        ):
             self._sel.register(self._listener, selectors.EVENT_READ, "listen")
             self._listening_paused = False
             log.warning("accepting connections again")
@@ -336,7 +364,8 @@ class BrokerServer:
                 return
             try:
                 pid, uid, _gid = _UCRED.unpack(
-                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+                )
             except OSError:  # gone already
                 sock.close()
                 continue
@@ -401,8 +430,11 @@ class BrokerServer:
                     return
                 too_long = wire.relay_overflow(msg)
                 if too_long is not None:  # well-formed, but its notice could not be sent
-                    actions = [Send(client.id, wire.Error(seq=msg.seq, errno=errno.EMSGSIZE,
-                                                          text=too_long))]
+                    actions = [
+                        Send(
+                            client.id, wire.Error(seq=msg.seq, errno=errno.EMSGSIZE, text=too_long)
+                        )
+                    ]
                 else:
                     actions = self.table.handle(client.id, msg)
             finally:
@@ -439,19 +471,35 @@ class BrokerServer:
         if requester is None:
             return
         if not self._fd_room(2):
-            self._queue(requester, wire.Error(seq=action.seq, errno=errno.ENFILE,
-                                              text="ChannelOpen: the broker is short of fds"))
+            self._queue(
+                requester,
+                wire.Error(
+                    seq=action.seq,
+                    errno=errno.ENFILE,
+                    text="ChannelOpen: the broker is short of fds",
+                ),
+            )
             return
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as e:
-            self._queue(requester, wire.Error(seq=action.seq, errno=e.errno or errno.EMFILE,
-                                              text=f"socketpair: {e}"))
+            self._queue(
+                requester,
+                wire.Error(seq=action.seq, errno=e.errno or errno.EMFILE, text=f"socketpair: {e}"),
+            )
             return
         client = self._register(ours, os.getpid(), os.getuid())
-        self._apply(self.table.channel_opened(action.requester, action.seq, client.id,
-                                              client.pid, client.uid, action.scope,
-                                              action.target))
+        self._apply(
+            self.table.channel_opened(
+                action.requester,
+                action.seq,
+                client.id,
+                client.pid,
+                client.uid,
+                action.scope,
+                action.target,
+            )
+        )
         self._queue(requester, wire.FdReply(seq=action.seq, fds=(OwnedFd(theirs.detach()),)))
 
     def _queue(self, client: Client, msg: wire.Message) -> None:
@@ -492,7 +540,6 @@ class BrokerServer:
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
             self._sel.modify(client.sock, events, client.id)
 
-
     def _replace_with_error(self, client: Client, e: OSError) -> bool:
         """The head frame could not be sent for lack of kernel room. A reply becomes an
         errno reply (its fds closed); anything else cannot be replaced: False."""
@@ -500,8 +547,13 @@ class BrokerServer:
         header = wire.peek_header(data)
         if header is None or not header.flags & wire.FLAG_REPLY or not fds:
             return False
-        error, _ = wire.encode(wire.Error(seq=header.seq, errno=e.errno or errno.ENOBUFS,
-                                          text=f"reply not sendable: {e.strerror}"))
+        error, _ = wire.encode(
+            wire.Error(
+                seq=header.seq,
+                errno=e.errno or errno.ENOBUFS,
+                text=f"reply not sendable: {e.strerror}",
+            )
+        )
         client.outq[0] = (error, [])
         client.queued_fds -= len(fds)
         close_all(fds)
@@ -531,12 +583,19 @@ def _tell_and_close(sock: socket.socket, err: int, why: str) -> None:
     sock.close()
 
 
-def run_broker(path: str, policy: Policy, *, ready_fd: int = -1,
-               ack_timeout: float = 2.0, quotas: Quotas | None = None,
-               fd_reserve: int = DEFAULT_FD_RESERVE) -> int:
+def run_broker(
+    path: str,
+    policy: Policy,
+    *,
+    ready_fd: int = -1,
+    ack_timeout: float = 2.0,
+    quotas: Quotas | None = None,
+    fd_reserve: int = DEFAULT_FD_RESERVE,
+) -> int:
     """Process main for ``vbusemu broker``: listen, announce, serve until SIGINT/SIGTERM."""
-    server = BrokerServer(path, policy, ack_timeout=ack_timeout, quotas=quotas,
-                          fd_reserve=fd_reserve)
+    server = BrokerServer(
+        path, policy, ack_timeout=ack_timeout, quotas=quotas, fd_reserve=fd_reserve
+    )
     server.install_signal_handlers()
     try:
         server.listen()
@@ -544,8 +603,11 @@ def run_broker(path: str, policy: Policy, *, ready_fd: int = -1,
         log.error("cannot start: %s", e)
         server.close()
         return 2
-    print(f"vbusemu broker: listening on {server.path} (policy={policy.name.lower()}, "
-          f"pid={os.getpid()})", flush=True)
+    print(
+        f"vbusemu broker: listening on {server.path} (policy={policy.name.lower()}, "
+        f"pid={os.getpid()})",
+        flush=True,
+    )
     if ready_fd >= 0:
         with OwnedFd(ready_fd) as fd:
             os.write(fd.fd, b"ready\n")
@@ -555,4 +617,3 @@ def run_broker(path: str, policy: Policy, *, ready_fd: int = -1,
         server.close()
     log.info("stopped")
     return 0
-

@@ -216,8 +216,9 @@ class ObjectTable:
 
     # ----------------------------------------------------------------- entry points
 
-    def connect(self, conn_id: int, *, pid: int, uid: int,
-                scope: Scope = Scope.HOST, target: int = 0) -> list[Action]:
+    def connect(
+        self, conn_id: int, *, pid: int, uid: int, scope: Scope = Scope.HOST, target: int = 0
+    ) -> list[Action]:
         self.conns[conn_id] = Conn(conn_id, pid, uid, scope, target)
         return self._flush()
 
@@ -232,8 +233,9 @@ class ObjectTable:
             return self._flush()
         if msg.NO_REPLY:  # an answer to something we relayed: a stale one is ignored
             handler = self._handlers.get(type(msg))
-            if handler is not None and (conn.scope is Scope.HOST
-                                        or type(msg) in self._scoped_allowed):
+            if handler is not None and (
+                conn.scope is Scope.HOST or type(msg) in self._scoped_allowed
+            ):
                 with contextlib.suppress(BrokerError):
                     handler(conn, msg, PendingOp(None, None))
             return self._flush()
@@ -252,8 +254,9 @@ class ObjectTable:
             # A syscall made on the requester's behalf failed (EMFILE, ENFILE, ENOMEM, ...).
             # Handlers make their syscalls before they change anything, so the request
             # changed nothing: the requester gets the errno, everyone else carries on.
-            reply = wire.Error(errno=e.errno or errno.EIO,
-                               text=f"{type(msg).__name__}: {e.strerror or e}")
+            reply = wire.Error(
+                errno=e.errno or errno.EIO, text=f"{type(msg).__name__}: {e.strerror or e}"
+            )
         op.reply = _with_seq(reply, msg.seq)
         if not op.waiting:
             self._complete(op)
@@ -264,8 +267,9 @@ class ObjectTable:
         self._drop_conn(conn_id)
         return self._flush()
 
-    def channel_opened(self, requester: int, seq: int, conn_id: int, pid: int,
-                       uid: int, scope: Scope, target: int) -> list[Action]:
+    def channel_opened(
+        self, requester: int, seq: int, conn_id: int, pid: int, uid: int, scope: Scope, target: int
+    ) -> list[Action]:
         """The loop created a scoped channel for an :class:`OpenChannel` action."""
         self.conns[conn_id] = Conn(conn_id, pid, uid, scope, target)
         return self._flush()
@@ -366,9 +370,13 @@ class ObjectTable:
             # The file is released: like eventfd_release()'s POLLHUP, every waiter
             # (irqfd first, then shm-signal producers) detaches. ioeventfd and resample
             # references register no waiter and stay.
-            hup = [b for b in obj.bindings.values()
-                   if b.state == "active" and b.eventfd is obj
-                   and isinstance(b, IrqfdBinding | ShmSignalBinding)]
+            hup = [
+                b
+                for b in obj.bindings.values()
+                if b.state == "active"
+                and b.eventfd is obj
+                and isinstance(b, IrqfdBinding | ShmSignalBinding)
+            ]
             hup.sort(key=lambda b: (not isinstance(b, IrqfdBinding), b.id))
             for b in hup:
                 self._deactivate(b, DetachReason.HUP, op)
@@ -443,15 +451,23 @@ class ObjectTable:
         """The attach notice for ``b``'s consumer, carrying dups of its eventfds."""
         msg: wire.Message
         if isinstance(b, IrqfdBinding) and b.resample is not None:
-            msg = wire.IrqfdAttachResample(binding=b.id, gsi=b.gsi,
-                                           fds=(b.eventfd.fd.dup(), b.resample.fd.dup()))
+            msg = wire.IrqfdAttachResample(
+                binding=b.id, gsi=b.gsi, fds=(b.eventfd.fd.dup(), b.resample.fd.dup())
+            )
         elif isinstance(b, IrqfdBinding):
             msg = wire.IrqfdAttach(binding=b.id, gsi=b.gsi, fds=(b.eventfd.fd.dup(),))
         elif isinstance(b, IoeventfdBinding):
             flags = (wire.IOEVENTFD_FLAG_PIO if b.pio else 0) | (
-                wire.IOEVENTFD_FLAG_DATAMATCH if b.datamatch is not None else 0)
-            msg = wire.IoeventfdAttach(binding=b.id, addr=b.addr, len=b.length, flags=flags,
-                                       datamatch=b.datamatch or 0, fds=(b.eventfd.fd.dup(),))
+                wire.IOEVENTFD_FLAG_DATAMATCH if b.datamatch is not None else 0
+            )
+            msg = wire.IoeventfdAttach(
+                binding=b.id,
+                addr=b.addr,
+                len=b.length,
+                flags=flags,
+                datamatch=b.datamatch or 0,
+                fds=(b.eventfd.fd.dup(),),
+            )
         elif isinstance(b, ShmSignalBinding):
             msg = wire.ShmSignalAttach(binding=b.id, sigid=b.sigid, fds=(b.eventfd.fd.dup(),))
         elif isinstance(b, KickfdBinding):
@@ -588,8 +604,13 @@ class ObjectTable:
 
     @staticmethod
     def _memslot_notice(slot: Memslot) -> wire.Message:
-        return wire.MemslotAttach(slot=slot.slot, gpa=slot.gpa, size=slot.size,
-                                  offset=slot.offset, fds=(slot.memory.fd.dup(),))
+        return wire.MemslotAttach(
+            slot=slot.slot,
+            gpa=slot.gpa,
+            size=slot.size,
+            offset=slot.offset,
+            fds=(slot.memory.fd.dup(),),
+        )
 
     @staticmethod
     def _notices_or_nothing(make: Iterable[Callable[[], wire.Message]]) -> list[wire.Message]:
@@ -620,8 +641,13 @@ class ObjectTable:
     # ----------------------------------------------------------------- request handlers
 
     def _hello(self, conn: Conn, msg: wire.Hello, op: PendingOp) -> wire.Message:
-        return wire.HelloReply(client=conn.id, policy=self.policy, scope=conn.scope,
-                               target=conn.target, broker_pid=os.getpid())
+        return wire.HelloReply(
+            client=conn.id,
+            policy=self.policy,
+            scope=conn.scope,
+            target=conn.target,
+            broker_pid=os.getpid(),
+        )
 
     def _ping(self, conn: Conn, msg: wire.Ping, op: PendingOp) -> wire.Message:
         return wire.Pong(token=msg.token)
@@ -631,8 +657,7 @@ class ObjectTable:
             section = wire.StateSection(msg.section)
         except ValueError:
             raise _fail("EINVAL", f"no state section {msg.section}") from None
-        limit = introspect.DEFAULT_PAGE if msg.limit == 0 else min(msg.limit,
-                                                                    introspect.MAX_PAGE)
+        limit = introspect.DEFAULT_PAGE if msg.limit == 0 else min(msg.limit, introspect.MAX_PAGE)
         text, cursor = introspect.page(self, section, msg.after, limit)
         return wire.StateReply(section=section, next=cursor, text=text)
 
@@ -649,21 +674,30 @@ class ObjectTable:
         except OSError:
             fd.close()
             raise
-        obj = EventfdObj(next(self._ids), fd, kernel_id=info.eventfd_id if info else -1,
-                         semaphore=bool(msg.flags & wire.EFD_FLAG_SEMAPHORE))
+        obj = EventfdObj(
+            next(self._ids),
+            fd,
+            kernel_id=info.eventfd_id if info else -1,
+            semaphore=bool(msg.flags & wire.EFD_FLAG_SEMAPHORE),
+        )
         self._add_object(obj)
         return wire.HandleReply(handle=self._new_handle(conn, obj))
 
     def _check_handle_room(self, conn: Conn) -> None:
         if len(conn.handles) >= self.quotas.handles:
-            raise _fail("EMFILE", f"connection holds {self.quotas.handles} handles already "
-                                  "(its handle quota)")
+            raise _fail(
+                "EMFILE",
+                f"connection holds {self.quotas.handles} handles already (its handle quota)",
+            )
 
     def _check_fd_room(self, what: str) -> None:
         """Refuse a new long-lived broker fd while the broker's reserve would be touched."""
         if not self._fd_room(1):
-            raise _fail("ENFILE", f"{what}: the broker is short of fds (it keeps a reserve "
-                                  "for replies and introspection); close something first")
+            raise _fail(
+                "ENFILE",
+                f"{what}: the broker is short of fds (it keeps a reserve "
+                "for replies and introspection); close something first",
+            )
 
     def _check_quota(self, name: str, used: int) -> None:
         limit = getattr(self.quotas, name)
@@ -679,8 +713,9 @@ class ObjectTable:
         if known is not None:  # the same kernel object: one broker object, one more handle
             return wire.HandleReply(handle=self._new_handle(conn, known))
         self._check_fd_room("EventfdImport")
-        obj = EventfdObj(next(self._ids), msg.fds[0].move(), kernel_id=info.eventfd_id,
-                         semaphore=info.semaphore)
+        obj = EventfdObj(
+            next(self._ids), msg.fds[0].move(), kernel_id=info.eventfd_id, semaphore=info.semaphore
+        )
         self._add_object(obj)
         return wire.HandleReply(handle=self._new_handle(conn, obj))
 
@@ -744,16 +779,17 @@ class ObjectTable:
         if not isinstance(mem, MemoryObj):
             raise _fail("EINVAL", f"handle {msg.handle} is a {mem.kind}, not memory")
         if msg.offset + msg.size > mem.size:
-            raise _fail("EINVAL", f"offset+size {msg.offset + msg.size:#x} exceeds the "
-                                  f"{mem.size:#x}-byte object")
+            raise _fail(
+                "EINVAL",
+                f"offset+size {msg.offset + msg.size:#x} exceeds the {mem.size:#x}-byte object",
+            )
         for s in vm.memslots.values():
             if msg.gpa < s.gpa + s.size and s.gpa < msg.gpa + msg.size:
                 raise _fail("EEXIST", f"[{msg.gpa:#x}, +{msg.size:#x}) overlaps slot {s.slot}")
         self._check_quota("memslots", conn.nmemslots)
         slot = Memslot(msg.slot, msg.gpa, msg.size, msg.offset, mem)
         holders = self._memory_holders(vm)
-        notices = self._notices_or_nothing(
-            partial(self._memslot_notice, slot) for _ in holders)
+        notices = self._notices_or_nothing(partial(self._memslot_notice, slot) for _ in holders)
         vm.memslots[msg.slot] = slot
         conn.nmemslots += 1
         mem.ctx_refs += 1
@@ -789,8 +825,9 @@ class ObjectTable:
                 self._deactivate(b, DetachReason.DEASSIGN, op)
             # Like KVM's flush of its irqfd cleanup queue: a detach of this gsi already in
             # progress (a HUP, another deassign) finishes before this deassign returns.
-            self._wait_for_detaches(op, lambda b: isinstance(b, IrqfdBinding)
-                                    and b.vm is vm and b.gsi == msg.gsi)
+            self._wait_for_detaches(
+                op, lambda b: isinstance(b, IrqfdBinding) and b.vm is vm and b.gsi == msg.gsi
+            )
             return None  # deassigning a pair never assigned succeeds (KVM)
         if not vm.irqchip:
             # KVM: an irqfd needs the in-kernel interrupt controller; EINVAL, checked
@@ -805,11 +842,15 @@ class ObjectTable:
             if resample is efd:
                 # KVM accepts this, and the line then re-fires on every EOI: an interrupt
                 # storm. Refused here, like the EBUSY rule (a deliberate deviation).
-                raise _fail("EINVAL", "resamplefd is the irqfd's own eventfd (every EOI "
-                                      "would re-raise the line)")
+                raise _fail(
+                    "EINVAL",
+                    "resamplefd is the irqfd's own eventfd (every EOI would re-raise the line)",
+                )
         if efd.irqfd is not None:
-            raise _fail("EBUSY", f"eventfd already bound as irqfd (VM {efd.irqfd.vm.id}, "
-                                 f"gsi {efd.irqfd.gsi})")
+            raise _fail(
+                "EBUSY",
+                f"eventfd already bound as irqfd (VM {efd.irqfd.vm.id}, gsi {efd.irqfd.gsi})",
+            )
         b = IrqfdBinding(id=next(self._ids), eventfd=efd, vm=vm, gsi=msg.gsi, resample=resample)
         return self._bind(b)
 
@@ -830,8 +871,12 @@ class ObjectTable:
             raise _fail("ENOENT", "no such ioeventfd")
         # KVM's valid-flag mask also holds VIRTIO_CCW_NOTIFY (0x8) and FAST_MMIO (0x10):
         # accepted everywhere, meaningless on x86, so accepted here and ignored.
-        known = (wire.IOEVENTFD_FLAG_DATAMATCH | wire.IOEVENTFD_FLAG_PIO
-                 | wire.IOEVENTFD_FLAG_DEASSIGN | IOEVENTFD_IGNORED_FLAGS)
+        known = (
+            wire.IOEVENTFD_FLAG_DATAMATCH
+            | wire.IOEVENTFD_FLAG_PIO
+            | wire.IOEVENTFD_FLAG_DEASSIGN
+            | IOEVENTFD_IGNORED_FLAGS
+        )
         if msg.len not in IOEVENTFD_LENGTHS:
             raise _fail("EINVAL", f"length {msg.len} not in {{0,1,2,4,8}}")
         if msg.addr + msg.len >= ADDR_LIMIT:  # KVM: u64 addr + len < addr (wraps, even to 0)
@@ -843,11 +888,24 @@ class ObjectTable:
         vm = self._own_vm(conn, msg.vm)
         efd = self._eventfd(conn, msg.handle)
         for b in vm.ioeventfds.get((pio, msg.addr), []):
-            if (b.length == 0 or msg.len == 0 or (b.length == msg.len and (
-                    b.datamatch is None or datamatch is None or b.datamatch == datamatch))):
+            if (
+                b.length == 0
+                or msg.len == 0
+                or (
+                    b.length == msg.len
+                    and (b.datamatch is None or datamatch is None or b.datamatch == datamatch)
+                )
+            ):
                 raise _fail("EEXIST", f"collides with ioeventfd at {msg.addr:#x}")
-        b = IoeventfdBinding(id=next(self._ids), eventfd=efd, vm=vm, pio=pio, addr=msg.addr,
-                             length=msg.len, datamatch=datamatch)
+        b = IoeventfdBinding(
+            id=next(self._ids),
+            eventfd=efd,
+            vm=vm,
+            pio=pio,
+            addr=msg.addr,
+            length=msg.len,
+            datamatch=datamatch,
+        )
         return self._bind(b)
 
     def _shmsignal(self, conn: Conn, msg: wire.ShmSignal, op: PendingOp) -> wire.Message | None:
@@ -857,8 +915,7 @@ class ObjectTable:
         deassign = bool(msg.flags & wire.SHMSIGNAL_FLAG_DEASSIGN)
         # Deassign may name the signal by sigid alone (VBUS_SHMSIGNAL_DEASSIGN {sigid}):
         # under the refcount policy the VMM has closed its handle by then.
-        efd = None if deassign and msg.handle == wire.NO_HANDLE else self._eventfd(
-            conn, msg.handle)
+        efd = None if deassign and msg.handle == wire.NO_HANDLE else self._eventfd(conn, msg.handle)
         if msg.sigid >= dev.nsignals:
             raise _fail("EINVAL", f"sigid {msg.sigid} out of range (device has {dev.nsignals})")
         current = dev.signals.get(msg.sigid)
@@ -909,8 +966,11 @@ class ObjectTable:
         # Every notice (with its dups) first: at the fd limit the attach fails whole.
         slots = sorted(vm.memslots.values(), key=lambda s: s.gpa)
         notices = self._notices_or_nothing(
-            [*(partial(self._memslot_notice, s) for s in slots),
-             *(partial(self._notice, b) for b in bindings)])
+            [
+                *(partial(self._memslot_notice, s) for s in slots),
+                *(partial(self._notice, b) for b in bindings),
+            ]
+        )
         restarted = False
         if dev is None:
             vm.guest = conn.id
@@ -930,8 +990,9 @@ class ObjectTable:
 
     # ----------------------------------------------------------------- data plane
 
-    def _device_kickfd(self, conn: Conn, msg: wire.DeviceKickfd,
-                       op: PendingOp) -> wire.Message | None:
+    def _device_kickfd(
+        self, conn: Conn, msg: wire.DeviceKickfd, op: PendingOp
+    ) -> wire.Message | None:
         if msg.flags & ~wire.KICKFD_FLAG_DEASSIGN:
             raise _fail("EINVAL", f"unknown kickfd flags {msg.flags:#x}")
         dev = self._own_device(conn, msg.device)
@@ -965,11 +1026,21 @@ class ObjectTable:
             # A vCPU is blocked in KVM_RUN until its exit is answered: it cannot make a
             # second one. Refusing it bounds what one guest can queue at the VMM.
             raise _fail("EBUSY", "this vCPU already has an I/O exit in flight")
-        fwd = self.relay.open("ioexit", conn.id, msg.seq, vm.owner,
-                              self._clock() + self.relay_timeout)
-        self._send(vm.owner, wire.IoExitNotice(token=fwd.token, vm=vm.id, pio=msg.pio,
-                                               write=msg.write, len=msg.len, addr=msg.addr,
-                                               value=msg.value))
+        fwd = self.relay.open(
+            "ioexit", conn.id, msg.seq, vm.owner, self._clock() + self.relay_timeout
+        )
+        self._send(
+            vm.owner,
+            wire.IoExitNotice(
+                token=fwd.token,
+                vm=vm.id,
+                pio=msg.pio,
+                write=msg.write,
+                len=msg.len,
+                addr=msg.addr,
+                value=msg.value,
+            ),
+        )
         op.requester = None  # answered when the VMM is done
 
     def _io_exit_done(self, conn: Conn, msg: wire.IoExitDone, op: PendingOp) -> None:
@@ -977,8 +1048,10 @@ class ObjectTable:
         if fwd is None:
             raise _fail("ENOENT", f"no I/O exit {msg.token} is waiting for this connection")
         if msg.errno:
-            self._send(fwd.requester, wire.Error(seq=fwd.seq, errno=msg.errno,
-                                                 text="the VMM refused the access"))
+            self._send(
+                fwd.requester,
+                wire.Error(seq=fwd.seq, errno=msg.errno, text="the VMM refused the access"),
+            )
         else:
             self._send(fwd.requester, wire.IoExitReply(seq=fwd.seq, value=msg.value))
 
@@ -986,19 +1059,21 @@ class ObjectTable:
         dev = self._own_device(conn, msg.device)
         if dev.process is None:
             raise _fail("ENOTCONN", f"device {dev.id} has no process attached")
-        fwd = self.relay.open("config", conn.id, msg.seq, dev.process,
-                              self._clock() + self.relay_timeout)
+        fwd = self.relay.open(
+            "config", conn.id, msg.seq, dev.process, self._clock() + self.relay_timeout
+        )
         self._send(dev.process, wire.DeviceConfigNotice(token=fwd.token, text=msg.text))
         op.requester = None  # answered when the device process is done
 
-    def _device_config_done(self, conn: Conn, msg: wire.DeviceConfigDone,
-                            op: PendingOp) -> None:
+    def _device_config_done(self, conn: Conn, msg: wire.DeviceConfigDone, op: PendingOp) -> None:
         fwd = self.relay.answer(msg.token, conn.id, "config")
         if fwd is None:
-            raise _fail("ENOENT", f"no configuration {msg.token} is waiting for this "
-                                  "connection")
-        reply: wire.Message = wire.Ok(seq=fwd.seq) if not msg.errno else wire.Error(
-            seq=fwd.seq, errno=msg.errno, text=msg.text or "the device refused")
+            raise _fail("ENOENT", f"no configuration {msg.token} is waiting for this connection")
+        reply: wire.Message = (
+            wire.Ok(seq=fwd.seq)
+            if not msg.errno
+            else wire.Error(seq=fwd.seq, errno=msg.errno, text=msg.text or "the device refused")
+        )
         self._send(fwd.requester, reply)
 
     def _device_report(self, conn: Conn, msg: wire.DeviceReport, op: PendingOp) -> None:
@@ -1017,7 +1092,6 @@ class ObjectTable:
     def is_empty(self) -> bool:
         """No objects, VMs, devices or pending detaches (connections may remain)."""
         return not (self.objects or self.vms or self.devices or self._detaching)
-
 
 
 def _with_seq(msg: wire.Message, seq: int) -> wire.Message:

@@ -49,9 +49,14 @@ def load_group(name: str, params: dict[str, Any], count: int) -> list[DeviceMode
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="vbusemu device process")
     parser.add_argument("model")
-    parser.add_argument("--channel-fd", type=int, action="append", required=True,
-                        help="a device channel; several for a model serving many devices "
-                             "(a switch's ports), if the model defines make_group")
+    parser.add_argument(
+        "--channel-fd",
+        type=int,
+        action="append",
+        required=True,
+        help="a device channel; several for a model serving many devices "
+        "(a switch's ports), if the model defines make_group",
+    )
     parser.add_argument("--name", default="device")
     parser.add_argument("--params", default="{}", help="the model's options (JSON object)")
     args = parser.parse_args(argv)
@@ -66,16 +71,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.name}: {e}", file=sys.stderr)
         return 2
     if len(models) == 1:
-        runtime = DeviceRuntime(Channel.adopt(OwnedFd(args.channel_fd[0])), ControlPipe(),
-                                models[0])
+        runtime = DeviceRuntime(
+            Channel.adopt(OwnedFd(args.channel_fd[0])), ControlPipe(), models[0]
+        )
         return runtime.run()
     loop = EventLoop()
     control = ControlPipe()
-    runtimes = [DeviceRuntime(Channel.adopt(OwnedFd(fd)), control, model, loop)
-                for fd, model in zip(args.channel_fd, models, strict=True)]
+    runtimes = [
+        DeviceRuntime(Channel.adopt(OwnedFd(fd)), control, model, loop)
+        for fd, model in zip(args.channel_fd, models, strict=True)
+    ]
     runtimes[0].group = runtimes  # the control pipe's owner answers for every port
     agents: list[Agent] = list(runtimes)
     return run_group(agents, loop)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -118,8 +118,9 @@ def parse_params(params: object) -> BlkParams:
         raise ConfigError(f"blk: 'capacity' must be in 1..{MAX_CAPACITY} sectors, got {capacity}")
     serial = params.get("serial", DEFAULT_SERIAL)
     if not isinstance(serial, str) or not serial.isascii() or len(serial) > ID_BYTES:
-        raise ConfigError(f"blk: 'serial' must be ASCII of at most {ID_BYTES} bytes, "
-                          f"got {serial!r}")
+        raise ConfigError(
+            f"blk: 'serial' must be ASCII of at most {ID_BYTES} bytes, got {serial!r}"
+        )
     return BlkParams(image, capacity, serial.encode("ascii"))
 
 
@@ -139,8 +140,9 @@ def open_image(path: str, capacity: int) -> OwnedFd:
             try:
                 os.ftruncate(fd.fd, capacity * SECTOR)  # a hole: no blocks allocated
             except OSError as e:
-                raise ConfigError(f"blk: 'capacity' {capacity} sectors: cannot size "
-                                  f"{path!r}: {e.strerror}") from None
+                raise ConfigError(
+                    f"blk: 'capacity' {capacity} sectors: cannot size {path!r}: {e.strerror}"
+                ) from None
     except BaseException:
         fd.close()
         raise
@@ -353,9 +355,22 @@ class BlkModel(DeviceModel):
 
     def stats(self) -> dict[str, Any]:
         c = self.counters
-        keys = ("reads", "writes", "flushes", "get_id", "bytes_read", "bytes_written", "errors",
-                "unsupported", "malformed", "short_header", "bad_direction", "unaligned",
-                "out_of_range", "io_failures")
+        keys = (
+            "reads",
+            "writes",
+            "flushes",
+            "get_id",
+            "bytes_read",
+            "bytes_written",
+            "errors",
+            "unsupported",
+            "malformed",
+            "short_header",
+            "bad_direction",
+            "unaligned",
+            "out_of_range",
+            "io_failures",
+        )
         return {"capacity": self.capacity, **{k: c[k] for k in keys}}
 
     def close(self) -> None:

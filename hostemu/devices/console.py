@@ -170,10 +170,15 @@ class ConsoleModel(DeviceModel):
         self.runtime.emit("console", text=text, truncated=truncated)
 
     def stats(self) -> dict[str, Any]:
-        return {"lines": self.lines, "bytes": self.bytes, "truncated": self.truncated,
-                "truncated_bytes": self.assembler.truncated_bytes,
-                "dropped_bytes": self.dropped_bytes, "pending": self.assembler.pending,
-                "recent": list(self.recent)}
+        return {
+            "lines": self.lines,
+            "bytes": self.bytes,
+            "truncated": self.truncated,
+            "truncated_bytes": self.assembler.truncated_bytes,
+            "dropped_bytes": self.dropped_bytes,
+            "pending": self.assembler.pending,
+            "recent": list(self.recent),
+        }
 
 
 DEVICE_ID = pl.DEVICE_CONSOLE

@@ -61,8 +61,12 @@ class CycleModel(DeviceModel):
         return False  # one interrupt per pass, however many doorbells it drained
 
     def stats(self) -> dict[str, Any]:
-        return {"passes": self.passes, "depth_min": self.depth_min,
-                "depth_max": self.depth_max, "reentered": self.reentered}
+        return {
+            "passes": self.passes,
+            "depth_min": self.depth_min,
+            "depth_max": self.depth_max,
+            "reentered": self.reentered,
+        }
 
 
 def make_model(params: dict[str, Any]) -> DeviceModel:

@@ -98,8 +98,9 @@ class EchoModel(DeviceModel):
         # (TX heads, their copies, copied lengths, bytes the copies' array holds), oldest
         # first; the heads complete on delivery. The last field is the whole staging array's
         # size: a partly delivered entry keeps views into it, so it stays charged until popped.
-        self.backlog: deque[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any],
-                                  np.ndarray[Any, Any], int]] = deque()
+        self.backlog: deque[
+            tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any], int]
+        ] = deque()
         self.backlog_bytes = 0  # sum of the entries' charges: <= MAX_BACKLOG_BYTES
         # TX chains taken but not copied yet (no room), newer than every staged copy, and the
         # ring they were taken from (a replaced ring can neither read nor complete them)
@@ -155,8 +156,12 @@ class EchoModel(DeviceModel):
         # next pass: as many buffers of this size as fit the per-pass copy budget
         self._pass_limit = max(1, MAX_PASS_BYTES // width)
         rx_batch = rx.ring.pop_batch(max_n=len(batch)) if direct and rx is not None else None
-        if (rx is not None and rx_batch is not None and len(rx_batch) == len(batch)
-                and (len(batch) <= DIRECT_MAX_FRAMES or width >= DIRECT_MIN_SIZE)):
+        if (
+            rx is not None
+            and rx_batch is not None
+            and len(rx_batch) == len(batch)
+            and (len(batch) <= DIRECT_MAX_FRAMES or width >= DIRECT_MIN_SIZE)
+        ):
             lens = q.ring.copy_payloads(batch, rx.ring, rx_batch, width)
             if len(lens) == len(batch):
                 self._delivered(q, batch.head_list, rx, rx_batch.head_list, lens)
@@ -240,13 +245,17 @@ class EchoModel(DeviceModel):
             piece = batch if n <= rows else batch.rows(lo, lo + rows)
             k = len(piece)
             data, copied = q.ring.read_payloads(
-                piece, width, out=self._sink_mem[: k * width].reshape(k, width))
+                piece, width, out=self._sink_mem[: k * width].reshape(k, width)
+            )
             if len(copied) != k:
                 return False  # the read broke the ring (reported by the runtime)
             self._check_seqs(data, copied)
             total += int(copied.sum())
-        self.runtime.complete(q, batch.head_list if n <= 8 else batch.heads,
-                              [0] * n if n <= 8 else np.zeros(n, np.uint32))
+        self.runtime.complete(
+            q,
+            batch.head_list if n <= 8 else batch.heads,
+            [0] * n if n <= 8 else np.zeros(n, np.uint32),
+        )
         self.echoed += n
         self.bytes += total
         return True
@@ -265,9 +274,14 @@ class EchoModel(DeviceModel):
                 self.seq_errors += int(seq != (first + i) & 0xFFFFFFFF)
         self.next_seq = first + n
 
-    def _delivered(self, tx: Queue, tx_heads: np.ndarray[Any, Any] | list[int], rx: Queue,
-                   rx_heads: np.ndarray[Any, Any] | list[int],
-                   lens: np.ndarray[Any, Any]) -> None:
+    def _delivered(
+        self,
+        tx: Queue,
+        tx_heads: np.ndarray[Any, Any] | list[int],
+        rx: Queue,
+        rx_heads: np.ndarray[Any, Any] | list[int],
+        lens: np.ndarray[Any, Any],
+    ) -> None:
         """Complete RX buffers ``rx_heads`` with ``lens`` bytes, then -- delivered -- the TX
         buffers whose copies they hold."""
         n = len(rx_heads)
@@ -368,9 +382,12 @@ class EchoModel(DeviceModel):
         self.next_seq = 0  # a reset guest starts its frames again at 0
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"echoed": self.echoed, "bytes": self.bytes,
-                               "backlog": self.backlog_frames,
-                               "backlog_bytes": self.backlog_bytes}
+        out: dict[str, Any] = {
+            "echoed": self.echoed,
+            "bytes": self.bytes,
+            "backlog": self.backlog_frames,
+            "backlog_bytes": self.backlog_bytes,
+        }
         if self.sink:
             out.update(sunk=self.echoed, seq_errors=self.seq_errors)
         return out
@@ -395,6 +412,7 @@ def make_model(params: dict[str, Any]) -> DeviceModel:
     if not isinstance(sink, bool):
         raise ConfigError(f"echo: sink must be true or false, got {sink!r}")
     if isinstance(busy, bool) or not isinstance(busy, int) or not 0 <= busy <= MAX_BUSY_POLL_US:
-        raise ConfigError(f"echo: busy_poll_us must be an integer in 0..{MAX_BUSY_POLL_US}, "
-                          f"got {busy!r}")
+        raise ConfigError(
+            f"echo: busy_poll_us must be an integer in 0..{MAX_BUSY_POLL_US}, got {busy!r}"
+        )
     return EchoModel(busy_poll_ns=busy * 1000, sink=sink)

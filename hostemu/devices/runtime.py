@@ -92,8 +92,13 @@ def no_params(model: str, params: dict[str, Any]) -> None:
 class DeviceRuntime(DeviceAgent):
     """A device process with guest memory, kickfds, vectors and rings."""
 
-    def __init__(self, channel: Channel, control: ControlPipe, model: DeviceModel,
-                 loop: EventLoop | None = None) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        control: ControlPipe,
+        model: DeviceModel,
+        loop: EventLoop | None = None,
+    ) -> None:
         super().__init__(channel, control, loop)
         self.memory = SlotMapper()
         self.kicks: dict[int, tuple[int, EventConsumer]] = {}  # queue -> (binding, fd)
@@ -147,10 +152,16 @@ class DeviceRuntime(DeviceAgent):
             q = int(cfg["queue"])
             resume = bool(cfg.get("resume", False))
             start = self._used_index(int(cfg["used"])) if resume else 0
-            ring = DeviceRing(self.memory.map, int(cfg["desc"]), int(cfg["avail"]),
-                              int(cfg["used"]), int(cfg["size"]),
-                              event_idx=bool(cfg.get("event_idx", False)), start_index=start,
-                              jit=None if self.model.data_path else False)
+            ring = DeviceRing(
+                self.memory.map,
+                int(cfg["desc"]),
+                int(cfg["avail"]),
+                int(cfg["used"]),
+                int(cfg["size"]),
+                event_idx=bool(cfg.get("event_idx", False)),
+                start_index=start,
+                jit=None if self.model.data_path else False,
+            )
             queue = self.queues[q] = Queue(q, ring, int(cfg["vector"]))
             self.model.on_queue_ready(queue)
             if ring.broken:
@@ -219,8 +230,11 @@ class DeviceRuntime(DeviceAgent):
             q.ring.disable_notifications()
         if more:
             self.schedule(queue)
-        elif (queue in self.busy_poll and not self.loop.spinning((self, queue))
-              and not (q.ring.last_avail == before and q.ring.has_available())):
+        elif (
+            queue in self.busy_poll
+            and not self.loop.spinning((self, queue))
+            and not (q.ring.last_avail == before and q.ring.has_available())
+        ):
             # (not when the model left requests untaken: it waits for something else --
             # back-pressure -- and polling would only spin on them)
             self._start_busy_poll(q, self.busy_poll[queue])
@@ -241,8 +255,7 @@ class DeviceRuntime(DeviceAgent):
         q.ring.disable_notifications()
         deadline = [time.monotonic_ns() + window_ns]
         self.counters["busy_polls"] += 1
-        self.loop.spin((self, q.index),
-                       functools.partial(self._busy_poll, q, window_ns, deadline))
+        self.loop.spin((self, q.index), functools.partial(self._busy_poll, q, window_ns, deadline))
 
     def _busy_poll(self, q: Queue, window_ns: int, deadline: list[int]) -> bool:
         """One slice (at most :attr:`BUSY_SLICE_NS`) of the busy loop; False once it is over
@@ -302,8 +315,13 @@ class DeviceRuntime(DeviceAgent):
         self.emit("queue_broken", queue=q.index, reason=q.ring.broken)
         # If the broker refuses or is gone, the guest still sees the queue stop.
         with contextlib.suppress(BrokerError, PeerGoneError):
-            self.channel.request(wire.DeviceReport(text=json.dumps(
-                {"event": "queue_broken", "queue": q.index, "reason": q.ring.broken})))
+            self.channel.request(
+                wire.DeviceReport(
+                    text=json.dumps(
+                        {"event": "queue_broken", "queue": q.index, "reason": q.ring.broken}
+                    )
+                )
+            )
 
     # ------------------------------------------------------------------ control
 
@@ -315,10 +333,15 @@ class DeviceRuntime(DeviceAgent):
         return super().handle_command(cmd)
 
     def device_stats(self) -> dict[str, Any]:
-        return {"counters": dict(self.counters), "model": self.model.stats(),
-                "cpus": sorted(os.sched_getaffinity(0)),
-                "queues": {str(i): {"broken": q.ring.broken, "in_flight": q.ring.in_flight}
-                           for i, q in self.queues.items()}}
+        return {
+            "counters": dict(self.counters),
+            "model": self.model.stats(),
+            "cpus": sorted(os.sched_getaffinity(0)),
+            "queues": {
+                str(i): {"broken": q.ring.broken, "in_flight": q.ring.in_flight}
+                for i, q in self.queues.items()
+            },
+        }
 
     def shutdown(self) -> None:
         self.model.close()

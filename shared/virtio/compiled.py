@@ -73,15 +73,30 @@ class DeviceKernels:
         table = ring._slots.table()
         v = self.v
         got = k.device_pop_simple(
-            v.avail16, v.desc64, v.desc32, v.desc16, ring._in_flight, ring._wcap, self.mark,
-            table.starts, table.lasts, table.writable, ring._q, ring._last_avail, count,
-            ring._max_len, self.heads, self.addrs, self.lens, self.wflags)
+            v.avail16,
+            v.desc64,
+            v.desc32,
+            v.desc16,
+            ring._in_flight,
+            ring._wcap,
+            self.mark,
+            table.starts,
+            table.lasts,
+            table.writable,
+            ring._q,
+            ring._last_avail,
+            count,
+            ring._max_len,
+            self.heads,
+            self.addrs,
+            self.lens,
+            self.wflags,
+        )
         if got < 0:
             return None
         if got == 0:
             return empty_batch()
-        batch = simple_batch(self.heads[:got], self.addrs[:got], self.lens[:got],
-                             self.wflags[:got])
+        batch = simple_batch(self.heads[:got], self.addrs[:got], self.lens[:got], self.wflags[:got])
         ring._took(got)
         return batch
 
@@ -89,8 +104,19 @@ class DeviceKernels:
         """Complete ``ids``; whether to interrupt, or ``None``: declined (an id not in flight
         or repeated, a length too long: the reference raises the error)."""
         v = self.v
-        r = k.device_push_used(v.used16, v.used32, v.avail16, ring._in_flight, ring._wcap,
-                               self.mark, ring._q, ring._next_used, ring._event_idx, ids, lens)
+        r = k.device_push_used(
+            v.used16,
+            v.used32,
+            v.avail16,
+            ring._in_flight,
+            ring._wcap,
+            self.mark,
+            ring._q,
+            ring._next_used,
+            ring._event_idx,
+            ids,
+            lens,
+        )
         if r < 0:
             return None
         count = int(ids.shape[0])
@@ -98,8 +124,9 @@ class DeviceKernels:
         ring._num_in_flight -= count
         return bool(r)
 
-    def copy(self, src_ring: DeviceRing, batch: Batch, dst_ring: DeviceRing,
-             dst_batch: Batch, width: int) -> U32Array | None:
+    def copy(
+        self, src_ring: DeviceRing, batch: Batch, dst_ring: DeviceRing, dst_batch: Batch, width: int
+    ) -> U32Array | None:
         """:meth:`~shared.virtio.DeviceRing.copy_payloads` for single-descriptor batches
         whose buffers each lie in the slot of their side's first buffer; ``None``:
         declined."""
@@ -110,13 +137,25 @@ class DeviceKernels:
         if src is None or dst is None or not dst[0].flags.writeable:
             return None
         same = src_ring._mem is dst_ring._mem and src[1] == dst[1]
-        got = k.copy_simple(src[0], np.uint64(src[1]), dst[0], np.uint64(dst[1]), same,
-                            s_addrs, batch.lens, batch.flags, d_addrs, dst_batch.lens,
-                            dst_batch.flags, n, width, self.copied)
+        got = k.copy_simple(
+            src[0],
+            np.uint64(src[1]),
+            dst[0],
+            np.uint64(dst[1]),
+            same,
+            s_addrs,
+            batch.lens,
+            batch.flags,
+            d_addrs,
+            dst_batch.lens,
+            dst_batch.flags,
+            n,
+            width,
+            self.copied,
+        )
         if got < 0:
             return None
         return self.copied[:n].astype(np.uint32)
-
 
 
 def _slot_of(mem: GuestMemoryMap, table: SlotTable, addr: int) -> tuple[U8Array, int] | None:
@@ -140,8 +179,9 @@ class DriverKernels:
         self.all_writable = np.ones(qsize, dtype=np.bool_)
         self.none_writable = np.zeros(qsize, dtype=np.bool_)
 
-    def add(self, ring: DriverRing, addrs: U64Array, lens: U64Array,
-            writable: bool | np.ndarray) -> U16Array | None:
+    def add(
+        self, ring: DriverRing, addrs: U64Array, lens: U64Array, writable: bool | np.ndarray
+    ) -> U16Array | None:
         """Post one single-descriptor chain per buffer and publish; the heads, or ``None``:
         declined (the reference raises the error)."""
         n = int(addrs.shape[0])
@@ -149,9 +189,22 @@ class DriverKernels:
             writable = (self.all_writable if writable else self.none_writable)[:n]
         v = self.v
         got = k.driver_add_simple(
-            v.desc64, v.desc32, v.desc16, v.avail16, ring._free, ring._nfree, ring._in_flight,
-            ring._multi, ring._wcap, ring._q, ring._avail_shadow, addrs, lens, writable,
-            self.heads)
+            v.desc64,
+            v.desc32,
+            v.desc16,
+            v.avail16,
+            ring._free,
+            ring._nfree,
+            ring._in_flight,
+            ring._multi,
+            ring._wcap,
+            ring._q,
+            ring._avail_shadow,
+            addrs,
+            lens,
+            writable,
+            self.heads,
+        )
         if got < 0:
             return None
         ring._nfree -= n
@@ -166,8 +219,19 @@ class DriverKernels:
         """Take the next ``count`` used entries (the caller read ``used.idx`` and checked
         it) if each is a valid single-descriptor chain; ``None``: declined."""
         got = k.driver_get_used(
-            self.v.used32, ring._in_flight, ring._multi, ring._wcap, self.mark, ring._free,
-            ring._nfree, ring._q, ring._last_used, count, self.ids, self.lens)
+            self.v.used32,
+            ring._in_flight,
+            ring._multi,
+            ring._wcap,
+            self.mark,
+            ring._free,
+            ring._nfree,
+            ring._q,
+            ring._last_used,
+            count,
+            self.ids,
+            self.lens,
+        )
         if got < 0:
             return None
         ring._nfree += got

@@ -182,8 +182,7 @@ class DeviceRing:
         self._jit = use_jit(jit)
         # With the kernels, batches past a few chains go to them (a kernel call costs about
         # what the scalar path spends on four chains); payload copies keep _scalar_max.
-        self._ops_scalar_max = min(self._scalar_max, KERNEL_OVER) if self._jit else \
-            self._scalar_max
+        self._ops_scalar_max = min(self._scalar_max, KERNEL_OVER) if self._jit else self._scalar_max
         self._kernels: DeviceKernels | None = None
         self._attach()
         self._reset_state()
@@ -658,8 +657,7 @@ class DeviceRing:
             raise UsageError(f"{n} destination chains for {len(batch)} source chains")
         if self._broken is not None or dst._broken is not None:
             return np.zeros(0, dtype=np.uint32)
-        if (self._kernels is not None and n > KERNEL_OVER and batch.simple
-                and dst_batch.simple):
+        if self._kernels is not None and n > KERNEL_OVER and batch.simple and dst_batch.simple:
             copied = self._kernels.copy(self, batch, dst, dst_batch, w)
             if copied is not None:
                 return copied
@@ -686,8 +684,12 @@ class DeviceRing:
         if self._scalar_max:
             i_l = small_ints(ids, "ids", self._scalar_max, I64_MAX)
             n_l = small_ints(lens, "lens", self._scalar_max, I64_MAX) if i_l is not None else None
-            if i_l is not None and n_l is not None and len(i_l) == len(n_l) and (
-                    len(i_l) <= self._ops_scalar_max or self._broken is not None):
+            if (
+                i_l is not None
+                and n_l is not None
+                and len(i_l) == len(n_l)
+                and (len(i_l) <= self._ops_scalar_max or self._broken is not None)
+            ):
                 return self._push_scalar(i_l, n_l)
         i = index_array(ids, "ids")
         n = index_array(lens, "lens")

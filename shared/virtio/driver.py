@@ -203,8 +203,9 @@ class DriverRing:
 
             self._kernels = DriverKernels(*self._parts, q)
         # Batches past a few buffers go to the kernels (see KERNEL_OVER).
-        self._ops_scalar_max = (min(self._scalar_max, KERNEL_OVER) if self._kernels is not None
-                                else self._scalar_max)
+        self._ops_scalar_max = (
+            min(self._scalar_max, KERNEL_OVER) if self._kernels is not None else self._scalar_max
+        )
         # Private bookkeeping (never read back from shared memory), each as a numpy array
         # and a memoryview over the same bytes.
         self._free, self._free_mv = private_array(q, np.uint16, "H")

@@ -62,8 +62,15 @@ def _need_event(event: int, new: int, old: int) -> bool:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _buffer_ok(addr: np.uint64, length: int, writable: bool, max_len: int,
-               slot_gpa: np.ndarray, slot_last: np.ndarray, slot_w: np.ndarray) -> bool:
+def _buffer_ok(
+    addr: np.uint64,
+    length: int,
+    writable: bool,
+    max_len: int,
+    slot_gpa: np.ndarray,
+    slot_last: np.ndarray,
+    slot_w: np.ndarray,
+) -> bool:
     """Non-empty, within max_len, no 2**64 wrap, inside one slot, writable where needed."""
     if length == 0 or length > max_len:
         return False
@@ -77,12 +84,26 @@ def _buffer_ok(addr: np.uint64, length: int, writable: bool, max_len: int,
 
 
 @njit(cache=True, nogil=True)
-def device_pop_simple(avail16: np.ndarray, desc64: np.ndarray, desc32: np.ndarray,
-                      desc16: np.ndarray, in_flight: np.ndarray, wcap: np.ndarray,
-                      mark: np.ndarray, slot_gpa: np.ndarray, slot_last: np.ndarray,
-                      slot_w: np.ndarray, q: int, last_avail: int, k: int, max_len: int,
-                      heads: np.ndarray, addrs: np.ndarray, lens: np.ndarray,
-                      wflags: np.ndarray) -> int:
+def device_pop_simple(
+    avail16: np.ndarray,
+    desc64: np.ndarray,
+    desc32: np.ndarray,
+    desc16: np.ndarray,
+    in_flight: np.ndarray,
+    wcap: np.ndarray,
+    mark: np.ndarray,
+    slot_gpa: np.ndarray,
+    slot_last: np.ndarray,
+    slot_w: np.ndarray,
+    q: int,
+    last_avail: int,
+    k: int,
+    max_len: int,
+    heads: np.ndarray,
+    addrs: np.ndarray,
+    lens: np.ndarray,
+    wflags: np.ndarray,
+) -> int:
     """Take the next ``k`` chains if every one is a single valid descriptor: ``k``, or
     DECLINE. The caller has read ``avail.idx`` (once) and checked that ``k`` chains are
     available and fit; the entries it publishes are read after it (load->load).
@@ -103,8 +124,9 @@ def device_pop_simple(avail16: np.ndarray, desc64: np.ndarray, desc32: np.ndarra
         a = desc64[2 * h]
         ln = int(desc32[4 * h + 2])
         fl = int(desc16[8 * h + 6])
-        if fl & (_NEXT | _INDIRECT) or not _buffer_ok(a, ln, (fl & _WRITE) != 0, max_len,
-                                                      slot_gpa, slot_last, slot_w):
+        if fl & (_NEXT | _INDIRECT) or not _buffer_ok(
+            a, ln, (fl & _WRITE) != 0, max_len, slot_gpa, slot_last, slot_w
+        ):
             j += 1
             ok = False
             break
@@ -124,10 +146,19 @@ def device_pop_simple(avail16: np.ndarray, desc64: np.ndarray, desc32: np.ndarra
 
 
 @njit(cache=True, nogil=True)
-def device_push_used(used16: np.ndarray, used32: np.ndarray, avail16: np.ndarray,
-                     in_flight: np.ndarray, wcap: np.ndarray, mark: np.ndarray, q: int,
-                     next_used: int, event_idx: bool, ids: np.ndarray,
-                     lens: np.ndarray) -> int:
+def device_push_used(
+    used16: np.ndarray,
+    used32: np.ndarray,
+    avail16: np.ndarray,
+    in_flight: np.ndarray,
+    wcap: np.ndarray,
+    mark: np.ndarray,
+    q: int,
+    next_used: int,
+    event_idx: bool,
+    ids: np.ndarray,
+    lens: np.ndarray,
+) -> int:
     """Complete ``ids`` with ``lens``: 1 if the driver must be interrupted, 0 if not, or
     DECLINE (a bad id or length: nothing written; the reference raises the error)."""
     count = ids.shape[0]
@@ -135,8 +166,15 @@ def device_push_used(used16: np.ndarray, used32: np.ndarray, avail16: np.ndarray
     j = 0
     while j < count:
         i = ids[j]
-        if i < 0 or i >= q or not in_flight[i] or mark[i] != 0 or lens[j] < 0 \
-                or lens[j] > wcap[i] or lens[j] > 0xFFFFFFFF:
+        if (
+            i < 0
+            or i >= q
+            or not in_flight[i]
+            or mark[i] != 0
+            or lens[j] < 0
+            or lens[j] > wcap[i]
+            or lens[j] > 0xFFFFFFFF
+        ):
             ok = False
             break
         mark[i] = 1  # seen: a repeat finds it
@@ -164,11 +202,23 @@ def device_push_used(used16: np.ndarray, used32: np.ndarray, avail16: np.ndarray
 
 
 @njit(cache=True, nogil=True)
-def driver_add_simple(desc64: np.ndarray, desc32: np.ndarray, desc16: np.ndarray,
-                      avail16: np.ndarray, free: np.ndarray, nfree: int,
-                      in_flight: np.ndarray, multi: np.ndarray, wcap: np.ndarray, q: int,
-                      avail_shadow: int, addrs: np.ndarray, lens: np.ndarray,
-                      writable: np.ndarray, heads: np.ndarray) -> int:
+def driver_add_simple(
+    desc64: np.ndarray,
+    desc32: np.ndarray,
+    desc16: np.ndarray,
+    avail16: np.ndarray,
+    free: np.ndarray,
+    nfree: int,
+    in_flight: np.ndarray,
+    multi: np.ndarray,
+    wcap: np.ndarray,
+    q: int,
+    avail_shadow: int,
+    addrs: np.ndarray,
+    lens: np.ndarray,
+    writable: np.ndarray,
+    heads: np.ndarray,
+) -> int:
     """Post one single-descriptor chain per buffer and publish ``avail.idx``; the number
     posted, or DECLINE (too few free descriptors, a zero or oversized length, a buffer
     past 2**64: nothing written; the reference raises the error)."""
@@ -201,8 +251,9 @@ def driver_add_simple(desc64: np.ndarray, desc32: np.ndarray, desc16: np.ndarray
 
 
 @njit(cache=True, nogil=True)
-def driver_kick_needed(avail16: np.ndarray, used16: np.ndarray, q: int, old: int, new: int,
-                       event_idx: bool) -> bool:
+def driver_kick_needed(
+    avail16: np.ndarray, used16: np.ndarray, q: int, old: int, new: int, event_idx: bool
+) -> bool:
     """After publishing ``old..new``: must the driver kick the device?"""
     # store->load: our avail.idx visible before we read avail_event / used.flags.
     fence_seq_cst()
@@ -212,10 +263,20 @@ def driver_kick_needed(avail16: np.ndarray, used16: np.ndarray, q: int, old: int
 
 
 @njit(cache=True, nogil=True)
-def driver_get_used(used32: np.ndarray, in_flight: np.ndarray,
-                    multi: np.ndarray, wcap: np.ndarray, mark: np.ndarray, free: np.ndarray,
-                    nfree: int, q: int, last_used: int, k: int, ids: np.ndarray,
-                    lens: np.ndarray) -> int:
+def driver_get_used(
+    used32: np.ndarray,
+    in_flight: np.ndarray,
+    multi: np.ndarray,
+    wcap: np.ndarray,
+    mark: np.ndarray,
+    free: np.ndarray,
+    nfree: int,
+    q: int,
+    last_used: int,
+    k: int,
+    ids: np.ndarray,
+    lens: np.ndarray,
+) -> int:
     """Take the next ``k`` used entries if each is a single-descriptor chain in flight
     with a length it can hold, and push their descriptors back on the free stack: ``k``,
     or DECLINE (nothing changed; the reference handles it). The caller has read
@@ -246,10 +307,22 @@ def driver_get_used(used32: np.ndarray, in_flight: np.ndarray,
 
 
 @njit(cache=True, nogil=True)
-def copy_simple(src: np.ndarray, src_gpa: np.uint64, dst: np.ndarray, dst_gpa: np.uint64,
-                same_memory: bool, s_addrs: np.ndarray, s_lens: np.ndarray,
-                s_flags: np.ndarray, d_addrs: np.ndarray, d_lens: np.ndarray,
-                d_flags: np.ndarray, n: int, width: int, out: np.ndarray) -> int:
+def copy_simple(
+    src: np.ndarray,
+    src_gpa: np.uint64,
+    dst: np.ndarray,
+    dst_gpa: np.uint64,
+    same_memory: bool,
+    s_addrs: np.ndarray,
+    s_lens: np.ndarray,
+    s_flags: np.ndarray,
+    d_addrs: np.ndarray,
+    d_lens: np.ndarray,
+    d_flags: np.ndarray,
+    n: int,
+    width: int,
+    out: np.ndarray,
+) -> int:
     """Copy single-descriptor chain ``i``'s readable buffer into single-descriptor chain
     ``i``'s writable buffer, ``min(len, capacity, width)`` bytes, for ``i < n``; ``n``, or
     DECLINE (a buffer outside the one slot given for its side, a source that is writable or
@@ -271,6 +344,6 @@ def copy_simple(src: np.ndarray, src_gpa: np.uint64, dst: np.ndarray, dst_gpa: n
         take = min(int(s_lens[i]), int(d_lens[i]), width)
         so = int(s_addrs[i] - src_gpa)
         do = int(d_addrs[i] - dst_gpa)
-        dst[do:do + take] = src[so:so + take]
+        dst[do : do + take] = src[so : so + take]
         out[i] = take
     return n

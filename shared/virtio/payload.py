@@ -227,8 +227,11 @@ def write_payloads(
             # Groups are written one after another, not in chain order. Only a guest that
             # posts overlapping writable buffers can tell: write those in chain order, so
             # the last chain wins, as the scalar path and a real device's in-order DMA do.
-            plan = [(slot, grp[k : k + 1], off[k : k + 1], take)
-                    for slot, grp, off, take in plan for k in range(grp.shape[0])]
+            plan = [
+                (slot, grp[k : k + 1], off[k : k + 1], take)
+                for slot, grp, off, take in plan
+                for k in range(grp.shape[0])
+            ]
             plan.sort(key=lambda p: int(p[1][0]))
         for slot, group, offs, take in plan:
             if not slot.flags.writeable:

@@ -30,10 +30,12 @@ def exercise() -> None:
     mem.add(0, 0, ram)
     pairs = []
     for base in (0, 0x2000):
-        driver = DriverRing(mem.translate(base, layout.size), layout, event_idx=True,
-                            fast_path=False, jit=True)
-        device = DeviceRing.from_layout(mem, base, layout, event_idx=True, fast_path=False,
-                                        jit=True)
+        driver = DriverRing(
+            mem.translate(base, layout.size), layout, event_idx=True, fast_path=False, jit=True
+        )
+        device = DeviceRing.from_layout(
+            mem, base, layout, event_idx=True, fast_path=False, jit=True
+        )
         pairs.append((driver, device))
     (tx_driver, tx), (rx_driver, rx) = pairs
     addrs = np.arange(8, dtype=np.uint64) * 64 + 0x8000
@@ -56,8 +58,12 @@ def main() -> int:
 
     def announce() -> None:
         if not done.wait(SLOW):
-            print("vbusemu: compiling the data-path kernels (first run; later runs load "
-                  "them from the cache) ...", file=sys.stderr, flush=True)
+            print(
+                "vbusemu: compiling the data-path kernels (first run; later runs load "
+                "them from the cache) ...",
+                file=sys.stderr,
+                flush=True,
+            )
 
     threading.Thread(target=announce, daemon=True).start()
     exercise()

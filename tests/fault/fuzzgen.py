@@ -57,12 +57,25 @@ ABSENT_ID = 0x7FFF_FFF0
 
 SYMBOLS = (
     # the fuzzer's own host connection ("the world") and what it set up
-    "world.vm", "world.device", "world.efd", "world.efd2", "world.efd3", "world.mem",
+    "world.vm",
+    "world.device",
+    "world.efd",
+    "world.efd2",
+    "world.efd3",
+    "world.mem",
     "world.free_handle",
-    "world.irqfd", "world.ioeventfd", "world.shmsignal", "world.kickfd",
+    "world.irqfd",
+    "world.ioeventfd",
+    "world.shmsignal",
+    "world.kickfd",
     # another connection's objects ("the victim"): they must stay untouchable
-    "victim.vm", "victim.device", "victim.handle",
-    "victim.irqfd", "victim.ioeventfd", "victim.shmsignal", "victim.kickfd",
+    "victim.vm",
+    "victim.device",
+    "victim.handle",
+    "victim.irqfd",
+    "victim.ioeventfd",
+    "victim.shmsignal",
+    "victim.kickfd",
     "absent",
 )
 
@@ -89,13 +102,30 @@ POOLS: dict[str, tuple[Value, ...]] = {
     "target": ("world.vm", "world.device", "victim.vm", "victim.device", "absent", 0),
     # world.efd is bound (irqfd gsi 1, shm-signal 0), world.efd2 too (ioeventfd 0x2000,
     # kickfd queue 0), world.efd3 is free; victim.handle is open only on the victim
-    "handle": ("world.efd3", "world.efd", "world.efd2", "world.mem", "victim.handle",
-               "world.free_handle", wire.NO_HANDLE, 0),
-    "resample_handle": ("world.efd2", "world.efd3", "world.mem", "victim.handle",
-                        wire.NO_HANDLE),
-    "binding": ("world.irqfd", "world.ioeventfd", "world.shmsignal", "world.kickfd",
-                "victim.irqfd", "victim.ioeventfd", "victim.shmsignal", "victim.kickfd",
-                "absent", 0, U64),
+    "handle": (
+        "world.efd3",
+        "world.efd",
+        "world.efd2",
+        "world.mem",
+        "victim.handle",
+        "world.free_handle",
+        wire.NO_HANDLE,
+        0,
+    ),
+    "resample_handle": ("world.efd2", "world.efd3", "world.mem", "victim.handle", wire.NO_HANDLE),
+    "binding": (
+        "world.irqfd",
+        "world.ioeventfd",
+        "world.shmsignal",
+        "world.kickfd",
+        "victim.irqfd",
+        "victim.ioeventfd",
+        "victim.shmsignal",
+        "victim.kickfd",
+        "absent",
+        0,
+        U64,
+    ),
     "gsi": (2, 1, 0, 7, 8, 1023, 1024, U32),
     "ngsi": (8, 0, 1, 1024, 1025, U32),
     "nsignals": (4, 0, 1, 64, 65, U32),
@@ -104,8 +134,7 @@ POOLS: dict[str, tuple[Value, ...]] = {
     "slot": (1, 0, 2, 511, 512, U32),
     # guest memory: the world's slot 0 is [0, 16 KiB) of a 64 KiB object
     "gpa": (4 * PAGE, 0, PAGE, 2 * PAGE, 16 * PAGE, PAGE - 1, 1 << 63, TOP - PAGE, U64),
-    "size": (4 * PAGE, 0, PAGE, 2 * PAGE, 16 * PAGE, 17 * PAGE, PAGE + 1, 1 << 63,
-             TOP - PAGE, U64),
+    "size": (4 * PAGE, 0, PAGE, 2 * PAGE, 16 * PAGE, 17 * PAGE, PAGE + 1, 1 << 63, TOP - PAGE, U64),
     "offset": (0, PAGE, 12 * PAGE, 15 * PAGE, 16 * PAGE, PAGE + 1, TOP - PAGE, U32),
     "addr": (0x3000, 0x1000, 0x2000, 0x2004, 0, TOP - 1, TOP - 4, TOP - 8),
     "len": (4, 0, 1, 2, 3, 8, 16, U32),
@@ -123,22 +152,42 @@ POOLS: dict[str, tuple[Value, ...]] = {
 # Where one type needs a different likely-valid value than the field name suggests.
 TYPE_POOLS: dict[tuple[type[wire.Message], str], tuple[Value, ...]] = {
     (wire.MemslotSet, "handle"): ("world.mem", "world.efd3", "victim.handle", wire.NO_HANDLE),
-    (wire.ShmSignal, "handle"): ("world.efd3", "world.efd", wire.NO_HANDLE, "world.mem",
-                                 "victim.handle"),
-    (wire.DeviceKickfd, "handle"): ("world.efd3", "world.efd2", wire.NO_HANDLE, "world.mem",
-                                    "victim.handle"),
-    (wire.ChannelOpen, "target"): ("world.vm", "world.device", "victim.vm", "victim.device",
-                                   "absent"),
+    (wire.ShmSignal, "handle"): (
+        "world.efd3",
+        "world.efd",
+        wire.NO_HANDLE,
+        "world.mem",
+        "victim.handle",
+    ),
+    (wire.DeviceKickfd, "handle"): (
+        "world.efd3",
+        "world.efd2",
+        wire.NO_HANDLE,
+        "world.mem",
+        "victim.handle",
+    ),
+    (wire.ChannelOpen, "target"): (
+        "world.vm",
+        "world.device",
+        "victim.vm",
+        "victim.device",
+        "absent",
+    ),
 }
 
 # Valid text tails, from empty to exactly filling the payload ("room" is computed per type).
-TEXTS: tuple[bytes, ...] = (b"", b"{}", b'{"queue": 0, "size": 8}',
-                            "h\u00e9 \u2603 \U0001f680".encode(), b"x" * 1000)
-BAD_UTF8: tuple[bytes, ...] = (b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80",
-                               b"\xe2\x82")
+TEXTS: tuple[bytes, ...] = (
+    b"",
+    b"{}",
+    b'{"queue": 0, "size": 8}',
+    "h\u00e9 \u2603 \U0001f680".encode(),
+    b"x" * 1000,
+)
+BAD_UTF8: tuple[bytes, ...] = (b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe2\x82")
 
-UNKNOWN_TYPES = tuple(t for t in (0, 28, 63, 73, 127, 141, 255, 256, 0x7FFF, 0xFFFF)
-                      if t not in wire.MESSAGE_TYPES)
+UNKNOWN_TYPES = tuple(
+    t for t in (0, 28, 63, 73, 127, 141, 255, 256, 0x7FFF, 0xFFFF) if t not in wire.MESSAGE_TYPES
+)
 
 
 class FdKind(enum.Enum):
@@ -180,8 +229,9 @@ def wrong_fds(cls: type[wire.Message]) -> tuple[FdKind, ...]:
 
 def wire_fields(cls: type[wire.Message]) -> tuple[tuple[str, str], ...]:
     """``(name, struct code)`` of every payload field of ``cls``, in wire order."""
-    return tuple((f.name, f.metadata["code"]) for f in dataclasses.fields(cls)
-                 if "code" in f.metadata)
+    return tuple(
+        (f.name, f.metadata["code"]) for f in dataclasses.fields(cls) if "code" in f.metadata
+    )
 
 
 def fixed_size(cls: type[wire.Message]) -> int:
@@ -245,9 +295,14 @@ class FrameSpec:
         if self.length is not None:
             length = self.length
         header = wire.HEADER.pack(
-            self.version, self.cls.TYPE if self.type is None else self.type, self.header_flags(),
-            self.cls.NFDS if self.nfds is None else self.nfds, self.reserved, self.seq,
-            length & U32)
+            self.version,
+            self.cls.TYPE if self.type is None else self.type,
+            self.header_flags(),
+            self.cls.NFDS if self.nfds is None else self.nfds,
+            self.reserved,
+            self.seq,
+            length & U32,
+        )
         data = bytearray(header + payload + self.junk)
         for bit in self.flips:
             if bit < 8 * len(data):
@@ -290,8 +345,10 @@ class Case:
         return tuple(dict.fromkeys(used))
 
     def describe(self, names: Mapping[str, int]) -> str:
-        lines = [f"case {self.index} of seed {self.seed}"
-                 + (f" (prelude: {', '.join(self.prelude)})" if self.prelude else "")]
+        lines = [
+            f"case {self.index} of seed {self.seed}"
+            + (f" (prelude: {', '.join(self.prelude)})" if self.prelude else "")
+        ]
         for i, step in enumerate(self.steps):
             burst = f" (burst of {len(step.frames)})" if len(step.frames) > 1 else ""
             lines.append(f"  {i}: on {step.endpoint}{burst}:")
@@ -332,7 +389,7 @@ def verdict(data: bytes, nfds: int) -> Verdict:
     if len(data) < wire.HEADER.size:
         return Verdict(Expect.REJECT, 0, why="shorter than a header")
     version, type_code, flags, hdr_nfds, reserved, seq, length = wire.HEADER.unpack_from(data)
-    payload = data[wire.HEADER.size:]
+    payload = data[wire.HEADER.size :]
     cls = wire.MESSAGE_TYPES.get(type_code)
     problems = [
         (version != wire.PROTOCOL_VERSION, "version"),
@@ -376,8 +433,16 @@ def _utf8(data: bytes) -> bool:
 REQUESTS = tuple(c for c in wire.MESSAGE_TYPES.values() if c.KIND is wire.Kind.REQUEST)
 NON_REQUESTS = tuple(c for c in wire.MESSAGE_TYPES.values() if c.KIND is not wire.Kind.REQUEST)
 # What scoped channels are for (drawn more often there; everything else is still drawn).
-SCOPED_FAVOURITES = (wire.Attach, wire.Attach, wire.DetachAck, wire.IoExit, wire.DeviceReport,
-                     wire.DeviceConfigDone, wire.Hello, wire.HandleGetFd)
+SCOPED_FAVOURITES = (
+    wire.Attach,
+    wire.Attach,
+    wire.DetachAck,
+    wire.IoExit,
+    wire.DeviceReport,
+    wire.DeviceConfigDone,
+    wire.Hello,
+    wire.HandleGetFd,
+)
 
 
 def _value(rng: random.Random, cls: type[wire.Message], name: str, code: str) -> Value:
@@ -396,7 +461,7 @@ def _text(rng: random.Random, cls: type[wire.Message]) -> bytes:
     if pick < 0.15:  # exactly full, or a few bytes short: the limits of relayed texts
         return b"r" * (room - rng.choice((0, 0, 1, 4, 8, 12, 64)))
     if pick < 0.25:
-        return bytes(rng.choice(b"{}[]\":, azAZ09") for _ in range(rng.randrange(1, 200)))
+        return bytes(rng.choice(b'{}[]":, azAZ09') for _ in range(rng.randrange(1, 200)))
     return rng.choice(TEXTS)
 
 
@@ -414,8 +479,12 @@ def _frame_len(s: FrameSpec) -> int:
 
 def _truncate(rng: random.Random, s: FrameSpec) -> FrameSpec:
     n = _frame_len(s)
-    return dataclasses.replace(s, cut=rng.choice((0, rng.randrange(1, wire.HEADER.size),
-                                                  wire.HEADER.size, rng.randrange(0, n))))
+    return dataclasses.replace(
+        s,
+        cut=rng.choice(
+            (0, rng.randrange(1, wire.HEADER.size), wire.HEADER.size, rng.randrange(0, n))
+        ),
+    )
 
 
 def _extend(rng: random.Random, s: FrameSpec) -> FrameSpec:
@@ -434,8 +503,9 @@ def _oversize(rng: random.Random, s: FrameSpec) -> FrameSpec:
 
 
 def _version(rng: random.Random, s: FrameSpec) -> FrameSpec:
-    return dataclasses.replace(s, version=rng.choice((0, 2, 0x100, 0xFFFF,
-                                                      rng.randrange(2, 1 << 16))))
+    return dataclasses.replace(
+        s, version=rng.choice((0, 2, 0x100, 0xFFFF, rng.randrange(2, 1 << 16)))
+    )
 
 
 def _unknown_type(rng: random.Random, s: FrameSpec) -> FrameSpec:
@@ -465,14 +535,19 @@ def _nfds_field(rng: random.Random, s: FrameSpec) -> FrameSpec:
 
 def _length_field(rng: random.Random, s: FrameSpec) -> FrameSpec:
     n = _frame_len(s) - wire.HEADER.size
-    return dataclasses.replace(s, length=rng.choice(
-        [v for v in (0, n - 1, n + 1, n + 4096, wire.MAX_PAYLOAD, U32) if v >= 0]))
+    return dataclasses.replace(
+        s,
+        length=rng.choice(
+            [v for v in (0, n - 1, n + 1, n + 4096, wire.MAX_PAYLOAD, U32) if v >= 0]
+        ),
+    )
 
 
 def _bitflip(rng: random.Random, s: FrameSpec) -> FrameSpec:
     bits = 8 * _frame_len(s)
-    return dataclasses.replace(s, flips=tuple(rng.randrange(bits)
-                                              for _ in range(rng.randrange(1, 5))))
+    return dataclasses.replace(
+        s, flips=tuple(rng.randrange(bits) for _ in range(rng.randrange(1, 5)))
+    )
 
 
 def _bad_utf8(rng: random.Random, s: FrameSpec) -> FrameSpec:
@@ -494,8 +569,9 @@ def _fd_extra(rng: random.Random, s: FrameSpec) -> FrameSpec:
 
 
 def _fd_missing(rng: random.Random, s: FrameSpec) -> FrameSpec:
-    return dataclasses.replace(s, fds=s.fds[: rng.randrange(len(s.fds))] if s.fds else (),
-                               groups=None)
+    return dataclasses.replace(
+        s, fds=s.fds[: rng.randrange(len(s.fds))] if s.fds else (), groups=None
+    )
 
 
 def _fd_flood(rng: random.Random, s: FrameSpec) -> FrameSpec:
@@ -578,10 +654,15 @@ def _message_type(rng: random.Random, endpoint: str) -> type[wire.Message]:
 
 
 # Where frames go: single-frame cases favour the two host kinds, sequences the channels.
-SINGLE_WEIGHTS = {HOST: 40, BARE: 30, GUEST: 5, GUEST_ATTACHED: 9, DEVICE: 5,
-                  DEVICE_ATTACHED: 11}
-SEQUENCE_WEIGHTS = {HOST: 40, BARE: 10, GUEST: 10, GUEST_ATTACHED: 15, DEVICE: 10,
-                    DEVICE_ATTACHED: 15}
+SINGLE_WEIGHTS = {HOST: 40, BARE: 30, GUEST: 5, GUEST_ATTACHED: 9, DEVICE: 5, DEVICE_ATTACHED: 11}
+SEQUENCE_WEIGHTS = {
+    HOST: 40,
+    BARE: 10,
+    GUEST: 10,
+    GUEST_ATTACHED: 15,
+    DEVICE: 10,
+    DEVICE_ATTACHED: 15,
+}
 
 
 def _endpoint(rng: random.Random, weights: dict[str, int]) -> str:
@@ -598,14 +679,16 @@ def generate(seed: int, index: int) -> Case:
     rng = random.Random(f"{seed}:{index}")
     kind = rng.random()
     if kind < 0.05:  # bare: nothing there can hold a reply back, so replies come in order
-        burst = tuple(mutate(rng, base_frame(rng, _message_type(rng, BARE)),
-                             1 if rng.random() < 0.03 else 0)
-                      for _ in range(rng.randrange(2, MAX_BURST + 1)))
+        burst = tuple(
+            mutate(rng, base_frame(rng, _message_type(rng, BARE)), 1 if rng.random() < 0.03 else 0)
+            for _ in range(rng.randrange(2, MAX_BURST + 1))
+        )
         return Case(seed, index, (Step(BARE, burst),))
     prelude: tuple[str, ...] = ()
     if rng.random() < 0.2:  # attached consumers, so deassigns and relays go all the way
-        prelude = rng.choice(((GUEST_ATTACHED,), (DEVICE_ATTACHED,),
-                              (GUEST_ATTACHED, DEVICE_ATTACHED)))
+        prelude = rng.choice(
+            ((GUEST_ATTACHED,), (DEVICE_ATTACHED,), (GUEST_ATTACHED, DEVICE_ATTACHED))
+        )
     if kind < 0.75:
         endpoint = _endpoint(rng, SINGLE_WEIGHTS)
         frame = base_frame(rng, _message_type(rng, endpoint))

@@ -300,8 +300,9 @@ def ping(ch: Channel, token: int = 0) -> float:
     try:
         assert ch.ping(token, timeout=PING_BOUND) == token
     except PeerGoneError as e:
-        raise AssertionError(f"the broker did not answer a ping within {PING_BOUND:g} s: "
-                             f"{e}") from e
+        raise AssertionError(
+            f"the broker did not answer a ping within {PING_BOUND:g} s: {e}"
+        ) from e
     return time.monotonic() - t0
 
 
@@ -352,8 +353,9 @@ def settle(ctl: Channel, connections: int = 1, timeout: float = WAIT) -> dict[st
             return state
 
 
-def assert_clean(broker: BrokerHandle, ctl: Channel, base: Baseline, *,
-                 connections: int = 1) -> dict[str, Any]:
+def assert_clean(
+    broker: BrokerHandle, ctl: Channel, base: Baseline, *, connections: int = 1
+) -> dict[str, Any]:
     """Every oracle of issue 5 after a scenario whose survivors own nothing."""
     state = settle(ctl, connections)
     assert len(state["connections"]) == connections, state["connections"]
@@ -361,7 +363,8 @@ def assert_clean(broker: BrokerHandle, ctl: Channel, base: Baseline, *,
     leftovers = {k: state[k] for k in ("objects", "vms", "devices", "bindings") if state[k]}
     assert not leftovers, f"the broker's table is not empty: {leftovers}"
     assert state["process"]["open_fds"] == base.fds, (
-        f"broker fds {state['process']['open_fds']} != baseline {base.fds}")
+        f"broker fds {state['process']['open_fds']} != baseline {base.fds}"
+    )
     assert not set(shm_entries()) - base.shm, "/dev/shm gained an entry"
     assert broker_children(broker.proc.pid) == [], "the broker has a child process"
     ping(ctl)

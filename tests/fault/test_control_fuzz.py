@@ -193,45 +193,69 @@ class VictimIds:
     @classmethod
     def of(cls, state: dict[str, Any]) -> VictimIds:
         """Everything in a snapshot taken before the fuzzer connected is the victim's."""
-        return cls(frozenset(c["id"] for c in state["connections"]),
-                   frozenset(o["id"] for o in state["objects"]),
-                   frozenset(v["id"] for v in state["vms"]),
-                   frozenset(d["id"] for d in state["devices"]))
+        return cls(
+            frozenset(c["id"] for c in state["connections"]),
+            frozenset(o["id"] for o in state["objects"]),
+            frozenset(v["id"] for v in state["vms"]),
+            frozenset(d["id"] for d in state["devices"]),
+        )
 
 
 def victim_view(state: dict[str, Any], ids: VictimIds) -> dict[str, list[Any]]:
     """The part of a snapshot that belongs to, or points at, the victim."""
+
     def mine(b: dict[str, Any]) -> bool:
-        return (b.get("vm") in ids.vms or b.get("device") in ids.devices
-                or b["eventfd"] in ids.objects or b.get("resamplefd") in ids.objects)
+        return (
+            b.get("vm") in ids.vms
+            or b.get("device") in ids.devices
+            or b["eventfd"] in ids.objects
+            or b.get("resamplefd") in ids.objects
+        )
 
     return {
         "connections": [c for c in state["connections"] if c["id"] in ids.conns],
         "objects": [o for o in state["objects"] if o["id"] in ids.objects],
         "vms": [v for v in state["vms"] if v["id"] in ids.vms or v["owner"] in ids.conns],
-        "devices": [d for d in state["devices"]
-                    if d["id"] in ids.devices or d["owner"] in ids.conns],
+        "devices": [
+            d for d in state["devices"] if d["id"] in ids.devices or d["owner"] in ids.conns
+        ],
         "bindings": [b for b in state["bindings"] if mine(b)],
     }
 
 
-def check_state(state: dict[str, Any], *, base: dict[str, Any], before: dict[str, Any],
-                ids: VictimIds, world_alive: bool, accepted: bool) -> bool:
+def check_state(
+    state: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    before: dict[str, Any],
+    ids: VictimIds,
+    world_alive: bool,
+    accepted: bool,
+) -> bool:
     """Oracles 3-5 on one snapshot. Returns True if the world must be reset (a frame was
     accepted and changed the state); raises :class:`FuzzFailure` otherwise."""
     spare, spare0 = fd_spare(state), fd_spare(base)
-    require(spare == spare0, f"the broker holds {spare - spare0:+d} fd(s) that are neither a "
-                             f"connection nor an object (open_fds "
-                             f"{state['process']['open_fds']})")
+    require(
+        spare == spare0,
+        f"the broker holds {spare - spare0:+d} fd(s) that are neither a "
+        f"connection nor an object (open_fds "
+        f"{state['process']['open_fds']})",
+    )
     view, view0 = victim_view(state, ids), victim_view(base, ids)
     require(view == view0, f"the victim's state changed:\n  before {view0}\n  after  {view}")
     if not world_alive:
-        require(state == base, "with the fuzzer's connections gone the state differs from "
-                               f"the baseline:\n  baseline {base}\n  now      {state}")
+        require(
+            state == base,
+            "with the fuzzer's connections gone the state differs from "
+            f"the baseline:\n  baseline {base}\n  now      {state}",
+        )
         return False
     if not accepted:
-        require(state == before, "a rejected or refused request changed the state:\n"
-                                 f"  before {before}\n  after  {state}")
+        require(
+            state == before,
+            "a rejected or refused request changed the state:\n"
+            f"  before {before}\n  after  {state}",
+        )
         return False
     return state != before
 
@@ -263,8 +287,9 @@ class FdMaker:
             FdKind.PIPE_WRITE: lambda: _pipe_end(1),
             FdKind.SOCKET: _socketpair_end,
             FdKind.FILE: lambda: OwnedFd(os.open(self.file, os.O_RDWR | os.O_CLOEXEC)),
-            FdKind.DIRECTORY: lambda: OwnedFd(os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY
-                                                      | os.O_CLOEXEC)),
+            FdKind.DIRECTORY: lambda: OwnedFd(
+                os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            ),
             FdKind.DEVNULL: lambda: OwnedFd(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)),
             FdKind.EPOLL: _epoll_fd,
         }
@@ -299,8 +324,9 @@ def _sealed_memfd() -> OwnedFd:
     fd = _memfd(MEM_SIZE, os.MFD_ALLOW_SEALING)
     with contextlib.ExitStack() as on_error:
         on_error.callback(fd.close)
-        fcntl.fcntl(fd.fd, fcntl.F_ADD_SEALS,
-                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        fcntl.fcntl(
+            fd.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        )
         on_error.pop_all()
     return fd
 
@@ -367,8 +393,13 @@ class Endpoint:
             self.next_seq = (self.next_seq + 1) & fuzzgen.U32
         seq = self.next_seq
         data, fds = wire.encode(dataclasses.replace(msg, seq=seq))
-        _sendmsg(self.sock, data, [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                    array.array("i", fds).tobytes())] if fds else [])
+        _sendmsg(
+            self.sock,
+            data,
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            if fds
+            else [],
+        )
         if not msg.NO_REPLY:
             if wait:
                 self.pending[seq] = None
@@ -409,14 +440,25 @@ class Victim:
         spare = host.eventfd_create()  # a handle number the world's connection lacks
         host.memslot_set(vm, 0, 0, MEM_SIZE, mem_handle)
         names = {
-            "victim.vm": vm, "victim.device": dev, "victim.handle": spare,
+            "victim.vm": vm,
+            "victim.device": dev,
+            "victim.handle": spare,
             "victim.irqfd": host.irqfd_assign(vm, efds[0], 1),
-            "victim.ioeventfd": host.call(wire.Ioeventfd(
-                vm=vm, handle=efds[2], flags=wire.IOEVENTFD_FLAG_DATAMATCH, len=4,
-                addr=0x1000, datamatch=1), wire.IdReply).id,
+            "victim.ioeventfd": host.call(
+                wire.Ioeventfd(
+                    vm=vm,
+                    handle=efds[2],
+                    flags=wire.IOEVENTFD_FLAG_DATAMATCH,
+                    len=4,
+                    addr=0x1000,
+                    datamatch=1,
+                ),
+                wire.IdReply,
+            ).id,
             "victim.shmsignal": host.shmsignal_assign(dev, 0, efds[3]),
-            "victim.kickfd": host.call(wire.DeviceKickfd(device=dev, queue=0, handle=efds[4]),
-                                       wire.IdReply).id,
+            "victim.kickfd": host.call(
+                wire.DeviceKickfd(device=dev, queue=0, handle=efds[4]), wire.IdReply
+            ).id,
         }
         host.irqfd_assign(vm, efds[1], 2, resample_handle=efds[5])
         guest = Channel.adopt(host.channel_open(wire.Scope.VM, vm))
@@ -463,8 +505,9 @@ class Stats:
 class Fuzzer:
     """Sends cases to the broker and checks every oracle after each one."""
 
-    def __init__(self, broker: BrokerHandle, tmp: Path,
-                 policy: wire.Policy = wire.Policy.HUP) -> None:
+    def __init__(
+        self, broker: BrokerHandle, tmp: Path, policy: wire.Policy = wire.Policy.HUP
+    ) -> None:
         self.broker = broker
         self.policy = policy
         self.fdmaker = FdMaker(tmp)
@@ -486,8 +529,7 @@ class Fuzzer:
             eps.append(self.world.host)
         return eps
 
-    def wait(self, done: Callable[[], bool], what: str,
-             deadline: float = REPLY_DEADLINE) -> None:
+    def wait(self, done: Callable[[], bool], what: str, deadline: float = REPLY_DEADLINE) -> None:
         """Read from every live endpoint (serving notices) until ``done()``."""
         end = time.monotonic() + deadline
         while not done():
@@ -550,8 +592,10 @@ class Fuzzer:
     def request(self, ep: Endpoint, msg: wire.Message) -> wire.Message:
         """One of our own requests; returns the reply (an Error included)."""
         seq = ep.send(msg)
-        self.wait(lambda: ep.pending[seq] is not None or ep.eof,
-                  f"reply to our {type(msg).__name__} on {ep.name}")
+        self.wait(
+            lambda: ep.pending[seq] is not None or ep.eof,
+            f"reply to our {type(msg).__name__} on {ep.name}",
+        )
         reply = ep.pending.pop(seq)
         require(reply is not None, f"{ep.name} was dropped after our {type(msg).__name__}")
         assert reply is not None
@@ -559,8 +603,10 @@ class Fuzzer:
 
     def call(self, ep: Endpoint, msg: wire.Message, reply_type: type[R]) -> R:
         reply = self.request(ep, msg)
-        require(isinstance(reply, reply_type), f"our {wire.describe(msg)} on {ep.name} got "
-                                               f"{wire.describe(reply)}")
+        require(
+            isinstance(reply, reply_type),
+            f"our {wire.describe(msg)} on {ep.name} got {wire.describe(reply)}",
+        )
         assert isinstance(reply, reply_type)
         return reply
 
@@ -590,28 +636,50 @@ class Fuzzer:
             efd2 = self.call(ep, wire.EventfdCreate(), wire.HandleReply).handle
             efd3 = self.call(ep, wire.EventfdCreate(), wire.HandleReply).handle
             with _memfd(MEM_SIZE) as memfd:
-                mem = self.call(ep, wire.MemoryImport(size=MEM_SIZE, fds=(memfd,)),
-                                wire.HandleReply).handle
+                mem = self.call(
+                    ep, wire.MemoryImport(size=MEM_SIZE, fds=(memfd,)), wire.HandleReply
+                ).handle
             vm = self.call(ep, wire.VmCreate(ngsi=8), wire.IdReply).id
             self.call(ep, wire.IrqchipCreate(vm=vm), wire.Ok)
             dev = self.call(ep, wire.DeviceCreate(vm=vm, nsignals=4), wire.IdReply).id
-            self.call(ep, wire.MemslotSet(vm=vm, slot=0, gpa=0, size=4 * fuzzgen.PAGE,
-                                          handle=mem), wire.Ok)
-            self.names.update({
-                "world.vm": vm, "world.device": dev, "world.efd": efd, "world.efd2": efd2,
-                "world.efd3": efd3, "world.mem": mem, "world.free_handle": mem + 1,
-                "world.irqfd": self.call(ep, wire.Irqfd(vm=vm, handle=efd, gsi=1),
-                                         wire.IdReply).id,
-                "world.ioeventfd": self.call(ep, wire.Ioeventfd(
-                    vm=vm, handle=efd2, flags=wire.IOEVENTFD_FLAG_DATAMATCH, len=4,
-                    addr=0x2000, datamatch=1), wire.IdReply).id,
-                "world.shmsignal": self.call(ep, wire.ShmSignal(device=dev, sigid=0,
-                                                                handle=efd), wire.IdReply).id,
-                "world.kickfd": self.call(ep, wire.DeviceKickfd(device=dev, queue=0,
-                                                                handle=efd2), wire.IdReply).id,
-            })
-            self.world.known = self.call(ep, wire.HandleGetFd(handle=efd),
-                                         wire.FdReply).fds[0]
+            self.call(
+                ep,
+                wire.MemslotSet(vm=vm, slot=0, gpa=0, size=4 * fuzzgen.PAGE, handle=mem),
+                wire.Ok,
+            )
+            self.names.update(
+                {
+                    "world.vm": vm,
+                    "world.device": dev,
+                    "world.efd": efd,
+                    "world.efd2": efd2,
+                    "world.efd3": efd3,
+                    "world.mem": mem,
+                    "world.free_handle": mem + 1,
+                    "world.irqfd": self.call(
+                        ep, wire.Irqfd(vm=vm, handle=efd, gsi=1), wire.IdReply
+                    ).id,
+                    "world.ioeventfd": self.call(
+                        ep,
+                        wire.Ioeventfd(
+                            vm=vm,
+                            handle=efd2,
+                            flags=wire.IOEVENTFD_FLAG_DATAMATCH,
+                            len=4,
+                            addr=0x2000,
+                            datamatch=1,
+                        ),
+                        wire.IdReply,
+                    ).id,
+                    "world.shmsignal": self.call(
+                        ep, wire.ShmSignal(device=dev, sigid=0, handle=efd), wire.IdReply
+                    ).id,
+                    "world.kickfd": self.call(
+                        ep, wire.DeviceKickfd(device=dev, queue=0, handle=efd2), wire.IdReply
+                    ).id,
+                }
+            )
+            self.world.known = self.call(ep, wire.HandleGetFd(handle=efd), wire.FdReply).fds[0]
         except BaseException:
             self.forget_world()
             raise
@@ -701,14 +769,19 @@ class Fuzzer:
             groups = frame.cmsg_groups()
             start = 0
             for i, n in enumerate(groups):
-                payload = array.array("i", numbers[start:start + n]).tobytes()
+                payload = array.array("i", numbers[start : start + n]).tobytes()
                 if i == len(groups) - 1:
                     payload += bytes(frame.torn)
                 anc.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, payload))
                 start += n
             if frame.creds:
-                anc.append((socket.SOL_SOCKET, socket.SCM_CREDENTIALS,
-                            struct.pack("3i", os.getpid(), os.getuid(), os.getgid())))
+                anc.append(
+                    (
+                        socket.SOL_SOCKET,
+                        socket.SCM_CREDENTIALS,
+                        struct.pack("3i", os.getpid(), os.getuid(), os.getgid()),
+                    )
+                )
             _sendmsg(ep.sock, data, anc)
         finally:
             close_all(owned.values())
@@ -722,8 +795,10 @@ class Fuzzer:
             data = frame.render(self.names)
             plan.append((frame, data, fuzzgen.verdict(data, sum(frame.cmsg_groups()))))
             self.stats.mutations.update(frame.mutations)
-        last = next((i for i, (_, _, v) in enumerate(plan)
-                     if v.expect in (Expect.REJECT, Expect.EOF)), len(plan) - 1)
+        last = next(
+            (i for i, (_, _, v) in enumerate(plan) if v.expect in (Expect.REJECT, Expect.EOF)),
+            len(plan) - 1,
+        )
         read = plan[: last + 1]  # what the broker reads; the rest dies with the connection
         terminal = read[-1][2].expect in (Expect.REJECT, Expect.EOF)
         due = sum(v.expect in (Expect.REPLY, Expect.REJECT) for _, _, v in read)
@@ -738,12 +813,13 @@ class Fuzzer:
             if terminal:
                 self.wait(lambda: ep.eof, f"EOF on {ep.name} ({read[-1][2].why})")
             else:
-                self.wait(lambda: len(ep.replies) >= due or ep.eof,
-                          f"{due} replies on {ep.name}")
+                self.wait(lambda: len(ep.replies) >= due or ep.eof, f"{due} replies on {ep.name}")
                 require(not ep.eof, f"the broker dropped {ep.name} after well-formed frames")
                 token = time.monotonic_ns() & fuzzgen.U64  # proves the no-reply ones were read
-                require(self.call(ep, wire.Ping(token=token), wire.Pong).token == token,
-                        "our ping got another token back")
+                require(
+                    self.call(ep, wire.Ping(token=token), wire.Pong).token == token,
+                    "our ping got another token back",
+                )
             got = [wire.describe(r) for r in ep.replies]
             require(len(ep.replies) == due, f"{due} replies due on {ep.name}, got {got}")
             accepted = False
@@ -758,8 +834,15 @@ class Fuzzer:
                 reply.close_fds()
             ep.replies = []
 
-    def judge_one(self, ep: Endpoint, frame: FrameSpec, data: bytes, v: fuzzgen.Verdict,
-                  replies: Iterator[wire.Message], alone: bool) -> bool:
+    def judge_one(
+        self,
+        ep: Endpoint,
+        frame: FrameSpec,
+        data: bytes,
+        v: fuzzgen.Verdict,
+        replies: Iterator[wire.Message],
+        alone: bool,
+    ) -> bool:
         """One frame's outcome; ``alone``: nothing was sent after it (so what an import
         returned can be looked at: in a burst, a later frame may have closed it)."""
         name = (v.cls or frame.cls).__name__
@@ -771,35 +854,49 @@ class Fuzzer:
             return False
         reply = next(replies)
         if v.expect is Expect.REJECT:
-            require(isinstance(reply, wire.Error) and reply.errno == errno.EPROTO
-                    and reply.seq == v.seq,
-                    f"a malformed frame ({v.why}) got {wire.describe(reply)}, "
-                    f"not EPROTO seq {v.seq}")
+            require(
+                isinstance(reply, wire.Error)
+                and reply.errno == errno.EPROTO
+                and reply.seq == v.seq,
+                f"a malformed frame ({v.why}) got {wire.describe(reply)}, not EPROTO seq {v.seq}",
+            )
             self.stats.outcomes[(name, "rejected")] += 1
             return False
         assert v.cls is not None
         require(reply.seq == v.seq, f"{name} seq {v.seq} answered by {wire.describe(reply)}")
         return self.judge(ep, fuzzgen.sent_fields(v.cls, data), v.cls, reply, alone)
 
-    def judge(self, ep: Endpoint, values: dict[str, int], cls: type[wire.Message],
-              reply: wire.Message, alone: bool) -> bool:
+    def judge(
+        self,
+        ep: Endpoint,
+        values: dict[str, int],
+        cls: type[wire.Message],
+        reply: wire.Message,
+        alone: bool,
+    ) -> bool:
         """A well-formed request's reply: of an allowed type, and what it names is real."""
         if isinstance(reply, wire.Error):
-            require(reply.errno not in (0, errno.EPROTO),
-                    f"a well-formed {cls.__name__} was refused with {wire.describe(reply)}")
+            require(
+                reply.errno not in (0, errno.EPROTO),
+                f"a well-formed {cls.__name__} was refused with {wire.describe(reply)}",
+            )
             self.stats.outcomes[(cls.__name__, "refused")] += 1
             self.stats.errnos[errno.errorcode.get(reply.errno, str(reply.errno))] += 1
             return False
-        require(isinstance(reply, REPLIES[cls]),
-                f"{cls.__name__} answered with {wire.describe(reply)}")
+        require(
+            isinstance(reply, REPLIES[cls]), f"{cls.__name__} answered with {wire.describe(reply)}"
+        )
         self.stats.outcomes[(cls.__name__, "ok")] += 1
         if isinstance(reply, wire.Pong):
             require(reply.token == values["token"], f"{wire.describe(reply)} for {values}")
         if isinstance(reply, wire.FdReply):
             for fd in reply.fds:
                 self.release_received(fd.move())
-        if alone and isinstance(reply, wire.HandleReply) and cls in (wire.EventfdImport,
-                                                                     wire.MemoryImport):
+        if (
+            alone
+            and isinstance(reply, wire.HandleReply)
+            and cls in (wire.EventfdImport, wire.MemoryImport)
+        ):
             self.check_import(ep, cls, reply.handle, values.get("size", 0))
         return True
 
@@ -812,26 +909,29 @@ class Fuzzer:
         name = f"received channel {len(self.case_eps)}"
         self.case_eps[name] = Endpoint(name, socket.socket(fileno=fd.take()))
 
-    def check_import(self, ep: Endpoint, cls: type[wire.Message], handle: int,
-                     size: int) -> None:
+    def check_import(self, ep: Endpoint, cls: type[wire.Message], handle: int, size: int) -> None:
         """An accepted import names what it claims: an eventfd, or memory that maps."""
         reply = self.call(ep, wire.HandleGetFd(handle=handle), wire.FdReply)
         with reply.fds[0] as fd:
             if cls is wire.EventfdImport:
-                require(eventfd_info(fd.fd) is not None,
-                        f"EventfdImport accepted {os.readlink(f'/proc/self/fd/{fd.fd}')}")
+                require(
+                    eventfd_info(fd.fd) is not None,
+                    f"EventfdImport accepted {os.readlink(f'/proc/self/fd/{fd.fd}')}",
+                )
                 return
             actual = memory_fd_size(fd.fd)
-            require(actual is not None and actual >= size,
-                    f"MemoryImport of {size} bytes accepted an fd of {actual} bytes")
+            require(
+                actual is not None and actual >= size,
+                f"MemoryImport of {size} bytes accepted an fd of {actual} bytes",
+            )
             try:
-                mmap.mmap(fd.fd, size, mmap.MAP_SHARED,
-                          mmap.PROT_READ | mmap.PROT_WRITE).close()
+                mmap.mmap(fd.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE).close()
             except (OSError, ValueError) as e:
-                raise FuzzFailure(f"MemoryImport accepted memory that does not map "
-                                  f"read/write ({os.readlink(f'/proc/self/fd/{fd.fd}')}, "
-                                  f"O_ACCMODE {fcntl.fcntl(fd.fd, fcntl.F_GETFL):#o}): {e}"
-                                  ) from e
+                raise FuzzFailure(
+                    f"MemoryImport accepted memory that does not map "
+                    f"read/write ({os.readlink(f'/proc/self/fd/{fd.fd}')}, "
+                    f"O_ACCMODE {fcntl.fcntl(fd.fd, fcntl.F_GETFL):#o}): {e}"
+                ) from e
 
     # ----------------------------------------------------------------- oracles
 
@@ -841,19 +941,33 @@ class Fuzzer:
         try:
             pong = self.control.ping(token, timeout=PING_DEADLINE)
         except VbusError as e:
-            raise FuzzFailure(f"the broker did not answer a ping within {PING_DEADLINE} s "
-                              f"(process alive: {self.broker.proc.alive}): {e}") from e
+            raise FuzzFailure(
+                f"the broker did not answer a ping within {PING_DEADLINE} s "
+                f"(process alive: {self.broker.proc.alive}): {e}"
+            ) from e
         self.stats.worst_ping = max(self.stats.worst_ping, time.monotonic() - t0)
         require(pong == token, f"ping answered {pong}, not {token}")
         stray = self.victim.drain()
         require(not stray, f"the victim received notices: {stray}")
         state = self.control.state()
-        if check_state(state, base=self.base, before=self.before, ids=self.ids,
-                       world_alive=self.world is not None, accepted=accepted):
+        if check_state(
+            state,
+            base=self.base,
+            before=self.before,
+            ids=self.ids,
+            world_alive=self.world is not None,
+            accepted=accepted,
+        ):
             self.reset_world()
             state = self.control.state()
-            check_state(state, base=self.base, before=self.base, ids=self.ids,
-                        world_alive=False, accepted=False)
+            check_state(
+                state,
+                base=self.base,
+                before=self.base,
+                ids=self.ids,
+                world_alive=False,
+                accepted=False,
+            )
         self.before = state
 
     def close(self) -> None:
@@ -861,22 +975,31 @@ class Fuzzer:
         if self.world is not None:
             self.reset_world()
             state = self.control.state()
-            check_state(state, base=self.base, before=self.base, ids=self.ids,
-                        world_alive=False, accepted=False)
+            check_state(
+                state,
+                base=self.base,
+                before=self.base,
+                ids=self.ids,
+                world_alive=False,
+                accepted=False,
+            )
 
     def summary(self, cases: int, seconds: float) -> str:
         s = self.stats
-        per_type: dict[str, collections.Counter[str]] = collections.defaultdict(
-            collections.Counter)
+        per_type: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         for (name, outcome), n in s.outcomes.items():
             per_type[name][outcome] += n
-        lines = [f"{cases} cases (seed {SEED}, first {FIRST}, policy "
-                 f"{self.policy.name.lower()}) in {seconds:.1f} s, "
-                 f"{cases / max(seconds, 1e-9):.0f}/s; worlds built {s.worlds}, "
-                 f"reset after a change {s.resets}; worst control ping "
-                 f"{s.worst_ping * 1000:.1f} ms",
-                 f"verdicts {dict(s.expects)}", f"errnos {dict(s.errnos)}",
-                 f"notices served {dict(s.notices)}", f"endpoints {dict(s.endpoints)}"]
+        lines = [
+            f"{cases} cases (seed {SEED}, first {FIRST}, policy "
+            f"{self.policy.name.lower()}) in {seconds:.1f} s, "
+            f"{cases / max(seconds, 1e-9):.0f}/s; worlds built {s.worlds}, "
+            f"reset after a change {s.resets}; worst control ping "
+            f"{s.worst_ping * 1000:.1f} ms",
+            f"verdicts {dict(s.expects)}",
+            f"errnos {dict(s.errnos)}",
+            f"notices served {dict(s.notices)}",
+            f"endpoints {dict(s.endpoints)}",
+        ]
         lines += [f"  {name:20} {dict(sorted(c.items()))}" for name, c in sorted(per_type.items())]
         return "\n".join(lines)
 
@@ -896,7 +1019,8 @@ def run_cases(fuzzer: Fuzzer, first: int, count: int) -> Iterator[int]:
                 f"{case.describe(fuzzer.names)}\n"
                 f"replay: VBUSEMU_FUZZ_SEED={SEED} VBUSEMU_FUZZ_FIRST={index} "
                 f"VBUSEMU_FUZZ_CASES=1 pytest {__file__} -k 'protocol_fuzz and "
-                f"{fuzzer.policy.name.lower()}'\nbroker log (tail):\n{fuzzer.log_tail()}")
+                f"{fuzzer.policy.name.lower()}'\nbroker log (tail):\n{fuzzer.log_tail()}"
+            )
         yield index
 
 
@@ -904,8 +1028,9 @@ def run_cases(fuzzer: Fuzzer, first: int, count: int) -> Iterator[int]:
 
 
 @pytest.fixture
-def fuzzer(broker_factory: Callable[..., BrokerHandle], tmp_path: Path,
-           request: pytest.FixtureRequest) -> Iterator[Fuzzer]:
+def fuzzer(
+    broker_factory: Callable[..., BrokerHandle], tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Fuzzer]:
     """A fuzzer on a fresh broker (release policy: the indirect parameter, default hup)."""
     policy = getattr(request, "param", wire.Policy.HUP)
     f = Fuzzer(broker_factory(policy), tmp_path, policy)
@@ -915,8 +1040,9 @@ def fuzzer(broker_factory: Callable[..., BrokerHandle], tmp_path: Path,
         f.forget_world()
 
 
-@pytest.mark.parametrize("fuzzer", [wire.Policy.HUP, wire.Policy.REFCOUNT], indirect=True,
-                         ids=["hup", "refcount"])
+@pytest.mark.parametrize(
+    "fuzzer", [wire.Policy.HUP, wire.Policy.REFCOUNT], indirect=True, ids=["hup", "refcount"]
+)
 def test_control_protocol_fuzz(fuzzer: Fuzzer) -> None:
     """Scenario 15: CASES structure-aware cases under the hup policy, and the first half of
     them again under refcount (the policies differ in what closing a handle does); every
@@ -932,8 +1058,10 @@ def test_control_protocol_fuzz(fuzzer: Fuzzer) -> None:
     s = fuzzer.stats
     for cls in fuzzgen.REQUESTS:
         got = {o for (n, o), k in s.outcomes.items() if n == cls.__name__ and k}
-        require(bool(got & {"ok", "refused", "no-reply"}) and "rejected" in got,
-                f"{cls.__name__} was not both handled and rejected: {got}\n{report}")
+        require(
+            bool(got & {"ok", "refused", "no-reply"}) and "rejected" in got,
+            f"{cls.__name__} was not both handled and rejected: {got}\n{report}",
+        )
     require(set(s.mutations) == set(fuzzgen.MUTATIONS), f"mutations unused\n{report}")
     require(set(s.fd_kinds) == {k.value for k in FdKind}, f"fd kinds unused\n{report}")
     require(set(s.expects) == {e.value for e in Expect}, f"verdicts not seen\n{report}")
@@ -963,14 +1091,25 @@ def test_oracles_can_fail(fuzzer: Fuzzer) -> None:
 
     leak = doctored(lambda s: s["process"].update(open_fds=s["process"]["open_fds"] + 1))
     victim = doctored(lambda s: s["objects"][0].update(handles=s["objects"][0]["handles"] + 1))
-    extra_vm = doctored(lambda s: s["vms"].append(
-        {"id": 999, "owner": 999, "ngsi": 1, "irqchip": False, "guest": None,
-         "devices": [], "memslots": []}))
+    extra_vm = doctored(
+        lambda s: s["vms"].append(
+            {
+                "id": 999,
+                "owner": 999,
+                "ngsi": 1,
+                "irqchip": False,
+                "guest": None,
+                "devices": [],
+                "memslots": [],
+            }
+        )
+    )
     for state, alive, accepted, what in (
-            (leak, True, True, "neither a connection nor an object"),
-            (victim, True, True, "victim's state changed"),
-            (extra_vm, True, False, "refused request changed the state"),
-            (extra_vm, False, True, "differs from the baseline")):
+        (leak, True, True, "neither a connection nor an object"),
+        (victim, True, True, "victim's state changed"),
+        (extra_vm, True, False, "refused request changed the state"),
+        (extra_vm, False, True, "differs from the baseline"),
+    ):
         with pytest.raises(FuzzFailure, match=what):
             check_state(state, world_alive=alive, accepted=accepted, **kw)
     assert check_state(extra_vm, world_alive=True, accepted=True, **kw)  # reset, then base
@@ -980,8 +1119,13 @@ def test_more_fds_than_scm_max_fd_cannot_even_be_sent() -> None:
     """Why the generator stops at 253 fds: Linux refuses more in one sendmsg."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with a, b, new_eventfd() as efd:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                array.array("i", [efd.fd] * (fuzzgen.SCM_MAX_FD + 1)).tobytes())]
+        anc = [
+            (
+                socket.SOL_SOCKET,
+                socket.SCM_RIGHTS,
+                array.array("i", [efd.fd] * (fuzzgen.SCM_MAX_FD + 1)).tobytes(),
+            )
+        ]
         with pytest.raises(OSError) as e:
             a.sendmsg([b"x"], anc)
         assert e.value.errno == errno.EINVAL
@@ -994,7 +1138,8 @@ def test_more_fds_than_scm_max_fd_cannot_even_be_sent() -> None:
 
 
 def test_relayed_text_too_long_for_its_notice_is_emsgsize_not_a_broker_crash(
-        broker: BrokerHandle) -> None:
+    broker: BrokerHandle,
+) -> None:
     """DeviceReport and DeviceConfig texts are forwarded in notices whose fixed part is
     4 bytes larger; a text filling the request used to make the broker build a frame it
     could not encode and exit. Now: EMSGSIZE, nothing relayed, the connection stays; a
@@ -1007,8 +1152,10 @@ def test_relayed_text_too_long_for_its_notice_is_emsgsize_not_a_broker_crash(
     assert isinstance(vmm.next_notice(timing.scaled(5)), wire.PeerAttached)
     report_fits = "f" * wire.text_room(wire.DeviceReportNotice)
     config_fits = "g" * wire.text_room(wire.DeviceConfigNotice)
-    for sender, msg in ((device, wire.DeviceReport(text=report_fits + "x")),
-                        (vmm, wire.DeviceConfig(device=dev, text=config_fits + "x"))):
+    for sender, msg in (
+        (device, wire.DeviceReport(text=report_fits + "x")),
+        (vmm, wire.DeviceConfig(device=dev, text=config_fits + "x")),
+    ):
         with pytest.raises(VbusError, match="EMSGSIZE"):
             sender.request(msg)
     assert vmm.ping(1) == 1 and device.ping(2) == 2 and not vmm.notices  # nothing relayed
@@ -1028,15 +1175,15 @@ def test_relayed_text_too_long_for_its_notice_is_emsgsize_not_a_broker_crash(
     answering = threading.Thread(target=device_process)
     answering.start()
     try:
-        assert isinstance(vmm.request(wire.DeviceConfig(device=dev, text=config_fits)),
-                          wire.Ok)
+        assert isinstance(vmm.request(wire.DeviceConfig(device=dev, text=config_fits)), wire.Ok)
     finally:
         answering.join(timing.scaled(10))
     assert relayed == [config_fits] and broker.proc.alive
 
 
 def test_eventfd_create_with_an_initval_above_32_bits_does_not_kill_the_broker(
-        broker: BrokerHandle) -> None:
+    broker: BrokerHandle,
+) -> None:
     """eventfd(2) takes a 32-bit initval; the protocol's is 64 bits (up to EVENTFD_MAX).
     A larger value used to raise OverflowError inside the broker and kill it."""
     from shared.fds import EVENTFD_MAX
@@ -1059,8 +1206,10 @@ def test_memory_import_of_a_read_only_or_o_path_memfd_is_einval(broker: BrokerHa
     ch = broker.connect()
     with _memfd(MEM_SIZE) as rw:
         for mode in (os.O_RDONLY, os.O_PATH):
-            with OwnedFd(os.open(f"/proc/self/fd/{rw.fd}", mode | os.O_CLOEXEC)) as fd, \
-                    pytest.raises(VbusError, match="EINVAL"):
+            with (
+                OwnedFd(os.open(f"/proc/self/fd/{rw.fd}", mode | os.O_CLOEXEC)) as fd,
+                pytest.raises(VbusError, match="EINVAL"),
+            ):
                 ch.memory_import(fd, MEM_SIZE)
         handle = ch.memory_import(rw, MEM_SIZE)
     state = ch.state()

@@ -41,10 +41,20 @@ GRACE = timing.scaled(20)
 
 
 def start_vmm(broker: BrokerHandle, vm: dict[str, Any]) -> subprocess.Popen[str]:
-    return subprocess.Popen(python_module("hostemu.vmm", "--socket", broker.path, "--spec",
-                                          json.dumps([vm]),
-                                          "--timeout", str(timing.scaled(90))),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        python_module(
+            "hostemu.vmm",
+            "--socket",
+            broker.path,
+            "--spec",
+            json.dumps([vm]),
+            "--timeout",
+            str(timing.scaled(90)),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @contextlib.contextmanager
@@ -85,12 +95,24 @@ def restartable_blk(image: Path, restarts: int, grace: float, **params: Any) -> 
 
 
 def test_blk_device_killed_mid_write_is_restarted_and_no_acknowledged_write_is_lost(
-        broker: BrokerHandle, tmp_path: Path) -> None:
+    broker: BrokerHandle, tmp_path: Path
+) -> None:
     image = tmp_path / "disk.img"
     count, sectors, start, seed = 3000, 8, 64, 7
-    with running_vmm(broker, restartable_blk(image, 2, GRACE, count=count, sectors=sectors,
-                                            start=start, seed=seed, depth=16,
-                                            progress_every=200)) as vmm:
+    with running_vmm(
+        broker,
+        restartable_blk(
+            image,
+            2,
+            GRACE,
+            count=count,
+            sectors=sectors,
+            start=start,
+            seed=seed,
+            depth=16,
+            progress_every=200,
+        ),
+    ) as vmm:
         deadline = timing.deadline(60)
         for kill in range(2):  # twice, each time with writes in flight
             read_until(vmm, "blk_progress", deadline)
@@ -113,10 +135,15 @@ def test_blk_device_killed_mid_write_is_restarted_and_no_acknowledged_write_is_l
 
 
 def test_device_killed_past_its_restarts_fails_the_guest_within_the_grace(
-        broker: BrokerHandle, tmp_path: Path) -> None:
+    broker: BrokerHandle, tmp_path: Path
+) -> None:
     grace = timing.scaled(2.0)  # long enough for the first restart on a busy machine
-    with running_vmm(broker, restartable_blk(tmp_path / "disk.img", 1, grace, count=100_000,
-                                            sectors=8, depth=16, progress_every=200)) as vmm:
+    with running_vmm(
+        broker,
+        restartable_blk(
+            tmp_path / "disk.img", 1, grace, count=100_000, sectors=8, depth=16, progress_every=200
+        ),
+    ) as vmm:
         deadline = timing.deadline(60)
         read_until(vmm, "blk_progress", deadline)
         os.kill(device_pid(vmm), signal.SIGKILL)
@@ -132,13 +159,18 @@ def test_device_killed_past_its_restarts_fails_the_guest_within_the_grace(
 
 
 def test_device_killed_before_it_attached_is_restarted_again(
-        broker: BrokerHandle, tmp_path: Path) -> None:
+    broker: BrokerHandle, tmp_path: Path
+) -> None:
     """Regression (found by the soak): a process killed before its Attach never gets a
     PeerGone from the broker; the VMM waited for one forever instead of restarting it."""
     image = tmp_path / "disk.img"
     count, sectors, seed = 2000, 8, 3
-    with running_vmm(broker, restartable_blk(image, 3, GRACE, count=count, sectors=sectors,
-                                            seed=seed, depth=16, progress_every=200)) as vmm:
+    with running_vmm(
+        broker,
+        restartable_blk(
+            image, 3, GRACE, count=count, sectors=sectors, seed=seed, depth=16, progress_every=200
+        ),
+    ) as vmm:
         deadline = timing.deadline(60)
         read_until(vmm, "blk_progress", deadline)
         os.kill(device_pid(vmm), signal.SIGKILL)

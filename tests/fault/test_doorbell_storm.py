@@ -28,13 +28,26 @@ P99_BOUND_US = 250_000  # generous: a 2-core shared machine with one core stormi
 
 
 def test_doorbell_storm_is_bounded_and_others_stay_responsive(broker: BrokerHandle) -> None:
-    storm = {"name": "storm", "devices": [{"model": "echo", "name": "echo0"}],
-             "workload": ["--workload", "storm", "--params", json.dumps({"seconds": 6})]}
+    storm = {
+        "name": "storm",
+        "devices": [{"model": "echo", "name": "echo0"}],
+        "workload": ["--workload", "storm", "--params", json.dumps({"seconds": 6})],
+    }
     quiet = echo_vm("quiet", 1500, size=64, batch=1, window=1)
-    vmm = subprocess.Popen(python_module("hostemu.vmm", "--socket", broker.path, "--spec",
-                                         json.dumps([storm, quiet]),
-                                         "--timeout", str(timing.scaled(120))),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    vmm = subprocess.Popen(
+        python_module(
+            "hostemu.vmm",
+            "--socket",
+            broker.path,
+            "--spec",
+            json.dumps([storm, quiet]),
+            "--timeout",
+            str(timing.scaled(120)),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ping = broker.connect()
     worst = 0.0
     try:
@@ -47,8 +60,11 @@ def test_doorbell_storm_is_bounded_and_others_stay_responsive(broker: BrokerHand
             vmm.kill()
             vmm.communicate(timeout=timing.scaled(10))
     assert "Traceback" not in err, err
-    done = [json.loads(line) for line in out.splitlines()
-            if line.startswith("{") and '"vmm_done"' in line]
+    done = [
+        json.loads(line)
+        for line in out.splitlines()
+        if line.startswith("{") and '"vmm_done"' in line
+    ]
     assert done, f"no result:\n{out}\n{err}"
     result = done[0]
     s, q = result["results"]["storm"], result["results"]["quiet"]
@@ -57,6 +73,8 @@ def test_doorbell_storm_is_bounded_and_others_stay_responsive(broker: BrokerHand
     assert q["rtt_p99_us"] < timing.scaled(P99_BOUND_US), q
     counters = result["stats"]["storm"]["devices"]["echo0"]["counters"]
     assert counters["kicks"] < s["kicks"] / 10, (counters, s["kicks"])  # coalesced
-    print(f"storm: {s['kicks']:,} kicks ({s['kicks_per_s']:,.0f}/s), device woke "
-          f"{counters['kicks']:,} times; quiet p99 {q['rtt_p99_us']:,.0f} us; "
-          f"worst ping {worst * 1e3:.1f} ms")
+    print(
+        f"storm: {s['kicks']:,} kicks ({s['kicks_per_s']:,.0f}/s), device woke "
+        f"{counters['kicks']:,} times; quiet p99 {q['rtt_p99_us']:,.0f} us; "
+        f"worst ping {worst * 1e3:.1f} ms"
+    )

@@ -26,8 +26,7 @@ def broker_fds(b: BrokerHandle) -> int:
 
 
 @pytest.fixture
-def limited(broker_factory: Callable[..., BrokerHandle]) -> Iterator[
-        Callable[..., BrokerHandle]]:
+def limited(broker_factory: Callable[..., BrokerHandle]) -> Iterator[Callable[..., BrokerHandle]]:
     """A broker whose fd limit the test lowers with prlimit (restored before teardown)."""
     started: list[tuple[BrokerHandle, tuple[int, int]]] = []
 
@@ -45,7 +44,8 @@ def limited(broker_factory: Callable[..., BrokerHandle]) -> Iterator[
 
 
 def test_eventfd_create_loop_at_fd_limit_is_errno_and_broker_keeps_serving(
-        limited: Callable[..., BrokerHandle]) -> None:
+    limited: Callable[..., BrokerHandle],
+) -> None:
     b = limited(1024)
     ch = b.connect()
     handles: list[int] = []
@@ -73,7 +73,8 @@ def test_eventfd_create_loop_at_fd_limit_is_errno_and_broker_keeps_serving(
 
 
 def test_syscalls_and_accept_at_the_kernel_fd_limit_are_errno_replies_without_spin(
-        limited: Callable[..., BrokerHandle]) -> None:
+    limited: Callable[..., BrokerHandle],
+) -> None:
     """With no reserve and the limit lowered under what the broker holds, the kernel
     itself refuses: every syscall made for a request becomes that request's errno."""
     b = limited(resource.getrlimit(resource.RLIMIT_NOFILE)[0], "--fd-reserve", "0")
@@ -140,7 +141,8 @@ def test_refused_request_fds_are_closed_before_the_reply(broker: BrokerHandle) -
 
 
 def test_quota_option_bounds_vms_per_connection(
-        broker_factory: Callable[..., BrokerHandle]) -> None:
+    broker_factory: Callable[..., BrokerHandle],
+) -> None:
     b = broker_factory(args=("--quota", "vms=2"))
     ch = b.connect()
     ch.vm_create(ngsi=1)

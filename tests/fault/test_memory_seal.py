@@ -22,8 +22,10 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_sealed_region_cannot_be_resized_by_any_holder() -> None:
-    with SharedRegion.create(1 << 16, sealed=True) as ram, \
-            SharedRegion.from_fd(ram.fd.dup(), 1 << 16) as peer:
+    with (
+        SharedRegion.create(1 << 16, sealed=True) as ram,
+        SharedRegion.from_fd(ram.fd.dup(), 1 << 16) as peer,
+    ):
         assert ram.sealed and peer.sealed
         for size in (0, 4096, 1 << 17):
             with pytest.raises(OSError) as e:
@@ -47,9 +49,13 @@ def test_posix_region_is_reported_unsealed() -> None:
 
 
 def test_guest_truncating_its_ram_is_refused_and_its_device_and_neighbour_keep_running(
-        broker: BrokerHandle) -> None:
-    hostile = {"name": "hostile", "devices": [{"model": "echo", "name": "echo0"}],
-               "workload": ["--workload", "truncate", "--params", json.dumps({"frames": 64})]}
+    broker: BrokerHandle,
+) -> None:
+    hostile = {
+        "name": "hostile",
+        "devices": [{"model": "echo", "name": "echo0"}],
+        "workload": ["--workload", "truncate", "--params", json.dumps({"frames": 64})],
+    }
     result = run_vmm(broker, [hostile, echo_vm("neighbour", 2000)])
     r = result["results"]["hostile"]
     assert r["ok"], r

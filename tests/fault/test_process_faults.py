@@ -34,8 +34,9 @@ def test_broker_killed_every_client_notices_promptly(vmm: Vmm) -> None:
         try:
             p.wait_event("broker_gone", timeout=timing.remaining(until))
         except PeerGoneError as e:
-            raise AssertionError(f"{p.name} did not report the broker gone within "
-                                 f"{timing.scaled(1.0):g} s: {e}") from e
+            raise AssertionError(
+                f"{p.name} did not report the broker gone within {timing.scaled(1.0):g} s: {e}"
+            ) from e
     for p in (guest, device):
         assert p.proc.wait(timing.scaled(10)) == EXIT_BROKER_GONE
     with pytest.raises(PeerGoneError):
@@ -51,8 +52,7 @@ def test_exec_helper_inherits_no_eventfd_or_memory(vmm: Vmm) -> None:
         guest.wait_event("irqfd_attached", gsi=gsi)
     fds = guest.call("exec_probe")["fds"]
     assert len(guest.call("stats")["irqfds"]) == 2
-    leaked = [f for f in fds if "eventfd" in f or "socket" in f or "/dev/shm" in f
-              or "memfd" in f]
+    leaked = [f for f in fds if "eventfd" in f or "socket" in f or "/dev/shm" in f or "memfd" in f]
     assert leaked == [], fds
 
 
@@ -127,8 +127,7 @@ def test_peer_of_another_uid_is_refused_before_any_fd(broker: BrokerHandle) -> N
     assert broker.connect().ping(3) == 3
 
 
-def test_fds_of_wrong_type_and_count_leave_broker_fd_count_unchanged(
-        broker: BrokerHandle) -> None:
+def test_fds_of_wrong_type_and_count_leave_broker_fd_count_unchanged(broker: BrokerHandle) -> None:
     """Scenario 15 (a seed of the fuzzer): wrong fd types and counts never leak an fd."""
     from shared.fds import send_with_fds
 
@@ -137,13 +136,26 @@ def test_fds_of_wrong_type_and_count_leave_broker_fd_count_unchanged(
     r, w = os.pipe()
     memfd = os.memfd_create("x")
     try:
-        for msg_type, fds in ((wire.EventfdImport, [r, memfd]), (wire.Ping, [w]),
-                              (wire.MemoryImport, [r])):
+        for msg_type, fds in (
+            (wire.EventfdImport, [r, memfd]),
+            (wire.Ping, [w]),
+            (wire.MemoryImport, [r]),
+        ):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             s.connect(broker.path)
             with new_eventfd() as efd:
-                data = wire.HEADER.pack(wire.PROTOCOL_VERSION, msg_type.TYPE, 0, len(fds) + 1,
-                                        0, 1, msg_type._STRUCT.size) + b"\0" * msg_type._STRUCT.size
+                data = (
+                    wire.HEADER.pack(
+                        wire.PROTOCOL_VERSION,
+                        msg_type.TYPE,
+                        0,
+                        len(fds) + 1,
+                        0,
+                        1,
+                        msg_type._STRUCT.size,
+                    )
+                    + b"\0" * msg_type._STRUCT.size
+                )
                 send_with_fds(s, data, [*fds, efd.fd])
             s.settimeout(timing.scaled(5))
             assert s.recv(4096)  # an error reply, then EOF
@@ -155,8 +167,7 @@ def test_fds_of_wrong_type_and_count_leave_broker_fd_count_unchanged(
     assert ok.state()["process"]["open_fds"] == baseline
 
 
-def test_client_that_stops_reading_is_dropped_and_others_see_no_delay(
-        broker: BrokerHandle) -> None:
+def test_client_that_stops_reading_is_dropped_and_others_see_no_delay(broker: BrokerHandle) -> None:
     """Scenario 10: a client floods requests and never reads a reply: the broker never
     blocks on it, drops it once its queue overflows, and others are served meanwhile."""
     other = broker.connect()
@@ -174,8 +185,10 @@ def test_client_that_stops_reading_is_dropped_and_others_see_no_delay(
         try:
             assert other.ping(sent, timeout=bound) == sent
         except PeerGoneError as e:
-            raise AssertionError(f"another client got no answer within {bound:g} s "
-                                 f"(after {sent} unread requests): {e}") from e
+            raise AssertionError(
+                f"another client got no answer within {bound:g} s "
+                f"(after {sent} unread requests): {e}"
+            ) from e
 
     while not dropped and not timing.expired(deadline):
         try:

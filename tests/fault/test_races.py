@@ -132,8 +132,10 @@ def rng_for(name: str) -> random.Random:
 def answer(ch: Channel, vm: int, handle: int, gsi: int, flags: int = 0) -> str:
     """An irqfd request's outcome: ``"ok"`` or the errno's name."""
     try:
-        ch.call(wire.Irqfd(vm=vm, handle=handle, gsi=gsi, flags=flags),
-                wire.Ok if flags & DEASSIGN else wire.IdReply)
+        ch.call(
+            wire.Irqfd(vm=vm, handle=handle, gsi=gsi, flags=flags),
+            wire.Ok if flags & DEASSIGN else wire.IdReply,
+        )
     except BrokerError as e:
         return errno.errorcode.get(e.errno, str(e.errno))
     return "ok"
@@ -182,12 +184,15 @@ def test_deassign_racing_consumer_exit_tears_down_once(broker: BrokerHandle) -> 
             assert (obj["handles"], obj["bindings"]) == (1, 0), obj
             gone = ctl.take(wire.PeerGone)
             assert [(g.kind, g.id) for g in gone if isinstance(g, wire.PeerGone)] == [
-                (PeerKind.GUEST, vm)], gone
+                (PeerKind.GUEST, vm)
+            ], gone
             ctl.take(wire.PeerAttached)
             if i % 50 == 0:
                 worst = max(worst, ping(ctl.channel, i))
-        print(f"{rounds} rounds in {time.monotonic() - t0:.1f} s: {dict(outcomes)}; "
-              f"worst ping {worst * 1e3:.1f} ms")
+        print(
+            f"{rounds} rounds in {time.monotonic() - t0:.1f} s: {dict(outcomes)}; "
+            f"worst ping {worst * 1e3:.1f} ms"
+        )
         assert outcomes["deassign first"] and outcomes["exit first"], outcomes
         ctl.channel.vm_destroy(vm)
         ctl.channel.handle_close(handle)
@@ -231,8 +236,9 @@ def test_deassign_racing_hup_detaches_once(broker: BrokerHandle) -> None:
                 assert isinstance(ctl.reply(probe), wire.Pong)
                 # Whichever started the detach, the deassign returns only after the ack
                 # (regression: test_deassign_waits_for_a_hup_detach_of_its_gsi_to_be_acked).
-                assert not ctl.replied(seq), \
+                assert not ctl.replied(seq), (
                     f"deassign answered before the {reason.name} detach was acked"
+                )
                 guest.absorb([msg])  # acknowledges
                 assert isinstance(ctl.reply(seq), wire.Ok)
                 holder.drain()
@@ -249,8 +255,10 @@ def test_deassign_racing_hup_detaches_once(broker: BrokerHandle) -> None:
             assert state["bindings"] == [] and state["objects"] == [], state
             if i % 50 == 0:
                 worst = max(worst, ping(ctl.channel, i))
-        print(f"{rounds} rounds in {time.monotonic() - t0:.1f} s: {dict(outcomes)}; "
-              f"worst ping {worst * 1e3:.1f} ms")
+        print(
+            f"{rounds} rounds in {time.monotonic() - t0:.1f} s: {dict(outcomes)}; "
+            f"worst ping {worst * 1e3:.1f} ms"
+        )
         assert outcomes["DEASSIGN"] and outcomes["HUP"], outcomes
         assert len(guest.detached) == rounds
         ctl.channel.vm_destroy(vm)
@@ -301,10 +309,20 @@ def kill_mid_assign(broker: BrokerHandle, target: int, delay: float, log: Path) 
     guest: GuestSide | None = None
     with open(log, "w") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fault.assign_child", broker.path,
-             str(theirs.fileno()), str(PRESEND_WINDOW_US)],
-            pass_fds=[theirs.fileno()], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=logf,
-            stderr=logf)
+            [
+                sys.executable,
+                "-m",
+                "tests.fault.assign_child",
+                broker.path,
+                str(theirs.fileno()),
+                str(PRESEND_WINDOW_US),
+            ],
+            pass_fds=[theirs.fileno()],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+        )
     theirs.close()
     records: list[bytes] = []
     try:
@@ -320,8 +338,7 @@ def kill_mid_assign(broker: BrokerHandle, target: int, delay: float, log: Path) 
         deadline = timing.deadline(15)
         killed = False
         while not killed:
-            r, _, _ = select.select([ours, guest.peer.sock], [], [],
-                                    timing.remaining(deadline))
+            r, _, _ = select.select([ours, guest.peer.sock], [], [], timing.remaining(deadline))
             assert r, f"the child stalled after {records}"
             if guest.peer.sock in r:
                 guest.serve()  # acknowledges its deassigns' detaches
@@ -358,7 +375,9 @@ def kill_mid_assign(broker: BrokerHandle, target: int, delay: float, log: Path) 
     assert len(attached) in (begun - 1, begun), (begun, attached, records)
     assert set(answered.values()) <= set(attached), (answered, attached)
     assert Counter(b for b, _ in guest.detached) == Counter(attached), (
-        guest.detached, attached)  # each installed binding torn down exactly once
+        guest.detached,
+        attached,
+    )  # each installed binding torn down exactly once
     if len(attached) == begun - 1:
         return "never installed"
     return "installed, answered" if begun in answered else "installed, reply lost"
@@ -367,7 +386,8 @@ def kill_mid_assign(broker: BrokerHandle, target: int, delay: float, log: Path) 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("policy", list(Policy), ids=lambda p: p.name.lower())
 def test_client_killed_with_assign_in_flight_never_leaves_half_a_binding(
-        broker_factory: Callable[..., BrokerHandle], sockdir: Path, policy: Policy) -> None:
+    broker_factory: Callable[..., BrokerHandle], sockdir: Path, policy: Policy
+) -> None:
     """Scenario 2: SIGKILL a VMM process at randomized points of an irqfd assign. Its
     binding goes by HUP (its handle was the last) or with its VM (``refcount``)."""
     broker = broker_factory(policy)
@@ -378,10 +398,13 @@ def test_client_killed_with_assign_in_flight_never_leaves_half_a_binding(
     kills = 0
     hi = 2 * PRESEND_WINDOW_US * 1e-6
     t0 = time.monotonic()
-    while kills < scaled(10) or (kills < scaled(60) and not (
-            outcomes["never installed"] and outcomes["installed, reply lost"])):
-        outcome = kill_mid_assign(broker, rng.randint(1, 4), rng.uniform(0, hi),
-                                  sockdir / f"child-{kills}.log")
+    while kills < scaled(10) or (
+        kills < scaled(60)
+        and not (outcomes["never installed"] and outcomes["installed, reply lost"])
+    ):
+        outcome = kill_mid_assign(
+            broker, rng.randint(1, 4), rng.uniform(0, hi), sockdir / f"child-{kills}.log"
+        )
         outcomes[outcome] += 1
         kills += 1
         # Aim at the boundary: later after a kill that came too early, earlier after one
@@ -434,7 +457,8 @@ class GuestServer:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("policy", list(Policy), ids=lambda p: p.name.lower())
 def test_irqfd_juggling_port_of_kvm_irqfd_test(
-        broker_factory: Callable[..., BrokerHandle], policy: Policy) -> None:
+    broker_factory: Callable[..., BrokerHandle], policy: Policy
+) -> None:
     """Scenario 3: create / assign / duplicate assign / deassign / close, while a second
     client juggles the same handle numbers on two VMs of its own."""
     broker = broker_factory(policy)
@@ -454,8 +478,12 @@ def test_irqfd_juggling_port_of_kvm_irqfd_test(
     try:
         vm1, vm2 = p.vm_create(ngsi=64), p.vm_create(ngsi=64)
         vm3, vm4 = s.vm_create(ngsi=64), s.vm_create(ngsi=64)
-        guests = [GuestSide.attach(p, vm1), GuestSide.attach(p, vm2),
-                  GuestSide.attach(s, vm3), GuestSide.attach(s, vm4)]
+        guests = [
+            GuestSide.attach(p, vm1),
+            GuestSide.attach(p, vm2),
+            GuestSide.attach(s, vm3),
+            GuestSide.attach(s, vm4),
+        ]
         server = GuestServer(guests)
 
         # KVM's prologue: one eventfd, one irqfd; a second binding is EBUSY (any gsi, any
@@ -499,8 +527,7 @@ def test_irqfd_juggling_port_of_kvm_irqfd_test(
                             s.handle_close(held)  # may HUP a binding left on gsi+0
                         held = new
                         for vm in (vm3, vm4):  # what a closed handle can no longer name
-                            assert answer(s, vm, wire.NO_HANDLE, GSI_SECONDARY,
-                                          DEASSIGN) == "ok"
+                            assert answer(s, vm, wire.NO_HANDLE, GSI_SECONDARY, DEASSIGN) == "ok"
                     n = current[0]  # like KVM's READ_ONCE(__eventfd): may be stale
                     juggle_secondary(vm3, n)
                     juggle_secondary(vm4, n)
@@ -550,8 +577,10 @@ def test_irqfd_juggling_port_of_kvm_irqfd_test(
         state = ctl.state()
         assert_counts_sane(state)
         assert not (state["objects"] or state["bindings"] or state["vms"]), state
-        print(f"{rounds} rounds in {elapsed:.1f} s; primary {dict(p_answers)}; "
-              f"secondary {dict(s_answers)}; worst ping {worst * 1e3:.1f} ms")
+        print(
+            f"{rounds} rounds in {elapsed:.1f} s; primary {dict(p_answers)}; "
+            f"secondary {dict(s_answers)}; worst ping {worst * 1e3:.1f} ms"
+        )
         for want in ("assign ok", "assign EBUSY", "assign EBADF", "deassign EBADF"):
             assert s_answers[want], (want, s_answers)
         assert p_answers["first EBUSY"], "the secondary never held an eventfd the primary wanted"
@@ -576,7 +605,8 @@ def test_irqfd_juggling_port_of_kvm_irqfd_test(
 def consumed(stats: dict[str, Any], gsi: int) -> int:
     """Signals the guest took from ``gsi``'s eventfds: injected, or drained at detach."""
     return int(stats["delivered"].get(str(gsi), 0)) + int(
-        stats["drained_at_detach"].get(str(gsi), 0))
+        stats["drained_at_detach"].get(str(gsi), 0)
+    )
 
 
 def pending_count(fd: OwnedFd) -> int:
@@ -658,8 +688,9 @@ def test_signals_during_deassign_none_after_it_returns(vmm: Vmm) -> None:
                 sent = [0]
                 stop = threading.Event()
 
-                def signaller(fd: OwnedFd = fd, sent: list[int] = sent,
-                              stop: threading.Event = stop) -> None:
+                def signaller(
+                    fd: OwnedFd = fd, sent: list[int] = sent, stop: threading.Event = stop
+                ) -> None:
                     while not stop.is_set():
                         os.eventfd_write(fd.fileno(), 1)
                         sent[0] += 1
@@ -674,13 +705,13 @@ def test_signals_during_deassign_none_after_it_returns(vmm: Vmm) -> None:
                         os.kill(guest.pid, signal.SIGSTOP)
                     try:
                         at_start = sent[0]
-                        seq = owner.post(wire.Irqfd(vm=vm, handle=handle, gsi=gsi,
-                                                    flags=DEASSIGN))
+                        seq = owner.post(wire.Irqfd(vm=vm, handle=handle, gsi=gsi, flags=DEASSIGN))
                         if stopped:  # whatever the broker did for it, it did before this
                             probe = owner.post(wire.Ping(token=i))
                             assert isinstance(owner.reply(probe), wire.Pong)
                             assert not owner.replied(seq), (
-                                "deassign answered while the (stopped) guest held the irqfd")
+                                "deassign answered while the (stopped) guest held the irqfd"
+                            )
                     finally:
                         if stopped:
                             os.kill(guest.pid, signal.SIGCONT)
@@ -706,8 +737,10 @@ def test_signals_during_deassign_none_after_it_returns(vmm: Vmm) -> None:
                 after_return += left - late
             owner.channel.handle_close(handle)
             ping(ch, i)
-        print(f"{rounds} rounds: signals written during the deassign in {during}; "
-              f"{after_return} written after it returned, before the signaller stopped")
+        print(
+            f"{rounds} rounds: signals written during the deassign in {during}; "
+            f"{after_return} written after it returned, before the signaller stopped"
+        )
         assert during, "the signaller never ran while a deassign was in flight"
         owner.channel.vm_destroy(vm)
         guest.wait_event("peer_gone", kind="vm")
@@ -728,13 +761,32 @@ def test_routing_cycle_at_full_rate_stays_bounded(broker: BrokerHandle) -> None:
     ctl = broker.connect()
     base = baseline(ctl)
     seconds = 2.0 * scale()
-    spec = [{"name": "cyc", "devices": [{"model": "cycle", "name": "cyc0"}],
-             "workload": ["--workload", "cycle", "--params",
-                          json.dumps({"seconds": seconds, "fanout": CYCLE_FANOUT})]}]
-    vmm = subprocess.Popen(python_module("hostemu.vmm", "--socket", broker.path, "--spec",
-                                         json.dumps(spec), "--timeout",
-                                         str(seconds + timing.scaled(60))),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    spec = [
+        {
+            "name": "cyc",
+            "devices": [{"model": "cycle", "name": "cyc0"}],
+            "workload": [
+                "--workload",
+                "cycle",
+                "--params",
+                json.dumps({"seconds": seconds, "fanout": CYCLE_FANOUT}),
+            ],
+        }
+    ]
+    vmm = subprocess.Popen(
+        python_module(
+            "hostemu.vmm",
+            "--socket",
+            broker.path,
+            "--spec",
+            json.dumps(spec),
+            "--timeout",
+            str(seconds + timing.scaled(60)),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     worst = 0.0
     try:
         while vmm.poll() is None:  # the broker is off the data path: it must stay snappy
@@ -747,15 +799,20 @@ def test_routing_cycle_at_full_rate_stays_bounded(broker: BrokerHandle) -> None:
             vmm.communicate(timeout=timing.scaled(10))
     assert "Traceback" not in err, err
     assert vmm.returncode == 0, (out, err)
-    (done,) = [json.loads(line) for line in out.splitlines()
-               if line.startswith("{") and '"vmm_done"' in line]
+    (done,) = [
+        json.loads(line)
+        for line in out.splitlines()
+        if line.startswith("{") and '"vmm_done"' in line
+    ]
     r = done["results"]["cyc"]
     dev = done["stats"]["cyc"]["devices"]["cyc0"]
     model, counters = dev["model"], dev["counters"]
-    print(f"cycle: {r['interrupts']:,} interrupts ({r['interrupts_per_s']:,.0f}/s), "
-          f"{r['doorbells']:,} doorbells, {model['passes']:,} device passes, largest drain "
-          f"{r['max_signals']}, longest gap {r['max_gap_s'] * 1e3:.1f} ms, worst ping "
-          f"{worst * 1e3:.1f} ms")
+    print(
+        f"cycle: {r['interrupts']:,} interrupts ({r['interrupts_per_s']:,.0f}/s), "
+        f"{r['doorbells']:,} doorbells, {model['passes']:,} device passes, largest drain "
+        f"{r['max_signals']}, longest gap {r['max_gap_s'] * 1e3:.1f} ms, worst ping "
+        f"{worst * 1e3:.1f} ms"
+    )
     assert r["ok"], r
     # it ran (~50k/s on a quiet machine; the bound allows for a busy one)
     assert r["interrupts"] >= 500 * seconds / timing.TIME_SCALE, r
@@ -783,8 +840,7 @@ def detached_event(guest: ManagedProcess, binding: int) -> dict[str, Any]:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("teardown", ["deassign", "vm_destroy"])
-def test_counters_at_teardown_semaphore_zero_and_coalesced_100000(
-        vmm: Vmm, teardown: str) -> None:
+def test_counters_at_teardown_semaphore_zero_and_coalesced_100000(vmm: Vmm, teardown: str) -> None:
     """Scenario 6: a semaphore-mode irqfd at count 0 and a normal one signaled 100,000
     times (gsi masked) are drained at teardown: 0 without underflow, 100000 as one value."""
     ch = vmm.channel
@@ -818,7 +874,9 @@ def test_counters_at_teardown_semaphore_zero_and_coalesced_100000(
         assert pending_count(fd) == 0  # the guest took all 100000 in one read
     objects = ch.state()["objects"]
     assert sorted((o["semaphore"], o["handles"], o["bindings"]) for o in objects) == [
-        (False, 1, 0), (True, 1, 0)], objects
+        (False, 1, 0),
+        (True, 1, 0),
+    ], objects
     if teardown == "deassign":  # the guest is fine: a fresh irqfd still delivers
         guest.call("unmask", gsi=2)
         fresh = ch.eventfd_create()

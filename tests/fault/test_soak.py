@@ -31,10 +31,21 @@ def number(text: str, pattern: str) -> int:
 
 def test_soak_loses_nothing_and_leaks_nothing() -> None:
     seed = int(os.environ.get("VBUSEMU_SOAK_SEED", "20261125"))
-    out = subprocess.run(python_module("hostemu.cli", "soak", "--seconds", str(SECONDS),
-                                       "--seed", str(seed), "--fault-every", "0.7"),
-                         capture_output=True, text=True,
-                         timeout=SECONDS + timing.scaled(180))
+    out = subprocess.run(
+        python_module(
+            "hostemu.cli",
+            "soak",
+            "--seconds",
+            str(SECONDS),
+            "--seed",
+            str(seed),
+            "--fault-every",
+            "0.7",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=SECONDS + timing.scaled(180),
+    )
     report = out.stdout + out.stderr
     assert out.returncode == 0, report
     assert "soak: PASSED" in report, report

@@ -53,8 +53,9 @@ class Vmm:
 
 
 @pytest.fixture
-def vmm_factory(broker_factory: Callable[..., BrokerHandle],
-                sockdir: Path) -> Iterator[Callable[..., Vmm]]:
+def vmm_factory(
+    broker_factory: Callable[..., BrokerHandle], sockdir: Path
+) -> Iterator[Callable[..., Vmm]]:
     made: list[Vmm] = []
 
     def make(broker: BrokerHandle | None = None, **broker_kw: object) -> Vmm:

@@ -35,10 +35,13 @@ S = pl.SECTOR_SIZE
 
 
 def blk_vm(name: str, image: Path, capacity: int, **params: Any) -> dict[str, Any]:
-    return {"name": name,
-            "devices": [{"model": "blk", "name": "disk0",
-                         "params": {"image": str(image), "capacity": capacity}}],
-            "workload": ["--workload", "blk", "--params", json.dumps(params)]}
+    return {
+        "name": name,
+        "devices": [
+            {"model": "blk", "name": "disk0", "params": {"image": str(image), "capacity": capacity}}
+        ],
+        "workload": ["--workload", "blk", "--params", json.dumps(params)],
+    }
 
 
 def check_image(image: Path, seed: int, start: int, nsectors: int) -> None:
@@ -50,13 +53,27 @@ def check_image(image: Path, seed: int, start: int, nsectors: int) -> None:
     assert bad is None, f"sector {bad} of the image does not hold the written pattern"
 
 
-def test_write_flush_read_verify_through_every_process(broker: BrokerHandle,
-                                                       tmp_path: Path) -> None:
+def test_write_flush_read_verify_through_every_process(
+    broker: BrokerHandle, tmp_path: Path
+) -> None:
     image = tmp_path / "disk.img"
     capacity = 1 << 21  # 1 GiB, sparse
     count, sectors, start, seed = 64, 16, 1000, 42
-    result = run_vmm(broker, [blk_vm("vm0", image, capacity, count=count, sectors=sectors,
-                                     start=start, seed=seed, depth=16)])
+    result = run_vmm(
+        broker,
+        [
+            blk_vm(
+                "vm0",
+                image,
+                capacity,
+                count=count,
+                sectors=sectors,
+                start=start,
+                seed=seed,
+                depth=16,
+            )
+        ],
+    )
     assert result["returncode"] == 0, result
     r = result["results"]["vm0"]
     assert r["ok"] and r["error"] is None, r
@@ -175,20 +192,41 @@ def is_dead(pid: int) -> bool:
 
 
 def test_flushed_writes_survive_sigkill_of_every_process(
-        broker_factory: Callable[..., BrokerHandle], tmp_path: Path) -> None:
+    broker_factory: Callable[..., BrokerHandle], tmp_path: Path
+) -> None:
     # broker_factory, not broker: we kill this one, and the factory only stops (and checks
     # the exit status of) brokers that are still alive.
     broker = broker_factory()
     image = tmp_path / "disk.img"
     count, sectors, start, seed = 40, 8, 7, 99
-    spec = [blk_vm("vm0", image, 4096, count=count, sectors=sectors, start=start, seed=seed,
-                   depth=8, hold_after_flush=True)]
+    spec = [
+        blk_vm(
+            "vm0",
+            image,
+            4096,
+            count=count,
+            sectors=sectors,
+            start=start,
+            seed=seed,
+            depth=8,
+            hold_after_flush=True,
+        )
+    ]
     log: IO[bytes]
     with open(tmp_path / "vmm.log", "wb") as log:
         vmm = subprocess.Popen(
-            python_module("hostemu.vmm", "--socket", broker.path, "--spec", json.dumps(spec),
-                          "--timeout", str(timing.scaled(50))),
-            stdout=subprocess.PIPE, stderr=log)
+            python_module(
+                "hostemu.vmm",
+                "--socket",
+                broker.path,
+                "--spec",
+                json.dumps(spec),
+                "--timeout",
+                str(timing.scaled(50)),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
     try:
         event = read_until_event(vmm, "blk_flushed", timeout=timing.scaled(40))
         assert (event["sectors"], event["seed"], event["start"]) == (count * sectors, seed, start)

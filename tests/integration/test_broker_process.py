@@ -26,8 +26,9 @@ from tests.integration.conftest import Vmm
 pytestmark = pytest.mark.timeout(120)
 
 
-def peer_gone(ch: Channel, kind: wire.PeerKind,
-              timeout: float = timing.scaled(10)) -> wire.PeerGone:
+def peer_gone(
+    ch: Channel, kind: wire.PeerKind, timeout: float = timing.scaled(10)
+) -> wire.PeerGone:
     while True:
         msg = ch.next_notice(timeout)
         assert msg is not None, f"no PeerGone({kind.name}) within {timeout}s"
@@ -171,21 +172,30 @@ def test_vbusemu_ps_shows_both_reference_counts(broker: BrokerHandle) -> None:
     h = ch.eventfd_create()
     ch.handle_dup(h)
     ch.irqfd_assign(vm, h, 3)
-    out = subprocess.run([sys.executable, "-m", "hostemu.cli", "ps", "--socket", broker.path,
-                          "--json"], capture_output=True, text=True, timeout=timing.scaled(30),
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "hostemu.cli", "ps", "--socket", broker.path, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=timing.scaled(30),
+        check=True,
+    )
     state = json.loads(out.stdout)
     (obj,) = [o for o in state["objects"] if o["kind"] == "eventfd"]
     assert (obj["handles"], obj["bindings"]) == (2, 1)
     assert state["bindings"][0]["gsi"] == 3
-    table = subprocess.run([sys.executable, "-m", "hostemu.cli", "ps", "--socket", broker.path],
-                           capture_output=True, text=True, timeout=timing.scaled(30),
-                           check=True).stdout
+    table = subprocess.run(
+        [sys.executable, "-m", "hostemu.cli", "ps", "--socket", broker.path],
+        capture_output=True,
+        text=True,
+        timeout=timing.scaled(30),
+        check=True,
+    ).stdout
     assert "BINDINGS" in table and "irqfd" in table
 
 
-def test_refuses_to_start_over_live_socket_or_non_socket(broker: BrokerHandle,
-                                                         sockdir: Path) -> None:
+def test_refuses_to_start_over_live_socket_or_non_socket(
+    broker: BrokerHandle, sockdir: Path
+) -> None:
     with pytest.raises(ConfigError, match="already listening"):
         prepare_socket_path(broker.path)
     d = sockdir / "private"
@@ -211,8 +221,9 @@ def test_refuses_to_start_over_live_socket_or_non_socket(broker: BrokerHandle,
     assert not stale.exists()
 
 
-def test_broker_process_refuses_live_path_and_exits_nonzero(broker: BrokerHandle,
-                                                            sockdir: Path) -> None:
+def test_broker_process_refuses_live_path_and_exits_nonzero(
+    broker: BrokerHandle, sockdir: Path
+) -> None:
     log = sockdir / "second.log"
     with open(log, "w") as f, pytest.raises(Exception, match="did not start"):
         start_broker(broker.path, Policy.HUP, stderr=f, timeout=timing.scaled(15))

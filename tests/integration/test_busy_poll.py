@@ -20,9 +20,18 @@ pytestmark = pytest.mark.timeout(180)
 
 def polling_vm(count: int, device: dict[str, Any], halt_poll_ns: int) -> dict[str, Any]:
     params = {"count": count, "size": 64, "batch": 1, "window": 1}
-    return {"name": "vm0", "devices": [{"model": "echo", "name": "echo0", "params": device}],
-            "workload": ["--workload", "echo", "--params", json.dumps(params),
-                         "--halt-poll-ns", str(halt_poll_ns)]}
+    return {
+        "name": "vm0",
+        "devices": [{"model": "echo", "name": "echo0", "params": device}],
+        "workload": [
+            "--workload",
+            "echo",
+            "--params",
+            json.dumps(params),
+            "--halt-poll-ns",
+            str(halt_poll_ns),
+        ],
+    }
 
 
 def test_round_trips_with_the_device_busy_polling(broker: BrokerHandle) -> None:
@@ -46,9 +55,16 @@ def test_busy_polling_is_off_by_default(broker: BrokerHandle) -> None:
     assert "busy_polls" not in counters and counters["kicks"] > 0
 
 
-@pytest.mark.parametrize("params", [{"busy_poll_us": -1}, {"busy_poll_us": True},
-                                    {"busy_poll_us": 10**7}, {"busy_poll_us": "5"},
-                                    {"other": 1}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"busy_poll_us": -1},
+        {"busy_poll_us": True},
+        {"busy_poll_us": 10**7},
+        {"busy_poll_us": "5"},
+        {"other": 1},
+    ],
+)
 def test_bad_busy_poll_options_are_refused(params: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         make_model(params)

@@ -30,16 +30,19 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # ---------------------------------------------------------------------------- pure
 
 
-@pytest.mark.parametrize(("text", "shown"), [
-    ("plain text\twith tab", "plain text\twith tab"),
-    ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),  # ANSI colour: no escape reaches a tty
-    ("\x1b]0;title\x07", "\\x1b]0;title\\x07"),  # OSC retitle + BEL
-    ("8-bit \x9b2J", "8-bit \\x9b2J"),  # C1 CSI: clears the screen on some terminals
-    ("back\x08\x7fspace", "back\\x08\\x7fspace"),
-    ("a\rb", "a\\x0db"),
-    ("bidi \u202eevil", "bidi \\u202eevil"),
-    ("héllo ✓", "héllo ✓"),
-])
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("plain text\twith tab", "plain text\twith tab"),
+        ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),  # ANSI colour: no escape reaches a tty
+        ("\x1b]0;title\x07", "\\x1b]0;title\\x07"),  # OSC retitle + BEL
+        ("8-bit \x9b2J", "8-bit \\x9b2J"),  # C1 CSI: clears the screen on some terminals
+        ("back\x08\x7fspace", "back\\x08\\x7fspace"),
+        ("a\rb", "a\\x0db"),
+        ("bidi \u202eevil", "bidi \\u202eevil"),
+        ("héllo ✓", "héllo ✓"),
+    ],
+)
 def test_sanitize_escapes_control_characters(text: str, shown: str) -> None:
     assert sanitize(text) == shown
 
@@ -70,8 +73,10 @@ def test_assembler_ends_the_line_at_a_cut_buffer() -> None:
 def test_assembler_replaces_invalid_utf8() -> None:
     a = LineAssembler(max_line=4)
     # a truncation through a multi-byte character, and bytes that are not UTF-8 at all
-    assert a.feed("abc✓\n".encode() + b"\xff\xfe\n") == [("abc\ufffd", True),
-                                                        ("\ufffd\ufffd", False)]
+    assert a.feed("abc✓\n".encode() + b"\xff\xfe\n") == [
+        ("abc\ufffd", True),
+        ("\ufffd\ufffd", False),
+    ]
 
 
 # ---------------------------------------------------------------------------- processes
@@ -126,8 +131,7 @@ def test_hostile_text_is_bounded_and_escaped(broker: BrokerHandle) -> None:
 
 def test_oversized_buffers_are_cut_and_counted(broker: BrokerHandle) -> None:
     # one 20001-byte buffer per line: the device reads MAX_CHAIN bytes of it, no more
-    result = run_vmm(broker, minimal_spec(lines=["y" * 20000, "after"], buf_size=20001,
-                                          qsize=2))
+    result = run_vmm(broker, minimal_spec(lines=["y" * 20000, "after"], buf_size=20001, qsize=2))
     assert result["returncode"] == 0, result
     stats = console_stats(result)
     assert stats["recent"] == ["y" * MAX_LINE, "after"]
@@ -136,14 +140,25 @@ def test_oversized_buffers_are_cut_and_counted(broker: BrokerHandle) -> None:
     assert stats["bytes"] == 20001 + 6
 
 
-def run_vmm_output(broker: BrokerHandle, vms: list[dict[str, Any]],
-                   timeout: float = 60) -> list[dict[str, Any]]:
+def run_vmm_output(
+    broker: BrokerHandle, vms: list[dict[str, Any]], timeout: float = 60
+) -> list[dict[str, Any]]:
     """Every JSON line the VMM printed (``run_vmm`` keeps only the final one)."""
     limit = timing.scaled(timeout)
     out = subprocess.run(
-        python_module("hostemu.vmm", "--socket", broker.path, "--spec", json.dumps(vms),
-                      "--timeout", str(limit)),
-        capture_output=True, text=True, timeout=limit + timing.scaled(60))
+        python_module(
+            "hostemu.vmm",
+            "--socket",
+            broker.path,
+            "--spec",
+            json.dumps(vms),
+            "--timeout",
+            str(limit),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=limit + timing.scaled(60),
+    )
     assert "Traceback" not in out.stderr, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
@@ -152,17 +167,23 @@ def test_console_lines_are_forwarded_upstream(broker: BrokerHandle) -> None:
     lines = run_vmm_output(broker, minimal_spec(lines=["one", "two \x1b[1m"]))
     assert lines and lines[-1]["event"] == "vmm_done", lines
     assert lines[-1]["results"]["vm0"]["ok"], lines[-1]
-    console = [(o["vm"], o["device"], o["text"], o["truncated"]) for o in lines
-               if o.get("event") == "guest_event" and o.get("name") == "console"]
-    assert console == [("vm0", "vm0/console0", "one", False),
-                       ("vm0", "vm0/console0", "two \\x1b[1m", False)]
+    console = [
+        (o["vm"], o["device"], o["text"], o["truncated"])
+        for o in lines
+        if o.get("event") == "guest_event" and o.get("name") == "console"
+    ]
+    assert console == [
+        ("vm0", "vm0/console0", "one", False),
+        ("vm0", "vm0/console0", "two \\x1b[1m", False),
+    ]
 
 
 def test_many_lines_arrive_upstream_in_order(broker: BrokerHandle) -> None:
     sent = [f"{i:04d} " + "x" * 300 for i in range(300)]  # ~90 KiB: more than one pipe read
     lines = run_vmm_output(broker, minimal_spec(lines=sent))
     assert lines[-1]["event"] == "vmm_done" and lines[-1]["results"]["vm0"]["ok"], lines[-1]
-    got = [o["text"] for o in lines
-           if o.get("event") == "guest_event" and o.get("name") == "console"]
+    got = [
+        o["text"] for o in lines if o.get("event") == "guest_event" and o.get("name") == "console"
+    ]
     assert got == sent
     assert console_stats(lines[-1])["lines"] == len(sent)

@@ -21,14 +21,23 @@ from tests.conftest import BrokerHandle
 pytestmark = pytest.mark.timeout(180)
 
 
-def run_vmm(broker: BrokerHandle, vms: list[dict[str, Any]],
-            timeout: float = 60) -> dict[str, Any]:
+def run_vmm(broker: BrokerHandle, vms: list[dict[str, Any]], timeout: float = 60) -> dict[str, Any]:
     """Run ``vms`` in a VMM process; ``timeout`` is its liveness bound, scaled here."""
     limit = timing.scaled(timeout)
     out = subprocess.run(
-        python_module("hostemu.vmm", "--socket", broker.path, "--spec", json.dumps(vms),
-                      "--timeout", str(limit)),
-        capture_output=True, text=True, timeout=limit + timing.scaled(60))
+        python_module(
+            "hostemu.vmm",
+            "--socket",
+            broker.path,
+            "--spec",
+            json.dumps(vms),
+            "--timeout",
+            str(limit),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=limit + timing.scaled(60),
+    )
     assert "Traceback" not in out.stderr, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     done = [obj for obj in lines if obj.get("event") == "vmm_done"]
@@ -40,8 +49,11 @@ def run_vmm(broker: BrokerHandle, vms: list[dict[str, Any]],
 
 def echo_vm(name: str, count: int, size: int = 200, **params: Any) -> dict[str, Any]:
     params = {"count": count, "size": size, "batch": 16, **params}
-    return {"name": name, "devices": [{"model": "echo", "name": "echo0"}],
-            "workload": ["--workload", "echo", "--params", json.dumps(params)]}
+    return {
+        "name": name,
+        "devices": [{"model": "echo", "name": "echo0"}],
+        "workload": ["--workload", "echo", "--params", json.dumps(params)],
+    }
 
 
 @pytest.mark.parametrize("policy", list(Policy), ids=lambda p: p.name.lower())
@@ -83,8 +95,9 @@ def test_two_vms_share_one_broker(broker: BrokerHandle) -> None:
 
 
 @pytest.mark.parametrize("halt_poll_ns", [0, -1], ids=["sleep-always", "adaptive-poll"])
-def test_no_lost_wakeup_under_suppression_many_short_bursts(broker: BrokerHandle,
-                                                            halt_poll_ns: int) -> None:
+def test_no_lost_wakeup_under_suppression_many_short_bursts(
+    broker: BrokerHandle, halt_poll_ns: int
+) -> None:
     """Batches of 1..3 frames with EVENT_IDX suppression on both sides: every burst makes
     each side decide whether to notify and whether to sleep; a lost wakeup is a hang."""
     vms = []
@@ -102,8 +115,7 @@ def test_no_lost_wakeup_under_suppression_many_short_bursts(broker: BrokerHandle
 
 
 @pytest.mark.parametrize("size", [200, 8192], ids=["staged", "direct"])
-def test_echo_with_normal_descriptors_then_an_indirect_one(broker: BrokerHandle,
-                                                           size: int) -> None:
+def test_echo_with_normal_descriptors_then_an_indirect_one(broker: BrokerHandle, size: int) -> None:
     """virtio 1.2, 2.7.5.3.2: every TX and RX buffer is a normal descriptor followed by an
     indirect one (its table holding the rest); the echo device process must serve them
     (small frames go through its staging arrays, large ones straight TX -> RX)."""

@@ -56,9 +56,20 @@ def read_until(proc: subprocess.Popen[str], want: str, deadline: float) -> dict[
 
 def test_echo_device_killed_mid_transfer_fails_the_guest_fast(broker: BrokerHandle) -> None:
     spec = json.dumps([echo_vm("vm0", 50_000_000, batch=8)])
-    vmm = subprocess.Popen(python_module("hostemu.vmm", "--socket", broker.path, "--spec", spec,
-                                         "--timeout", str(timing.scaled(60))),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    vmm = subprocess.Popen(
+        python_module(
+            "hostemu.vmm",
+            "--socket",
+            broker.path,
+            "--spec",
+            spec,
+            "--timeout",
+            str(timing.scaled(60)),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         read_until(vmm, "echo_ready", timing.deadline(30))
         (device,) = [p for p in children_of(vmm.pid) if "hostemu.devices" in cmdline(p)]

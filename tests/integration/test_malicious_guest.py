@@ -46,9 +46,17 @@ EXPECTED_REASON = {
 
 
 def evil_vm(name: str, attack: str, **params: Any) -> dict[str, Any]:
-    return {"name": name, "memory": 4 << 20, "devices": [{"model": "echo", "name": "echo0"}],
-            "workload": ["--workload", "evil", "--params",
-                         json.dumps({"attack": attack, "frames": 8, **params})]}
+    return {
+        "name": name,
+        "memory": 4 << 20,
+        "devices": [{"model": "echo", "name": "echo0"}],
+        "workload": [
+            "--workload",
+            "evil",
+            "--params",
+            json.dumps({"attack": attack, "frames": 8, **params}),
+        ],
+    }
 
 
 def queue_broken_reports(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -127,8 +135,9 @@ def test_attack_breaks_only_the_attacked_queue(attacked: dict[str, Any], attack:
 def test_rx_queue_broken_while_serving_tx_is_reported(broker: BrokerHandle) -> None:
     """The RX ring is corrupted; the device finds it while handling a TX kick (echo fills RX
     from its TX handler). The report must still reach the VMM."""
-    result = run_vmm(broker, [evil_vm("evil-rx", "zero_len", queue=1,
-                                               wait=timing.scaled(3.0))], timeout=60)
+    result = run_vmm(
+        broker, [evil_vm("evil-rx", "zero_len", queue=1, wait=timing.scaled(3.0))], timeout=60
+    )
     dev = result["stats"]["evil-rx"]["devices"]["echo0"]
     reason = dev["queues"]["1"]["broken"]
     assert reason is not None and "zero-length buffer" in reason, dev  # the attack landed

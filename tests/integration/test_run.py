@@ -23,10 +23,13 @@ pytestmark = pytest.mark.timeout(240)
 
 def vbusemu_run(topology: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     limit = timing.scaled(timeout)
-    return subprocess.run([sys.executable, "-m", "hostemu.cli", "run", str(topology),
-                           "--timeout", str(limit)],
-                          capture_output=True, text=True, timeout=limit + timing.scaled(60),
-                          cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "hostemu.cli", "run", str(topology), "--timeout", str(limit)],
+        capture_output=True,
+        text=True,
+        timeout=limit + timing.scaled(60),
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
@@ -83,9 +86,13 @@ def test_second_run_of_same_topology_is_refused_while_image_in_use(tmp_path: Pat
     topology = tmp_path / "disk.toml"
     topology.write_text(DISK_TOPOLOGY)
     image = tmp_path / "disk.img"
-    first = subprocess.Popen([sys.executable, "-m", "hostemu.cli", "run", str(topology),
-                              "--timeout", "60"], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "hostemu.cli", "run", str(topology), "--timeout", "60"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:

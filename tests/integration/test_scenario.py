@@ -175,8 +175,12 @@ def test_scoped_channel_cannot_act_outside_its_object(vmm: Vmm) -> None:
     with Channel.adopt(vmm.channel.channel_open(wire.Scope.VM, vm)) as ch:
         hello = ch.hello()
         assert (hello.scope, hello.target) == (wire.Scope.VM, vm)
-        for attempt in (lambda: ch.vm_create(4), lambda: ch.vm_destroy(other),
-                        lambda: ch.irqfd_deassign(other, None, 1), lambda: ch.state()):
+        for attempt in (
+            lambda: ch.vm_create(4),
+            lambda: ch.vm_destroy(other),
+            lambda: ch.irqfd_deassign(other, None, 1),
+            lambda: ch.state(),
+        ):
             with pytest.raises(BrokerError) as e:
                 attempt()
             assert e.value.name == "EPERM"

@@ -21,9 +21,12 @@ pytestmark = pytest.mark.timeout(180)
 
 def sink_vm(count: int, batch: int, **extra: Any) -> dict[str, Any]:
     params = {"count": count, "size": 64, "batch": batch, "sink": True}
-    return {"name": "vm0", **extra,
-            "devices": [{"model": "echo", "name": "echo0", "params": {"sink": True}}],
-            "workload": ["--workload", "echo", "--params", json.dumps(params)]}
+    return {
+        "name": "vm0",
+        **extra,
+        "devices": [{"model": "echo", "name": "echo0", "params": {"sink": True}}],
+        "workload": ["--workload", "echo", "--params", json.dumps(params)],
+    }
 
 
 @pytest.mark.parametrize("batch", [1, 16, 200])
@@ -58,13 +61,15 @@ def test_unpinned_processes_may_run_anywhere(broker: BrokerHandle) -> None:
 
 
 @pytest.mark.parametrize("where", ["vm", "device"])
-def test_unusable_cpus_are_refused_before_anything_starts(broker: BrokerHandle,
-                                                          where: str) -> None:
+def test_unusable_cpus_are_refused_before_anything_starts(broker: BrokerHandle, where: str) -> None:
     vm = sink_vm(10, 1)
     (vm if where == "vm" else vm["devices"][0])["cpus"] = [1 << 20]
-    out = subprocess.run(python_module("hostemu.vmm", "--socket", broker.path, "--spec",
-                                       json.dumps([vm])),
-                         capture_output=True, text=True, timeout=timing.scaled(60))
+    out = subprocess.run(
+        python_module("hostemu.vmm", "--socket", broker.path, "--spec", json.dumps([vm])),
+        capture_output=True,
+        text=True,
+        timeout=timing.scaled(60),
+    )
     assert out.returncode == 2, out
     assert "are not all usable here" in out.stderr and "Traceback" not in out.stderr
     assert not broker.connect().state()["objects"]

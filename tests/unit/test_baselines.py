@@ -70,33 +70,54 @@ def test_machine_info() -> None:
     info = baselines.machine_info()
     assert {"cores", "cpu_model", "kernel", "python", "numpy"} <= set(info)
     assert isinstance(info["cores"], int) and info["cores"] >= 1
-    assert all(isinstance(info[k], str) and info[k] for k in
-               ("cpu_model", "kernel", "python", "numpy"))
+    assert all(
+        isinstance(info[k], str) and info[k] for k in ("cpu_model", "kernel", "python", "numpy")
+    )
 
 
-@pytest.mark.parametrize("call", [
-    lambda: baselines.small_messages("pipes", 64, 1, SECONDS),
-    lambda: baselines.small_messages("eventfd", 64, 1, SECONDS),
-    lambda: baselines.small_messages("pipe", 0, 1, SECONDS),
-    lambda: baselines.small_messages("socketpair", baselines.MAX_SMALL_PAYLOAD + 1, 1, 1.0),
-    lambda: baselines.small_messages("pipe", 64, 0, SECONDS),
-    lambda: baselines.small_messages("pipe", 64, 1, 0.0),
-    lambda: baselines.small_messages("pipe", 64, 1, math.inf),
-    lambda: baselines.round_trip("queue", 64, 10),
-    lambda: baselines.round_trip("eventfd", 64, 0),
-    lambda: baselines.round_trip("pipe", 0, 10),
-    lambda: baselines.round_trip("eventfd", 64, 10, cpus=(0, 1 << 20)),
-    lambda: baselines.round_trip("eventfd", 64, 10, cpus=(0,)),  # type: ignore[arg-type]
-    lambda: baselines.small_messages("pipe", 64, 16, SECONDS, window=24),
-    lambda: baselines.small_messages("pipe", 64, 16, SECONDS, window=8),
-    lambda: baselines.bulk("queue", 1 << 16, SECONDS),
-    lambda: baselines.bulk("pipe", 0, SECONDS),
-    lambda: baselines.bulk("numpy-copy", 1 << 16, -1.0),
-    lambda: baselines.bulk("pipe", True, SECONDS),
-], ids=["small-kind", "small-kind-eventfd", "small-payload", "small-payload-big",
-        "small-batch", "small-seconds", "small-inf", "rtt-kind", "rtt-samples",
-        "rtt-payload", "rtt-cpu", "rtt-cpus-one", "small-window-multiple",
-        "small-window-below-batch", "bulk-kind", "bulk-size", "bulk-seconds", "bulk-bool"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: baselines.small_messages("pipes", 64, 1, SECONDS),
+        lambda: baselines.small_messages("eventfd", 64, 1, SECONDS),
+        lambda: baselines.small_messages("pipe", 0, 1, SECONDS),
+        lambda: baselines.small_messages("socketpair", baselines.MAX_SMALL_PAYLOAD + 1, 1, 1.0),
+        lambda: baselines.small_messages("pipe", 64, 0, SECONDS),
+        lambda: baselines.small_messages("pipe", 64, 1, 0.0),
+        lambda: baselines.small_messages("pipe", 64, 1, math.inf),
+        lambda: baselines.round_trip("queue", 64, 10),
+        lambda: baselines.round_trip("eventfd", 64, 0),
+        lambda: baselines.round_trip("pipe", 0, 10),
+        lambda: baselines.round_trip("eventfd", 64, 10, cpus=(0, 1 << 20)),
+        lambda: baselines.round_trip("eventfd", 64, 10, cpus=(0,)),  # type: ignore[arg-type]
+        lambda: baselines.small_messages("pipe", 64, 16, SECONDS, window=24),
+        lambda: baselines.small_messages("pipe", 64, 16, SECONDS, window=8),
+        lambda: baselines.bulk("queue", 1 << 16, SECONDS),
+        lambda: baselines.bulk("pipe", 0, SECONDS),
+        lambda: baselines.bulk("numpy-copy", 1 << 16, -1.0),
+        lambda: baselines.bulk("pipe", True, SECONDS),
+    ],
+    ids=[
+        "small-kind",
+        "small-kind-eventfd",
+        "small-payload",
+        "small-payload-big",
+        "small-batch",
+        "small-seconds",
+        "small-inf",
+        "rtt-kind",
+        "rtt-samples",
+        "rtt-payload",
+        "rtt-cpu",
+        "rtt-cpus-one",
+        "small-window-multiple",
+        "small-window-below-batch",
+        "bulk-kind",
+        "bulk-size",
+        "bulk-seconds",
+        "bulk-bool",
+    ],
+)
 def test_bad_arguments(call: object) -> None:
     assert callable(call)
     with pytest.raises(ValueError):
@@ -115,8 +136,10 @@ def _hang() -> object:
 def test_failing_child_is_reported_and_peer_killed() -> None:
     """A child that raises fails the call (not the timeout: a RuntimeError); its stuck
     peer is killed, not waited for; nothing leaks."""
-    with (pytest.raises(RuntimeError, match="injected"),
-          timing.within(10.0, "reporting the failure and killing the stuck peer")):
+    with (
+        pytest.raises(RuntimeError, match="injected"),
+        timing.within(10.0, "reporting the failure and killing the stuck peer"),
+    ):
         baselines._run([(_boom, []), (_hang, [])], timeout=timing.scaled(30.0))
 
 

@@ -58,8 +58,9 @@ class FakeRuntime:
 class Disk:
     """A blk model over an image file, with a driver ring to post requests by hand."""
 
-    def __init__(self, path: Path, capacity: int = CAPACITY, qsize: int = QSIZE,
-                 **params: Any) -> None:
+    def __init__(
+        self, path: Path, capacity: int = CAPACITY, qsize: int = QSIZE, **params: Any
+    ) -> None:
         self.path = path
         self.mem = GuestMemoryMap()
         self.ram = np.zeros(RAM, dtype=np.uint8)
@@ -109,8 +110,9 @@ class Disk:
         assert self.driver.broken is None
         return dict(zip(ids.tolist(), lens.tolist(), strict=True))
 
-    def request(self, rtype: int, sector: int, *, data: bytes | None = None,
-                nread: int = 0) -> tuple[int, int, bytes]:
+    def request(
+        self, rtype: int, sector: int, *, data: bytes | None = None, nread: int = 0
+    ) -> tuple[int, int, bytes]:
         """A well-formed 3-segment request; returns ``(status, used len, bytes read)``."""
         segs = [(self.alloc(16, self.header(rtype, sector)), 16, False)]
         if data is not None:
@@ -155,7 +157,12 @@ def test_write_then_read_round_trip(disk: Disk) -> None:
     assert disk.request(blk.T_IN, 40, nread=S) == (blk.S_OK, S + 1, bytes(S))
     st = disk.model.stats()
     assert (st["reads"], st["writes"], st["bytes_read"], st["bytes_written"], st["errors"]) == (
-        2, 1, 5 * S, 4 * S, 0)
+        2,
+        1,
+        5 * S,
+        4 * S,
+        0,
+    )
 
 
 def test_first_and_last_sector_are_reachable(disk: Disk) -> None:
@@ -207,8 +214,11 @@ def test_get_id_returns_the_serial(tmp_path: Path) -> None:
     d = Disk(tmp_path / "disk.img", serial="disk-7")
     try:
         status, used, got = d.request(blk.T_GET_ID, 0, nread=blk.ID_BYTES)
-        assert (status, used, got) == (blk.S_OK, blk.ID_BYTES + 1,
-                                       b"disk-7" + bytes(blk.ID_BYTES - 6))
+        assert (status, used, got) == (
+            blk.S_OK,
+            blk.ID_BYTES + 1,
+            b"disk-7" + bytes(blk.ID_BYTES - 6),
+        )
         status, used, got = d.request(blk.T_GET_ID, 0, nread=4)  # a short buffer: truncated
         assert (status, used, got) == (blk.S_OK, 5, b"disk")
     finally:
@@ -222,17 +232,32 @@ def test_batch_is_served_in_order_and_flush_covers_it(disk: Disk) -> None:
         st = disk.alloc(1, b"\xff")
         statuses.append(st)
         d = sectors(9, i * 2, 2)
-        heads.append(disk.post([(disk.alloc(16, disk.header(blk.T_OUT, i * 2)), 16, False),
-                                (disk.alloc(len(d), d), len(d), False), (st, 1, True)]))
+        heads.append(
+            disk.post(
+                [
+                    (disk.alloc(16, disk.header(blk.T_OUT, i * 2)), 16, False),
+                    (disk.alloc(len(d), d), len(d), False),
+                    (st, 1, True),
+                ]
+            )
+        )
     st = disk.alloc(1, b"\xff")
     statuses.append(st)
-    heads.append(disk.post([(disk.alloc(16, disk.header(blk.T_FLUSH, 0)), 16, False),
-                            (st, 1, True)]))
+    heads.append(
+        disk.post([(disk.alloc(16, disk.header(blk.T_FLUSH, 0)), 16, False), (st, 1, True)])
+    )
     rd = disk.alloc(8 * S)
     st = disk.alloc(1, b"\xff")
     statuses.append(st)
-    heads.append(disk.post([(disk.alloc(16, disk.header(blk.T_IN, 0)), 16, False),
-                            (rd, 8 * S, True), (st, 1, True)]))
+    heads.append(
+        disk.post(
+            [
+                (disk.alloc(16, disk.header(blk.T_IN, 0)), 16, False),
+                (rd, 8 * S, True),
+                (st, 1, True),
+            ]
+        )
+    )
     used = disk.serve()
     assert used == {**{h: 1 for h in heads[:5]}, heads[5]: 8 * S + 1}
     assert all(disk.mem.read(s, 1) == b"\x00" for s in statuses)
@@ -248,8 +273,7 @@ def test_empty_ring_returns_false_with_notifications_on(disk: Disk) -> None:
 
 def test_other_queues_are_ignored(disk: Disk) -> None:
     other = Queue(1, disk.queue.ring, 0)
-    disk.post([(disk.alloc(16, disk.header(blk.T_FLUSH, 0)), 16, False),
-               (disk.alloc(1), 1, True)])
+    disk.post([(disk.alloc(16, disk.header(blk.T_FLUSH, 0)), 16, False), (disk.alloc(1), 1, True)])
     assert disk.model.on_queue(other) is False
     assert disk.queue.ring.in_flight == 0
 
@@ -257,8 +281,9 @@ def test_other_queues_are_ignored(disk: Disk) -> None:
 def test_work_per_pass_is_bounded(disk: Disk, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(blk, "BUDGET", 3)
     for _ in range(7):
-        disk.post([(disk.alloc(16, disk.header(blk.T_FLUSH, 0)), 16, False),
-                   (disk.alloc(1), 1, True)])
+        disk.post(
+            [(disk.alloc(16, disk.header(blk.T_FLUSH, 0)), 16, False), (disk.alloc(1), 1, True)]
+        )
     passes = [disk.model.on_queue(disk.queue) for _ in range(4)]
     # 3 + 3 + 1 chains, then an empty pass that re-enables kicks
     assert passes == [True, True, True, False]
@@ -284,14 +309,20 @@ def _bad_requests(d: Disk) -> dict[str, tuple[list[tuple[int, int, bool]], int, 
         return (d.alloc(n, b"\xee" * n), n, True)
 
     return {
-        "header of 8 bytes": ([(d.alloc(8, d.header(blk.T_OUT, 0)[:8]), 8, False),
-                               w(1)], 1, blk.S_IOERR),
+        "header of 8 bytes": (
+            [(d.alloc(8, d.header(blk.T_OUT, 0)[:8]), 8, False), w(1)],
+            1,
+            blk.S_IOERR,
+        ),
         "status byte only": ([w(1)], 1, blk.S_IOERR),
         "no status byte": ([hdr(blk.T_OUT, 0), out(data)], 0, None),
         "no writable byte, header only": ([hdr(blk.T_FLUSH, 0)], 0, None),
         "write with writable data": ([hdr(blk.T_OUT, 0), w(S), w(1)], 1, blk.S_IOERR),
-        "write with data and a 2-byte status": ([hdr(blk.T_OUT, 0), out(data), w(2)], 1,
-                                                blk.S_IOERR),
+        "write with data and a 2-byte status": (
+            [hdr(blk.T_OUT, 0), out(data), w(2)],
+            1,
+            blk.S_IOERR,
+        ),
         "read with readable data": ([hdr(blk.T_IN, 0), out(data), w(1)], 1, blk.S_IOERR),
         "flush with data": ([hdr(blk.T_FLUSH, 0), out(data), w(1)], 1, blk.S_IOERR),
         "flush with writable data": ([hdr(blk.T_FLUSH, 0), w(S), w(1)], 1, blk.S_IOERR),
@@ -300,34 +331,51 @@ def _bad_requests(d: Disk) -> dict[str, tuple[list[tuple[int, int, bool]], int, 
         "write of 513 bytes": ([hdr(blk.T_OUT, 0), out(data[: S + 1]), w(1)], 1, blk.S_IOERR),
         "read of 511 bytes": ([hdr(blk.T_IN, 0), w(511), w(1)], 1, blk.S_IOERR),
         "write at capacity": ([hdr(blk.T_OUT, CAPACITY), out(data[:S]), w(1)], 1, blk.S_IOERR),
-        "write straddling the end": ([hdr(blk.T_OUT, CAPACITY - 1), out(data), w(1)], 1,
-                                     blk.S_IOERR),
+        "write straddling the end": (
+            [hdr(blk.T_OUT, CAPACITY - 1), out(data), w(1)],
+            1,
+            blk.S_IOERR,
+        ),
         "read at capacity": ([hdr(blk.T_IN, CAPACITY), w(S), w(1)], 1, blk.S_IOERR),
-        "read straddling the end": ([hdr(blk.T_IN, CAPACITY - 1), w(2 * S), w(1)], 1,
-                                    blk.S_IOERR),
-        "write at sector 2**64-1 (overflow)": ([hdr(blk.T_OUT, 2**64 - 1), out(data), w(1)], 1,
-                                               blk.S_IOERR),
-        "read at 2**55 (offset wraps 2**64)": ([hdr(blk.T_IN, 2**55), w(S), w(1)], 1,
-                                               blk.S_IOERR),
+        "read straddling the end": ([hdr(blk.T_IN, CAPACITY - 1), w(2 * S), w(1)], 1, blk.S_IOERR),
+        "write at sector 2**64-1 (overflow)": (
+            [hdr(blk.T_OUT, 2**64 - 1), out(data), w(1)],
+            1,
+            blk.S_IOERR,
+        ),
+        "read at 2**55 (offset wraps 2**64)": ([hdr(blk.T_IN, 2**55), w(S), w(1)], 1, blk.S_IOERR),
         "unknown type 2": ([hdr(2, 0), out(data), w(1)], 1, blk.S_UNSUPP),
         "unknown type 0xFFFFFFFF": ([hdr(0xFFFFFFFF, 0), w(1)], 1, blk.S_UNSUPP),
     }
 
 
 BAD = [
-    "header of 8 bytes", "status byte only", "no status byte", "no writable byte, header only",
-    "write with writable data", "write with data and a 2-byte status",
-    "read with readable data", "flush with data", "flush with writable data",
-    "get_id with readable data", "write of 100 bytes", "write of 513 bytes",
-    "read of 511 bytes", "write at capacity", "write straddling the end", "read at capacity",
-    "read straddling the end", "write at sector 2**64-1 (overflow)",
-    "read at 2**55 (offset wraps 2**64)", "unknown type 2", "unknown type 0xFFFFFFFF",
+    "header of 8 bytes",
+    "status byte only",
+    "no status byte",
+    "no writable byte, header only",
+    "write with writable data",
+    "write with data and a 2-byte status",
+    "read with readable data",
+    "flush with data",
+    "flush with writable data",
+    "get_id with readable data",
+    "write of 100 bytes",
+    "write of 513 bytes",
+    "read of 511 bytes",
+    "write at capacity",
+    "write straddling the end",
+    "read at capacity",
+    "read straddling the end",
+    "write at sector 2**64-1 (overflow)",
+    "read at 2**55 (offset wraps 2**64)",
+    "unknown type 2",
+    "unknown type 0xFFFFFFFF",
 ]
 
 
 @pytest.mark.parametrize("name", BAD)
-def test_bad_request_gets_an_error_status_and_leaves_the_file_alone(disk: Disk,
-                                                                    name: str) -> None:
+def test_bad_request_gets_an_error_status_and_leaves_the_file_alone(disk: Disk, name: str) -> None:
     disk.request(blk.T_OUT, 0, data=sectors(5, 0, CAPACITY))  # a known, non-zero disk
     before = disk.file()
     errors_before = disk.model.stats()["errors"]
@@ -361,8 +409,15 @@ def test_bad_requests_in_one_batch_with_good_ones(disk: Disk) -> None:
     for name, (segs, want_used, _) in bad.items():
         heads[disk.post(segs)] = want_used
         st = disk.alloc(1, b"\xff")
-        heads[disk.post([(disk.alloc(16, disk.header(blk.T_OUT, 10)), 16, False),
-                         (disk.alloc(S, good), S, False), (st, 1, True)])] = 1
+        heads[
+            disk.post(
+                [
+                    (disk.alloc(16, disk.header(blk.T_OUT, 10)), 16, False),
+                    (disk.alloc(S, good), S, False),
+                    (st, 1, True),
+                ]
+            )
+        ] = 1
         assert name
     assert disk.serve() == heads
     assert disk.file()[10 * S : 11 * S] == good
@@ -400,9 +455,9 @@ def test_image_shrunk_under_the_device_reads_short(disk: Disk) -> None:
 # ============================================================================ I/O vectors
 
 
-def test_vectored_io_splits_long_vectors_and_retries_short_ones(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch
-                                                                ) -> None:
+def test_vectored_io_splits_long_vectors_and_retries_short_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     n = blk.IOV_MAX + 500  # more buffers than one preadv/pwritev takes
     src = np.arange(n * 3, dtype=np.uint32).astype(np.uint8)
     views = [src[i * 3 : i * 3 + 3] for i in range(n)]
@@ -467,24 +522,28 @@ def test_existing_image_keeps_its_data_and_is_grown_or_left(tmp_path: Path) -> N
     assert big.read_bytes() == b"x" * (10 * S)  # never shrunk: the device just ignores the rest
 
 
-@pytest.mark.parametrize(("params", "field"), [
-    ({"capacity": 8}, "image"),
-    ({"image": "", "capacity": 8}, "image"),
-    ({"image": 5, "capacity": 8}, "image"),
-    ({"image": "x\0y", "capacity": 8}, "image"),
-    ({"image": "IMG"}, "capacity"),
-    ({"image": "IMG", "capacity": 0}, "capacity"),
-    ({"image": "IMG", "capacity": -1}, "capacity"),
-    ({"image": "IMG", "capacity": True}, "capacity"),
-    ({"image": "IMG", "capacity": "8"}, "capacity"),
-    ({"image": "IMG", "capacity": 8.0}, "capacity"),
-    ({"image": "IMG", "capacity": 2**63}, "capacity"),
-    ({"image": "IMG", "capacity": 8, "serial": "x" * 21}, "serial"),
-    ({"image": "IMG", "capacity": 8, "serial": "é"}, "serial"),
-    ({"image": "IMG", "capacity": 8, "size": 1}, "size"),
-])
-def test_bad_params_are_config_errors_naming_the_field(tmp_path: Path, params: dict[str, Any],
-                                                       field: str) -> None:
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"capacity": 8}, "image"),
+        ({"image": "", "capacity": 8}, "image"),
+        ({"image": 5, "capacity": 8}, "image"),
+        ({"image": "x\0y", "capacity": 8}, "image"),
+        ({"image": "IMG"}, "capacity"),
+        ({"image": "IMG", "capacity": 0}, "capacity"),
+        ({"image": "IMG", "capacity": -1}, "capacity"),
+        ({"image": "IMG", "capacity": True}, "capacity"),
+        ({"image": "IMG", "capacity": "8"}, "capacity"),
+        ({"image": "IMG", "capacity": 8.0}, "capacity"),
+        ({"image": "IMG", "capacity": 2**63}, "capacity"),
+        ({"image": "IMG", "capacity": 8, "serial": "x" * 21}, "serial"),
+        ({"image": "IMG", "capacity": 8, "serial": "é"}, "serial"),
+        ({"image": "IMG", "capacity": 8, "size": 1}, "size"),
+    ],
+)
+def test_bad_params_are_config_errors_naming_the_field(
+    tmp_path: Path, params: dict[str, Any], field: str
+) -> None:
     params = {k: (str(tmp_path / "d.img") if v == "IMG" else v) for k, v in params.items()}
     with pytest.raises(ConfigError, match=field):
         blk.make_model(params)
@@ -521,10 +580,16 @@ def test_device_config_publishes_the_capacity() -> None:
 def test_guest_and_device_agree_on_the_request_abi() -> None:
     assert guest_blk.REQ_HEADER_DTYPE == blk.REQ_HEADER_DTYPE
     assert blk.REQ_HEADER_DTYPE.itemsize == blk.HEADER_SIZE == 16
-    assert (guest_blk.T_IN, guest_blk.T_OUT, guest_blk.T_FLUSH) == (blk.T_IN, blk.T_OUT,
-                                                                   blk.T_FLUSH)
-    assert (guest_blk.S_OK, guest_blk.S_IOERR, guest_blk.S_UNSUPP) == (blk.S_OK, blk.S_IOERR,
-                                                                      blk.S_UNSUPP)
+    assert (guest_blk.T_IN, guest_blk.T_OUT, guest_blk.T_FLUSH) == (
+        blk.T_IN,
+        blk.T_OUT,
+        blk.T_FLUSH,
+    )
+    assert (guest_blk.S_OK, guest_blk.S_IOERR, guest_blk.S_UNSUPP) == (
+        blk.S_OK,
+        blk.S_IOERR,
+        blk.S_UNSUPP,
+    )
     assert guest_blk.STATUS_UNSET not in (blk.S_OK, blk.S_IOERR, blk.S_UNSUPP)
 
 

@@ -19,8 +19,9 @@ def table() -> Iterator[IoEventTable]:
     t.close()
 
 
-def add(t: IoEventTable, binding: int, *, pio: bool, addr: int, length: int,
-        datamatch: int | None) -> EventNotifier:
+def add(
+    t: IoEventTable, binding: int, *, pio: bool, addr: int, length: int, datamatch: int | None
+) -> EventNotifier:
     notifier = EventNotifier(new_eventfd())
     t.add(IoEventFd(binding, pio, addr, length, datamatch, notifier))
     return notifier
@@ -50,12 +51,15 @@ def test_length_zero_pio_ioeventfd_matches_any_width(table: IoEventTable) -> Non
     assert count(any_width) == 4
 
 
-@pytest.mark.parametrize("length,addr,value,word", [
-    (3, 0, 0, "1, 2, 4 or 8"),
-    (4, (1 << 64) - 2, 0, "past the end"),
-    (1, 0, 0x1FF, "does not fit a 1-byte"),
-    (2, 0, 1 << 16, "does not fit a 2-byte"),
-])
+@pytest.mark.parametrize(
+    "length,addr,value,word",
+    [
+        (3, 0, 0, "1, 2, 4 or 8"),
+        (4, (1 << 64) - 2, 0, "past the end"),
+        (1, 0, 0x1FF, "does not fit a 1-byte"),
+        (2, 0, 1 << 16, "does not fit a 2-byte"),
+    ],
+)
 def test_access_error_names_the_rule(length: int, addr: int, value: int, word: str) -> None:
     why = wire.access_error(length, addr, value)
     assert why is not None and word in why

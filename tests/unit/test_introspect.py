@@ -41,7 +41,8 @@ def test_each_section_pages_in_order_without_gaps(harness: Callable[..., Harness
     for vm in vms[::3]:
         assert isinstance(h.req(c, wire.VmDestroy(vm=vm)), wire.Ok)
     assert [v["id"] for p in walk(h, c, StateSection.VMS, 4) for v in p] == [
-        vm for i, vm in enumerate(vms) if i % 3]
+        vm for i, vm in enumerate(vms) if i % 3
+    ]
 
 
 def test_handles_page_across_connections(harness: Callable[..., Harness]) -> None:
@@ -52,13 +53,13 @@ def test_handles_page_across_connections(harness: Callable[..., Harness]) -> Non
         for _ in range(5):
             handle = h.import_eventfd(c)
             expect.append((c, handle))
-    got = [(x["conn"], x["handle"]) for p in walk(h, conns[0], StateSection.HANDLES, 4)
-           for x in p]
+    got = [(x["conn"], x["handle"]) for p in walk(h, conns[0], StateSection.HANDLES, 4) for x in p]
     assert got == expect
 
 
-def test_one_request_costs_one_page(harness: Callable[..., Harness],
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_request_costs_one_page(
+    harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """20,000 VMs: a page of 10 builds about 10 items, not 20,000."""
     h = harness(quotas=Quotas(vms=20_000))
     c = h.host()
@@ -101,8 +102,7 @@ def test_snapshot_is_every_section_assembled(harness: Callable[..., Harness]) ->
     e = h.import_eventfd(c)
     h.irqfd(c, vm, e, 1)
     snap = h.snap()
-    assert snap["counts"] == {"connections": 1, "objects": 1, "vms": 1, "devices": 0,
-                              "bindings": 1}
+    assert snap["counts"] == {"connections": 1, "objects": 1, "vms": 1, "devices": 0, "bindings": 1}
     assert snap["connections"][0]["handles"] == {str(e): snap["objects"][0]["id"]}
     assert [b["kind"] for b in snap["bindings"]] == ["irqfd"]
 

@@ -200,10 +200,22 @@ def test_layout_constants() -> None:
     assert (CFG_MSI_COUNT, CFG_MSI_GSI_BASE, CMD_MEMORY) == (0x40, 0x44, 2)
     assert MSI_UNPROGRAMMED == 0xFFFF_FFFF and EMPTY_SLOT == 0xFFFF_FFFF
     regs = [
-        REG_DEVICE_FEATURES, REG_DRIVER_FEATURES, REG_DEVICE_STATUS, REG_NUM_QUEUES,
-        REG_QUEUE_SEL, REG_QUEUE_SIZE, REG_QUEUE_SIZE_MAX, REG_QUEUE_VECTOR,
-        REG_QUEUE_DESC_LO, REG_QUEUE_DESC_HI, REG_QUEUE_AVAIL_LO, REG_QUEUE_AVAIL_HI,
-        REG_QUEUE_USED_LO, REG_QUEUE_USED_HI, REG_QUEUE_ENABLE, REG_QUEUE_BROKEN,
+        REG_DEVICE_FEATURES,
+        REG_DRIVER_FEATURES,
+        REG_DEVICE_STATUS,
+        REG_NUM_QUEUES,
+        REG_QUEUE_SEL,
+        REG_QUEUE_SIZE,
+        REG_QUEUE_SIZE_MAX,
+        REG_QUEUE_VECTOR,
+        REG_QUEUE_DESC_LO,
+        REG_QUEUE_DESC_HI,
+        REG_QUEUE_AVAIL_LO,
+        REG_QUEUE_AVAIL_HI,
+        REG_QUEUE_USED_LO,
+        REG_QUEUE_USED_HI,
+        REG_QUEUE_ENABLE,
+        REG_QUEUE_BROKEN,
     ]
     assert regs == list(range(0x100, 0x140, 4))
     assert all(COMMON_RANGE.contains(r, 4) for r in regs)
@@ -216,7 +228,10 @@ def test_layout_constants() -> None:
     # the ring alignment the device checks is the split ring's (shared.virtio.layout)
     assert (QUEUE_DESC_ALIGN, QUEUE_AVAIL_ALIGN, QUEUE_USED_ALIGN) == (16, 2, 4)
     assert (QUEUE_DESC_ALIGN, QUEUE_AVAIL_ALIGN, QUEUE_USED_ALIGN) == (
-        ring_layout.DESC_ALIGN, ring_layout.AVAIL_ALIGN, ring_layout.USED_ALIGN)
+        ring_layout.DESC_ALIGN,
+        ring_layout.AVAIL_ALIGN,
+        ring_layout.USED_ALIGN,
+    )
     assert class_revision(DEVICE_NET) == 0x020000_01
     assert class_revision(0x777) == 0xFF0000_01
 
@@ -350,7 +365,8 @@ def test_config_space_reads() -> None:
     assert bus.mmio_read(cfg(2, CFG_BAR0), 4) == 0
     assert bus.mmio_read(cfg(2, CFG_MSI_COUNT), 4) == 5
     assert [bus.mmio_read(cfg(2, msi_gsi_offset(v)), 4) for v in range(6)] == [
-        MSI_UNPROGRAMMED] * 5 + [0]
+        MSI_UNPROGRAMMED
+    ] * 5 + [0]
     for off in (0x0C, 0x14, 0x24, 0x3C, 0x100, 0xFFC):
         assert bus.mmio_read(cfg(2, off), 4) == 0, hex(off)
     # read-only registers ignore writes
@@ -411,7 +427,8 @@ def test_bar_programming_events() -> None:
     assert fn.config_write(CFG_BAR0, 4, ECAM_BASE) == []
     assert fn.bar_address is None
     assert fn.config_write(CFG_BAR0, 4, MMIO_WINDOW.end - BAR0_SIZE) == [
-        BarMoved(4, None, MMIO_WINDOW.end - BAR0_SIZE)]
+        BarMoved(4, None, MMIO_WINDOW.end - BAR0_SIZE)
+    ]
 
 
 def test_bar_decoding_on_the_bus() -> None:
@@ -481,7 +498,9 @@ def test_msi_programming_events() -> None:
     gpci.program_msi(io, found, 0, 13)
     gpci.program_msi(io, found, 0, None)
     assert io.take_events() == [
-        MsiProgrammed(3, 0, None, 12), MsiProgrammed(3, 0, 12, 13), MsiProgrammed(3, 0, 13, None)
+        MsiProgrammed(3, 0, None, 12),
+        MsiProgrammed(3, 0, 12, 13),
+        MsiProgrammed(3, 0, 13, None),
     ]
 
 
@@ -490,9 +509,7 @@ def test_msi_programming_events() -> None:
 
 def test_queue_setup_round_trip_through_the_guest_driver() -> None:
     net = make_fn(0, DEVICE_NET, num_queues=2, num_vectors=3, queue_size_max=256)
-    blk = make_fn(
-        1, DEVICE_BLK, num_queues=1, num_vectors=1, features=0, device_config=b"\x00\x10"
-    )
+    blk = make_fn(1, DEVICE_BLK, num_queues=1, num_vectors=1, features=0, device_config=b"\x00\x10")
     bus = PciBus([net, blk])
     io = BusIo(bus, fast_path=True)
     found = enumerate_bus(io)
@@ -518,17 +535,27 @@ def test_queue_setup_round_trip_through_the_guest_driver() -> None:
     assert net.queue_config(1) == expected and net.queue_config(0) is None
     # the registers read back what was programmed
     for reg, value in (
-        (REG_QUEUE_SEL, 1), (REG_QUEUE_SIZE, 128), (REG_QUEUE_SIZE_MAX, 256),
-        (REG_QUEUE_VECTOR, 2), (REG_QUEUE_DESC_LO, desc & 0xFFFF_FFFF),
-        (REG_QUEUE_DESC_HI, desc >> 32), (REG_QUEUE_AVAIL_LO, avail & 0xFFFF_FFFF),
-        (REG_QUEUE_AVAIL_HI, avail >> 32), (REG_QUEUE_USED_LO, used & 0xFFFF_FFFF),
-        (REG_QUEUE_USED_HI, used >> 32), (REG_QUEUE_ENABLE, 1), (REG_QUEUE_BROKEN, 0),
+        (REG_QUEUE_SEL, 1),
+        (REG_QUEUE_SIZE, 128),
+        (REG_QUEUE_SIZE_MAX, 256),
+        (REG_QUEUE_VECTOR, 2),
+        (REG_QUEUE_DESC_LO, desc & 0xFFFF_FFFF),
+        (REG_QUEUE_DESC_HI, desc >> 32),
+        (REG_QUEUE_AVAIL_LO, avail & 0xFFFF_FFFF),
+        (REG_QUEUE_AVAIL_HI, avail >> 32),
+        (REG_QUEUE_USED_LO, used & 0xFFFF_FFFF),
+        (REG_QUEUE_USED_HI, used >> 32),
+        (REG_QUEUE_ENABLE, 1),
+        (REG_QUEUE_BROKEN, 0),
     ):
         assert io.read(BAR_A + reg, 4) == value, hex(reg)
     assert drv.set_driver_ok()
     assert io.take_events() == [
-        StatusChanged(0, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-                      STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
+        StatusChanged(
+            0,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        )
     ]
     # the second function: no features offered, no vector, event_idx off
     drv_blk = drivers[1]
@@ -609,8 +636,9 @@ def test_unaligned_rings_or_size_zero_refuse_enable_and_need_reset() -> None:
         gpci.program_bar(io, found, BAR_A)
         io.take_events()
         args = {"size": 64, "desc": 0x10000, "avail": 0x10400, "used": 0x10600} | kw
-        accepted = gpci.setup_queue(io, found, 0, args["size"], args["desc"], args["avail"],
-                                    args["used"], None)
+        accepted = gpci.setup_queue(
+            io, found, 0, args["size"], args["desc"], args["avail"], args["used"], None
+        )
         assert not accepted, name
         assert io.take_events() == [StatusChanged(0, 0, STATUS_NEEDS_RESET)], name
         assert io.read(BAR_A + REG_QUEUE_ENABLE, 4) == 0, name
@@ -632,9 +660,17 @@ def test_out_of_range_queue_select() -> None:
     [enabled] = program_queue(fn, 1, vector=1)
     before = fn.queue_config(1)
     queue_regs = [
-        REG_QUEUE_SIZE, REG_QUEUE_SIZE_MAX, REG_QUEUE_VECTOR, REG_QUEUE_DESC_LO,
-        REG_QUEUE_DESC_HI, REG_QUEUE_AVAIL_LO, REG_QUEUE_AVAIL_HI, REG_QUEUE_USED_LO,
-        REG_QUEUE_USED_HI, REG_QUEUE_ENABLE, REG_QUEUE_BROKEN,
+        REG_QUEUE_SIZE,
+        REG_QUEUE_SIZE_MAX,
+        REG_QUEUE_VECTOR,
+        REG_QUEUE_DESC_LO,
+        REG_QUEUE_DESC_HI,
+        REG_QUEUE_AVAIL_LO,
+        REG_QUEUE_AVAIL_HI,
+        REG_QUEUE_USED_LO,
+        REG_QUEUE_USED_HI,
+        REG_QUEUE_ENABLE,
+        REG_QUEUE_BROKEN,
     ]
     for sel in (2, MAX_QUEUES, 0xFFFF_FFFF):
         select(fn, sel)
@@ -680,8 +716,13 @@ def test_enable_disable_and_frozen_parameters() -> None:
     assert fn.bar_write(REG_QUEUE_ENABLE, 4, 1) == []  # already enabled
     assert fn.bar_write(REG_QUEUE_ENABLE, 4, 2) == []  # not 0 or 1: ignored
     # a running queue's parameters are read-only
-    for reg, value in ((REG_QUEUE_SIZE, 32), (REG_QUEUE_VECTOR, 1), (REG_QUEUE_DESC_LO, 0),
-                       (REG_QUEUE_AVAIL_HI, 1), (REG_QUEUE_USED_LO, 0x20000)):
+    for reg, value in (
+        (REG_QUEUE_SIZE, 32),
+        (REG_QUEUE_VECTOR, 1),
+        (REG_QUEUE_DESC_LO, 0),
+        (REG_QUEUE_AVAIL_HI, 1),
+        (REG_QUEUE_USED_LO, 0x20000),
+    ):
         assert fn.bar_write(reg, 4, value) == []
     assert fn.queue_config(0) == ev
     assert fn.bar_write(REG_QUEUE_ENABLE, 4, 0) == [QueueDisabled(0, 0)]
@@ -691,7 +732,8 @@ def test_enable_disable_and_frozen_parameters() -> None:
     assert fn.bar_read(REG_QUEUE_SIZE, 4) == 16
     fn.bar_write(REG_QUEUE_SIZE, 4, 32)
     assert fn.bar_write(REG_QUEUE_ENABLE, 4, 1) == [
-        QueueEnabled(0, 0, 32, 0x10000, 0x10400, 0x10600, 0, False)]
+        QueueEnabled(0, 0, 32, 0x10000, 0x10400, 0x10600, 0, False)
+    ]
 
 
 def test_reset() -> None:
@@ -740,10 +782,12 @@ def test_status_register_rules() -> None:
         StatusChanged(0, 0, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FAILED)
     ]
     assert fn.bar_write(REG_DEVICE_STATUS, 4, STATUS_NEEDS_RESET | STATUS_ACKNOWLEDGE) == [
-        StatusChanged(0, 0x87, STATUS_ACKNOWLEDGE)]
+        StatusChanged(0, 0x87, STATUS_ACKNOWLEDGE)
+    ]
     # the device marks a queue broken: sticky, first reason kept, one status change
     assert fn.set_queue_broken(1, "descriptor loop") == [
-        StatusChanged(0, STATUS_ACKNOWLEDGE, STATUS_ACKNOWLEDGE | STATUS_NEEDS_RESET)]
+        StatusChanged(0, STATUS_ACKNOWLEDGE, STATUS_ACKNOWLEDGE | STATUS_NEEDS_RESET)
+    ]
     assert fn.set_queue_broken(1, "later") == []
     assert fn.queue_broken(1) == "descriptor loop" and fn.queue_broken(0) is None
     select(fn, 1)
@@ -798,12 +842,29 @@ def test_misaligned_and_odd_width_accesses() -> None:
     program_queue(fn, 0)
     snapshot = (fn.command, fn.bar, fn.status, fn.msi_gsi(0), fn.queue_config(0))
     offsets_cfg = [CFG_ID, CFG_COMMAND, CFG_BAR0, CFG_MSI_COUNT, msi_gsi_offset(0)]
-    offsets_bar = [REG_DEVICE_STATUS, REG_QUEUE_SEL, REG_QUEUE_ENABLE, notify_offset(0),
-                   DEVICE_CONFIG_OFFSET]
+    offsets_bar = [
+        REG_DEVICE_STATUS,
+        REG_QUEUE_SEL,
+        REG_QUEUE_ENABLE,
+        notify_offset(0),
+        DEVICE_CONFIG_OFFSET,
+    ]
     cases = [(cfg(0, o), "cfg") for o in offsets_cfg] + [(BAR_A + o, "bar") for o in offsets_bar]
     for base, space in cases:
-        for delta, size in ((0, 1), (0, 2), (0, 8), (1, 4), (2, 4), (3, 4), (1, 1), (2, 2),
-                            (0, 3), (0, 0), (0, -1), (0, 16)):
+        for delta, size in (
+            (0, 1),
+            (0, 2),
+            (0, 8),
+            (1, 4),
+            (2, 4),
+            (3, 4),
+            (1, 1),
+            (2, 2),
+            (0, 3),
+            (0, 0),
+            (0, -1),
+            (0, 16),
+        ):
             addr = base + delta
             got = bus.mmio_read(addr, size)
             assert got == all_ones(size), (space, hex(addr), size)
@@ -820,8 +881,18 @@ def test_unclaimed_addresses() -> None:
     fn = make_fn(0)
     fn.config_write(CFG_BAR0, 4, BAR_A)  # programmed but decode off
     bus = PciBus([fn])
-    for addr in (0, 0x1000, BAR_A, BAR_A + REG_NUM_QUEUES, MMIO_WINDOW.start - 4,
-                 ECAM_WINDOW.end, 0xFFFF_FFFC, (1 << 64) - 4, 1 << 64, -4):
+    for addr in (
+        0,
+        0x1000,
+        BAR_A,
+        BAR_A + REG_NUM_QUEUES,
+        MMIO_WINDOW.start - 4,
+        ECAM_WINDOW.end,
+        0xFFFF_FFFC,
+        (1 << 64) - 4,
+        1 << 64,
+        -4,
+    ):
         for size in (1, 2, 4, 8):
             assert bus.mmio_read(addr, size) == all_ones(size), (hex(addr), size)
             assert bus.mmio_write(addr, size, 0x1234) == [], (hex(addr), size)
@@ -832,7 +903,8 @@ def test_writes_are_truncated_to_the_access_width() -> None:
     fn = make_fn(0, num_vectors=1)
     bus = PciBus([fn])
     assert bus.mmio_write(cfg(0, msi_gsi_offset(0)), 4, 0x1_0000_0007) == [
-        MsiProgrammed(0, 0, None, 7)]
+        MsiProgrammed(0, 0, None, 7)
+    ]
 
 
 # ---------------------------------------------------------------------------- enumeration
@@ -949,7 +1021,10 @@ def test_disable_bar_helper() -> None:
     gpci.program_bar(io, found, BAR_B)
     gpci.disable_bar(io, found)
     assert io.take_events() == [
-        BarMoved(0, None, BAR_A), BarMoved(0, BAR_A, BAR_B), BarMoved(0, BAR_B, None)]
+        BarMoved(0, None, BAR_A),
+        BarMoved(0, BAR_A, BAR_B),
+        BarMoved(0, BAR_B, None),
+    ]
     assert found.bar_address is None
 
 

@@ -136,12 +136,20 @@ class Pair:
         self.layout = RingLayout(q)
         self.area = mem.translate(ring_gpa, self.layout.size)
         self.driver = DriverRing(
-            self.area, self.layout, event_idx=event_idx, start_index=start_index,
+            self.area,
+            self.layout,
+            event_idx=event_idx,
+            start_index=start_index,
             fast_path=PATHS.fast,
         )
         self.device = DeviceRing.from_layout(
-            mem, ring_gpa, self.layout, event_idx=event_idx, start_index=start_index,
-            fast_path=PATHS.fast, **device_kw
+            mem,
+            ring_gpa,
+            self.layout,
+            event_idx=event_idx,
+            start_index=start_index,
+            fast_path=PATHS.fast,
+            **device_kw,
         )
         self.raw = Raw(self.area, q)
 
@@ -389,10 +397,12 @@ def test_round_trip_over_a_real_shared_region() -> None:
             guest_mem.add(0, 0x10000, guest_side.array)
             host_mem.add(0, 0x10000, host_side.array)
             lay = RingLayout(16)
-            driver = DriverRing(guest_mem.translate(0x10000, lay.size), lay, event_idx=True,
-                                fast_path=PATHS.fast)
-            device = DeviceRing.from_layout(host_mem, 0x10000, lay, event_idx=True,
-                                            fast_path=PATHS.fast)
+            driver = DriverRing(
+                guest_mem.translate(0x10000, lay.size), lay, event_idx=True, fast_path=PATHS.fast
+            )
+            device = DeviceRing.from_layout(
+                host_mem, 0x10000, lay, event_idx=True, fast_path=PATHS.fast
+            )
             guest_mem.write(0x18000, b"ping")
             driver.add_chain([(0x18000, 4, False), (0x18100, 8, True)])
             assert driver.kick_needed()
@@ -496,8 +506,13 @@ def test_normal_then_indirect_by_hand_among_other_chains(
     with a plain buffer and a head-indirect chain; the table fills the queue's bound."""
     mem, _ = memory
     p = pair.raw
-    mem.write(TABLES, _indirect_table(*[(BUF_A + 8 * i, 8, VRING_DESC_F_NEXT, i + 1)
-                                        for i in range(5)], (BUF_A + 40, 8, VRING_DESC_F_WRITE, 0)))
+    mem.write(
+        TABLES,
+        _indirect_table(
+            *[(BUF_A + 8 * i, 8, VRING_DESC_F_NEXT, i + 1) for i in range(5)],
+            (BUF_A + 40, 8, VRING_DESC_F_WRITE, 0),
+        ),
+    )
     mem.write(TABLES + 0x100, _indirect_table((BUF_B, 8, 0, 0)))
     p.set_desc(0, BUF_B + 0x100, 8, VRING_DESC_F_NEXT, 5)
     p.set_desc(5, BUF_B + 0x200, 8, VRING_DESC_F_NEXT, 2)
@@ -509,7 +524,9 @@ def test_normal_then_indirect_by_hand_among_other_chains(
     assert pair.device.broken is None and batch.head_list == [3, 0, 4]
     assert [len(c) for c in batch.chains()] == [1, 8, 1]
     assert batch.chain(1)[:3] == (
-        Segment(BUF_B + 0x100, 8, False), Segment(BUF_B + 0x200, 8, False), Segment(BUF_A, 8, False)
+        Segment(BUF_B + 0x100, 8, False),
+        Segment(BUF_B + 0x200, 8, False),
+        Segment(BUF_A, 8, False),
     )
     assert batch.chain(1)[-1] == Segment(BUF_A + 40, 8, True)
     assert batch.writable_list == [0, 8, 0]
@@ -642,8 +659,12 @@ def test_posting_errors_are_usage_errors_and_post_nothing(pair: Pair) -> None:
     with pytest.raises(UsageError, match="before device-writable"):  # across both parts
         d.add_indirect(table, TABLES, [(BUF_A, 4, False)], leading=[(BUF_A, 4, True)])
     with pytest.raises(UsageError, match="chain of 9 buffers is longer than the queue"):
-        d.add_indirect(table, TABLES, [(BUF_A + i, 1, False) for i in range(6)],
-                       leading=[(BUF_A, 1, False)] * 3)
+        d.add_indirect(
+            table,
+            TABLES,
+            [(BUF_A + i, 1, False) for i in range(6)],
+            leading=[(BUF_A, 1, False)] * 3,
+        )
     with pytest.raises(UsageError, match="needs at least one"):
         d.add_indirect(table, TABLES, [], leading=[(BUF_A, 1, False)])
     assert not table.any()
@@ -1007,15 +1028,20 @@ def test_bad_indirect(
             # two normal buffers and a table of 7: 9 buffers in a queue of 8
             head = (BUF_A, 8, VRING_DESC_F_NEXT, 2)
             v.raw.set_desc(2, BUF_A + 8, 8, VRING_DESC_F_NEXT, 1)
-            mem.write(TABLES, _indirect_table(
-                *[(BUF_A + 8 * i, 8, VRING_DESC_F_NEXT, i + 1) for i in range(6)],
-                (BUF_A + 48, 8, 0, 0)))
+            mem.write(
+                TABLES,
+                _indirect_table(
+                    *[(BUF_A + 8 * i, 8, VRING_DESC_F_NEXT, i + 1) for i in range(6)],
+                    (BUF_A + 48, 8, 0, 0),
+                ),
+            )
             ind = (TABLES, 16 * 7, VRING_DESC_F_INDIRECT, 0)
         elif case == "after_normal_writable_then_readable":
             head = (BUF_A, 8, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 1)  # table starts readable
         elif case == "after_normal_huge_buffer":
-            mem.write(TABLES, _indirect_table((BUF_A, MAX_BUFFER_LEN + 1, 0, 0), (BUF_A, 8, 0, 0))
-                      [:1])
+            mem.write(
+                TABLES, _indirect_table((BUF_A, MAX_BUFFER_LEN + 1, 0, 0), (BUF_A, 8, 0, 0))[:1]
+            )
             ind = (TABLES, 16, VRING_DESC_F_INDIRECT, 0)
         elif case == "after_normal_bad_normal":
             head = (0x7000_0000, 8, VRING_DESC_F_NEXT, 1)
@@ -1561,13 +1587,22 @@ def test_add_one_is_add_batch_of_one(event_idx: bool, writable: bool) -> None:
         assert a.driver.free_descriptors == b.driver.free_descriptors
 
 
-@pytest.mark.parametrize(("addr", "length", "match"), [
-    (-1, 8, "non-negative ints"), (1 << 64, 8, "non-negative ints"), (0, -1, "non-negative"),
-    (True, 8, "non-negative ints"), (0, 8.0, "non-negative ints"), (0, 0, "lengths must be"),
-    (0, 1 << 32, "lengths must be"), ((1 << 64) - 4, 8, "past the end"),
-])
-def test_add_one_refuses_bad_buffers_and_posts_nothing(pair: Pair, addr: Any, length: Any,
-                                                       match: str) -> None:
+@pytest.mark.parametrize(
+    ("addr", "length", "match"),
+    [
+        (-1, 8, "non-negative ints"),
+        (1 << 64, 8, "non-negative ints"),
+        (0, -1, "non-negative"),
+        (True, 8, "non-negative ints"),
+        (0, 8.0, "non-negative ints"),
+        (0, 0, "lengths must be"),
+        (0, 1 << 32, "lengths must be"),
+        ((1 << 64) - 4, 8, "past the end"),
+    ],
+)
+def test_add_one_refuses_bad_buffers_and_posts_nothing(
+    pair: Pair, addr: Any, length: Any, match: str
+) -> None:
     with pytest.raises(UsageError, match=match):
         pair.driver.add_one(addr, length)
     assert pair.driver.free_descriptors == 8 and pair.driver.avail_idx == 0
@@ -1591,20 +1626,26 @@ def test_read_payloads_into_the_devices_buffer(memory: tuple[GuestMemoryMap, Any
     p.driver.add_batch([BUF_A + 64 * i for i in range(n)], [64 - i % 3 for i in range(n)])
     p.driver.add_chain([(BUF_A, 8, False), (BUF_A + 0x100, 8, False)])
     p.driver.add_batch([BUF_A + 0x2000], [64])
-    for batch in (p.device.pop_batch(max_n=n), p.device.pop_batch(max_n=1),
-                  p.device.pop_batch()):
+    for batch in (p.device.pop_batch(max_n=n), p.device.pop_batch(max_n=1), p.device.pop_batch()):
         want, want_n = p.device.read_payloads(batch, 64)
         out = np.full((len(batch) + 3, 80), 0xEE, dtype=np.uint8)
         got, got_n = p.device.read_payloads(batch, 64, out=out)
         assert np.array_equal(got, want) and got_n.tolist() == want_n.tolist()
-        assert np.shares_memory(got, out) and (out[len(batch):] == 0xEE).all()
+        assert np.shares_memory(got, out) and (out[len(batch) :] == 0xEE).all()
 
 
-@pytest.mark.parametrize("out", [
-    np.zeros((1, 64), dtype=np.uint8), np.zeros((4, 8), dtype=np.uint8),
-    np.zeros((4, 64), dtype=np.int16), np.zeros(256, dtype=np.uint8),
-    np.zeros((64, 4), dtype=np.uint8).T, b"\0" * 256,
-], ids=["rows", "width", "dtype", "1-D", "not-contiguous", "bytes"])
+@pytest.mark.parametrize(
+    "out",
+    [
+        np.zeros((1, 64), dtype=np.uint8),
+        np.zeros((4, 8), dtype=np.uint8),
+        np.zeros((4, 64), dtype=np.int16),
+        np.zeros(256, dtype=np.uint8),
+        np.zeros((64, 4), dtype=np.uint8).T,
+        b"\0" * 256,
+    ],
+    ids=["rows", "width", "dtype", "1-D", "not-contiguous", "bytes"],
+)
 def test_read_payloads_refuses_a_bad_out(pair: Pair, out: Any) -> None:
     pair.driver.add_batch([BUF_A, BUF_A + 64], [16, 16])
     batch = pair.device.pop_batch()
@@ -1625,12 +1666,12 @@ def test_batch_rows_are_the_chains_they_slice(memory: tuple[GuestMemoryMap, Any]
     for lo in range(-1, 6):
         for hi in range(lo, 7):
             part = batch.rows(lo, hi)
-            want = chains[max(lo, 0):max(hi, 0)]
+            want = chains[max(lo, 0) : max(hi, 0)]
             assert part.chains() == want, (lo, hi)
-            assert part.head_list == batch.head_list[max(lo, 0):max(hi, 0)]
+            assert part.head_list == batch.head_list[max(lo, 0) : max(hi, 0)]
             assert len(part) == len(want)
-            assert part.readable_list == batch.readable_list[max(lo, 0):max(hi, 0)]
-            assert part.writable_list == batch.writable_list[max(lo, 0):max(hi, 0)]
+            assert part.readable_list == batch.readable_list[max(lo, 0) : max(hi, 0)]
+            assert part.writable_list == batch.writable_list[max(lo, 0) : max(hi, 0)]
     data, copied = p.device.read_payloads(batch.rows(2, 3), 16)
     assert copied.tolist() == [8] and len(data) == 1
 
@@ -1655,8 +1696,9 @@ def test_walking_a_32768_chain_batch_is_linear() -> None:
     mem = GuestMemoryMap()
     mem.add(0, 0, np.zeros(layout.size + 0x10000, dtype=np.uint8))
     buf = layout.size + 0x100
-    driver = DriverRing(mem.translate(0, layout.size), layout, event_idx=False,
-                        fast_path=PATHS.fast)
+    driver = DriverRing(
+        mem.translate(0, layout.size), layout, event_idx=False, fast_path=PATHS.fast
+    )
     device = DeviceRing.from_layout(mem, 0, layout, event_idx=False, fast_path=PATHS.fast)
     writable = np.arange(q) % 3 == 0
     heads = driver.add_batch(buf + np.arange(q) % 512, 1 + np.arange(q) % 7, writable)
@@ -1714,12 +1756,16 @@ def test_separately_placed_areas_interoperate(
     ram[0x3000:0x8000] = 0xAA  # everything outside the three areas must stay untouched
     area = mem.translate(0, 0x10000)
     driver = DriverRing(
-        area, RingLayout(8), event_idx=event_idx, areas=(SEP_DESC, SEP_AVAIL, SEP_USED),
+        area,
+        RingLayout(8),
+        event_idx=event_idx,
+        areas=(SEP_DESC, SEP_AVAIL, SEP_USED),
         fast_path=PATHS.fast,
     )
     assert driver.areas == (SEP_DESC, SEP_AVAIL, SEP_USED)
-    device = DeviceRing(mem, SEP_DESC, SEP_AVAIL, SEP_USED, 8, event_idx=event_idx,
-                        fast_path=PATHS.fast)
+    device = DeviceRing(
+        mem, SEP_DESC, SEP_AVAIL, SEP_USED, 8, event_idx=event_idx, fast_path=PATHS.fast
+    )
     assert device.broken is None
     outside = np.ones(0x5000, dtype=np.bool_)
     for start, size in ((SEP_DESC, 128), (SEP_AVAIL, 22), (SEP_USED, 70)):
@@ -1776,10 +1822,10 @@ def test_badly_placed_areas_are_refused(
 ) -> None:
     mem, ram = memory
     area = mem.translate(0, 0x10000)
-    ram[: 0x10000] = 0x55
+    ram[:0x10000] = 0x55
     with pytest.raises(UsageError, match=pattern):
         DriverRing(area, RingLayout(8), event_idx=False, areas=areas)
-    assert (ram[: 0x10000] == 0x55).all()  # nothing written
+    assert (ram[:0x10000] == 0x55).all()  # nothing written
 
 
 @pytest.mark.parametrize(

@@ -26,11 +26,18 @@ STARTS = st.one_of(st.just(0), st.integers(65530, 65535), st.integers(0, INDEX_M
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(q=st.sampled_from(QSIZES), event_idx=st.booleans(), start=STARTS,
-       seed=st.integers(0, 2**32), steps=st.integers(5, 60), hostile=st.booleans(),
-       scalar=st.booleans())
-def test_kernels_agree_with_the_reference(q: int, event_idx: bool, start: int, seed: int,
-                                          steps: int, hostile: bool, scalar: bool) -> None:
+@given(
+    q=st.sampled_from(QSIZES),
+    event_idx=st.booleans(),
+    start=STARTS,
+    seed=st.integers(0, 2**32),
+    steps=st.integers(5, 60),
+    hostile=st.booleans(),
+    scalar=st.booleans(),
+)
+def test_kernels_agree_with_the_reference(
+    q: int, event_idx: bool, start: int, seed: int, steps: int, hostile: bool, scalar: bool
+) -> None:
     # scalar=False sends every batch to the kernels; True only those past the scalar path.
     twin = Twin(q, event_idx, start, seed, fast=(scalar, True), slow=(scalar, False))
     for _ in range(steps):
@@ -41,8 +48,7 @@ def test_kernels_agree_with_the_reference(q: int, event_idx: bool, start: int, s
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """Count each kernel's calls and the ones it did not decline."""
     calls: Counter[str] = Counter()
-    for name in ("device_pop_simple", "device_push_used", "driver_add_simple",
-                 "driver_get_used"):
+    for name in ("device_pop_simple", "device_push_used", "driver_add_simple", "driver_get_used"):
         real = getattr(compiled_path.k, name)
 
         def counted(*args: Any, _real: Callable[..., int] = real, _name: str = name) -> int:
@@ -56,19 +62,22 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 
 
 @pytest.mark.parametrize("hostile", [False, True])
-def test_kernels_agree_seeded_and_do_the_work(hostile: bool,
-                                              kernel_calls: Counter[str]) -> None:
+def test_kernels_agree_seeded_and_do_the_work(hostile: bool, kernel_calls: Counter[str]) -> None:
     """Long deterministic programs (indices wrap on small rings); and the kernels really
     ran -- a differential test where every call declined would prove nothing."""
     rng = random.Random(29)
     for run in range(30):
-        twin = Twin(rng.choice(QSIZES), rng.random() < 0.5,
-                    rng.choice([0, 65535 - rng.randrange(8), rng.randrange(1 << 16)]), run,
-                    fast=(False, True), slow=(False, False))
+        twin = Twin(
+            rng.choice(QSIZES),
+            rng.random() < 0.5,
+            rng.choice([0, 65535 - rng.randrange(8), rng.randrange(1 << 16)]),
+            run,
+            fast=(False, True),
+            slow=(False, False),
+        )
         for _ in range(200):
             twin.step(hostile)
-    for name in ("device_pop_simple", "device_push_used", "driver_add_simple",
-                 "driver_get_used"):
+    for name in ("device_pop_simple", "device_push_used", "driver_add_simple", "driver_get_used"):
         # (hostile programs break most rings early, and a broken ring calls nothing)
         assert kernel_calls[f"{name} done"] > (0 if hostile else 10), (name, kernel_calls)
     if hostile:  # hostile programs make the kernels decline, and the reference takes over
@@ -83,8 +92,7 @@ def _copy_world(jit: bool, seed: int) -> tuple[Any, ...]:
     rings = []
     for base in (0x0000, 0x4000):
         layout = RingLayout(64)
-        driver = DriverRing(mem.translate(base, layout.size), layout, event_idx=True,
-                            jit=jit)
+        driver = DriverRing(mem.translate(base, layout.size), layout, event_idx=True, jit=jit)
         device = DeviceRing.from_layout(mem, base, layout, event_idx=True, jit=jit)
         rings.append((driver, device))
     (txd, tx), (rxd, rx) = rings
@@ -105,8 +113,7 @@ def _copy_world(jit: bool, seed: int) -> tuple[Any, ...]:
     sent, room = tx.pop_batch(), rx.pop_batch()
     width = rng.choice([0, 1, 64, 300])
     copied = outcome(tx.copy_payloads, sent, rx, room, width)
-    return copied, tx.broken, rx.broken, b"".join(
-        mem.read(s.gpa, s.size) for s in mem.slots())
+    return copied, tx.broken, rx.broken, b"".join(mem.read(s.gpa, s.size) for s in mem.slots())
 
 
 @pytest.mark.parametrize("seed", range(60))

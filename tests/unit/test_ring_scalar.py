@@ -58,15 +58,29 @@ class Side:
     """One driver + device pair over its own memory; ``scalar`` picks the paths, ``jit``
     whether batches beyond the scalar path go to the compiled kernels."""
 
-    def __init__(self, q: int, event_idx: bool, start: int, scalar: bool,
-                 jit: bool = False) -> None:
+    def __init__(
+        self, q: int, event_idx: bool, start: int, scalar: bool, jit: bool = False
+    ) -> None:
         self.mem = memory()
         self.layout = RingLayout(q)
         self.area = self.mem.translate(RING, self.layout.size)
-        self.driver = DriverRing(self.area, self.layout, event_idx=event_idx,
-                                 start_index=start, fast_path=scalar, jit=jit)
-        self.device = DeviceRing.from_layout(self.mem, RING, self.layout, event_idx=event_idx,
-                                             start_index=start, fast_path=scalar, jit=jit)
+        self.driver = DriverRing(
+            self.area,
+            self.layout,
+            event_idx=event_idx,
+            start_index=start,
+            fast_path=scalar,
+            jit=jit,
+        )
+        self.device = DeviceRing.from_layout(
+            self.mem,
+            RING,
+            self.layout,
+            event_idx=event_idx,
+            start_index=start,
+            fast_path=scalar,
+            jit=jit,
+        )
         self.batches: list[Batch] = []
 
     def ram(self) -> bytes:
@@ -74,11 +88,26 @@ class Side:
 
     def state(self) -> tuple[Any, ...]:
         d, v = self.driver, self.device
-        return (d.broken, d.in_flight, d.free_descriptors, d.avail_idx, d.last_used,
-                d._free[: d._nfree].tolist(), d._in_flight.tolist(), d._multi.tolist(),
-                d._wcap.tolist(), sorted(d._chains.items()), d.interrupts_enabled,
-                v.broken, v.in_flight, v.last_avail, v.next_used, v.notifications_enabled,
-                v._in_flight.tolist(), v._wcap.tolist())
+        return (
+            d.broken,
+            d.in_flight,
+            d.free_descriptors,
+            d.avail_idx,
+            d.last_used,
+            d._free[: d._nfree].tolist(),
+            d._in_flight.tolist(),
+            d._multi.tolist(),
+            d._wcap.tolist(),
+            sorted(d._chains.items()),
+            d.interrupts_enabled,
+            v.broken,
+            v.in_flight,
+            v.last_avail,
+            v.next_used,
+            v.notifications_enabled,
+            v._in_flight.tolist(),
+            v._wcap.tolist(),
+        )
 
 
 def outcome(fn: Any, *args: Any, **kw: Any) -> Any:
@@ -95,9 +124,18 @@ def norm(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(norm(v) for v in value)
     if isinstance(value, Batch):
-        return ("Batch", norm(value.heads), norm(value.starts), norm(value.addrs),
-                norm(value.lens), norm(value.flags), norm(value.readable_lens),
-                norm(value.writable_lens), value.simple, value.chains())
+        return (
+            "Batch",
+            norm(value.heads),
+            norm(value.starts),
+            norm(value.addrs),
+            norm(value.lens),
+            norm(value.flags),
+            norm(value.readable_lens),
+            norm(value.writable_lens),
+            value.simple,
+            value.chains(),
+        )
     return value
 
 
@@ -106,9 +144,15 @@ class Twin:
     a vectorized side, both on the reference (numpy) path; ``fast``/``slow`` give each
     side's ``(scalar, jit)``."""
 
-    def __init__(self, q: int, event_idx: bool, start: int, seed: int,
-                 fast: tuple[bool, bool] = (True, False),
-                 slow: tuple[bool, bool] = (False, False)) -> None:
+    def __init__(
+        self,
+        q: int,
+        event_idx: bool,
+        start: int,
+        seed: int,
+        fast: tuple[bool, bool] = (True, False),
+        slow: tuple[bool, bool] = (False, False),
+    ) -> None:
         self.q = q
         self.rng = random.Random(seed)
         self.fast = Side(q, event_idx, start, scalar=fast[0], jit=fast[1])
@@ -124,14 +168,25 @@ class Twin:
 
     # -- arguments drawn once, used on both sides
     def _n(self, hi: int) -> int:
-        return self.rng.choice([1, 1, 2, 3, SCALAR_MAX, SCALAR_MAX + 1, DRIVER_SCALAR_MAX,
-                                DRIVER_SCALAR_MAX + 1, hi])
+        return self.rng.choice(
+            [1, 1, 2, 3, SCALAR_MAX, SCALAR_MAX + 1, DRIVER_SCALAR_MAX, DRIVER_SCALAR_MAX + 1, hi]
+        )
 
     def _buffer(self, hostile: bool) -> tuple[int, int]:
         r = self.rng
         if hostile and r.random() < 0.3:
-            return r.choice([(0, 0), (TOP - 8, 16), (0x3F000, 0x2000), (SLOT1 + 0xFF0, 0x20),
-                             (ROM, 16), (0x100000, 8), (BUF, 0xFFFFFFFF), (TOP - 1, 1)])
+            return r.choice(
+                [
+                    (0, 0),
+                    (TOP - 8, 16),
+                    (0x3F000, 0x2000),
+                    (SLOT1 + 0xFF0, 0x20),
+                    (ROM, 16),
+                    (0x100000, 8),
+                    (BUF, 0xFFFFFFFF),
+                    (TOP - 1, 1),
+                ]
+            )
         return BUF + r.randrange(0, 0x20000), r.randrange(1, 200)
 
     # -- driver
@@ -187,21 +242,24 @@ class Twin:
 
         def op(side: Side) -> Any:
             table = side.mem.translate(gpa, 64)
-            return outcome(side.driver.add_indirect, table, gpa, segs[lead_n:],
-                           leading=segs[:lead_n])
+            return outcome(
+                side.driver.add_indirect, table, gpa, segs[lead_n:], leading=segs[:lead_n]
+            )
 
         self.both(op)
         self.both(lambda side: side.driver.kick_needed())
 
     def get_used(self) -> None:
-        max_n = self.rng.choice([None, 1, 2, SCALAR_MAX, SCALAR_MAX + 1, DRIVER_SCALAR_MAX,
-                                 DRIVER_SCALAR_MAX + 1])
+        max_n = self.rng.choice(
+            [None, 1, 2, SCALAR_MAX, SCALAR_MAX + 1, DRIVER_SCALAR_MAX, DRIVER_SCALAR_MAX + 1]
+        )
         self.both(lambda side: outcome(side.driver.get_used, max_n))
 
     def interrupts(self) -> None:
         on = self.rng.random() < 0.5
-        self.both(lambda side: side.driver.enable_interrupts() if on
-                  else side.driver.disable_interrupts())
+        self.both(
+            lambda side: side.driver.enable_interrupts() if on else side.driver.disable_interrupts()
+        )
 
     # -- device
     def pop(self) -> None:
@@ -228,18 +286,28 @@ class Twin:
         if self.rng.random() < 0.2:  # our own mistake: a length beyond the capacity
             lens[0] = caps[0] + 1
         w = max([*lens, 1])
-        data = np.random.default_rng(self.rng.randrange(1 << 30)).integers(
-            0, 256, (len(fb), w)).astype(np.uint8)
+        data = (
+            np.random.default_rng(self.rng.randrange(1 << 30))
+            .integers(0, 256, (len(fb), w))
+            .astype(np.uint8)
+        )
         as_list = self.rng.random() < 0.5
-        self.both(lambda side: outcome(side.device.write_payloads, side.batches[i], data,
-                                       lens if as_list else np.array(lens)))
+        self.both(
+            lambda side: outcome(
+                side.device.write_payloads,
+                side.batches[i],
+                data,
+                lens if as_list else np.array(lens),
+            )
+        )
 
     def complete(self) -> None:
         if not self.fast.batches:
             return
         batch = self.fast.batches.pop(self.rng.randrange(len(self.fast.batches)))
-        j = self.slow.batches.index(next(b for b in self.slow.batches
-                                         if b.heads.tolist() == batch.heads.tolist()))
+        j = self.slow.batches.index(
+            next(b for b in self.slow.batches if b.heads.tolist() == batch.heads.tolist())
+        )
         self.slow.batches.pop(j)
         heads = batch.heads.tolist()
         self.rng.shuffle(heads)
@@ -266,8 +334,11 @@ class Twin:
 
     def notifications(self) -> None:
         on = self.rng.random() < 0.5
-        self.both(lambda side: side.device.enable_notifications() if on
-                  else side.device.disable_notifications())
+        self.both(
+            lambda side: (
+                side.device.enable_notifications() if on else side.device.disable_notifications()
+            )
+        )
 
     # -- a hostile guest (the driver's area) and a hostile device (the used ring)
     def corrupt(self) -> None:
@@ -275,8 +346,12 @@ class Twin:
         what = r.choice(["desc", "avail_entry", "avail_idx", "used_entry", "used_idx"])
         i = r.randrange(q)
         flags = r.choice([0, 1, 2, 3, 4, 5, 6])
-        desc = (r.choice([BUF + 64, 0, TOP - 4, ROM, SLOT1 + 0xFFC, 0x100000]),
-                r.choice([0, 4, 16, 64, 0x2000, 0xFFFFFFFF]), flags, r.randrange(q + 2))
+        desc = (
+            r.choice([BUF + 64, 0, TOP - 4, ROM, SLOT1 + 0xFFC, 0x100000]),
+            r.choice([0, 4, 16, 64, 0x2000, 0xFFFFFFFF]),
+            flags,
+            r.randrange(q + 2),
+        )
         entry = r.choice([0, i, q, q + 1, 0xFFFF])
         jump = r.choice([1, 2, q, q + 1, 0x8000])
         used = (r.choice([0, i, q, 0xFFFF]), r.choice([0, 1, 0xFFFFFFFF]))
@@ -302,23 +377,38 @@ class Twin:
         self.both(op)
 
     def step(self, hostile: bool) -> None:
-        ops = [lambda: self.add_batch(hostile), lambda: self.add_chain(hostile),
-               lambda: self.add_indirect(hostile), self.pop,
-               self.pop, self.payloads, self.complete, self.complete, self.get_used,
-               self.interrupts, self.notifications]
+        ops = [
+            lambda: self.add_batch(hostile),
+            lambda: self.add_chain(hostile),
+            lambda: self.add_indirect(hostile),
+            self.pop,
+            self.pop,
+            self.payloads,
+            self.complete,
+            self.complete,
+            self.get_used,
+            self.interrupts,
+            self.notifications,
+        ]
         if hostile:
             ops.append(self.corrupt)
         self.rng.choice(ops)()
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(q=st.sampled_from([1, 2, 4, 8, 16, 64]), event_idx=st.booleans(),
-       start=st.one_of(st.just(0), st.integers(65530, 65535), st.integers(0, INDEX_MASK)),
-       seed=st.integers(0, 2**32), steps=st.integers(5, 60), hostile=st.booleans())
+@given(
+    q=st.sampled_from([1, 2, 4, 8, 16, 64]),
+    event_idx=st.booleans(),
+    start=st.one_of(st.just(0), st.integers(65530, 65535), st.integers(0, INDEX_MASK)),
+    seed=st.integers(0, 2**32),
+    steps=st.integers(5, 60),
+    hostile=st.booleans(),
+)
 # Overlapping writable buffers of different lengths: both paths write in chain order.
 @example(q=64, event_idx=False, start=0, seed=10812, steps=25, hostile=False)
-def test_scalar_and_vectorized_paths_agree(q: int, event_idx: bool, start: int, seed: int,
-                                           steps: int, hostile: bool) -> None:
+def test_scalar_and_vectorized_paths_agree(
+    q: int, event_idx: bool, start: int, seed: int, steps: int, hostile: bool
+) -> None:
     twin = Twin(q, event_idx, start, seed)
     for _ in range(steps):
         twin.step(hostile)
@@ -329,14 +419,19 @@ def test_scalar_and_vectorized_paths_agree_seeded(hostile: bool) -> None:
     """Long deterministic programs: enough steps to wrap small rings' indices."""
     rng = random.Random(11)
     for run in range(40):
-        twin = Twin(rng.choice([1, 2, 4, 8, 16, 64]), rng.random() < 0.5,
-                    rng.choice([0, 65535 - rng.randrange(8), rng.randrange(1 << 16)]), run)
+        twin = Twin(
+            rng.choice([1, 2, 4, 8, 16, 64]),
+            rng.random() < 0.5,
+            rng.choice([0, 65535 - rng.randrange(8), rng.randrange(1 << 16)]),
+            run,
+        )
         for _ in range(200):
             twin.step(hostile)
 
 
-def _copy_pair(scalar: bool) -> tuple[GuestMemoryMap, DriverRing, DeviceRing, DriverRing,
-                                      DeviceRing]:
+def _copy_pair(
+    scalar: bool,
+) -> tuple[GuestMemoryMap, DriverRing, DeviceRing, DriverRing, DeviceRing]:
     mem = memory()
     lay = RingLayout(16)
     rings = []
@@ -359,8 +454,9 @@ def test_copy_payloads_equals_read_then_write(scalar: bool) -> None:
         tx_drv.add_chain([(BUF + 0x200, 5, False), (BUF + 0x300, 30, False)])
         tx_drv.add_chain([(BUF + 0x400, 100, False), (BUF + 0x500, 10, True)])
         rx_drv.add_batch([BUF + 0x8000, BUF + 0x8100], [64, 4], True)
-        rx_drv.add_chain([(BUF + 0x8200, 3, False), (BUF + 0x8300, 10, True),
-                          (BUF + 0x8400, 50, True)])
+        rx_drv.add_chain(
+            [(BUF + 0x8200, 3, False), (BUF + 0x8300, 10, True), (BUF + 0x8400, 50, True)]
+        )
         rx_drv.add_batch([BUF + 0x8500], [64], True)
         tx, rx = tx_dev.pop_batch(), rx_dev.pop_batch()
         assert len(tx) == len(rx) == 4

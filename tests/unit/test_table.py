@@ -102,12 +102,18 @@ def flags_of(pio: bool, dm: int | None) -> int:
 class Harness:
     """Plays the server loop around one :class:`ObjectTable` with a fake clock."""
 
-    def __init__(self, policy: Policy = Policy.HUP, *, ack_timeout: float = 2.0,
-                 quotas: Quotas | None = None,
-                 fd_room: Callable[[int], bool] = lambda n: True) -> None:
+    def __init__(
+        self,
+        policy: Policy = Policy.HUP,
+        *,
+        ack_timeout: float = 2.0,
+        quotas: Quotas | None = None,
+        fd_room: Callable[[int], bool] = lambda n: True,
+    ) -> None:
         self.now = 100.0
-        self.t = ObjectTable(policy, ack_timeout=ack_timeout, clock=lambda: self.now,
-                             quotas=quotas, fd_room=fd_room)
+        self.t = ObjectTable(
+            policy, ack_timeout=ack_timeout, clock=lambda: self.now, quotas=quotas, fd_room=fd_room
+        )
         self.inbox: defaultdict[int, list[wire.Message]] = defaultdict(list)
         self.log: list[Action] = []
         self.dropped: list[int] = []
@@ -197,10 +203,12 @@ class Harness:
     def channel(self, owner: int, scope: Scope, target: int, *, attach: bool = True) -> int:
         """ChannelOpen + the loop's channel_opened (+ Attach): a guest/device process."""
         seq = next(self._seq)
-        actions = self.absorb(self.t.handle(owner, wire.ChannelOpen(seq=seq, scope=scope,
-                                                                     target=target)))
+        actions = self.absorb(
+            self.t.handle(owner, wire.ChannelOpen(seq=seq, scope=scope, target=target))
+        )
         assert [a for a in actions if isinstance(a, OpenChannel)] == [
-            OpenChannel(owner, seq, scope, target)], actions
+            OpenChannel(owner, seq, scope, target)
+        ], actions
         assert self.reply(owner, seq) is None  # the loop answers with the socket
         c = next(self._conn_ids)
         self.live.add(c)
@@ -209,7 +217,8 @@ class Harness:
             assert isinstance(self.req(c, wire.Attach()), wire.Ok)
             kind = PeerKind.GUEST if scope is Scope.VM else PeerKind.DEVICE
             assert self.notices(owner, wire.PeerAttached) == [
-                wire.PeerAttached(kind=kind, id=target)]
+                wire.PeerAttached(kind=kind, id=target)
+            ]
         return c
 
     def guest(self, owner: int, vm: int, *, attach: bool = True) -> int:
@@ -228,8 +237,9 @@ class Harness:
     def ack(self, conn: int, binding: int) -> list[Action]:
         seq = next(self._seq)
         actions = self.absorb(self.t.handle(conn, wire.DetachAck(seq=seq, binding=binding)))
-        assert not any(isinstance(a, Send) and a.conn == conn and a.msg.seq == seq
-                       for a in actions), "a DetachAck must not be answered"
+        assert not any(
+            isinstance(a, Send) and a.conn == conn and a.msg.seq == seq for a in actions
+        ), "a DetachAck must not be answered"
         return actions
 
     def ack_all(self, conn: int) -> list[tuple[int, int]]:
@@ -263,18 +273,42 @@ class Harness:
         assert isinstance(r, wire.IdReply), r
         return r.id
 
-    def irqfd(self, conn: int, vm: int, handle: int, gsi: int,
-              resample: int | None = None) -> int:
-        r = self.req(conn, wire.Irqfd(vm=vm, handle=handle, gsi=gsi,
-                                      flags=RESAMPLE if resample is not None else 0,
-                                      resample_handle=NO if resample is None else resample))
+    def irqfd(self, conn: int, vm: int, handle: int, gsi: int, resample: int | None = None) -> int:
+        r = self.req(
+            conn,
+            wire.Irqfd(
+                vm=vm,
+                handle=handle,
+                gsi=gsi,
+                flags=RESAMPLE if resample is not None else 0,
+                resample_handle=NO if resample is None else resample,
+            ),
+        )
         assert isinstance(r, wire.IdReply), r
         return r.id
 
-    def ioeventfd(self, conn: int, vm: int, handle: int, addr: int, length: int = 4,
-                  dm: int | None = None, *, pio: bool = False) -> int:
-        r = self.req(conn, wire.Ioeventfd(vm=vm, handle=handle, addr=addr, len=length,
-                                          flags=flags_of(pio, dm), datamatch=dm or 0))
+    def ioeventfd(
+        self,
+        conn: int,
+        vm: int,
+        handle: int,
+        addr: int,
+        length: int = 4,
+        dm: int | None = None,
+        *,
+        pio: bool = False,
+    ) -> int:
+        r = self.req(
+            conn,
+            wire.Ioeventfd(
+                vm=vm,
+                handle=handle,
+                addr=addr,
+                len=length,
+                flags=flags_of(pio, dm),
+                datamatch=dm or 0,
+            ),
+        )
         assert isinstance(r, wire.IdReply), r
         return r.id
 
@@ -512,13 +546,16 @@ def test_import_of_non_eventfds_is_einval(h: Harness, what: str) -> None:
     assert fd.closed  # Harness.send closed it, as the loop does
 
 
-@pytest.mark.parametrize("size,claim,expect", [
-    (4 * PAGE, 4 * PAGE, "HandleReply"),
-    (4 * PAGE, PAGE, "HandleReply"),
-    (4 * PAGE, 0, "EINVAL"),
-    (4 * PAGE, 4 * PAGE + 1, "EINVAL"),
-    (0, 1, "EINVAL"),
-])
+@pytest.mark.parametrize(
+    "size,claim,expect",
+    [
+        (4 * PAGE, 4 * PAGE, "HandleReply"),
+        (4 * PAGE, PAGE, "HandleReply"),
+        (4 * PAGE, 0, "EINVAL"),
+        (4 * PAGE, 4 * PAGE + 1, "EINVAL"),
+        (0, 1, "EINVAL"),
+    ],
+)
 def test_memory_import_size_checks(h: Harness, size: int, claim: int, expect: str) -> None:
     c = h.host()
     msg = wire.MemoryImport(seq=1, size=claim, fds=(h.memfd(size).dup(),))
@@ -572,7 +609,8 @@ def test_irqfd_then_shmsignal_take_context_refs(h: Harness) -> None:
 
 @pytest.mark.parametrize("device_acks_first", [False, True])
 def test_hup_last_close_detaches_irqfd_first_and_waits_for_both_acks(
-        hup: Harness, device_acks_first: bool) -> None:
+    hup: Harness, device_acks_first: bool
+) -> None:
     h = hup
     w = world(h)
     assert w.guest is not None and w.proc is not None
@@ -590,7 +628,9 @@ def test_hup_last_close_detaches_irqfd_first_and_waits_for_both_acks(
     ]
     assert h.reply(w.host, seq) is None  # withheld until both acks
     assert {b["id"]: b["state"] for b in h.bindings().values()} == {
-        sig: "detaching", irq: "detaching"}
+        sig: "detaching",
+        irq: "detaching",
+    }
     first, second = ((w.proc, sig), (w.guest, irq))[:: 1 if device_acks_first else -1]
     h.ack(*first)
     assert h.reply(w.host, seq) is None
@@ -693,8 +733,7 @@ def test_refcount_closing_all_handles_changes_nothing(refc: Harness) -> None:
     assert isinstance(h.req(w.host, wire.HandleClose(handle=w.handle)), wire.Ok)
     assert [type(m) for _, m in h.sends_since(mark)] == [wire.Ok]  # no notice to anyone
     assert (h.objects()[oid]["handles"], h.objects()[oid]["bindings"]) == (0, 2)
-    assert {b["id"]: b["state"] for b in h.bindings().values()} == {irq: "active",
-                                                                    sig: "active"}
+    assert {b["id"]: b["state"] for b in h.bindings().values()} == {irq: "active", sig: "active"}
     assert still_open(fd, ident)
     # vbus is free to produce events until it gets a SHMSIGNAL_DEASSIGN.
     os.eventfd_write(pa.fds[0].fileno(), 1)
@@ -720,8 +759,9 @@ def test_refcount_binding_first_then_handle_close_frees(refc: Harness) -> None:
     w = world(h, guest=False, proc=False)
     fd, ident = h.broker_fd(w.host, w.handle)
     h.irqfd(w.host, w.vm, w.handle, 2)
-    assert isinstance(h.req(w.host, wire.Irqfd(vm=w.vm, handle=w.handle, gsi=2,
-                                               flags=IRQ_DEASSIGN)), wire.Ok)
+    assert isinstance(
+        h.req(w.host, wire.Irqfd(vm=w.vm, handle=w.handle, gsi=2, flags=IRQ_DEASSIGN)), wire.Ok
+    )
     assert h.refs(w.host, w.handle) == (1, 0)
     assert still_open(fd, ident)
     assert isinstance(h.req(w.host, wire.HandleClose(handle=w.handle)), wire.Ok)
@@ -729,22 +769,25 @@ def test_refcount_binding_first_then_handle_close_frees(refc: Harness) -> None:
     assert not still_open(fd, ident)
 
 
-@pytest.mark.parametrize("kind", ["irqfd", "irqfd-by-gsi", "ioeventfd", "shmsignal",
-                                  "shmsignal-by-sigid"])
+@pytest.mark.parametrize(
+    "kind", ["irqfd", "irqfd-by-gsi", "ioeventfd", "shmsignal", "shmsignal-by-sigid"]
+)
 def test_deassign_without_consumer_releases_immediately(h: Harness, kind: str) -> None:
     w = world(h, guest=False, proc=False)
     msg: wire.Message
     if kind.startswith("irqfd"):
         h.irqfd(w.host, w.vm, w.handle, 1)
-        msg = wire.Irqfd(vm=w.vm, handle=NO if "gsi" in kind else w.handle, gsi=1,
-                         flags=IRQ_DEASSIGN)
+        msg = wire.Irqfd(
+            vm=w.vm, handle=NO if "gsi" in kind else w.handle, gsi=1, flags=IRQ_DEASSIGN
+        )
     elif kind == "ioeventfd":
         h.ioeventfd(w.host, w.vm, w.handle, 0x100)
         msg = wire.Ioeventfd(vm=w.vm, handle=w.handle, addr=0x100, len=4, flags=IO_DEASSIGN)
     else:
         h.shmsignal(w.host, w.dev, w.handle, 1)
-        msg = wire.ShmSignal(device=w.dev, sigid=1, handle=NO if "sigid" in kind else w.handle,
-                             flags=SHM_DEASSIGN)
+        msg = wire.ShmSignal(
+            device=w.dev, sigid=1, handle=NO if "sigid" in kind else w.handle, flags=SHM_DEASSIGN
+        )
     assert h.refs(w.host, w.handle) == (1, 1)
     assert isinstance(h.req(w.host, msg), wire.Ok)
     assert h.refs(w.host, w.handle) == (1, 0)
@@ -761,8 +804,9 @@ def test_deassign_with_consumer_waits_for_ack(h: Harness, kind: str) -> None:
         msg = wire.Irqfd(vm=w.vm, handle=w.handle, gsi=1, flags=IRQ_DEASSIGN)
     elif kind == "ioeventfd":
         b, consumer = h.ioeventfd(w.host, w.vm, w.handle, 0x100, 8, 3, pio=True), w.guest
-        msg = wire.Ioeventfd(vm=w.vm, handle=w.handle, addr=0x100, len=8, datamatch=3,
-                             flags=IO_DEASSIGN | DM | PIO)
+        msg = wire.Ioeventfd(
+            vm=w.vm, handle=w.handle, addr=0x100, len=8, datamatch=3, flags=IO_DEASSIGN | DM | PIO
+        )
     else:
         b, consumer = h.shmsignal(w.host, w.dev, w.handle, 1), w.proc
         msg = wire.ShmSignal(device=w.dev, sigid=1, handle=w.handle, flags=SHM_DEASSIGN)
@@ -816,15 +860,15 @@ def test_irqfd_without_irqchip_einval_before_the_fd(h: Harness) -> None:
     hd = h.import_eventfd(c)
     assert err(h.req(c, wire.Irqfd(vm=vm, handle=hd, gsi=0))) == "EINVAL"
     assert err(h.req(c, wire.Irqfd(vm=vm, handle=BAD, gsi=0))) == "EINVAL"  # not EBADF
-    assert isinstance(h.req(c, wire.Irqfd(vm=vm, handle=hd, gsi=0,
-                                          flags=IRQ_DEASSIGN)), wire.Ok)  # deassign: no check
+    assert isinstance(
+        h.req(c, wire.Irqfd(vm=vm, handle=hd, gsi=0, flags=IRQ_DEASSIGN)), wire.Ok
+    )  # deassign: no check
     assert isinstance(h.req(c, wire.IrqchipCreate(vm=vm)), wire.Ok)
     assert err(h.req(c, wire.IrqchipCreate(vm=vm))) == "EEXIST"
     h.irqfd(c, vm, hd, 0)
 
 
-@pytest.mark.parametrize("ngsi,gsi", [(8, 7), (8, 8), (8, 24), (8, 5000), (8, 0xFFFFFFFF),
-                                      (1, 1)])
+@pytest.mark.parametrize("ngsi,gsi", [(8, 7), (8, 8), (8, 24), (8, 5000), (8, 0xFFFFFFFF), (1, 1)])
 def test_irqfd_gsi_is_not_range_checked(h: Harness, ngsi: int, gsi: int) -> None:
     # Like KVM_IRQFD: any u32 gsi is accepted (an unrouted one injects nothing).
     c = h.host()
@@ -835,8 +879,9 @@ def test_irqfd_gsi_is_not_range_checked(h: Harness, ngsi: int, gsi: int) -> None
     assert h.refs(c, hd) == (1, 1)
 
 
-@pytest.mark.parametrize("where", ["same-gsi", "other-gsi", "other-vm", "second-import",
-                                   "other-host"])
+@pytest.mark.parametrize(
+    "where", ["same-gsi", "other-gsi", "other-vm", "second-import", "other-host"]
+)
 def test_irqfd_same_eventfd_twice_ebusy(h: Harness, where: str) -> None:
     c = h.host()
     vm1, vm2 = h.vm(c), h.vm(c)
@@ -868,8 +913,7 @@ def test_two_eventfds_may_share_a_gsi_and_deassign_by_gsi_takes_both(h: Harness)
     h.irqfd(c, vm, a, 5)
     h.irqfd(c, vm, b, 5)
     keep = h.irqfd(c, vm, h.import_eventfd(c), 6)
-    assert isinstance(h.req(c, wire.Irqfd(vm=vm, handle=NO, gsi=5, flags=IRQ_DEASSIGN)),
-                      wire.Ok)
+    assert isinstance(h.req(c, wire.Irqfd(vm=vm, handle=NO, gsi=5, flags=IRQ_DEASSIGN)), wire.Ok)
     assert list(h.bindings()) == [keep]
     assert h.refs(c, a) == (1, 0) and h.refs(c, b) == (1, 0)
 
@@ -882,12 +926,10 @@ def test_irqfd_deassign_of_never_assigned_pair_succeeds(h: Harness) -> None:
     assert isinstance(r, wire.Ok)
     b = h.irqfd(c, vm, hd, 3)
     # a different gsi is a different pair: succeeds and leaves the binding alone
-    assert isinstance(h.req(c, wire.Irqfd(vm=vm, handle=hd, gsi=4, flags=IRQ_DEASSIGN)),
-                      wire.Ok)
+    assert isinstance(h.req(c, wire.Irqfd(vm=vm, handle=hd, gsi=4, flags=IRQ_DEASSIGN)), wire.Ok)
     # so is the same pair on another VM
     vm2 = h.vm(c)
-    assert isinstance(h.req(c, wire.Irqfd(vm=vm2, handle=hd, gsi=3, flags=IRQ_DEASSIGN)),
-                      wire.Ok)
+    assert isinstance(h.req(c, wire.Irqfd(vm=vm2, handle=hd, gsi=3, flags=IRQ_DEASSIGN)), wire.Ok)
     assert list(h.bindings()) == [b]
 
 
@@ -900,8 +942,10 @@ def test_irqfd_deassign_with_bad_handle(h: Harness, memory: bool) -> None:
     assert err(r) == ("EINVAL" if memory else "EBADF")
 
 
-@pytest.mark.parametrize("resample,expect", [("bad", "EBADF"), ("none", "EBADF"),
-                                             ("memory", "EINVAL"), ("eventfd", "IdReply")])
+@pytest.mark.parametrize(
+    "resample,expect",
+    [("bad", "EBADF"), ("none", "EBADF"), ("memory", "EINVAL"), ("eventfd", "IdReply")],
+)
 def test_irqfd_resample_handle_checks(h: Harness, resample: str, expect: str) -> None:
     c = h.host()
     vm = h.vm(c)
@@ -914,17 +958,22 @@ def test_irqfd_resample_handle_checks(h: Harness, resample: str, expect: str) ->
     assert h.refs(c, hd) == (1, int(expect == "IdReply"))
 
 
-@pytest.mark.parametrize("req", [
-    lambda vm, hd: wire.Irqfd(vm=vm, handle=hd, gsi=0),
-    lambda vm, hd: wire.Ioeventfd(vm=vm, handle=hd, addr=0, len=4),
-    lambda vm, hd: wire.IrqchipCreate(vm=vm),
-    lambda vm, hd: wire.VmDestroy(vm=vm),
-    lambda vm, hd: wire.DeviceCreate(vm=vm, nsignals=1),
-    lambda vm, hd: wire.MemslotSet(vm=vm, slot=0, gpa=0, size=PAGE, handle=hd),
-    lambda vm, hd: wire.ChannelOpen(scope=Scope.VM, target=vm),
-], ids=["irqfd", "ioeventfd", "irqchip", "destroy", "device", "memslot", "channel"])
+@pytest.mark.parametrize(
+    "req",
+    [
+        lambda vm, hd: wire.Irqfd(vm=vm, handle=hd, gsi=0),
+        lambda vm, hd: wire.Ioeventfd(vm=vm, handle=hd, addr=0, len=4),
+        lambda vm, hd: wire.IrqchipCreate(vm=vm),
+        lambda vm, hd: wire.VmDestroy(vm=vm),
+        lambda vm, hd: wire.DeviceCreate(vm=vm, nsignals=1),
+        lambda vm, hd: wire.MemslotSet(vm=vm, slot=0, gpa=0, size=PAGE, handle=hd),
+        lambda vm, hd: wire.ChannelOpen(scope=Scope.VM, target=vm),
+    ],
+    ids=["irqfd", "ioeventfd", "irqchip", "destroy", "device", "memslot", "channel"],
+)
 def test_vm_of_another_host_eperm_and_unknown_vm_enoent(
-        h: Harness, req: Callable[[int, int], wire.Message]) -> None:
+    h: Harness, req: Callable[[int, int], wire.Message]
+) -> None:
     owner, other = h.host(), h.host()
     vm = h.vm(owner, irqchip=False)
     hd = h.import_eventfd(other)
@@ -934,13 +983,18 @@ def test_vm_of_another_host_eperm_and_unknown_vm_enoent(
     assert h.snap()["vms"][0]["irqchip"] is False
 
 
-@pytest.mark.parametrize("req", [
-    lambda dev, hd: wire.ShmSignal(device=dev, sigid=0, handle=hd),
-    lambda dev, hd: wire.DeviceDestroy(device=dev),
-    lambda dev, hd: wire.ChannelOpen(scope=Scope.DEVICE, target=dev),
-], ids=["shmsignal", "destroy", "channel"])
+@pytest.mark.parametrize(
+    "req",
+    [
+        lambda dev, hd: wire.ShmSignal(device=dev, sigid=0, handle=hd),
+        lambda dev, hd: wire.DeviceDestroy(device=dev),
+        lambda dev, hd: wire.ChannelOpen(scope=Scope.DEVICE, target=dev),
+    ],
+    ids=["shmsignal", "destroy", "channel"],
+)
 def test_device_of_another_host_eperm_and_unknown_device_enoent(
-        h: Harness, req: Callable[[int, int], wire.Message]) -> None:
+    h: Harness, req: Callable[[int, int], wire.Message]
+) -> None:
     owner, other = h.host(), h.host()
     dev = h.device(owner, h.vm(owner))
     hd = h.import_eventfd(other)
@@ -950,8 +1004,7 @@ def test_device_of_another_host_eperm_and_unknown_device_enoent(
     assert h.bindings() == {}
 
 
-@pytest.mark.parametrize("ngsi,ok", [(0, False), (1, True), (MAX_GSI, True),
-                                     (MAX_GSI + 1, False)])
+@pytest.mark.parametrize("ngsi,ok", [(0, False), (1, True), (MAX_GSI, True), (MAX_GSI + 1, False)])
 def test_vm_create_ngsi_range(h: Harness, ngsi: int, ok: bool) -> None:
     c = h.host()
     r = h.req(c, wire.VmCreate(ngsi=ngsi))
@@ -959,8 +1012,9 @@ def test_vm_create_ngsi_range(h: Harness, ngsi: int, ok: bool) -> None:
     assert len(h.snap()["vms"]) == int(ok)
 
 
-@pytest.mark.parametrize("nsignals,ok", [(0, False), (1, True), (MAX_SIGNALS, True),
-                                         (MAX_SIGNALS + 1, False)])
+@pytest.mark.parametrize(
+    "nsignals,ok", [(0, False), (1, True), (MAX_SIGNALS, True), (MAX_SIGNALS + 1, False)]
+)
 def test_device_create_nsignals_range(h: Harness, nsignals: int, ok: bool) -> None:
     c = h.host()
     vm = h.vm(c)
@@ -982,15 +1036,18 @@ def test_ioeventfd_bad_length_einval(h: Harness, length: int) -> None:
     assert h.bindings() == {}
 
 
-@pytest.mark.parametrize("addr,length,ok", [
-    (TOP - 1, 2, False),
-    (TOP - 4, 8, False),
-    (TOP - 8, 8, False),  # addr + len == 2**64 wraps to 0 in KVM's u64 arithmetic
-    (TOP - 1, 1, False),
-    (TOP - 9, 8, True),
-    (TOP - 2, 1, True),
-    (TOP - 1, 0, True),
-])
+@pytest.mark.parametrize(
+    "addr,length,ok",
+    [
+        (TOP - 1, 2, False),
+        (TOP - 4, 8, False),
+        (TOP - 8, 8, False),  # addr + len == 2**64 wraps to 0 in KVM's u64 arithmetic
+        (TOP - 1, 1, False),
+        (TOP - 9, 8, True),
+        (TOP - 2, 1, True),
+        (TOP - 1, 0, True),
+    ],
+)
 def test_ioeventfd_address_overflow(h: Harness, addr: int, length: int, ok: bool) -> None:
     w = world(h, guest=False, proc=False)
     r = h.req(w.host, wire.Ioeventfd(vm=w.vm, handle=w.handle, addr=addr, len=length))
@@ -1014,7 +1071,8 @@ def test_ioeventfd_flags_0x8_and_0x10_are_accepted_and_ignored(h: Harness, flags
 
 @pytest.mark.parametrize("flags,ok", [(PIO, True), (DM, False), (PIO | DM, False), (0, True)])
 def test_length_zero_pio_ioeventfd_is_accepted_only_datamatch_refuses_it(
-        h: Harness, flags: int, ok: bool) -> None:
+    h: Harness, flags: int, ok: bool
+) -> None:
     w = world(h, guest=False, proc=False)
     r = h.req(w.host, wire.Ioeventfd(vm=w.vm, handle=w.handle, addr=0x40, len=0, flags=flags))
     assert err(r) == ("IdReply" if ok else "EINVAL")
@@ -1028,18 +1086,21 @@ def test_ioeventfd_handle_checks(h: Harness, memory: bool) -> None:
     assert err(r) == ("EINVAL" if memory else "EBADF")
 
 
-@pytest.mark.parametrize("case,expect", [
-    (dict(len=3, addr=TOP - 1, flags=0x80, handle=BAD), "EINVAL"),  # length first
-    (dict(len=8, addr=TOP - 4, flags=0x80, handle=BAD), "EINVAL"),  # then overflow
-    (dict(len=4, addr=0x1000, flags=0x80, handle=BAD), "EINVAL"),  # then flags
-    (dict(len=0, addr=0x1000, flags=PIO, handle=BAD), "EBADF"),  # len 0 + PIO is fine
-    (dict(len=0, addr=0x1000, flags=DM, handle=BAD), "EINVAL"),  # or len 0 + DATAMATCH
-    (dict(len=3, addr=0x1000, vm=999), "EINVAL"),  # argument checks before the VM lookup
-    (dict(len=4, addr=0x1000, vm=999, handle=BAD), "ENOENT"),  # the VM before the fd
-    (dict(len=4, addr=0x1000, handle=BAD), "EBADF"),  # bad fd before collision
-    (dict(len=4, addr=0x1000, handle="memory"), "EINVAL"),  # not eventfd before collision
-    (dict(len=4, addr=0x1000), "EEXIST"),  # finally the collision
-])
+@pytest.mark.parametrize(
+    "case,expect",
+    [
+        (dict(len=3, addr=TOP - 1, flags=0x80, handle=BAD), "EINVAL"),  # length first
+        (dict(len=8, addr=TOP - 4, flags=0x80, handle=BAD), "EINVAL"),  # then overflow
+        (dict(len=4, addr=0x1000, flags=0x80, handle=BAD), "EINVAL"),  # then flags
+        (dict(len=0, addr=0x1000, flags=PIO, handle=BAD), "EBADF"),  # len 0 + PIO is fine
+        (dict(len=0, addr=0x1000, flags=DM, handle=BAD), "EINVAL"),  # or len 0 + DATAMATCH
+        (dict(len=3, addr=0x1000, vm=999), "EINVAL"),  # argument checks before the VM lookup
+        (dict(len=4, addr=0x1000, vm=999, handle=BAD), "ENOENT"),  # the VM before the fd
+        (dict(len=4, addr=0x1000, handle=BAD), "EBADF"),  # bad fd before collision
+        (dict(len=4, addr=0x1000, handle="memory"), "EINVAL"),  # not eventfd before collision
+        (dict(len=4, addr=0x1000), "EEXIST"),  # finally the collision
+    ],
+)
 def test_ioeventfd_validation_order(h: Harness, case: dict[str, Any], expect: str) -> None:
     w = world(h, guest=False, proc=False)
     h.ioeventfd(w.host, w.vm, w.handle, 0x1000, 4)  # wildcard: everything at 0x1000 collides
@@ -1050,14 +1111,18 @@ def test_ioeventfd_validation_order(h: Harness, case: dict[str, Any], expect: st
     assert len(h.bindings()) == 1
 
 
-@pytest.mark.parametrize("case", [
-    dict(len=3),  # an assign would be EINVAL (length)
-    dict(len=4, addr=TOP - 1),  # ... (overflow)
-    dict(len=4, flags=0x80, addr=0x2000),  # ... (unknown flag: a deassign ignores it)
-    dict(len=0, flags=DM),  # ... (length 0 with DATAMATCH)
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(len=3),  # an assign would be EINVAL (length)
+        dict(len=4, addr=TOP - 1),  # ... (overflow)
+        dict(len=4, flags=0x80, addr=0x2000),  # ... (unknown flag: a deassign ignores it)
+        dict(len=0, flags=DM),  # ... (length 0 with DATAMATCH)
+    ],
+)
 def test_ioeventfd_deassign_validates_nothing_it_only_searches(
-        h: Harness, case: dict[str, Any]) -> None:
+    h: Harness, case: dict[str, Any]
+) -> None:
     w = world(h, guest=False, proc=False)
     h.ioeventfd(w.host, w.vm, w.handle, 0x1000, 4)
     args: dict[str, Any] = {"vm": w.vm, "handle": w.handle, "addr": 0x1000, **case}
@@ -1068,16 +1133,22 @@ def test_ioeventfd_deassign_validates_nothing_it_only_searches(
     args["handle"] = BAD
     assert err(h.req(w.host, wire.Ioeventfd(**args))) == "EBADF"
     # Unknown flag bits do not stop a deassign that matches.
-    done = h.req(w.host, wire.Ioeventfd(vm=w.vm, handle=w.handle, addr=0x1000, len=4,
-                                        flags=wire.IOEVENTFD_FLAG_DEASSIGN | 0x80))
+    done = h.req(
+        w.host,
+        wire.Ioeventfd(
+            vm=w.vm, handle=w.handle, addr=0x1000, len=4, flags=wire.IOEVENTFD_FLAG_DEASSIGN | 0x80
+        ),
+    )
     assert isinstance(done, wire.Ok), done
     assert h.bindings() == {}
 
 
 def test_irqfd_whose_resamplefd_is_its_own_eventfd_is_einval(h: Harness) -> None:
     w = world(h, guest=False, proc=False)
-    refused = h.req(w.host, wire.Irqfd(vm=w.vm, handle=w.handle, gsi=1, flags=RESAMPLE,
-                                       resample_handle=w.handle))
+    refused = h.req(
+        w.host,
+        wire.Irqfd(vm=w.vm, handle=w.handle, gsi=1, flags=RESAMPLE, resample_handle=w.handle),
+    )
     assert err(refused) == "EINVAL"
     assert h.bindings() == {}
     other = h.import_eventfd(w.host)
@@ -1086,8 +1157,12 @@ def test_irqfd_whose_resamplefd_is_its_own_eventfd_is_einval(h: Harness) -> None
 
 def test_io_exit_value_must_fit_the_access_width(h: Harness) -> None:
     w = world(h, guest=True, proc=False)
-    for length, value, ok in ((1, 0x1FF, False), (1, 0xFF, True), (2, 1 << 16, False),
-                              (8, (1 << 64) - 1, True)):
+    for length, value, ok in (
+        (1, 0x1FF, False),
+        (1, 0xFF, True),
+        (2, 1 << 16, False),
+        (8, (1 << 64) - 1, True),
+    ):
         seq = h.send(w.guest, wire.IoExit(write=1, len=length, addr=0x40, value=value))
         reply = h.reply(w.guest, seq)
         if ok:
@@ -1124,18 +1199,28 @@ IOEVENTFD_COLLISIONS = [
 ]
 
 
-@pytest.mark.parametrize("old,new,collides", [c[1:] for c in IOEVENTFD_COLLISIONS],
-                         ids=[c[0] for c in IOEVENTFD_COLLISIONS])
-def test_ioeventfd_collision_rules(h: Harness, old: tuple[bool, int, int, int | None],
-                                   new: tuple[bool, int, int, int | None],
-                                   collides: bool) -> None:
+@pytest.mark.parametrize(
+    "old,new,collides",
+    [c[1:] for c in IOEVENTFD_COLLISIONS],
+    ids=[c[0] for c in IOEVENTFD_COLLISIONS],
+)
+def test_ioeventfd_collision_rules(
+    h: Harness,
+    old: tuple[bool, int, int, int | None],
+    new: tuple[bool, int, int, int | None],
+    collides: bool,
+) -> None:
     w = world(h, guest=False, proc=False)
     pio, addr, length, dm = old
     h.ioeventfd(w.host, w.vm, w.handle, addr, length, dm, pio=pio)
     pio, addr, length, dm = new
     other = h.import_eventfd(w.host)  # collisions do not depend on the eventfd
-    r = h.req(w.host, wire.Ioeventfd(vm=w.vm, handle=other, addr=addr, len=length,
-                                     flags=flags_of(pio, dm), datamatch=dm or 0))
+    r = h.req(
+        w.host,
+        wire.Ioeventfd(
+            vm=w.vm, handle=other, addr=addr, len=length, flags=flags_of(pio, dm), datamatch=dm or 0
+        ),
+    )
     assert err(r) == ("EEXIST" if collides else "IdReply")
     assert len(h.bindings()) == (1 if collides else 2)
     # the same registration on another VM never collides
@@ -1156,17 +1241,26 @@ IOEVENTFD_DEASSIGN = [
 ]
 
 
-@pytest.mark.parametrize("change,expect", [c[1:] for c in IOEVENTFD_DEASSIGN],
-                         ids=[c[0] for c in IOEVENTFD_DEASSIGN])
+@pytest.mark.parametrize(
+    "change,expect", [c[1:] for c in IOEVENTFD_DEASSIGN], ids=[c[0] for c in IOEVENTFD_DEASSIGN]
+)
 def test_ioeventfd_deassign_must_match(h: Harness, change: dict[str, Any], expect: str) -> None:
     c = h.host()
     vm = h.vm(c)
     efds = {"a": h.import_eventfd(c), "b": h.import_eventfd(c)}
     b = h.ioeventfd(c, vm, efds["a"], A, 4, 5)
     d = {"pio": False, "efd": "a", "addr": A, "len": 4, "dm": 5, **change}
-    r = h.req(c, wire.Ioeventfd(vm=vm, handle=efds[d["efd"]], addr=d["addr"], len=d["len"],
-                                flags=flags_of(d["pio"], d["dm"]) | IO_DEASSIGN,
-                                datamatch=d["dm"] or 0))
+    r = h.req(
+        c,
+        wire.Ioeventfd(
+            vm=vm,
+            handle=efds[d["efd"]],
+            addr=d["addr"],
+            len=d["len"],
+            flags=flags_of(d["pio"], d["dm"]) | IO_DEASSIGN,
+            datamatch=d["dm"] or 0,
+        ),
+    )
     assert err(r) == expect
     assert list(h.bindings()) == ([] if expect == "Ok" else [b])
 
@@ -1176,11 +1270,14 @@ def test_ioeventfd_wildcard_deassign_ignores_the_datamatch_field(h: Harness) -> 
     vm = h.vm(c)
     hd = h.import_eventfd(c)
     h.ioeventfd(c, vm, hd, A, 2, pio=True)
-    r = h.req(c, wire.Ioeventfd(vm=vm, handle=hd, addr=A, len=2, flags=PIO | DM | IO_DEASSIGN,
-                                datamatch=0))
+    r = h.req(
+        c,
+        wire.Ioeventfd(vm=vm, handle=hd, addr=A, len=2, flags=PIO | DM | IO_DEASSIGN, datamatch=0),
+    )
     assert err(r) == "ENOENT"  # a datamatch deassign does not match a wildcard
-    r = h.req(c, wire.Ioeventfd(vm=vm, handle=hd, addr=A, len=2, flags=PIO | IO_DEASSIGN,
-                                datamatch=99))
+    r = h.req(
+        c, wire.Ioeventfd(vm=vm, handle=hd, addr=A, len=2, flags=PIO | IO_DEASSIGN, datamatch=99)
+    )
     assert isinstance(r, wire.Ok)
     assert h.bindings() == {} and h.refs(c, hd) == (1, 0)
 
@@ -1218,8 +1315,12 @@ def test_shmsignal_sigid_range(h: Harness, sigid: int, ok: bool, deassign: bool)
     w = world(h, guest=False, proc=False)  # 8 signals
     if deassign and ok:
         h.shmsignal(w.host, w.dev, w.handle, sigid)
-    r = h.req(w.host, wire.ShmSignal(device=w.dev, sigid=sigid, handle=w.handle,
-                                     flags=SHM_DEASSIGN if deassign else 0))
+    r = h.req(
+        w.host,
+        wire.ShmSignal(
+            device=w.dev, sigid=sigid, handle=w.handle, flags=SHM_DEASSIGN if deassign else 0
+        ),
+    )
     expect = ("Ok" if deassign else "IdReply") if ok else "EINVAL"
     assert err(r) == expect
 
@@ -1233,20 +1334,29 @@ def test_shmsignal_rules(h: Harness) -> None:
     assert err(h.req(w.host, bind(device=w.dev, sigid=1, handle=other))) == "EEXIST"
     assert err(h.req(w.host, bind(device=w.dev, sigid=2, handle=BAD))) == "EBADF"
     assert err(h.req(w.host, bind(device=w.dev, sigid=2, handle=mem))) == "EINVAL"
-    assert err(h.req(w.host, bind(device=w.dev, sigid=2, handle=other,
-                                  flags=SHM_DEASSIGN))) == "ENOENT"  # never bound
-    assert err(h.req(w.host, bind(device=w.dev, sigid=2, handle=NO,
-                                  flags=SHM_DEASSIGN))) == "ENOENT"
-    assert err(h.req(w.host, bind(device=w.dev, sigid=1, handle=other,
-                                  flags=SHM_DEASSIGN))) == "ENOENT"  # other eventfd
-    assert err(h.req(w.host, bind(device=w.dev, sigid=1, handle=BAD,
-                                  flags=SHM_DEASSIGN))) == "EBADF"
+    assert (
+        err(h.req(w.host, bind(device=w.dev, sigid=2, handle=other, flags=SHM_DEASSIGN)))
+        == "ENOENT"
+    )  # never bound
+    assert (
+        err(h.req(w.host, bind(device=w.dev, sigid=2, handle=NO, flags=SHM_DEASSIGN))) == "ENOENT"
+    )
+    assert (
+        err(h.req(w.host, bind(device=w.dev, sigid=1, handle=other, flags=SHM_DEASSIGN)))
+        == "ENOENT"
+    )  # other eventfd
+    assert (
+        err(h.req(w.host, bind(device=w.dev, sigid=1, handle=BAD, flags=SHM_DEASSIGN))) == "EBADF"
+    )
     assert list(h.bindings()) == [b]
-    assert isinstance(h.req(w.host, bind(device=w.dev, sigid=1, handle=w.handle,
-                                         flags=SHM_DEASSIGN)), wire.Ok)
+    assert isinstance(
+        h.req(w.host, bind(device=w.dev, sigid=1, handle=w.handle, flags=SHM_DEASSIGN)), wire.Ok
+    )
     assert h.bindings() == {}
-    assert err(h.req(w.host, bind(device=w.dev, sigid=1, handle=w.handle,
-                                  flags=SHM_DEASSIGN))) == "ENOENT"  # already gone
+    assert (
+        err(h.req(w.host, bind(device=w.dev, sigid=1, handle=w.handle, flags=SHM_DEASSIGN)))
+        == "ENOENT"
+    )  # already gone
 
 
 # ------------------------------------------------------------------------------ memory slots
@@ -1260,8 +1370,9 @@ def test_memslot_set_and_delete_drive_the_memory_refcount(h: Harness) -> None:
     oid = h.obj_id(c, m)
     ok = wire.MemslotSet(vm=vm, slot=0, gpa=0x10000, size=2 * PAGE, offset=PAGE, handle=m)
     assert isinstance(h.req(c, ok), wire.Ok)
-    assert isinstance(h.req(c, wire.MemslotSet(vm=vm, slot=1, gpa=0x20000, size=PAGE,
-                                               handle=m)), wire.Ok)
+    assert isinstance(
+        h.req(c, wire.MemslotSet(vm=vm, slot=1, gpa=0x20000, size=PAGE, handle=m)), wire.Ok
+    )
     assert h.refs(c, m) == (1, 2)
     assert isinstance(h.req(c, wire.HandleClose(handle=m)), wire.Ok)  # memory never HUPs
     assert h.objects()[oid]["bindings"] == 2 and still_open(fd, ident)
@@ -1273,27 +1384,31 @@ def test_memslot_set_and_delete_drive_the_memory_refcount(h: Harness) -> None:
     assert not still_open(fd, ident)
 
 
-@pytest.mark.parametrize("gpa,size,offset,expect", [
-    (0x10000, 2 * PAGE, 0, "Ok"),
-    (0x10001, 2 * PAGE, 0, "EINVAL"),  # gpa not page aligned
-    (0x10000, PAGE + 1, 0, "EINVAL"),  # size not page aligned
-    (0x10000, PAGE, 1, "EINVAL"),  # offset not page aligned
-    (TOP - PAGE, 2 * PAGE, 0, "EINVAL"),  # overflows the address space
-    (0x10000, 5 * PAGE, 0, "EINVAL"),  # larger than the object
-    (0x10000, 2 * PAGE, 3 * PAGE, "EINVAL"),  # offset + size past the end
-    (0x10000, 4 * PAGE, 0, "Ok"),  # exactly the object
-    (0x8000, 2 * PAGE, 0, "EEXIST"),  # overlaps slot 0 from below
-    (0x5000, 3 * PAGE, 0, "EEXIST"),  # overlaps slot 0's first page
-    (0x7000, PAGE, 0, "EEXIST"),  # inside slot 0
-    (0x4000, PAGE, 0, "Ok"),  # adjacent below
-    (0x9000, PAGE, 0, "Ok"),  # adjacent above
-])
+@pytest.mark.parametrize(
+    "gpa,size,offset,expect",
+    [
+        (0x10000, 2 * PAGE, 0, "Ok"),
+        (0x10001, 2 * PAGE, 0, "EINVAL"),  # gpa not page aligned
+        (0x10000, PAGE + 1, 0, "EINVAL"),  # size not page aligned
+        (0x10000, PAGE, 1, "EINVAL"),  # offset not page aligned
+        (TOP - PAGE, 2 * PAGE, 0, "EINVAL"),  # overflows the address space
+        (0x10000, 5 * PAGE, 0, "EINVAL"),  # larger than the object
+        (0x10000, 2 * PAGE, 3 * PAGE, "EINVAL"),  # offset + size past the end
+        (0x10000, 4 * PAGE, 0, "Ok"),  # exactly the object
+        (0x8000, 2 * PAGE, 0, "EEXIST"),  # overlaps slot 0 from below
+        (0x5000, 3 * PAGE, 0, "EEXIST"),  # overlaps slot 0's first page
+        (0x7000, PAGE, 0, "EEXIST"),  # inside slot 0
+        (0x4000, PAGE, 0, "Ok"),  # adjacent below
+        (0x9000, PAGE, 0, "Ok"),  # adjacent above
+    ],
+)
 def test_memslot_checks(h: Harness, gpa: int, size: int, offset: int, expect: str) -> None:
     c = h.host()
     vm = h.vm(c)
     m = h.import_memory(c, 4 * PAGE)
-    assert isinstance(h.req(c, wire.MemslotSet(vm=vm, slot=0, gpa=0x5000, size=4 * PAGE,
-                                               handle=m)), wire.Ok)
+    assert isinstance(
+        h.req(c, wire.MemslotSet(vm=vm, slot=0, gpa=0x5000, size=4 * PAGE, handle=m)), wire.Ok
+    )
     r = h.req(c, wire.MemslotSet(vm=vm, slot=1, gpa=gpa, size=size, offset=offset, handle=m))
     assert err(r) == expect
     assert h.refs(c, m) == (1, 2 if expect == "Ok" else 1)
@@ -1308,8 +1423,7 @@ def test_memslot_handle_and_slot_errors(h: Harness) -> None:
     assert err(h.req(c, set_(vm=vm, slot=0, gpa=0, size=PAGE, handle=e))) == "EINVAL"
     assert err(h.req(c, set_(vm=vm, slot=0, gpa=0, size=PAGE, handle=BAD))) == "EBADF"
     assert err(h.req(c, set_(vm=vm, slot=0, gpa=0, size=PAGE))) == "EBADF"  # NO_HANDLE
-    assert err(h.req(c, set_(vm=vm, slot=MAX_MEMSLOTS, gpa=0, size=PAGE,
-                             handle=m))) == "EINVAL"
+    assert err(h.req(c, set_(vm=vm, slot=MAX_MEMSLOTS, gpa=0, size=PAGE, handle=m))) == "EINVAL"
     assert err(h.req(c, set_(vm=vm, slot=3, gpa=0, size=0))) == "EINVAL"  # delete nothing
     assert isinstance(h.req(c, set_(vm=vm, slot=3, gpa=0, size=PAGE, handle=m)), wire.Ok)
     assert err(h.req(c, set_(vm=vm, slot=3, gpa=PAGE, size=PAGE, handle=m))) == "EEXIST"
@@ -1321,8 +1435,7 @@ def test_vm_destroy_drops_memslot_references(h: Harness) -> None:
     vm = h.vm(c)
     m = h.import_memory(c)
     oid = h.obj_id(c, m)
-    assert isinstance(h.req(c, wire.MemslotSet(vm=vm, slot=0, gpa=0, size=PAGE, handle=m)),
-                      wire.Ok)
+    assert isinstance(h.req(c, wire.MemslotSet(vm=vm, slot=0, gpa=0, size=PAGE, handle=m)), wire.Ok)
     assert isinstance(h.req(c, wire.HandleClose(handle=m)), wire.Ok)
     assert oid in h.objects()
     assert isinstance(h.req(c, wire.VmDestroy(vm=vm)), wire.Ok)
@@ -1343,8 +1456,7 @@ HOST_ONLY: list[tuple[str, Callable[[Harness, int, int], wire.Message]]] = [
     ("ioeventfd", lambda h, vm, dev: wire.Ioeventfd(vm=vm, handle=0, addr=0, len=4)),
     ("shmsignal", lambda h, vm, dev: wire.ShmSignal(device=dev, sigid=0, handle=0)),
     ("channel", lambda h, vm, dev: wire.ChannelOpen(scope=Scope.VM, target=vm)),
-    ("memory-import", lambda h, vm, dev: wire.MemoryImport(size=PAGE,
-                                                             fds=(h.memfd(PAGE).dup(),))),
+    ("memory-import", lambda h, vm, dev: wire.MemoryImport(size=PAGE, fds=(h.memfd(PAGE).dup(),))),
     ("get-state", lambda h, vm, dev: wire.GetState()),
 ]
 
@@ -1352,7 +1464,8 @@ HOST_ONLY: list[tuple[str, Callable[[Harness, int, int], wire.Message]]] = [
 @pytest.mark.parametrize("scope", [Scope.VM, Scope.DEVICE], ids=["vm", "device"])
 @pytest.mark.parametrize("make_req", [m for _, m in HOST_ONLY], ids=[n for n, _ in HOST_ONLY])
 def test_scoped_channel_may_not_make_host_requests(
-        h: Harness, scope: Scope, make_req: Callable[[Harness, int, int], wire.Message]) -> None:
+    h: Harness, scope: Scope, make_req: Callable[[Harness, int, int], wire.Message]
+) -> None:
     w = world(h, guest=False, proc=False)
     c = h.channel(w.host, scope, w.vm if scope is Scope.VM else w.dev)
     h.import_eventfd(c)  # handle 0 exists on the channel, so only the scope can refuse
@@ -1427,9 +1540,17 @@ def test_guest_attaching_late_receives_every_vm_binding(h: Harness) -> None:
     a, r, i = got["IrqfdAttach"], got["IrqfdAttachResample"], got["IoeventfdAttach"]
     assert (a.binding, a.gsi, [kid(f) for f in a.fds]) == (irq1, 1, [kid(w.efd)])  # type: ignore[attr-defined]
     assert (r.binding, r.gsi, [kid(f) for f in r.fds]) == (  # type: ignore[attr-defined]
-        irq2, 2, [kid(efd2), kid(rfd)])
+        irq2,
+        2,
+        [kid(efd2), kid(rfd)],
+    )
     assert (i.binding, i.addr, i.len, i.datamatch, i.flags) == (  # type: ignore[attr-defined]
-        io, 0x3000, 2, 0xAB, PIO | DM)
+        io,
+        0x3000,
+        2,
+        0xAB,
+        PIO | DM,
+    )
     assert kid(i.fds[0]) == kid(efd3)
     assert all(b["consumer"] == g for b in h.bindings().values() if b["kind"] != "shmsignal")
 
@@ -1441,8 +1562,10 @@ def test_device_attaching_receives_existing_shmsignals(h: Harness) -> None:
     s5 = h.shmsignal(w.host, w.dev, h.import_eventfd(w.host, efd2), 5)
     h.irqfd(w.host, w.vm, w.handle, 0)  # a VM binding: not the device's business
     p = h.devproc(w.host, w.dev)
-    got = sorted((n.binding, n.sigid, kid(n.fds[0]))  # type: ignore[attr-defined]
-                 for n in h.notices(p))
+    got = sorted(
+        (n.binding, n.sigid, kid(n.fds[0]))  # type: ignore[attr-defined]
+        for n in h.notices(p)
+    )
     assert got == [(s1, 1, kid(w.efd)), (s5, 5, kid(efd2))]
     # a binding made after the attach is announced at once
     s6 = h.shmsignal(w.host, w.dev, w.handle, 6)
@@ -1484,8 +1607,7 @@ def test_ack_from_the_wrong_connection_is_ignored(h: Harness) -> None:
     assert h.ack(w.guest, b + 1000) == []  # an unknown binding id
     assert h.reply(w.host, seq) is None
     assert h.bindings()[b]["state"] == "detaching"
-    assert [a for a in h.ack(w.guest, b) if isinstance(a, Send)] == [
-        Send(w.host, wire.Ok(seq=seq))]
+    assert [a for a in h.ack(w.guest, b) if isinstance(a, Send)] == [Send(w.host, wire.Ok(seq=seq))]
     assert h.ack(w.guest, b) == []  # a second ack is harmless
     assert isinstance(h.reply(w.host, seq), wire.Ok)
 
@@ -1551,8 +1673,10 @@ def test_device_destroy_waits_for_the_device_process(h: Harness) -> None:
     sig = h.shmsignal(w.host, w.dev, w.handle, 3)
     h.notices(w.proc)
     seq = h.send(w.host, wire.DeviceDestroy(device=w.dev))
-    assert h.notices(w.proc) == [wire.Detach(binding=sig, reason=DetachReason.TEARDOWN),
-                                 wire.PeerGone(kind=PeerKind.DEVICE, id=w.dev)]
+    assert h.notices(w.proc) == [
+        wire.Detach(binding=sig, reason=DetachReason.TEARDOWN),
+        wire.PeerGone(kind=PeerKind.DEVICE, id=w.dev),
+    ]
     assert h.reply(w.host, seq) is None
     assert h.snap()["devices"] == []
     h.ack(w.proc, sig)
@@ -1570,11 +1694,15 @@ def test_vm_destroy_tears_down_everything_and_waits(h: Harness) -> None:
     h.notices(w.guest)
     h.notices(w.proc)
     seq = h.send(w.host, wire.VmDestroy(vm=w.vm))
-    assert h.notices(w.proc) == [wire.Detach(binding=sig, reason=DetachReason.TEARDOWN),
-                                 wire.PeerGone(kind=PeerKind.DEVICE, id=w.dev)]
-    assert h.notices(w.guest) == [wire.Detach(binding=irq, reason=DetachReason.TEARDOWN),
-                                  wire.Detach(binding=io, reason=DetachReason.TEARDOWN),
-                                  wire.PeerGone(kind=PeerKind.VM, id=w.vm)]
+    assert h.notices(w.proc) == [
+        wire.Detach(binding=sig, reason=DetachReason.TEARDOWN),
+        wire.PeerGone(kind=PeerKind.DEVICE, id=w.dev),
+    ]
+    assert h.notices(w.guest) == [
+        wire.Detach(binding=irq, reason=DetachReason.TEARDOWN),
+        wire.Detach(binding=io, reason=DetachReason.TEARDOWN),
+        wire.PeerGone(kind=PeerKind.VM, id=w.vm),
+    ]
     assert h.snap()["vms"] == [] and h.snap()["devices"] == []
     h.ack(w.guest, irq)
     h.ack(w.guest, io)
@@ -1594,20 +1722,25 @@ def test_host_disconnect_destroys_its_vms_and_devices(h: Harness) -> None:
     io = h.ioeventfd(w.host, w.vm, w.handle, A)
     sig = h.shmsignal(w.host, w.dev, w.handle, 1)
     m = h.import_memory(w.host)
-    assert isinstance(h.req(w.host, wire.MemslotSet(vm=w.vm, slot=0, gpa=0, size=PAGE,
-                                                    handle=m)), wire.Ok)
+    assert isinstance(
+        h.req(w.host, wire.MemslotSet(vm=w.vm, slot=0, gpa=0, size=PAGE, handle=m)), wire.Ok
+    )
     fd, ident = h.broker_fd(w.host, w.handle)
     h.notices(w.guest)
     h.notices(w.proc)
     h.disconnect(w.host)
     # Process exit: its handles go first (a HUP under the hup policy), then its objects.
     hup = DetachReason.HUP if h.t.policy is Policy.HUP else DetachReason.TEARDOWN
-    assert h.notices(w.guest) == [wire.Detach(binding=irq, reason=hup),
-                                  wire.Detach(binding=io, reason=DetachReason.TEARDOWN),
-                                  wire.MemslotDetach(slot=0),
-                                  wire.PeerGone(kind=PeerKind.VM, id=w.vm)]
-    assert h.notices(w.proc) == [wire.Detach(binding=sig, reason=hup),
-                                 wire.PeerGone(kind=PeerKind.DEVICE, id=w.dev)]
+    assert h.notices(w.guest) == [
+        wire.Detach(binding=irq, reason=hup),
+        wire.Detach(binding=io, reason=DetachReason.TEARDOWN),
+        wire.MemslotDetach(slot=0),
+        wire.PeerGone(kind=PeerKind.VM, id=w.vm),
+    ]
+    assert h.notices(w.proc) == [
+        wire.Detach(binding=sig, reason=hup),
+        wire.PeerGone(kind=PeerKind.DEVICE, id=w.dev),
+    ]
     snap = h.snap()
     assert snap["vms"] == [] and snap["devices"] == []
     assert [o["kind"] for o in snap["objects"]] == ["eventfd"]  # the memslot went at once
@@ -1664,7 +1797,10 @@ def test_guest_disconnect_keeps_bindings_without_consumer(h: Harness) -> None:
     assert h.notices(w.proc) == [wire.PeerGone(kind=PeerKind.GUEST, id=w.vm)]
     b = h.bindings()
     assert {k: (v["state"], v["consumer"]) for k, v in b.items()} == {
-        irq: ("active", None), io: ("active", None), sig: ("active", w.proc)}
+        irq: ("active", None),
+        io: ("active", None),
+        sig: ("active", w.proc),
+    }
     assert h.snap()["vms"][0]["guest"] is None
     # without a consumer, a deassign is answered at once
     r = h.req(w.host, wire.Irqfd(vm=w.vm, handle=w.handle, gsi=1, flags=IRQ_DEASSIGN))
@@ -1766,11 +1902,14 @@ class HostState:
     guest: int | None = None
     proc: int | None = None
     irqfds: dict[int, tuple[int, int, int | None]] = dataclasses.field(
-        default_factory=dict)  # id -> (pool, gsi, resample pool)
+        default_factory=dict
+    )  # id -> (pool, gsi, resample pool)
     ioeventfds: dict[int, tuple[bool, int, int, int | None, int]] = dataclasses.field(
-        default_factory=dict)  # id -> (pio, addr, len, datamatch, pool)
+        default_factory=dict
+    )  # id -> (pio, addr, len, datamatch, pool)
     signals: dict[int, tuple[int, int]] = dataclasses.field(
-        default_factory=dict)  # sigid -> (id, pool)
+        default_factory=dict
+    )  # sigid -> (id, pool)
 
 
 def outcome(reply: wire.Message | None) -> str:
@@ -1887,8 +2026,12 @@ class TableMachine(RuleBasedStateMachine):
             expect = "pending" if self._hup(host.handles.pop(hd)) else "Ok"
         self._request(host, wire.HandleClose(handle=hd), expect)
 
-    @rule(i=st.integers(0, 1), j=st.integers(0, 7), gsi=st.integers(0, 4),
-          r=st.none() | st.integers(0, 7))
+    @rule(
+        i=st.integers(0, 1),
+        j=st.integers(0, 7),
+        gsi=st.integers(0, 4),
+        r=st.none() | st.integers(0, 7),
+    )
     def irqfd_assign(self, i: int, j: int, gsi: int, r: int | None) -> None:
         host = self.hosts[i]
         hd = self._handle(host, j)
@@ -1907,9 +2050,17 @@ class TableMachine(RuleBasedStateMachine):
             expect = "EBUSY"
         else:
             expect = "IdReply"
-        reply = self._request(host, wire.Irqfd(vm=host.vm, handle=hd, gsi=gsi,
-                                               flags=0 if r is None else RESAMPLE,
-                                               resample_handle=rh), expect)
+        reply = self._request(
+            host,
+            wire.Irqfd(
+                vm=host.vm,
+                handle=hd,
+                gsi=gsi,
+                flags=0 if r is None else RESAMPLE,
+                resample_handle=rh,
+            ),
+            expect,
+        )
         if isinstance(reply, wire.IdReply):
             assert k is not None
             host.irqfds[reply.id] = (k, gsi, rk)
@@ -1924,23 +2075,32 @@ class TableMachine(RuleBasedStateMachine):
         elif k is not None and k < 0:
             expect = "EINVAL"
         else:
-            gone = [b for b, (p, g, _) in host.irqfds.items()
-                    if g == gsi and (hd == NO or p == k)]
+            gone = [b for b, (p, g, _) in host.irqfds.items() if g == gsi and (hd == NO or p == k)]
             for b in gone:
                 del host.irqfds[b]
             # KVM flushes its irqfd cleanup queue: a detach of this VM's gsi still waiting
             # for the guest's ack (an earlier deassign's, a HUP's) holds this answer too.
-            flushing = any(isinstance(d.binding, IrqfdBinding) and d.binding.vm.id == host.vm
-                           and d.binding.gsi == gsi for d in self._h.t._detaching.values())
+            flushing = any(
+                isinstance(d.binding, IrqfdBinding)
+                and d.binding.vm.id == host.vm
+                and d.binding.gsi == gsi
+                for d in self._h.t._detaching.values()
+            )
             expect = "pending" if (gone and host.guest is not None) or flushing else "Ok"
-        self._request(host, wire.Irqfd(vm=host.vm, handle=hd, gsi=gsi, flags=IRQ_DEASSIGN),
-                      expect)
+        self._request(host, wire.Irqfd(vm=host.vm, handle=hd, gsi=gsi, flags=IRQ_DEASSIGN), expect)
 
-    @rule(i=st.integers(0, 1), j=st.integers(0, 7), addr=st.sampled_from([0, 8]),
-          length=st.sampled_from([0, 4]), dm=st.none() | st.integers(0, 1),
-          pio=st.booleans(), deassign=st.booleans())
-    def ioeventfd(self, i: int, j: int, addr: int, length: int, dm: int | None,
-                  pio: bool, deassign: bool) -> None:
+    @rule(
+        i=st.integers(0, 1),
+        j=st.integers(0, 7),
+        addr=st.sampled_from([0, 8]),
+        length=st.sampled_from([0, 4]),
+        dm=st.none() | st.integers(0, 1),
+        pio=st.booleans(),
+        deassign=st.booleans(),
+    )
+    def ioeventfd(
+        self, i: int, j: int, addr: int, length: int, dm: int | None, pio: bool, deassign: bool
+    ) -> None:
         host = self.hosts[i]
         hd = self._handle(host, j)
         k = host.handles.get(hd)
@@ -1956,21 +2116,37 @@ class TableMachine(RuleBasedStateMachine):
             for b in gone:
                 del host.ioeventfds[b]
             expect = ("pending" if host.guest is not None else "Ok") if gone else "ENOENT"
-        elif any(p == pio and a == addr and (ln == 0 or length == 0 or (ln == length and (
-                d is None or dm is None or d == dm)))
-                for p, a, ln, d, _ in host.ioeventfds.values()):
+        elif any(
+            p == pio
+            and a == addr
+            and (ln == 0 or length == 0 or (ln == length and (d is None or dm is None or d == dm)))
+            for p, a, ln, d, _ in host.ioeventfds.values()
+        ):
             expect = "EEXIST"
         else:
             expect = "IdReply"
-        reply = self._request(host, wire.Ioeventfd(
-            vm=host.vm, handle=hd, addr=addr, len=length, datamatch=dm or 0,
-            flags=flags_of(pio, dm) | (IO_DEASSIGN if deassign else 0)), expect)
+        reply = self._request(
+            host,
+            wire.Ioeventfd(
+                vm=host.vm,
+                handle=hd,
+                addr=addr,
+                len=length,
+                datamatch=dm or 0,
+                flags=flags_of(pio, dm) | (IO_DEASSIGN if deassign else 0),
+            ),
+            expect,
+        )
         if isinstance(reply, wire.IdReply):
             assert k is not None
             host.ioeventfds[reply.id] = (pio, addr, length, dm, k)
 
-    @rule(i=st.integers(0, 1), j=st.none() | st.integers(0, 7), sigid=st.integers(0, 3),
-          deassign=st.booleans())
+    @rule(
+        i=st.integers(0, 1),
+        j=st.none() | st.integers(0, 7),
+        sigid=st.integers(0, 3),
+        deassign=st.booleans(),
+    )
     def shmsignal(self, i: int, j: int | None, sigid: int, deassign: bool) -> None:
         host = self.hosts[i]
         hd = NO if j is None else self._handle(host, j)
@@ -1988,20 +2164,36 @@ class TableMachine(RuleBasedStateMachine):
                 expect = "pending" if host.proc is not None else "Ok"
         else:
             expect = "EEXIST" if current is not None else "IdReply"
-        reply = self._request(host, wire.ShmSignal(device=host.dev, sigid=sigid, handle=hd,
-                                                   flags=SHM_DEASSIGN if deassign else 0),
-                              expect)
+        reply = self._request(
+            host,
+            wire.ShmSignal(
+                device=host.dev, sigid=sigid, handle=hd, flags=SHM_DEASSIGN if deassign else 0
+            ),
+            expect,
+        )
         if isinstance(reply, wire.IdReply):
             assert k is not None
             host.signals[sigid] = (reply.id, k)
 
-    @rule(i=st.integers(0, 1), j=st.integers(0, 7), slot=st.integers(0, 1),
-          gpa=st.sampled_from([0, PAGE, 2 * PAGE]), delete=st.booleans())
+    @rule(
+        i=st.integers(0, 1),
+        j=st.integers(0, 7),
+        slot=st.integers(0, 1),
+        gpa=st.sampled_from([0, PAGE, 2 * PAGE]),
+        delete=st.booleans(),
+    )
     def memslot(self, i: int, j: int, slot: int, gpa: int, delete: bool) -> None:
         host = self.hosts[i]
-        r = self._h.req(host.conn, wire.MemslotSet(
-            vm=host.vm, slot=slot, gpa=gpa, size=0 if delete else PAGE,
-            handle=self._handle(host, j)))
+        r = self._h.req(
+            host.conn,
+            wire.MemslotSet(
+                vm=host.vm,
+                slot=slot,
+                gpa=gpa,
+                size=0 if delete else PAGE,
+                handle=self._handle(host, j),
+            ),
+        )
         assert err(r) in {"Ok", "EEXIST", "EINVAL", "EBADF"}, r
 
     @rule(i=st.integers(0, 1), device=st.booleans())
@@ -2089,8 +2281,10 @@ class TableMachine(RuleBasedStateMachine):
         assert len(t.vms) == len(t.devices) == 2
         for host in self.hosts:
             conn = t.conns[host.conn]
-            assert {h_: self.kids.index(o.kernel_id) if isinstance(o, EventfdObj) else -1
-                    for h_, o in conn.handles.items()} == host.handles
+            assert {
+                h_: self.kids.index(o.kernel_id) if isinstance(o, EventfdObj) else -1
+                for h_, o in conn.handles.items()
+            } == host.handles
             vm, dev = t.vms[host.vm], t.devices[host.dev]
             assert (vm.guest, dev.process) == (host.guest, host.proc)
             assert set(vm.irqfds) == set(host.irqfds)
@@ -2098,16 +2292,23 @@ class TableMachine(RuleBasedStateMachine):
                 b = vm.irqfds[bid]
                 assert (b.gsi, b.eventfd.kernel_id) == (gsi, self.kids[k])
                 assert (b.resample.kernel_id if b.resample else None) == (
-                    None if rk is None else self.kids[rk])
+                    None if rk is None else self.kids[rk]
+                )
             io = {b.id: b for bucket in vm.ioeventfds.values() for b in bucket}
             assert set(io) == set(host.ioeventfds)
             for bid, (pio, addr, length, dm, k) in host.ioeventfds.items():
                 io_b = io[bid]
                 assert isinstance(io_b, IoeventfdBinding)
-                assert (io_b.pio, io_b.addr, io_b.length, io_b.datamatch,
-                        io_b.eventfd.kernel_id) == (pio, addr, length, dm, self.kids[k])
+                assert (
+                    io_b.pio,
+                    io_b.addr,
+                    io_b.length,
+                    io_b.datamatch,
+                    io_b.eventfd.kernel_id,
+                ) == (pio, addr, length, dm, self.kids[k])
             assert {s: (b.id, b.eventfd.kernel_id) for s, b in dev.signals.items()} == {
-                s: (bid, self.kids[k]) for s, (bid, k) in host.signals.items()}
+                s: (bid, self.kids[k]) for s, (bid, k) in host.signals.items()
+            }
 
     @invariant()
     def reference_counts_match(self) -> None:
@@ -2166,10 +2367,18 @@ class TableMachine(RuleBasedStateMachine):
             for bucket in vm.ioeventfds.values():
                 for x, y in itertools.combinations(bucket, 2):
                     assert isinstance(x, IoeventfdBinding) and isinstance(y, IoeventfdBinding)
-                    assert x.length and y.length and (
-                        x.length != y.length or (x.datamatch is not None
-                                                 and y.datamatch is not None
-                                                 and x.datamatch != y.datamatch))
+                    assert (
+                        x.length
+                        and y.length
+                        and (
+                            x.length != y.length
+                            or (
+                                x.datamatch is not None
+                                and y.datamatch is not None
+                                and x.datamatch != y.datamatch
+                            )
+                        )
+                    )
         for dev in t.devices.values():
             for sig, b in dev.signals.items():
                 assert isinstance(b, ShmSignalBinding) and b.sigid == sig < dev.nsignals
@@ -2189,11 +2398,14 @@ class TableMachine(RuleBasedStateMachine):
         if self.h is None:
             return
         h = self.h
-        for a in h.log[self.log_pos:]:
-            if isinstance(a, Send) and isinstance(a.msg, wire.IrqfdAttach
-                                                  | wire.IrqfdAttachResample
-                                                  | wire.IoeventfdAttach
-                                                  | wire.ShmSignalAttach):
+        for a in h.log[self.log_pos :]:
+            if isinstance(a, Send) and isinstance(
+                a.msg,
+                wire.IrqfdAttach
+                | wire.IrqfdAttachResample
+                | wire.IoeventfdAttach
+                | wire.ShmSignalAttach,
+            ):
                 self.announced[a.msg.binding] = a.conn
             elif isinstance(a, Send) and isinstance(a.msg, wire.Detach):
                 self.told.add((a.conn, a.msg.binding))
@@ -2232,6 +2444,11 @@ class TableMachine(RuleBasedStateMachine):
 def test_table_state_machine() -> None:
     run_state_machine_as_test(  # type: ignore[no-untyped-call]
         TableMachine,
-        settings=settings(max_examples=300, stateful_step_count=60, deadline=None,
-                          database=None, suppress_health_check=[HealthCheck.too_slow]),
+        settings=settings(
+            max_examples=300,
+            stateful_step_count=60,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
     )

@@ -128,10 +128,19 @@ def memory(h: Harness, conn: int, size: int = 4 * PAGE) -> tuple[int, OwnedFd]:
     return r.handle, mfd
 
 
-def memslot(h: Harness, host: int, vm: int, slot: int, gpa: int, size: int,
-            handle: int = NO, offset: int = 0) -> None:
-    r = h.req(host, wire.MemslotSet(vm=vm, slot=slot, gpa=gpa, size=size, offset=offset,
-                                    handle=handle))
+def memslot(
+    h: Harness,
+    host: int,
+    vm: int,
+    slot: int,
+    gpa: int,
+    size: int,
+    handle: int = NO,
+    offset: int = 0,
+) -> None:
+    r = h.req(
+        host, wire.MemslotSet(vm=vm, slot=slot, gpa=gpa, size=size, offset=offset, handle=handle)
+    )
     assert isinstance(r, wire.Ok), r
 
 
@@ -144,8 +153,9 @@ def io_exit(h: Harness, guest: int, host: int, **kw: Any) -> tuple[int, wire.IoE
     return seq, one(h, host, wire.IoExitNotice)
 
 
-def config(h: Harness, host: int, dev: int, proc: int,
-           text: str = '{"q": 0}') -> tuple[int, wire.DeviceConfigNotice]:
+def config(
+    h: Harness, host: int, dev: int, proc: int, text: str = '{"q": 0}'
+) -> tuple[int, wire.DeviceConfigNotice]:
     """The VMM configures the device; its process gets the notice, the VMM no reply."""
     seq = h.send(host, wire.DeviceConfig(device=dev, text=text))
     assert h.reply(host, seq) is None
@@ -169,9 +179,15 @@ def test_kickfd_assign_reaches_the_device_process(h: Harness) -> None:
     assert len(n.fds) == 1 and kid(n.fds[0]) == kid(w.efd)  # the very same kernel eventfd
     assert inbox_empty(h, guest) and inbox_empty(h, w.host)
     assert h.refs(w.host, w.handle) == (1, 1)
-    assert h.bindings()[b] == {"id": b, "kind": "kickfd", "eventfd": h.obj_id(w.host, w.handle),
-                               "state": "active", "consumer": proc, "device": w.dev,
-                               "queue": 3}
+    assert h.bindings()[b] == {
+        "id": b,
+        "kind": "kickfd",
+        "eventfd": h.obj_id(w.host, w.handle),
+        "state": "active",
+        "consumer": proc,
+        "device": w.dev,
+        "queue": 3,
+    }
 
 
 def test_kickfd_on_the_ioeventfd_eventfd_like_vhost(h: Harness) -> None:
@@ -195,27 +211,36 @@ def test_same_eventfd_may_kick_several_queues(h: Harness) -> None:
     b = kickfd(h, w.host, w.dev, w.handle, wire.MAX_QUEUES - 1)
     assert [bare(n) for n in h.notices(proc)] == [
         wire.KickfdAttach(binding=a, queue=0),
-        wire.KickfdAttach(binding=b, queue=wire.MAX_QUEUES - 1)]
+        wire.KickfdAttach(binding=b, queue=wire.MAX_QUEUES - 1),
+    ]
     assert h.refs(w.host, w.handle) == (1, 2)
 
 
 @pytest.mark.parametrize("flags", [0x2, 0x80000000, KICK_DEASSIGN | 0x4])
 def test_kickfd_unknown_flags(h: Harness, flags: int) -> None:
     w = world(h)
-    assert err(h.req(w.host, wire.DeviceKickfd(device=w.dev, queue=0, handle=w.handle,
-                                               flags=flags))) == "EINVAL"
+    assert (
+        err(h.req(w.host, wire.DeviceKickfd(device=w.dev, queue=0, handle=w.handle, flags=flags)))
+        == "EINVAL"
+    )
     assert h.bindings() == {}
 
 
 @pytest.mark.parametrize("deassign", [False, True], ids=["assign", "deassign"])
-@pytest.mark.parametrize("queue,ok", [(0, True), (wire.MAX_QUEUES - 1, True),
-                                      (wire.MAX_QUEUES, False), (0xFFFFFFFF, False)])
+@pytest.mark.parametrize(
+    "queue,ok",
+    [(0, True), (wire.MAX_QUEUES - 1, True), (wire.MAX_QUEUES, False), (0xFFFFFFFF, False)],
+)
 def test_kickfd_queue_range(h: Harness, queue: int, ok: bool, deassign: bool) -> None:
     w = world(h, proc=False)
     if deassign and ok:
         kickfd(h, w.host, w.dev, w.handle, queue)
-    r = h.req(w.host, wire.DeviceKickfd(device=w.dev, queue=queue, handle=w.handle,
-                                        flags=KICK_DEASSIGN if deassign else 0))
+    r = h.req(
+        w.host,
+        wire.DeviceKickfd(
+            device=w.dev, queue=queue, handle=w.handle, flags=KICK_DEASSIGN if deassign else 0
+        ),
+    )
     if not ok:
         assert err(r) == "EINVAL"
     else:
@@ -232,14 +257,22 @@ def test_kickfd_ownership(h: Harness, deassign: bool) -> None:
     other = h.host()
     oh = h.import_eventfd(other, w.efd)  # even the same eventfd
     flags = KICK_DEASSIGN if deassign else 0
-    assert err(h.req(other, wire.DeviceKickfd(device=w.dev, queue=1, handle=oh,
-                                              flags=flags))) == "EPERM"
-    assert err(h.req(other, wire.DeviceKickfd(device=9999, queue=1, handle=oh,
-                                              flags=flags))) == "ENOENT"
-    assert err(h.req(w.host, wire.DeviceKickfd(device=9999, queue=1, handle=w.handle,
-                                               flags=flags))) == "ENOENT"
-    assert err(h.req(w.host, wire.DeviceKickfd(device=w.vm, queue=1, handle=w.handle,
-                                               flags=flags))) == "ENOENT"  # a VM id
+    assert (
+        err(h.req(other, wire.DeviceKickfd(device=w.dev, queue=1, handle=oh, flags=flags)))
+        == "EPERM"
+    )
+    assert (
+        err(h.req(other, wire.DeviceKickfd(device=9999, queue=1, handle=oh, flags=flags)))
+        == "ENOENT"
+    )
+    assert (
+        err(h.req(w.host, wire.DeviceKickfd(device=9999, queue=1, handle=w.handle, flags=flags)))
+        == "ENOENT"
+    )
+    assert (
+        err(h.req(w.host, wire.DeviceKickfd(device=w.vm, queue=1, handle=w.handle, flags=flags)))
+        == "ENOENT"
+    )  # a VM id
     assert len(h.bindings()) == 1 and inbox_empty(h, proc)
 
 
@@ -253,10 +286,8 @@ def test_kickfd_handle_errors(h: Harness) -> None:
     assert err(h.req(w.host, req(device=w.dev, queue=0, handle=m))) == "EINVAL"  # memory
     kickfd(h, w.host, w.dev, w.handle, 0)
     for flags in (0, KICK_DEASSIGN):  # deassign checks the handle too
-        assert err(h.req(w.host, req(device=w.dev, queue=0, handle=BAD,
-                                     flags=flags))) == "EBADF"
-        assert err(h.req(w.host, req(device=w.dev, queue=0, handle=m,
-                                     flags=flags))) == "EINVAL"
+        assert err(h.req(w.host, req(device=w.dev, queue=0, handle=BAD, flags=flags))) == "EBADF"
+        assert err(h.req(w.host, req(device=w.dev, queue=0, handle=m, flags=flags))) == "EINVAL"
     # A handle only another connection holds names nothing here.
     other = h.host()
     for _ in range(3):
@@ -289,8 +320,7 @@ def test_kickfd_deassign_waits_for_the_device_process(h: Harness, by: str) -> No
         r = h.req(w.host, wire.HandleDup(handle=w.handle))
         assert isinstance(r, wire.HandleReply)
         hd = r.handle
-    seq = h.send(w.host, wire.DeviceKickfd(device=w.dev, queue=1, handle=hd,
-                                           flags=KICK_DEASSIGN))
+    seq = h.send(w.host, wire.DeviceKickfd(device=w.dev, queue=1, handle=hd, flags=KICK_DEASSIGN))
     assert h.notices(proc) == [wire.Detach(binding=b, reason=DetachReason.DEASSIGN)]
     assert h.reply(w.host, seq) is None  # until the process has stopped reading it
     assert h.bindings()[b]["state"] == "detaching"
@@ -311,19 +341,22 @@ def test_kickfd_deassign_enoent(h: Harness) -> None:
     other = h.import_eventfd(w.host)
     d = wire.DeviceKickfd
     for hd in (w.handle, NO):  # nothing bound on the queue
-        assert err(h.req(w.host, d(device=w.dev, queue=0, handle=hd,
-                                   flags=KICK_DEASSIGN))) == "ENOENT"
+        assert (
+            err(h.req(w.host, d(device=w.dev, queue=0, handle=hd, flags=KICK_DEASSIGN))) == "ENOENT"
+        )
     b = kickfd(h, w.host, w.dev, w.handle, 0)
     h.notices(proc)
-    assert err(h.req(w.host, d(device=w.dev, queue=0, handle=other,
-                               flags=KICK_DEASSIGN))) == "ENOENT"  # another eventfd
-    assert err(h.req(w.host, d(device=w.dev, queue=1, handle=w.handle,
-                               flags=KICK_DEASSIGN))) == "ENOENT"  # another queue
+    assert (
+        err(h.req(w.host, d(device=w.dev, queue=0, handle=other, flags=KICK_DEASSIGN))) == "ENOENT"
+    )  # another eventfd
+    assert (
+        err(h.req(w.host, d(device=w.dev, queue=1, handle=w.handle, flags=KICK_DEASSIGN)))
+        == "ENOENT"
+    )  # another queue
     assert inbox_empty(h, proc) and h.bindings()[b]["state"] == "active"
     seq = h.send(w.host, d(device=w.dev, queue=0, handle=w.handle, flags=KICK_DEASSIGN))
     # A second deassign while the first is still detaching finds nothing.
-    assert err(h.req(w.host, d(device=w.dev, queue=0, handle=NO,
-                               flags=KICK_DEASSIGN))) == "ENOENT"
+    assert err(h.req(w.host, d(device=w.dev, queue=0, handle=NO, flags=KICK_DEASSIGN))) == "ENOENT"
     h.ack_all(proc)
     assert isinstance(h.reply(w.host, seq), wire.Ok)
 
@@ -332,8 +365,10 @@ def test_kickfd_deassign_without_a_process_is_immediate(h: Harness) -> None:
     w = world(h, proc=False)
     b = kickfd(h, w.host, w.dev, w.handle, 0)
     assert h.bindings()[b]["consumer"] is None
-    assert isinstance(h.req(w.host, wire.DeviceKickfd(device=w.dev, queue=0, handle=NO,
-                                                      flags=KICK_DEASSIGN)), wire.Ok)
+    assert isinstance(
+        h.req(w.host, wire.DeviceKickfd(device=w.dev, queue=0, handle=NO, flags=KICK_DEASSIGN)),
+        wire.Ok,
+    )
     assert h.bindings() == {} and h.refs(w.host, w.handle) == (1, 0)
     assert h.t.next_deadline() is None
 
@@ -342,8 +377,9 @@ def test_kickfd_deassign_finishes_when_the_process_crashes(h: Harness) -> None:
     w = world(h)
     _, proc = attached(w)
     b = kickfd(h, w.host, w.dev, w.handle, 0)
-    seq = h.send(w.host, wire.DeviceKickfd(device=w.dev, queue=0, handle=w.handle,
-                                           flags=KICK_DEASSIGN))
+    seq = h.send(
+        w.host, wire.DeviceKickfd(device=w.dev, queue=0, handle=w.handle, flags=KICK_DEASSIGN)
+    )
     assert h.reply(w.host, seq) is None
     h.disconnect(proc)
     assert isinstance(h.reply(w.host, seq), wire.Ok)
@@ -355,8 +391,9 @@ def test_kickfd_deassign_times_out_on_a_silent_process(h: Harness) -> None:
     w = world(h)
     _, proc = attached(w)
     kickfd(h, w.host, w.dev, w.handle, 0)
-    seq = h.send(w.host, wire.DeviceKickfd(device=w.dev, queue=0, handle=w.handle,
-                                           flags=KICK_DEASSIGN))
+    seq = h.send(
+        w.host, wire.DeviceKickfd(device=w.dev, queue=0, handle=w.handle, flags=KICK_DEASSIGN)
+    )
     h.now += h.t.ack_timeout
     h.expire()
     assert proc in h.dropped
@@ -390,8 +427,10 @@ def test_kickfd_is_not_hupped_when_the_last_handle_closes(hup: Harness) -> None:
     assert n.binding == k and kid(n.fds[0]) == kid(w.efd)
     # The VMM can still deassign it without a handle; here: destroy the device instead.
     seq = h.send(w.host, wire.DeviceDestroy(device=w.dev))
-    assert h.notices(p2) == [wire.Detach(binding=k, reason=DetachReason.TEARDOWN),
-                             wire.PeerGone(kind=PeerKind.DEVICE, id=w.dev)]
+    assert h.notices(p2) == [
+        wire.Detach(binding=k, reason=DetachReason.TEARDOWN),
+        wire.PeerGone(kind=PeerKind.DEVICE, id=w.dev),
+    ]
     assert h.reply(w.host, seq) is None
     h.ack(p2, k)
     assert isinstance(h.reply(w.host, seq), wire.Ok)
@@ -407,8 +446,7 @@ def test_kickfd_keeps_the_eventfd_under_refcount(refc: Harness) -> None:
     oid = h.obj_id(w.host, w.handle)
     assert isinstance(h.req(w.host, wire.HandleClose(handle=w.handle)), wire.Ok)
     assert inbox_empty(h, proc) and h.objects()[oid]["bindings"] == 1
-    seq = h.send(w.host, wire.DeviceKickfd(device=w.dev, queue=0, handle=NO,
-                                           flags=KICK_DEASSIGN))
+    seq = h.send(w.host, wire.DeviceKickfd(device=w.dev, queue=0, handle=NO, flags=KICK_DEASSIGN))
     assert h.notices(proc) == [wire.Detach(binding=k, reason=DetachReason.DEASSIGN)]
     h.ack(proc, k)
     assert isinstance(h.reply(w.host, seq), wire.Ok)
@@ -424,8 +462,10 @@ def test_kickfd_torn_down_when_the_host_leaves(h: Harness) -> None:
     h.notices(proc)
     fd, ident = h.broker_fd(w.host, w.handle)
     h.disconnect(w.host)
-    assert h.notices(proc) == [wire.Detach(binding=k, reason=DetachReason.TEARDOWN),
-                               wire.PeerGone(kind=PeerKind.DEVICE, id=w.dev)]
+    assert h.notices(proc) == [
+        wire.Detach(binding=k, reason=DetachReason.TEARDOWN),
+        wire.PeerGone(kind=PeerKind.DEVICE, id=w.dev),
+    ]
     assert still_open(fd, ident) and not h.t.is_empty()
     h.ack(proc, k)
     assert h.t.is_empty() and not still_open(fd, ident)
@@ -444,8 +484,10 @@ def test_device_process_restart_gets_its_kickfds_again(h: Harness) -> None:
     k1 = kickfd(h, w.host, w.dev, h.import_eventfd(w.host), 1)  # while nobody is attached
     p2 = h.devproc(w.host, w.dev)
     got = h.notices(p2)
-    assert [bare(n) for n in got] == [wire.KickfdAttach(binding=k0, queue=0),
-                                      wire.KickfdAttach(binding=k1, queue=1)]
+    assert [bare(n) for n in got] == [
+        wire.KickfdAttach(binding=k0, queue=0),
+        wire.KickfdAttach(binding=k1, queue=1),
+    ]
     assert kid(got[0].fds[0]) == kid(w.efd)
     assert h.bindings()[k0]["consumer"] == p2
 
@@ -457,8 +499,10 @@ def test_kickfd_refcounts_across_assign_and_deassign(h: Harness) -> None:
         kickfd(h, w.host, w.dev, w.handle if q % 2 == 0 else e2, q)
     assert h.refs(w.host, w.handle) == (1, 2) and h.refs(w.host, e2) == (1, 2)
     for q in (0, 1):
-        assert isinstance(h.req(w.host, wire.DeviceKickfd(
-            device=w.dev, queue=q, handle=NO, flags=KICK_DEASSIGN)), wire.Ok)
+        assert isinstance(
+            h.req(w.host, wire.DeviceKickfd(device=w.dev, queue=q, handle=NO, flags=KICK_DEASSIGN)),
+            wire.Ok,
+        )
     assert h.refs(w.host, w.handle) == (1, 1) and h.refs(w.host, e2) == (1, 1)
     kinds = sorted((b["kind"], b["device"], b["queue"]) for b in h.snap()["bindings"])
     assert kinds == [("kickfd", w.dev, 2), ("kickfd", w.dev, 3)]
@@ -503,17 +547,18 @@ def test_failed_memslot_set_tells_nobody(h: Harness) -> None:
     memslot(h, w.host, w.vm, 0, 0, 2 * PAGE, m)
     h.notices(guest)
     h.notices(proc)
-    for bad in (wire.MemslotSet(vm=w.vm, slot=1, gpa=PAGE, size=PAGE, handle=m),  # overlap
-                wire.MemslotSet(vm=w.vm, slot=0, gpa=8 * PAGE, size=PAGE, handle=m),  # exists
-                wire.MemslotSet(vm=w.vm, slot=2, gpa=0, size=0),  # delete nothing
-                wire.MemslotSet(vm=w.vm, slot=3, gpa=8 * PAGE, size=PAGE, handle=BAD)):
+    for bad in (
+        wire.MemslotSet(vm=w.vm, slot=1, gpa=PAGE, size=PAGE, handle=m),  # overlap
+        wire.MemslotSet(vm=w.vm, slot=0, gpa=8 * PAGE, size=PAGE, handle=m),  # exists
+        wire.MemslotSet(vm=w.vm, slot=2, gpa=0, size=0),  # delete nothing
+        wire.MemslotSet(vm=w.vm, slot=3, gpa=8 * PAGE, size=PAGE, handle=BAD),
+    ):
         assert isinstance(h.req(w.host, bad), wire.Error)
     assert inbox_empty(h, guest) and inbox_empty(h, proc)
 
 
 @pytest.mark.parametrize("scope", [Scope.VM, Scope.DEVICE], ids=["guest", "device"])
-def test_late_attach_gets_memslots_sorted_by_gpa_before_bindings(h: Harness,
-                                                                 scope: Scope) -> None:
+def test_late_attach_gets_memslots_sorted_by_gpa_before_bindings(h: Harness, scope: Scope) -> None:
     w = world(h, guest=False, proc=False)
     m, mfd = memory(h, w.host, 8 * PAGE)
     memslot(h, w.host, w.vm, 0, 0x300000, PAGE, m)
@@ -527,16 +572,19 @@ def test_late_attach_gets_memslots_sorted_by_gpa_before_bindings(h: Harness,
     k = kickfd(h, w.host, w.dev, w.handle, 0)
     c = h.channel(w.host, scope, w.vm if scope is Scope.VM else w.dev)
     got = h.notices(c)
-    slots = [wire.MemslotAttach(slot=7, gpa=0x100000, size=PAGE, offset=PAGE),
-             wire.MemslotAttach(slot=3, gpa=0x200000, size=2 * PAGE, offset=2 * PAGE),
-             wire.MemslotAttach(slot=0, gpa=0x300000, size=PAGE, offset=0)]
+    slots = [
+        wire.MemslotAttach(slot=7, gpa=0x100000, size=PAGE, offset=PAGE),
+        wire.MemslotAttach(slot=3, gpa=0x200000, size=2 * PAGE, offset=2 * PAGE),
+        wire.MemslotAttach(slot=0, gpa=0x300000, size=PAGE, offset=0),
+    ]
     tail: list[wire.Message]
     if scope is Scope.VM:
-        tail = [wire.IrqfdAttach(binding=irq, gsi=1),
-                wire.IoeventfdAttach(binding=io, addr=0x1000, datamatch=0, len=4, flags=0)]
+        tail = [
+            wire.IrqfdAttach(binding=irq, gsi=1),
+            wire.IoeventfdAttach(binding=io, addr=0x1000, datamatch=0, len=4, flags=0),
+        ]
     else:
-        tail = [wire.ShmSignalAttach(binding=sig, sigid=2),
-                wire.KickfdAttach(binding=k, queue=0)]
+        tail = [wire.ShmSignalAttach(binding=sig, sigid=2), wire.KickfdAttach(binding=k, queue=0)]
     assert [bare(n) for n in got] == slots + tail
     assert all(file_ident(n.fds[0].fileno()) == file_ident(mfd.fileno()) for n in got[:3])
     assert all(kid(n.fds[0]) == kid(w.efd) for n in got[3:])
@@ -554,17 +602,20 @@ def test_memslot_changes_follow_attach_and_detach(h: Harness) -> None:
     memslot(h, w.host, w.vm, 0, 0, 0)
     g2 = h.guest(w.host, w.vm)
     assert [bare(n) for n in h.notices(g2)] == [
-        wire.MemslotAttach(slot=1, gpa=PAGE, size=PAGE, offset=0)]
+        wire.MemslotAttach(slot=1, gpa=PAGE, size=PAGE, offset=0)
+    ]
     p = h.devproc(w.host, w.dev)
     assert [bare(n) for n in h.notices(p)] == [
-        wire.MemslotAttach(slot=1, gpa=PAGE, size=PAGE, offset=0)]
+        wire.MemslotAttach(slot=1, gpa=PAGE, size=PAGE, offset=0)
+    ]
     # Re-creating a slot number after its deletion: Detach then Attach.
     memslot(h, w.host, w.vm, 1, 0, 0)
     memslot(h, w.host, w.vm, 1, 2 * PAGE, PAGE, m)
     for c in (g2, p):
         assert [bare(n) for n in h.notices(c)] == [
             wire.MemslotDetach(slot=1),
-            wire.MemslotAttach(slot=1, gpa=2 * PAGE, size=PAGE, offset=0)]
+            wire.MemslotAttach(slot=1, gpa=2 * PAGE, size=PAGE, offset=0),
+        ]
 
 
 def test_vm_destroy_tells_the_guest_to_unmap(h: Harness) -> None:
@@ -575,8 +626,10 @@ def test_vm_destroy_tells_the_guest_to_unmap(h: Harness) -> None:
     h.notices(guest)
     h.notices(proc)
     assert isinstance(h.req(w.host, wire.VmDestroy(vm=w.vm)), wire.Ok)
-    assert h.notices(guest) == [wire.MemslotDetach(slot=0),
-                                wire.PeerGone(kind=PeerKind.VM, id=w.vm)]
+    assert h.notices(guest) == [
+        wire.MemslotDetach(slot=0),
+        wire.PeerGone(kind=PeerKind.VM, id=w.vm),
+    ]
     # The device is destroyed first, so its process only hears PeerGone (no
     # MemslotDetach): it must unmap everything on PeerGone(DEVICE).
     assert h.notices(proc) == [wire.PeerGone(kind=PeerKind.DEVICE, id=w.dev)]
@@ -621,29 +674,37 @@ def test_peer_attached_follows_the_memory_and_bindings(h: Harness) -> None:
     p = h.devproc(w.host, w.dev, attach=False)
     seq = h.send(p, wire.Attach())
     sends = [(c, type(msg)) for c, msg in h.sends_since(mark)]
-    assert sends[-4:] == [(p, wire.MemslotAttach), (p, wire.KickfdAttach),
-                          (w.host, wire.PeerAttached), (p, wire.Ok)]
+    assert sends[-4:] == [
+        (p, wire.MemslotAttach),
+        (p, wire.KickfdAttach),
+        (w.host, wire.PeerAttached),
+        (p, wire.Ok),
+    ]
     assert isinstance(h.reply(p, seq), wire.Ok)
 
 
 # ------------------------------------------------------------------------------ I/O exits
 
 
-@pytest.mark.parametrize("pio,write,length,addr,value", [
-    (0, 0, 4, 0xFEB00000, 0),  # MMIO read
-    (0, 1, 8, 0xFEB00008, 0x1122334455667788),  # MMIO write
-    (1, 1, 1, 0x3F8, 0x41),  # PIO write
-    (1, 0, 2, 0xCFC, 0),  # PIO read
-    (0, 0, 8, TOP - 8, 0),  # the very last 8 bytes of the address space
-])
-def test_io_exit_round_trip(h: Harness, pio: int, write: int, length: int, addr: int,
-                            value: int) -> None:
+@pytest.mark.parametrize(
+    "pio,write,length,addr,value",
+    [
+        (0, 0, 4, 0xFEB00000, 0),  # MMIO read
+        (0, 1, 8, 0xFEB00008, 0x1122334455667788),  # MMIO write
+        (1, 1, 1, 0x3F8, 0x41),  # PIO write
+        (1, 0, 2, 0xCFC, 0),  # PIO read
+        (0, 0, 8, TOP - 8, 0),  # the very last 8 bytes of the address space
+    ],
+)
+def test_io_exit_round_trip(
+    h: Harness, pio: int, write: int, length: int, addr: int, value: int
+) -> None:
     w = world(h)
     guest, proc = attached(w)
-    seq, n = io_exit(h, guest, w.host, pio=pio, write=write, len=length, addr=addr,
-                     value=value)
-    assert n == wire.IoExitNotice(token=n.token, vm=w.vm, pio=pio, write=write, len=length,
-                                  addr=addr, value=value)
+    seq, n = io_exit(h, guest, w.host, pio=pio, write=write, len=length, addr=addr, value=value)
+    assert n == wire.IoExitNotice(
+        token=n.token, vm=w.vm, pio=pio, write=write, len=length, addr=addr, value=value
+    )
     assert inbox_empty(h, proc) and inbox_empty(h, guest)
     assert h.t.next_deadline() == h.now + h.t.relay_timeout
     answer = 0 if write else 0xABCD
@@ -684,8 +745,9 @@ def test_io_exit_token_only_answerable_by_the_vmm_once(h: Harness) -> None:
 def test_io_exits_are_paired_by_token(h: Harness) -> None:
     """Several VMs' vCPUs exiting at once, answered in another order."""
     worlds = [world(h) for _ in range(3)]
-    pending = [(w, *io_exit(h, attached(w)[0], w.host, addr=0x1000 + 8 * i))
-               for i, w in enumerate(worlds)]
+    pending = [
+        (w, *io_exit(h, attached(w)[0], w.host, addr=0x1000 + 8 * i)) for i, w in enumerate(worlds)
+    ]
     assert len({n.token for _, _, n in pending}) == 3
     for i in (2, 0, 1):
         w, seq, n = pending[i]
@@ -791,8 +853,9 @@ def test_io_exit_in_flight_ends_when_the_vmm_leaves(h: Harness) -> None:
     assert h.t.relay.in_flight(guest, "ioexit") is None and h.t.relay.pending == {}
 
 
-@pytest.mark.parametrize("who", ["host", "owner", "device-process", "unattached-guest",
-                                 "second-channel"])
+@pytest.mark.parametrize(
+    "who", ["host", "owner", "device-process", "unattached-guest", "second-channel"]
+)
 def test_io_exit_only_from_an_attached_guest(h: Harness, who: str) -> None:
     w = world(h, guest=who != "unattached-guest")
     c = {"host": h.host(), "owner": w.host, "device-process": w.proc}.get(who)
@@ -802,8 +865,10 @@ def test_io_exit_only_from_an_attached_guest(h: Harness, who: str) -> None:
     assert inbox_empty(h, w.host) and h.t.relay.pending == {}
 
 
-@pytest.mark.parametrize("length,addr", [(0, 0x1000), (3, 0x1000), (16, 0x1000),
-                                         (0xFFFFFFFF, 0x1000), (2, TOP - 1), (8, TOP - 4)])
+@pytest.mark.parametrize(
+    "length,addr",
+    [(0, 0x1000), (3, 0x1000), (16, 0x1000), (0xFFFFFFFF, 0x1000), (2, TOP - 1), (8, TOP - 4)],
+)
 def test_io_exit_bad_access(h: Harness, length: int, addr: int) -> None:
     w = world(h)
     guest, _ = attached(w)
@@ -876,8 +941,7 @@ def test_next_deadline_is_the_earliest_of_detaches_and_relays(h: Harness) -> Non
     start = h.now
     io_exit(h, guest, w.host)
     h.now += 1
-    seq = h.send(w.host, wire.DeviceKickfd(device=w.dev, queue=0, handle=NO,
-                                           flags=KICK_DEASSIGN))
+    seq = h.send(w.host, wire.DeviceKickfd(device=w.dev, queue=0, handle=NO, flags=KICK_DEASSIGN))
     assert h.t.next_deadline() == min(start + h.t.relay_timeout, h.now + h.t.ack_timeout)
     h.ack_all(proc)
     assert isinstance(h.reply(w.host, seq), wire.Ok)
@@ -915,14 +979,14 @@ def test_device_config_round_trip(h: Harness) -> None:
     assert h.t.next_deadline() is None
 
 
-@pytest.mark.parametrize("text,want", [("queue 9 does not exist", "queue 9 does not exist"),
-                                       ("", "the device refused")])
+@pytest.mark.parametrize(
+    "text,want", [("queue 9 does not exist", "queue 9 does not exist"), ("", "the device refused")]
+)
 def test_device_config_refused(h: Harness, text: str, want: str) -> None:
     w = world(h)
     _, proc = attached(w)
     seq, n = config(h, w.host, w.dev, proc)
-    assert accepted(h, proc, wire.DeviceConfigDone(token=n.token, errno=errno.EINVAL,
-                                                   text=text))
+    assert accepted(h, proc, wire.DeviceConfigDone(token=n.token, errno=errno.EINVAL, text=text))
     assert h.reply(w.host, seq) == wire.Error(seq=seq, errno=errno.EINVAL, text=want)
 
 
@@ -1012,15 +1076,16 @@ def test_device_report_reaches_the_owner(h: Harness) -> None:
     w = world(h)
     guest, proc = attached(w)
     other = h.host()
-    assert isinstance(h.req(proc, wire.DeviceReport(text='{"queue": 0, "broken": true}')),
-                      wire.Ok)
-    assert h.notices(w.host) == [wire.DeviceReportNotice(device=w.dev,
-                                                         text='{"queue": 0, "broken": true}')]
+    assert isinstance(h.req(proc, wire.DeviceReport(text='{"queue": 0, "broken": true}')), wire.Ok)
+    assert h.notices(w.host) == [
+        wire.DeviceReportNotice(device=w.dev, text='{"queue": 0, "broken": true}')
+    ]
     assert inbox_empty(h, guest) and inbox_empty(h, other)
 
 
-@pytest.mark.parametrize("who", ["unattached-device-channel", "guest", "owner", "other-host",
-                                 "destroyed-device"])
+@pytest.mark.parametrize(
+    "who", ["unattached-device-channel", "guest", "owner", "other-host", "destroyed-device"]
+)
 def test_device_report_only_from_an_attached_device_process(h: Harness, who: str) -> None:
     w = world(h)
     guest, proc = attached(w)
@@ -1044,14 +1109,19 @@ def test_device_report_only_from_an_attached_device_process(h: Harness, who: str
 # ------------------------------------------------------------------------------ scope
 
 
-@pytest.mark.parametrize("make_req", [
-    lambda w: wire.DeviceKickfd(device=w.dev, queue=0, handle=0),
-    lambda w: wire.DeviceConfig(device=w.dev, text="{}"),
-    lambda w: wire.IoExitDone(token=1),
-], ids=["kickfd", "config", "ioexit-done"])
+@pytest.mark.parametrize(
+    "make_req",
+    [
+        lambda w: wire.DeviceKickfd(device=w.dev, queue=0, handle=0),
+        lambda w: wire.DeviceConfig(device=w.dev, text="{}"),
+        lambda w: wire.IoExitDone(token=1),
+    ],
+    ids=["kickfd", "config", "ioexit-done"],
+)
 @pytest.mark.parametrize("scope", [Scope.VM, Scope.DEVICE], ids=["vm", "device"])
 def test_scoped_channels_may_not_drive_the_data_plane(
-        h: Harness, scope: Scope, make_req: Callable[[World], wire.Message]) -> None:
+    h: Harness, scope: Scope, make_req: Callable[[World], wire.Message]
+) -> None:
     w = world(h, guest=False, proc=False)
     c = h.channel(w.host, scope, w.vm if scope is Scope.VM else w.dev)
     h.import_eventfd(c)  # handle 0 exists on the channel: only the scope can refuse
@@ -1118,7 +1188,9 @@ def test_table_with_explicit_relay_timeout() -> None:
     assert acts == [Send(1, wire.IdReply(seq=1, id=1))]
     t.channel_opened(1, 2, 2, pid=2, uid=1, scope=Scope.VM, target=1)
     assert [type(a.msg) for a in t.handle(2, wire.Attach(seq=1)) if isinstance(a, Send)] == [
-        wire.PeerAttached, wire.Ok]
+        wire.PeerAttached,
+        wire.Ok,
+    ]
     acts = t.handle(2, wire.IoExit(seq=2, len=1, addr=0x60))
     assert [a.conn for a in acts if isinstance(a, Send)] == [1]
     assert t.next_deadline() == 0.5

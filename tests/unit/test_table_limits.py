@@ -18,8 +18,7 @@ from tests.unit.test_table import PAGE, Harness, err
 
 def state_counts(h: Harness) -> tuple[int, int, int, int]:
     snap = h.snap()
-    return (len(snap["objects"]), len(snap["vms"]), len(snap["devices"]),
-            len(snap["bindings"]))
+    return (len(snap["objects"]), len(snap["vms"]), len(snap["devices"]), len(snap["bindings"]))
 
 
 # ------------------------------------------------------------------------------ quotas
@@ -58,8 +57,13 @@ def test_binding_quota_counts_bindings_until_released(harness: Callable[..., Har
     assert err(refused) == "ENOSPC"
     assert "bindings quota" in refused.text  # type: ignore[union-attr]
     assert state_counts(h) == before
-    assert isinstance(h.req(c, wire.Ioeventfd(vm=vm, handle=e, addr=0x1000, len=4,
-                                              flags=wire.IOEVENTFD_FLAG_DEASSIGN)), wire.Ok)
+    assert isinstance(
+        h.req(
+            c,
+            wire.Ioeventfd(vm=vm, handle=e, addr=0x1000, len=4, flags=wire.IOEVENTFD_FLAG_DEASSIGN),
+        ),
+        wire.Ok,
+    )
     h.ioeventfd(c, vm, e, 0x3000)  # a released binding gives its place back
 
 
@@ -70,20 +74,24 @@ def test_memslot_quota_is_enospc(harness: Callable[..., Harness]) -> None:
     mem = h.import_memory(c, 4 * PAGE)
     ok = h.req(c, wire.MemslotSet(vm=vm, slot=0, gpa=0, size=PAGE, offset=0, handle=mem))
     assert isinstance(ok, wire.Ok), ok
-    refused = h.req(c, wire.MemslotSet(vm=vm, slot=1, gpa=PAGE, size=PAGE, offset=PAGE,
-                                       handle=mem))
+    refused = h.req(c, wire.MemslotSet(vm=vm, slot=1, gpa=PAGE, size=PAGE, offset=PAGE, handle=mem))
     assert err(refused) == "ENOSPC"
     assert [len(v["memslots"]) for v in h.snap()["vms"]] == [1]
-    assert isinstance(h.req(c, wire.MemslotSet(vm=vm, slot=0, gpa=0, size=0, offset=0,
-                                               handle=mem)), wire.Ok)
+    assert isinstance(
+        h.req(c, wire.MemslotSet(vm=vm, slot=0, gpa=0, size=0, offset=0, handle=mem)), wire.Ok
+    )
     ok = h.req(c, wire.MemslotSet(vm=vm, slot=1, gpa=PAGE, size=PAGE, offset=PAGE, handle=mem))
     assert isinstance(ok, wire.Ok), ok
 
 
 def test_quota_parse_names_the_bad_field() -> None:
     assert Quotas.parse(["vms=3", "handles=0x10"]) == Quotas(vms=3, handles=16)
-    for bad, word in (("vm=3", "vm=3"), ("vms", "NAME=N"), ("vms=x", "'x'"),
-                      ("bindings=0", "at least 1")):
+    for bad, word in (
+        ("vm=3", "vm=3"),
+        ("vms", "NAME=N"),
+        ("vms=x", "'x'"),
+        ("bindings=0", "at least 1"),
+    ):
         with pytest.raises(ConfigError, match=word):
             Quotas.parse([bad])
 
@@ -92,15 +100,19 @@ def test_quota_parse_names_the_bad_field() -> None:
 
 
 def test_fd_reserve_refuses_new_fd_objects_but_not_introspection_or_dups(
-        harness: Callable[..., Harness]) -> None:
+    harness: Callable[..., Harness],
+) -> None:
     room = {"free": 10}
     h = harness(fd_room=lambda n: room["free"] - n >= 0)
     c = h.host()
     a = h.import_eventfd(c)
     room["free"] = 0
     before = state_counts(h)
-    for msg in (wire.EventfdCreate(), wire.EventfdImport(fds=(h.eventfd().dup(),)),
-                wire.MemoryImport(size=PAGE, fds=(h.memfd(PAGE).dup(),))):
+    for msg in (
+        wire.EventfdCreate(),
+        wire.EventfdImport(fds=(h.eventfd().dup(),)),
+        wire.MemoryImport(size=PAGE, fds=(h.memfd(PAGE).dup(),)),
+    ):
         refused = h.req(c, msg)
         assert err(refused) == "ENFILE", refused
         assert "reserve" in refused.text  # type: ignore[union-attr]
@@ -139,7 +151,8 @@ def dup_fails(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
 
 
 def test_assign_whose_notice_cannot_dup_is_emfile_and_changes_nothing(
-        harness: Callable[..., Harness], dup_fails: dict[str, bool]) -> None:
+    harness: Callable[..., Harness], dup_fails: dict[str, bool]
+) -> None:
     h = harness()
     c = h.host()
     vm = h.vm(c)
@@ -156,16 +169,18 @@ def test_assign_whose_notice_cannot_dup_is_emfile_and_changes_nothing(
     assert len(h.notices(guest, wire.IrqfdAttach)) == 1
 
 
-def test_attach_that_cannot_dup_fails_whole(harness: Callable[..., Harness],
-                                            dup_fails: dict[str, bool]) -> None:
+def test_attach_that_cannot_dup_fails_whole(
+    harness: Callable[..., Harness], dup_fails: dict[str, bool]
+) -> None:
     h = harness()
     c = h.host()
     vm = h.vm(c)
     e = h.import_eventfd(c)
     h.irqfd(c, vm, e, 1)
     mem = h.import_memory(c, PAGE)
-    assert isinstance(h.req(c, wire.MemslotSet(vm=vm, slot=0, gpa=0, size=PAGE, offset=0,
-                                               handle=mem)), wire.Ok)
+    assert isinstance(
+        h.req(c, wire.MemslotSet(vm=vm, slot=0, gpa=0, size=PAGE, offset=0, handle=mem)), wire.Ok
+    )
     guest = h.channel(c, Scope.VM, vm, attach=False)
     dup_fails["on"] = True
     assert err(h.req(guest, wire.Attach())) == "EMFILE"
@@ -176,8 +191,9 @@ def test_attach_that_cannot_dup_fails_whole(harness: Callable[..., Harness],
     assert len(h.notices(guest, wire.IrqfdAttach)) == 1
 
 
-def test_get_fd_at_the_limit_is_emfile(harness: Callable[..., Harness],
-                                       dup_fails: dict[str, bool]) -> None:
+def test_get_fd_at_the_limit_is_emfile(
+    harness: Callable[..., Harness], dup_fails: dict[str, bool]
+) -> None:
     h = harness()
     c = h.host()
     e = h.import_eventfd(c)

@@ -26,8 +26,9 @@ from shared.wire import Policy
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def _fake(name: str, *, vectors: int = 1, group: bool = False,
-          path_params: tuple[str, ...] = ()) -> ModuleType:
+def _fake(
+    name: str, *, vectors: int = 1, group: bool = False, path_params: tuple[str, ...] = ()
+) -> ModuleType:
     module = ModuleType(f"hostemu.devices.{name}")
 
     def device_config(params: dict[str, Any]) -> bytes:
@@ -35,9 +36,14 @@ def _fake(name: str, *, vectors: int = 1, group: bool = False,
             raise ConfigError(f"{name}: option 'bad' is not allowed")
         return b""
 
-    module.__dict__.update(DEVICE_ID=0x7E, QUEUES=1, VECTORS=vectors,
-                           make_model=lambda params: None, device_config=device_config,
-                           PATH_PARAMS=path_params)
+    module.__dict__.update(
+        DEVICE_ID=0x7E,
+        QUEUES=1,
+        VECTORS=vectors,
+        make_model=lambda params: None,
+        device_config=device_config,
+        PATH_PARAMS=path_params,
+    )
     if group:
         module.__dict__["make_group"] = lambda params, count: [None] * count
     return module
@@ -46,8 +52,10 @@ def _fake(name: str, *, vectors: int = 1, group: bool = False,
 @pytest.fixture(autouse=True)
 def fake_models(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """``fakedev`` (3 vectors, a path option ``disk``) and ``fakesw`` (a switch model)."""
-    for module in (_fake("fakedev", vectors=3, path_params=("disk",)),
-                   _fake("fakesw", vectors=2, group=True)):
+    for module in (
+        _fake("fakedev", vectors=3, path_params=("disk",)),
+        _fake("fakesw", vectors=2, group=True),
+    ):
         monkeypatch.setitem(sys.modules, module.__name__, module)
     yield
 
@@ -73,24 +81,40 @@ def switch(ports: str, extra: str = "") -> str:
 
 # (id, TOML text, substrings the error must contain -- the first names the field)
 CASES: list[tuple[str, str, list[str]]] = [
-    ("unknown-model", VM + CONSOLE + '[[vm]]\nname = "b"\n[[vm.device]]\nname = "d"\n'
-     'model = "foo"\n',
-     ["vm[1].device[0].model: unknown model 'foo' (known: ", "console", "echo"]),
-    ("memory-zero", VM + "memory_mib = 0\n",
-     ["vm[0].memory_mib: must be an integer 1..4096, got integer 0"]),
+    (
+        "unknown-model",
+        VM + CONSOLE + '[[vm]]\nname = "b"\n[[vm.device]]\nname = "d"\nmodel = "foo"\n',
+        ["vm[1].device[0].model: unknown model 'foo' (known: ", "console", "echo"],
+    ),
+    (
+        "memory-zero",
+        VM + "memory_mib = 0\n",
+        ["vm[0].memory_mib: must be an integer 1..4096, got integer 0"],
+    ),
     ("memory-huge", VM + "memory_mib = 4097\n", ["vm[0].memory_mib: must be an integer 1..4096"]),
-    ("memory-string", VM + 'memory_mib = "16"\n',
-     ["vm[0].memory_mib: must be an integer 1..4096, got string '16'"]),
-    ("memory-float", VM + "memory_mib = 16.0\n", ["vm[0].memory_mib: must be an integer",
-                                                   "float"]),
-    ("memory-bool", VM + "memory_mib = true\n", ["vm[0].memory_mib: must be an integer",
-                                                  "boolean"]),
+    (
+        "memory-string",
+        VM + 'memory_mib = "16"\n',
+        ["vm[0].memory_mib: must be an integer 1..4096, got string '16'"],
+    ),
+    ("memory-float", VM + "memory_mib = 16.0\n", ["vm[0].memory_mib: must be an integer", "float"]),
+    (
+        "memory-bool",
+        VM + "memory_mib = true\n",
+        ["vm[0].memory_mib: must be an integer", "boolean"],
+    ),
     ("gsis-range", VM + "gsis = 2000\n", ["vm[0].gsis: must be an integer 1..1024"]),
-    ("gsis-too-few", VM + "gsis = 3\n" + '[[vm.device]]\nname = "d"\nmodel = "fakedev"\n',
-     ["vm[0].gsis: 3 gsis cannot serve the 3 MSI vectors", "need at least 4"]),
+    (
+        "gsis-too-few",
+        VM + "gsis = 3\n" + '[[vm.device]]\nname = "d"\nmodel = "fakedev"\n',
+        ["vm[0].gsis: 3 gsis cannot serve the 3 MSI vectors", "need at least 4"],
+    ),
     ("duplicate-vm", VM + VM, ["vm[1].name: duplicate VM name 'a' (also vm[0])"]),
-    ("duplicate-device", VM + CONSOLE + CONSOLE,
-     ["vm[0].device[1].name: duplicate device name 'c0' (also vm[0].device[0])"]),
+    (
+        "duplicate-device",
+        VM + CONSOLE + CONSOLE,
+        ["vm[0].device[1].name: duplicate device name 'c0' (also vm[0].device[0])"],
+    ),
     ("bad-name", '[[vm]]\nname = "a/b"\n', ["vm[0].name: 'a/b' is not a valid name"]),
     ("missing-name", "[[vm]]\nmemory_mib = 4\n", ["vm[0].name: missing"]),
     ("missing-model", VM + '[[vm.device]]\nname = "d"\n', ["vm[0].device[0].model: missing"]),
@@ -100,80 +124,166 @@ CASES: list[tuple[str, str, list[str]]] = [
     ("vm-not-tables", "vm = 5\n", ["vm: must be an array of tables ([[vm]]), got integer"]),
     ("vm-table-not-array", '[vm]\nname = "a"\n', ["vm: must be an array of tables"]),
     ("device-not-tables", VM + 'device = ["x"]\n', ["vm[0].device: must be an array of tables"]),
-    ("too-many-devices", VM + "".join(
-        f'[[vm.device]]\nname = "c{i}"\nmodel = "console"\n' for i in range(33)),
-     ["vm[0].device: at most 32 devices per VM"]),
-    ("policy-value", 'policy = "sometimes"\n' + VM,
-     ["policy: must be \"hup\" or \"refcount\", got 'sometimes'"]),
+    (
+        "too-many-devices",
+        VM + "".join(f'[[vm.device]]\nname = "c{i}"\nmodel = "console"\n' for i in range(33)),
+        ["vm[0].device: at most 32 devices per VM"],
+    ),
+    (
+        "policy-value",
+        'policy = "sometimes"\n' + VM,
+        ['policy: must be "hup" or "refcount", got \'sometimes\''],
+    ),
     ("policy-type", "policy = 1\n" + VM, ["policy: must be a string"]),
-    ("unknown-top-key", 'polciy = "hup"\n' + VM,
-     ["polciy: unknown key (did you mean 'policy'?); allowed: policy, switch, vm"]),
-    ("unknown-vm-key", VM + "memroy_mib = 4\n",
-     ["vm[0].memroy_mib: unknown key (did you mean 'memory_mib'?)"]),
-    ("unknown-device-key", VM + '[[vm.device]]\nname = "c0"\nmodle = "console"\n',
-     ["vm[0].device[0].modle: unknown key (did you mean 'model'?)",
-      "vm[0].device[0].model: missing"]),
-    ("unknown-switch-key", TWO_PORTS + switch('["a/net0", "b/net0"]', 'prots = []\n'),
-     ["switch[0].prots: unknown key (did you mean 'ports'?)"]),
-    ("vm-key-after-device", VM + CONSOLE + 'workload = "console"\n',
-     ["vm[0].device[0].workload: belongs to the enclosing table: keys written after "
-      "[[vm.device]] go into it, so move 'workload' above it"]),
-    ("top-key-after-vm", VM + 'policy = "hup"\n',
-     ["vm[0].policy: belongs to the enclosing table", "after [[vm]]"]),
-    ("params-type", VM + '[[vm.device]]\nname = "c0"\nmodel = "console"\nparams = "x"\n',
-     ["vm[0].device[0].params: must be a table, got string"]),
-    ("params-rejected", VM + '[[vm.device]]\nname = "d"\nmodel = "fakedev"\n'
-     "params = { bad = 1 }\n",
-     ["vm[0].device[0].params: fakedev: option 'bad' is not allowed"]),
-    ("params-date", VM + '[[vm.device]]\nname = "d"\nmodel = "fakedev"\n'
-     "params = { when = 1979-05-27 }\n",
-     ["vm[0].device[0].params.when: a TOML date cannot be passed"]),
-    ("queue-size", VM + CONSOLE + "queue_size_max = 100\n",
-     ["vm[0].device[0].queue_size_max: must be a power of two 1..32768, got integer 100"]),
-    ("workload-unknown", VM + 'workload = { name = "nope" }\n',
-     ["vm[0].workload.name: unknown workload 'nope' (known: ", "console", "echo"]),
+    (
+        "unknown-top-key",
+        'polciy = "hup"\n' + VM,
+        ["polciy: unknown key (did you mean 'policy'?); allowed: policy, switch, vm"],
+    ),
+    (
+        "unknown-vm-key",
+        VM + "memroy_mib = 4\n",
+        ["vm[0].memroy_mib: unknown key (did you mean 'memory_mib'?)"],
+    ),
+    (
+        "unknown-device-key",
+        VM + '[[vm.device]]\nname = "c0"\nmodle = "console"\n',
+        [
+            "vm[0].device[0].modle: unknown key (did you mean 'model'?)",
+            "vm[0].device[0].model: missing",
+        ],
+    ),
+    (
+        "unknown-switch-key",
+        TWO_PORTS + switch('["a/net0", "b/net0"]', "prots = []\n"),
+        ["switch[0].prots: unknown key (did you mean 'ports'?)"],
+    ),
+    (
+        "vm-key-after-device",
+        VM + CONSOLE + 'workload = "console"\n',
+        [
+            "vm[0].device[0].workload: belongs to the enclosing table: keys written after "
+            "[[vm.device]] go into it, so move 'workload' above it"
+        ],
+    ),
+    (
+        "top-key-after-vm",
+        VM + 'policy = "hup"\n',
+        ["vm[0].policy: belongs to the enclosing table", "after [[vm]]"],
+    ),
+    (
+        "params-type",
+        VM + '[[vm.device]]\nname = "c0"\nmodel = "console"\nparams = "x"\n',
+        ["vm[0].device[0].params: must be a table, got string"],
+    ),
+    (
+        "params-rejected",
+        VM + '[[vm.device]]\nname = "d"\nmodel = "fakedev"\nparams = { bad = 1 }\n',
+        ["vm[0].device[0].params: fakedev: option 'bad' is not allowed"],
+    ),
+    (
+        "params-date",
+        VM + '[[vm.device]]\nname = "d"\nmodel = "fakedev"\nparams = { when = 1979-05-27 }\n',
+        ["vm[0].device[0].params.when: a TOML date cannot be passed"],
+    ),
+    (
+        "queue-size",
+        VM + CONSOLE + "queue_size_max = 100\n",
+        ["vm[0].device[0].queue_size_max: must be a power of two 1..32768, got integer 100"],
+    ),
+    (
+        "workload-unknown",
+        VM + 'workload = { name = "nope" }\n',
+        ["vm[0].workload.name: unknown workload 'nope' (known: ", "console", "echo"],
+    ),
     ("workload-no-name", VM + "workload = { count = 1 }\n", ["vm[0].workload.name: missing"]),
     ("workload-type", VM + "workload = 3\n", ["vm[0].workload: must be a table, got integer"]),
-    ("workload-date", VM + 'workload = { name = "console", at = 12:00:00 }\n',
-     ["vm[0].workload.at: a TOML time cannot be passed"]),
-    ("port-missing-vm", TWO_PORTS + switch('["a/net0", "zz/net0"]'),
-     ["switch[0].ports[1]: no VM named 'zz' (VMs: a, b)"]),
-    ("port-missing-device", TWO_PORTS + switch('["a/net0", "b/net9"]'),
-     ["switch[0].ports[1]: VM 'b' has no device 'net9' (devices: net0)"]),
-    ("port-form", TWO_PORTS + switch('["a/net0", "b-net0"]'),
-     ["switch[0].ports[1]: 'b-net0' is not of the form \"vm/device\""]),
-    ("port-twice", TWO_PORTS + switch('["a/net0", "b/net0", "a/net0"]'),
-     ["switch[0].ports[2]: 'a/net0' is already a port of switch 'sw0'"]),
-    ("port-type", TWO_PORTS + switch('["a/net0", 7]'),
-     ["switch[0].ports[1]: must be a string, got integer 7"]),
-    ("ports-type", TWO_PORTS + switch('"a/net0"'),
-     ["switch[0].ports: must be a non-empty array"]),
-    ("ports-missing", TWO_PORTS + '[[switch]]\nname = "sw0"\nmodel = "fakesw"\n',
-     ["switch[0].ports: missing"]),
-    ("port-wrong-model", TWO_PORTS + VM.replace('"a"', '"c"') + CONSOLE
-     + switch('["a/net0", "b/net0", "c/c0"]'),
-     ["switch[0].ports[2]: 'c/c0' is a 'console' device; switch 'sw0' serves 'fakesw'"]),
-    ("port-param-by-hand", TWO_PORTS.replace('model = "fakesw"\n', 'model = "fakesw"\n'
-                                             "params = { port = 3 }\n", 1)
-     + switch('["a/net0", "b/net0"]'),
-     ["vm[0].device[0].params.port: assigned by switch 'sw0'; remove it"]),
-    ("switch-model-not-group", TWO_PORTS + '[[switch]]\nname = "sw0"\nmodel = "console"\n'
-     'ports = ["a/net0"]\n', ["switch[0].model: model 'console' cannot serve a switch"]),
-    ("switch-model-unknown", TWO_PORTS + '[[switch]]\nname = "sw0"\nmodel = "nosuch"\n'
-     'ports = ["a/net0"]\n', ["switch[0].model: unknown model 'nosuch'"]),
-    ("duplicate-switch", TWO_PORTS + switch('["a/net0"]') + switch('["b/net0"]'),
-     ["switch[1].name: duplicate switch name 'sw0' (also switch[0])"]),
-    ("unswitched-port", TWO_PORTS + switch('["a/net0"]'),
-     ["vm[1].device[0]: a 'fakesw' device must be a port of a [[switch]] "
-      "(none lists \"b/net0\")"]),
-    ("restarts-negative", VM + CONSOLE + "restarts = -1\n",
-     ["vm[0].device[0].restarts: must be"]),
-    ("cpus-unusable", VM + CONSOLE + "cpus = [100000]\n",
-     ["vm[0].device[0].cpus: CPUs [100000] are not usable here (usable: ["]),
-    ("cpus-empty", VM + "cpus = []\n" + CONSOLE,
-     ["vm[0].cpus: must be a non-empty list of CPU numbers, got array []"]),
-    ("cpus-type", VM + 'cpus = "0"\n' + CONSOLE,
-     ["vm[0].cpus: must be a non-empty list of CPU numbers, got string '0'"]),
+    (
+        "workload-date",
+        VM + 'workload = { name = "console", at = 12:00:00 }\n',
+        ["vm[0].workload.at: a TOML time cannot be passed"],
+    ),
+    (
+        "port-missing-vm",
+        TWO_PORTS + switch('["a/net0", "zz/net0"]'),
+        ["switch[0].ports[1]: no VM named 'zz' (VMs: a, b)"],
+    ),
+    (
+        "port-missing-device",
+        TWO_PORTS + switch('["a/net0", "b/net9"]'),
+        ["switch[0].ports[1]: VM 'b' has no device 'net9' (devices: net0)"],
+    ),
+    (
+        "port-form",
+        TWO_PORTS + switch('["a/net0", "b-net0"]'),
+        ["switch[0].ports[1]: 'b-net0' is not of the form \"vm/device\""],
+    ),
+    (
+        "port-twice",
+        TWO_PORTS + switch('["a/net0", "b/net0", "a/net0"]'),
+        ["switch[0].ports[2]: 'a/net0' is already a port of switch 'sw0'"],
+    ),
+    (
+        "port-type",
+        TWO_PORTS + switch('["a/net0", 7]'),
+        ["switch[0].ports[1]: must be a string, got integer 7"],
+    ),
+    ("ports-type", TWO_PORTS + switch('"a/net0"'), ["switch[0].ports: must be a non-empty array"]),
+    (
+        "ports-missing",
+        TWO_PORTS + '[[switch]]\nname = "sw0"\nmodel = "fakesw"\n',
+        ["switch[0].ports: missing"],
+    ),
+    (
+        "port-wrong-model",
+        TWO_PORTS + VM.replace('"a"', '"c"') + CONSOLE + switch('["a/net0", "b/net0", "c/c0"]'),
+        ["switch[0].ports[2]: 'c/c0' is a 'console' device; switch 'sw0' serves 'fakesw'"],
+    ),
+    (
+        "port-param-by-hand",
+        TWO_PORTS.replace('model = "fakesw"\n', 'model = "fakesw"\nparams = { port = 3 }\n', 1)
+        + switch('["a/net0", "b/net0"]'),
+        ["vm[0].device[0].params.port: assigned by switch 'sw0'; remove it"],
+    ),
+    (
+        "switch-model-not-group",
+        TWO_PORTS + '[[switch]]\nname = "sw0"\nmodel = "console"\nports = ["a/net0"]\n',
+        ["switch[0].model: model 'console' cannot serve a switch"],
+    ),
+    (
+        "switch-model-unknown",
+        TWO_PORTS + '[[switch]]\nname = "sw0"\nmodel = "nosuch"\nports = ["a/net0"]\n',
+        ["switch[0].model: unknown model 'nosuch'"],
+    ),
+    (
+        "duplicate-switch",
+        TWO_PORTS + switch('["a/net0"]') + switch('["b/net0"]'),
+        ["switch[1].name: duplicate switch name 'sw0' (also switch[0])"],
+    ),
+    (
+        "unswitched-port",
+        TWO_PORTS + switch('["a/net0"]'),
+        [
+            "vm[1].device[0]: a 'fakesw' device must be a port of a [[switch]] "
+            '(none lists "b/net0")'
+        ],
+    ),
+    ("restarts-negative", VM + CONSOLE + "restarts = -1\n", ["vm[0].device[0].restarts: must be"]),
+    (
+        "cpus-unusable",
+        VM + CONSOLE + "cpus = [100000]\n",
+        ["vm[0].device[0].cpus: CPUs [100000] are not usable here (usable: ["],
+    ),
+    (
+        "cpus-empty",
+        VM + "cpus = []\n" + CONSOLE,
+        ["vm[0].cpus: must be a non-empty list of CPU numbers, got array []"],
+    ),
+    (
+        "cpus-type",
+        VM + 'cpus = "0"\n' + CONSOLE,
+        ["vm[0].cpus: must be a non-empty list of CPU numbers, got string '0'"],
+    ),
     ("toml-syntax", VM + "memory_mib = \n", ["TOML syntax error", "line 3"]),
     ("toml-duplicate-key", VM + 'name = "b"\n', ["TOML syntax error", "line 3"]),
 ]
@@ -187,8 +297,10 @@ def test_validation_error_names_the_field(text: str, expected: list[str]) -> Non
 
 
 def test_every_problem_is_reported_at_once() -> None:
-    message = problems('polciy = "hup"\n[[vm]]\nname = "a"\nmemory_mib = 0\n'
-                       '[[vm.device]]\nname = "d"\nmodel = "foo"\n')
+    message = problems(
+        'polciy = "hup"\n[[vm]]\nname = "a"\nmemory_mib = 0\n'
+        '[[vm.device]]\nname = "d"\nmodel = "foo"\n'
+    )
     assert message.startswith("<topology>: 3 problems:"), message
     for field in ("polciy:", "vm[0].memory_mib:", "vm[0].device[0].model:"):
         assert field in message, message
@@ -212,9 +324,15 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
 def test_defaults_and_shapes() -> None:
     topo = loads(VM + 'workload = "console"\n' + CONSOLE)
     assert topo.policy is Policy.REFCOUNT and topo.switches == []
-    assert topo.vms == [VmSpec(name="a", memory=16 << 20, ngsi=32,
-                               devices=(DeviceSpec("console", "c0"),),
-                               workload=("--workload", "console", "--params", "{}"))]
+    assert topo.vms == [
+        VmSpec(
+            name="a",
+            memory=16 << 20,
+            ngsi=32,
+            devices=(DeviceSpec("console", "c0"),),
+            workload=("--workload", "console", "--params", "{}"),
+        )
+    ]
     assert topo.workloads["a"] == topology.WorkloadSpec("console", {})
 
 
@@ -242,12 +360,15 @@ def test_a_broken_module_is_a_problem_not_a_crash(monkeypatch: pytest.MonkeyPatc
         return real(name, package)
 
     monkeypatch.setattr(importlib, "import_module", import_module)
-    message = problems(VM + 'workload = "halfdone"\n'
-                       '[[vm.device]]\nname = "d"\nmodel = "halfdone"\n')
-    assert ("vm[0].workload.name: workload 'halfdone' cannot be loaded: SyntaxError"
-            in message), message
-    assert ("vm[0].device[0].model: model 'halfdone' cannot be loaded: SyntaxError"
-            in message), message
+    message = problems(
+        VM + 'workload = "halfdone"\n[[vm.device]]\nname = "d"\nmodel = "halfdone"\n'
+    )
+    assert "vm[0].workload.name: workload 'halfdone' cannot be loaded: SyntaxError" in message, (
+        message
+    )
+    assert "vm[0].device[0].model: model 'halfdone' cannot be loaded: SyntaxError" in message, (
+        message
+    )
 
 
 def test_models_added_later_are_discovered() -> None:
@@ -259,26 +380,32 @@ def test_models_added_later_are_discovered() -> None:
     assert "frames" not in topology.known_workloads()
 
 
-def test_relative_paths_resolve_against_the_file(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_paths_resolve_against_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sub = tmp_path / "conf"
     sub.mkdir()
     path = sub / "topo.toml"
-    path.write_text(VM + '[[vm.device]]\nname = "d"\nmodel = "fakedev"\n'
-                    'params = { image = "disks/a.img", log_path = "../a.log", '
-                    'disk = "d.img", other = "x.img", path = "/abs/b.img" }\n')
+    path.write_text(
+        VM + '[[vm.device]]\nname = "d"\nmodel = "fakedev"\n'
+        'params = { image = "disks/a.img", log_path = "../a.log", '
+        'disk = "d.img", other = "x.img", path = "/abs/b.img" }\n'
+    )
     monkeypatch.chdir(tmp_path.parent)  # the working directory must not matter
     params = load(path).vms[0].devices[0].params
-    assert params == {"image": str(sub / "disks" / "a.img"),
-                      "log_path": str(tmp_path / "a.log"),
-                      "disk": str(sub / "d.img"),  # the model's own PATH_PARAMS
-                      "other": "x.img",  # not a path option: untouched
-                      "path": "/abs/b.img"}
+    assert params == {
+        "image": str(sub / "disks" / "a.img"),
+        "log_path": str(tmp_path / "a.log"),
+        "disk": str(sub / "d.img"),  # the model's own PATH_PARAMS
+        "other": "x.img",  # not a path option: untouched
+        "path": "/abs/b.img",
+    }
 
 
 def test_empty_path_is_rejected() -> None:
-    message = problems(VM + '[[vm.device]]\nname = "d"\nmodel = "fakedev"\n'
-                       'params = { image = "" }\n')
+    message = problems(
+        VM + '[[vm.device]]\nname = "d"\nmodel = "fakedev"\nparams = { image = "" }\n'
+    )
     assert "vm[0].device[0].params.image: an empty path" in message
 
 
@@ -314,7 +441,10 @@ def test_examples_say_what_they_promise() -> None:
     assert [vm.name for vm in two.vms] == ["a", "b"]
     for vm in two.vms:
         assert {d.name: d.model for d in vm.devices} == {
-            "net0": "venet", "disk0": "blk", "console0": "console"}
+            "net0": "venet",
+            "disk0": "blk",
+            "console0": "console",
+        }
         disk = next(d for d in vm.devices if d.name == "disk0")
         assert Path(disk.params["image"]).parent == EXAMPLES  # resolved against the file
     assert two.switches == [SwitchSpec(name="sw0", ports=("a/net0", "b/net0"), model="venet")]

@@ -418,8 +418,9 @@ class TestRejections:
                     pytest.fail(f"unknown type {t} accepted")
 
     def test_unknown_type_closes_fds(self) -> None:
-        unused = [t for t in (0, 22, 50, 63, 72, 90, 127, 134, 200, 0xFFFF)
-                  if t not in MESSAGE_TYPES]
+        unused = [
+            t for t in (0, 22, 50, 63, 72, 90, 127, 134, 200, 0xFFFF) if t not in MESSAGE_TYPES
+        ]
         assert len(unused) >= 5
         for t in unused:
             for nfds in (1, 2):
