@@ -19,7 +19,7 @@ Both devices and both guests may be restarted any number of times (``restarts``,
 * churn the control plane on a separate connection: irqfd and ioeventfd assign/deassign
   on a VM of its own (every answer must be ok), and a ping whose latency is recorded.
 
-At the end every guest drains and reports; the runner then checks the oracles of issue 5:
+At the end every guest drains and reports; the runner then checks the fault suite's oracles:
 nothing lost (every echo frame of a guest that finished came back; every blk sector holds
 an intact generation at least the last acknowledged one); nothing leaked (the broker's
 table is empty and its open-fd count back to the baseline before the VMs existed;

@@ -31,7 +31,7 @@ Regions:
   if a caller still holds a view (CPython refuses with ``BufferError``), the mapping is
   left for the garbage collector to unmap when the last view dies. The fd is closed
   either way: a mapping does not need its fd.
-* Truncation (issue 5, scenario 18): whoever else holds the object could shrink it
+* Truncation: whoever else holds the object could shrink it
   (``ftruncate``) after we checked its size; touching pages past the new end then raises
   SIGBUS in *every* process that maps it, and a Python process cannot survive a SIGBUS
   on a numpy access. The defense is a seal: ``create(size, sealed=True)`` makes a memfd

@@ -52,7 +52,7 @@ BAR0 register file (4 KiB; 32-bit registers)
     0x200..0x2FF  device-specific configuration bytes (ro for the guest, filled by the VMM)
 
 The VMM binds one ioeventfd per queue at ``BAR0 + notify_offset(q)`` with length 4 and
-``datamatch = q`` (DESIGN §2), so a well-formed notify never exits to the VMM.
+``datamatch = q``, so a well-formed notify never exits to the VMM.
 
 Invariants
 ----------

@@ -1,6 +1,6 @@
 """vbus shm-signal: interrupt/kick suppression through three flag bytes in shared memory.
 
-The shared structure (vbus ``include/linux/shm_signal.h``; DESIGN §3)::
+The shared structure (vbus ``include/linux/shm_signal.h``)::
 
     struct shm_signal_desc {            offset
         u32 magic;      0x58fa39df        0

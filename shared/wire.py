@@ -229,7 +229,7 @@ class Scope(enum.IntEnum):
 
 
 class Policy(enum.IntEnum):
-    """Release policy (DESIGN §1)."""
+    """Release policy."""
 
     HUP = 0  # Linux as merged: last handle closed -> HUP to irqfd/shm-signal bindings
     REFCOUNT = 1  # the 2009 proposal: bindings keep the eventfd alive until DEASSIGN

@@ -1,4 +1,4 @@
-"""The code base stays ruff- and mypy-clean (DESIGN §6: strict linters)."""
+"""The code base stays ruff- and mypy-clean (strict linters)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ``cycle`` workload: a routing cycle at full rate (issue 5, scenario 5).
+"""The ``cycle`` workload: a routing cycle at full rate.
 
 Brings up the ``cycle`` device (:mod:`hostemu.devices.cycle`: each doorbell on its queue is
 answered with one interrupt) and installs an interrupt handler on the queue's gsi that

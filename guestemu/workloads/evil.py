@@ -1,4 +1,4 @@
-"""The ``evil`` workload: a hostile driver for the echo device (DESIGN §4).
+"""The ``evil`` workload: a hostile driver for the echo device.
 
 The guest owns its rings, so it can write anything into them. This workload brings the echo
 device up like :class:`~guestemu.workloads.echo.EchoSession` does, proves the path with a few

@@ -1,4 +1,4 @@
-"""The ``storm`` workload: a doorbell storm (issue 5, scenario 14; CVE-2019-3900's shape).
+"""The ``storm`` workload: a doorbell storm (CVE-2019-3900's shape).
 
 Brings an echo device up, then rings queue 0's doorbell as fast as the vCPU can for
 ``seconds`` -- each ring an MMIO write the ioeventfd turns into an eventfd signal, no exit

@@ -1,4 +1,4 @@
-"""The ``truncate`` workload: a hostile guest tries to shrink its own RAM (scenario 18).
+"""The ``truncate`` workload: a hostile guest tries to shrink its own RAM.
 
 Every process of a VM maps the same memory object. If one could ``ftruncate`` it, every
 other process touching a page past the new end would die of SIGBUS -- a guest killing its

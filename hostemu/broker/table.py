@@ -10,7 +10,7 @@ perform: :class:`Send` a message (with fds the action owns) to a connection,
 :class:`Disconnect` one, or :class:`OpenChannel` (create a scoped socketpair).
 Nothing here touches a socket, so every rule is unit-testable without processes.
 
-Ownership and the two reference layers (DESIGN §1)
+Ownership and the two reference layers
 --------------------------------------------------
 * Every kernel object (eventfd, shared memory) is held by the broker as one
   :class:`~shared.fds.OwnedFd` -- its own dup of the real fd.

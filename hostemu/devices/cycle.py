@@ -4,7 +4,7 @@ One queue, one vector, no ring work: each pass of the queue handler -- a kick dr
 the queue's kickfd -- signals the queue's vector once. With a guest whose interrupt
 handler rings the same doorbell (:mod:`guestemu.workloads.cycle`) this closes a loop that
 runs at full rate: doorbell -> ioeventfd -> kickfd -> this handler -> shm-signal eventfd
-= irqfd -> the guest's handler -> doorbell. Issue 5, scenario 5 checks that it stays
+= irqfd -> the guest's handler -> doorbell. A fault test checks that it stays
 bounded: both hops are eventfd counters, so signals coalesce (the queue between two
 handlers is one counter, never a list); each side runs its handler from its own event
 loop, so the cycle never recurses; and neither side waits for the other.

@@ -1,4 +1,4 @@
-"""A VMM that assigns and deassigns irqfds until it is killed (scenario 2 of the race tests).
+"""A VMM that assigns and deassigns irqfds until it is killed (a race test).
 
 ``python -m tests.fault.assign_child SOCKET FD WINDOW_US``: connects to the broker at
 ``SOCKET``, creates a VM and one eventfd, hands the test a guest channel for the VM (over

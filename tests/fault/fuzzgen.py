@@ -1,4 +1,4 @@
-"""The pure half of the control-protocol fuzzer (issue 5, scenario 15): cases and a model.
+"""The pure half of the control-protocol fuzzer: cases and a model.
 
 Nothing here opens a socket or an fd. :func:`generate` turns ``(seed, index)`` into a
 :class:`Case` -- a short list of frames, each aimed at one endpoint -- and :func:`verdict`

@@ -10,7 +10,7 @@
 * :class:`GuestSide` -- the test playing a VM's guest process on a scoped channel: it
   records attaches, detaches (with their reasons) and peer-gone notices, closes every fd
   it is handed, and acknowledges detaches (or leaves that to the test).
-* The oracles every scenario ends with (issue 5): the broker's open-fd count is back to
+* The oracles every scenario ends with: the broker's open-fd count is back to
   its baseline, /dev/shm gained nothing, the broker has no child process, its table is
   empty (or holds exactly what the survivors own), no reference count is negative, it
   answers a ping within :data:`PING_BOUND` seconds (scaled, like every bound here, by
@@ -356,7 +356,7 @@ def settle(ctl: Channel, connections: int = 1, timeout: float = WAIT) -> dict[st
 def assert_clean(
     broker: BrokerHandle, ctl: Channel, base: Baseline, *, connections: int = 1
 ) -> dict[str, Any]:
-    """Every oracle of issue 5 after a scenario whose survivors own nothing."""
+    """Every fault-suite oracle after a scenario whose survivors own nothing."""
     state = settle(ctl, connections)
     assert len(state["connections"]) == connections, state["connections"]
     assert_counts_sane(state)

@@ -1,4 +1,4 @@
-"""Scenario 15 of issue 5: a structure-aware fuzzer of the control protocol, against a real
+"""A structure-aware fuzzer of the control protocol, against a real
 broker process over real sockets with real fds.
 
 What is generated
@@ -1044,7 +1044,7 @@ def fuzzer(
     "fuzzer", [wire.Policy.HUP, wire.Policy.REFCOUNT], indirect=True, ids=["hup", "refcount"]
 )
 def test_control_protocol_fuzz(fuzzer: Fuzzer) -> None:
-    """Scenario 15: CASES structure-aware cases under the hup policy, and the first half of
+    """CASES structure-aware cases under the hup policy, and the first half of
     them again under refcount (the policies differ in what closing a handle does); every
     oracle after every case."""
     t0 = time.monotonic()

@@ -1,4 +1,4 @@
-"""Scenario 8: a device process killed with requests outstanding.
+"""A device process killed with requests outstanding.
 
 Without restarts the guest fails fast (tests/integration/test_device_death.py). With
 ``restarts`` the VMM starts a new device process once the old one is gone; it attaches on

@@ -1,4 +1,4 @@
-"""Scenario 14: a doorbell storm from one guest.
+"""A doorbell storm from one guest.
 
 VM ``storm`` rings its echo device's TX doorbell as fast as it can (each ring an eventfd
 signal through the ioeventfd fast path), with real frames in between. VM ``quiet`` runs

@@ -1,4 +1,4 @@
-"""Scenario 18: a peer truncating a shared region must not kill the others with SIGBUS.
+"""A peer truncating a shared region must not kill the others with SIGBUS.
 
 Defense: guest RAM is a memfd sealed with ``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``
 before its fd leaves the VMM (``shared/memory.py`` says why POSIX shm cannot be). The

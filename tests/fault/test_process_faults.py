@@ -1,4 +1,4 @@
-"""Fault scenarios of issue 5 that the foundation already survives (a first slice).
+"""Fault cases that the foundation already survives (a first slice).
 
 Each test uses real processes and the shared leak guard (fds, /dev/shm, children).
 """
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_broker_killed_every_client_notices_promptly(vmm: Vmm) -> None:
-    """Scenario 9: SIGKILL the broker; guest and device see EOF and exit cleanly (each
+    """SIGKILL the broker; guest and device see EOF and exit cleanly (each
     reports it before a deadline of a second, scaled)."""
     vm = vmm.channel.vm_create(ngsi=8)
     dev = vmm.channel.device_create(vm, nsignals=1)
@@ -44,7 +44,7 @@ def test_broker_killed_every_client_notices_promptly(vmm: Vmm) -> None:
 
 
 def test_exec_helper_inherits_no_eventfd_or_memory(vmm: Vmm) -> None:
-    """Scenario 11: every fd we received is close-on-exec (MSG_CMSG_CLOEXEC)."""
+    """Every fd we received is close-on-exec (MSG_CMSG_CLOEXEC)."""
     vm = vmm.channel.vm_create(ngsi=8)
     guest = vmm.guest(vm)
     for gsi in (1, 2):
@@ -57,7 +57,7 @@ def test_exec_helper_inherits_no_eventfd_or_memory(vmm: Vmm) -> None:
 
 
 def test_stopped_guest_keeps_bindings_and_signals_coalesce(vmm: Vmm) -> None:
-    """Scenario 12: SIGSTOP the guest while its irqfd is signaled, then SIGCONT."""
+    """SIGSTOP the guest while its irqfd is signaled, then SIGCONT."""
     vm = vmm.channel.vm_create(ngsi=8)
     guest = vmm.guest(vm)
     handle = vmm.channel.eventfd_create()
@@ -78,7 +78,7 @@ def test_stopped_guest_keeps_bindings_and_signals_coalesce(vmm: Vmm) -> None:
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to drop privileges in a child")
 def test_peer_of_another_uid_is_refused_before_any_fd(broker: BrokerHandle) -> None:
-    """Scenario 16: the 0700 directory stops other users; and even past it, SO_PEERCRED
+    """The 0700 directory stops other users; and even past it, SO_PEERCRED
     refuses a foreign uid before a single byte or fd is exchanged."""
 
     def try_as_nobody(path: str) -> str:
@@ -128,7 +128,7 @@ def test_peer_of_another_uid_is_refused_before_any_fd(broker: BrokerHandle) -> N
 
 
 def test_fds_of_wrong_type_and_count_leave_broker_fd_count_unchanged(broker: BrokerHandle) -> None:
-    """Scenario 15 (a seed of the fuzzer): wrong fd types and counts never leak an fd."""
+    """A seed of the fuzzer: wrong fd types and counts never leak an fd."""
     from shared.fds import send_with_fds
 
     ok = broker.connect()
@@ -168,7 +168,7 @@ def test_fds_of_wrong_type_and_count_leave_broker_fd_count_unchanged(broker: Bro
 
 
 def test_client_that_stops_reading_is_dropped_and_others_see_no_delay(broker: BrokerHandle) -> None:
-    """Scenario 10: a client floods requests and never reads a reply: the broker never
+    """A client floods requests and never reads a reply: the broker never
     blocks on it, drops it once its queue overflows, and others are served meanwhile."""
     other = broker.connect()
     flood = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -207,7 +207,7 @@ def test_client_that_stops_reading_is_dropped_and_others_see_no_delay(broker: Br
 
 
 def test_connect_close_and_assign_deassign_cycles_leave_nothing(broker: BrokerHandle) -> None:
-    """Scenario 20, CI-sized (VBUSEMU_CYCLES raises it, e.g. to 100000): repeated
+    """CI-sized (VBUSEMU_CYCLES raises it, e.g. to 100000): repeated
     connect/close and assign/deassign keep the broker's fd count flat and its table empty."""
     from shared.channel import Channel
 

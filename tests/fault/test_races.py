@@ -1,4 +1,4 @@
-"""Races between the control plane's teardown paths (issue 5, scenarios 1-6).
+"""Races between the control plane's teardown paths.
 
 The broker is one thread, so a "race" between two clients is the order in which their
 frames reach it: every test below makes both sides happen at once -- a request posted
@@ -141,12 +141,12 @@ def answer(ch: Channel, vm: int, handle: int, gsi: int, flags: int = 0) -> str:
     return "ok"
 
 
-# ------------------------------------------------------------------------------ scenario 1
+# ---------------------------------------------------------------------- teardown against deassign
 
 
 @pytest.mark.timeout(120)
 def test_deassign_racing_consumer_exit_tears_down_once(broker: BrokerHandle) -> None:
-    """Scenario 1a: the guest exits while the VMM's deassign of its irqfd is in flight."""
+    """The guest exits while the VMM's deassign of its irqfd is in flight."""
     race = Straddle(rng_for("consumer-exit"))
     rounds = scaled(2000)
     ctl = Peer.connect(broker.path)
@@ -203,7 +203,7 @@ def test_deassign_racing_consumer_exit_tears_down_once(broker: BrokerHandle) -> 
 
 @pytest.mark.timeout(120)
 def test_deassign_racing_hup_detaches_once(broker: BrokerHandle) -> None:
-    """Scenario 1b (policy ``hup``): the client holding the last handle exits while the
+    """Policy ``hup``: the client holding the last handle exits while the
     VMM deassigns the irqfd by gsi; the guest is told exactly once, whoever wins."""
     race = Straddle(rng_for("hup"))
     rounds = scaled(1500)
@@ -273,7 +273,7 @@ def test_deassign_racing_hup_detaches_once(broker: BrokerHandle) -> None:
 
 
 def test_deassign_waits_for_a_hup_detach_of_its_gsi_to_be_acked() -> None:
-    """What scenario 1b finds, in the pure table: the VMM closed its handle, the client
+    """What the last-handle race finds, in the pure table: the VMM closed its handle, the client
     holding the last one exits (HUP: the guest must detach), and the VMM deassigns the
     gsi before the guest acknowledged. KVM's deassign would wait for that shutdown."""
     h = Harness(Policy.HUP)
@@ -295,7 +295,7 @@ def test_deassign_waits_for_a_hup_detach_of_its_gsi_to_be_acked() -> None:
         h.close()
 
 
-# ------------------------------------------------------------------------------ scenario 2
+# ------------------------------------------------------------------------ a VMM killed mid-assign
 
 PRESEND_WINDOW_US = 300
 """How long the child dwells between beginning an assign and sending it (see
@@ -388,7 +388,7 @@ def kill_mid_assign(broker: BrokerHandle, target: int, delay: float, log: Path) 
 def test_client_killed_with_assign_in_flight_never_leaves_half_a_binding(
     broker_factory: Callable[..., BrokerHandle], sockdir: Path, policy: Policy
 ) -> None:
-    """Scenario 2: SIGKILL a VMM process at randomized points of an irqfd assign. Its
+    """SIGKILL a VMM process at randomized points of an irqfd assign. Its
     binding goes by HUP (its handle was the last) or with its VM (``refcount``)."""
     broker = broker_factory(policy)
     rng = rng_for(f"kill-{policy.name}")
@@ -418,7 +418,7 @@ def test_client_killed_with_assign_in_flight_never_leaves_half_a_binding(
     assert outcomes["never installed"] and outcomes["installed, reply lost"], outcomes
 
 
-# ------------------------------------------------------------------------------ scenario 3
+# ------------------------------------------------------------------ concurrent control operations
 
 GSI_PRIMARY, GSI_SECONDARY = 0x20, 0x30  # per-client bases, as in KVM's test
 
@@ -459,7 +459,7 @@ class GuestServer:
 def test_irqfd_juggling_port_of_kvm_irqfd_test(
     broker_factory: Callable[..., BrokerHandle], policy: Policy
 ) -> None:
-    """Scenario 3: create / assign / duplicate assign / deassign / close, while a second
+    """Create / assign / duplicate assign / deassign / close, while a second
     client juggles the same handle numbers on two VMs of its own."""
     broker = broker_factory(policy)
     rounds = scaled(1000)
@@ -599,7 +599,7 @@ def test_irqfd_juggling_port_of_kvm_irqfd_test(
     assert_clean(broker, ctl, base)
 
 
-# ------------------------------------------------------------------------------ scenario 4
+# ------------------------------------------------------------- signals around assign and deassign
 
 
 def consumed(stats: dict[str, Any], gsi: int) -> int:
@@ -618,7 +618,7 @@ def pending_count(fd: OwnedFd) -> int:
 
 @pytest.mark.timeout(120)
 def test_signal_before_assign_is_one_interrupt(vmm: Vmm) -> None:
-    """Scenario 4a: n signals pending at assign time -> one interrupt carrying n."""
+    """N signals pending at assign time -> one interrupt carrying n."""
     rng = rng_for("before-assign")
     ch = vmm.channel
     base = baseline(ch)
@@ -665,7 +665,7 @@ def start_guest(vmm: Vmm, owner: Channel, vm: int, name: str) -> ManagedProcess:
 
 @pytest.mark.timeout(120)
 def test_signals_during_deassign_none_after_it_returns(vmm: Vmm) -> None:
-    """Scenario 4b: a thread signals while the VMM deassigns; the guest has detached when
+    """A thread signals while the VMM deassigns; the guest has detached when
     the deassign returns, takes nothing after, and no signal is lost or counted twice.
     Every other round the guest is stopped (SIGSTOP) across the deassign: the broker must
     hold the answer until the guest, continued, has acknowledged."""
@@ -750,14 +750,14 @@ def test_signals_during_deassign_none_after_it_returns(vmm: Vmm) -> None:
     assert_clean(vmm.broker, ch, base)
 
 
-# ------------------------------------------------------------------------------ scenario 5
+# -------------------------------------------------------------------------------- a routing cycle
 
 CYCLE_FANOUT = 2
 
 
 @pytest.mark.timeout(180)
 def test_routing_cycle_at_full_rate_stays_bounded(broker: BrokerHandle) -> None:
-    """Scenario 5: doorbell -> device -> interrupt -> handler -> the same doorbell (twice)."""
+    """Doorbell -> device -> interrupt -> handler -> the same doorbell (twice)."""
     ctl = broker.connect()
     base = baseline(ctl)
     seconds = 2.0 * scale()
@@ -831,7 +831,7 @@ def test_routing_cycle_at_full_rate_stays_bounded(broker: BrokerHandle) -> None:
     assert_clean(broker, ctl, base)
 
 
-# ------------------------------------------------------------------------------ scenario 6
+# ------------------------------------------------------------------ semaphore and counting irqfds
 
 
 def detached_event(guest: ManagedProcess, binding: int) -> dict[str, Any]:
@@ -841,7 +841,7 @@ def detached_event(guest: ManagedProcess, binding: int) -> dict[str, Any]:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("teardown", ["deassign", "vm_destroy"])
 def test_counters_at_teardown_semaphore_zero_and_coalesced_100000(vmm: Vmm, teardown: str) -> None:
-    """Scenario 6: a semaphore-mode irqfd at count 0 and a normal one signaled 100,000
+    """A semaphore-mode irqfd at count 0 and a normal one signaled 100,000
     times (gsi masked) are drained at teardown: 0 without underflow, 100000 as one value."""
     ch = vmm.channel
     base = baseline(ch)

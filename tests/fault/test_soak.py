@@ -1,4 +1,4 @@
-"""Scenario 19: a 20-second soak -- random SIGKILL and restart of guests and devices, churn
+"""A 20-second soak -- random SIGKILL and restart of guests and devices, churn
 of assign/deassign, continuous echo and blk traffic -- loses nothing and leaks nothing.
 
 The soak runner (``hostemu/soak.py``) checks its own oracles and exits non-zero on any loss,

@@ -1,4 +1,4 @@
-"""A malicious guest against real processes (DESIGN §4): it corrupts its own echo device's
+"""A malicious guest against real processes: it corrupts its own echo device's
 TX ring in guest memory; the device marks only that queue broken, reports it (DeviceReport
 -> VMM -> QUEUE_BROKEN register), keeps its other queue and its process, and another VM on
 the same broker, VMM and host keeps echoing.

@@ -1,8 +1,8 @@
 """Unit tests for hostemu.broker.table: the broker's pure object table.
 
-The table never touches a socket, so every rule of DESIGN §1 (the two reference
-layers, the ``hup`` and ``refcount`` release policies, synchronous detach) and §2
-(KVM's argument checks and errno codes) is exercised here in-process, with real
+The table never touches a socket, so every rule of the reference-counting model (the two
+reference layers, the ``hup`` and ``refcount`` release policies, synchronous detach) and
+KVM's argument checks and errno codes are exercised here in-process, with real
 eventfds and memfds. :class:`Harness` plays the server loop: it feeds requests,
 takes ownership of every fd the table hands out (closing them at the end), keeps
 each connection's inbox, and checks after every test that once all connections
