@@ -157,6 +157,25 @@ class DeviceKernels:
             return None
         return self.copied[:n].astype(np.uint32)
 
+    def read(
+        self, ring: DeviceRing, batch: Batch, width: int, out: U8Array | None
+    ) -> tuple[U8Array, I64Array] | None:
+        """:meth:`~shared.virtio.DeviceRing.read_payloads` for a single-descriptor batch
+        whose buffers lie in the slot of its first one; ``None``: declined."""
+        n = len(batch)
+        addrs = batch.addrs
+        slot = _slot_of(ring._mem, ring._slots.table(), int(addrs[0]))
+        if slot is None:
+            return None
+        data = np.empty((n, width), dtype=np.uint8) if out is None else out[:n, :width]
+        copied = np.empty(n, dtype=np.int64)
+        got = k.read_simple(
+            slot[0], np.uint64(slot[1]), addrs, batch.lens, batch.flags, n, width, data, copied
+        )
+        if got < 0:
+            return None
+        return data, copied
+
 
 def _slot_of(mem: GuestMemoryMap, table: SlotTable, addr: int) -> tuple[U8Array, int] | None:
     """The whole memory slot holding ``addr`` (a view) and its gpa, or None."""

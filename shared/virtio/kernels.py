@@ -334,16 +334,48 @@ def copy_simple(
         take = min(int(s_lens[i]), int(d_lens[i]), width)
         if s_addrs[i] < src_gpa or d_addrs[i] < dst_gpa:
             return DECLINE
-        so = int(s_addrs[i] - src_gpa)
-        do = int(d_addrs[i] - dst_gpa)
+        so = np.int64(s_addrs[i] - src_gpa)
+        do = np.int64(d_addrs[i] - dst_gpa)
         if so + take > src.shape[0] or do + take > dst.shape[0]:
             return DECLINE
         if same_memory and so < do + take and do < so + take:
             return DECLINE
     for i in range(n):
         take = min(int(s_lens[i]), int(d_lens[i]), width)
-        so = int(s_addrs[i] - src_gpa)
-        do = int(d_addrs[i] - dst_gpa)
+        so = np.int64(s_addrs[i] - src_gpa)
+        do = np.int64(d_addrs[i] - dst_gpa)
         dst[do : do + take] = src[so : so + take]
         out[i] = take
+    return n
+
+
+@njit(cache=True, nogil=True)
+def read_simple(
+    slot: np.ndarray,
+    slot_gpa: np.uint64,
+    addrs: np.ndarray,
+    lens: np.ndarray,
+    flags: np.ndarray,
+    n: int,
+    width: int,
+    out: np.ndarray,
+    copied: np.ndarray,
+) -> int:
+    """Row ``i`` of ``out`` gets the first ``min(len, width)`` bytes of single-descriptor
+    chain ``i``'s readable buffer (a writable one reads 0 bytes), zeros after; ``n``, or
+    DECLINE (a buffer outside ``slot``, which starts at ``slot_gpa``: nothing written)."""
+    for i in range(n):
+        if flags[i] & _WRITE:
+            continue
+        take = min(int(lens[i]), width)
+        if addrs[i] < slot_gpa or np.int64(addrs[i] - slot_gpa) + take > slot.shape[0]:
+            return DECLINE
+    for i in range(n):
+        take = 0 if flags[i] & _WRITE else min(int(lens[i]), width)
+        off = np.int64(addrs[i] - slot_gpa) if take else 0
+        for b in range(take):
+            out[i, b] = slot[off + b]
+        for b in range(take, width):
+            out[i, b] = 0
+        copied[i] = take
     return n

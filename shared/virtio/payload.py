@@ -113,6 +113,20 @@ def groups(
 # ---------------------------------------------------------------------------- reading
 
 
+def valid_out(out: object, nrows: int, width: int) -> bool:
+    """Whether ``out`` is None or a buffer :func:`read_payloads` may copy ``nrows`` rows of
+    ``width`` bytes into (writable, C-contiguous, 2-D uint8, big enough)."""
+    return out is None or (
+        isinstance(out, np.ndarray)
+        and out.dtype == np.uint8
+        and out.ndim == 2
+        and out.shape[0] >= nrows
+        and out.shape[1] >= width
+        and out.flags.c_contiguous
+        and out.flags.writeable
+    )
+
+
 def read_payloads(
     mem: GuestMemoryMap,
     slots: SlotCache,
@@ -127,15 +141,7 @@ def read_payloads(
     flight (``width`` already checked); two empty arrays when not ``usable``."""
     w = width
     nrows = len(batch)
-    if out is not None and (
-        not isinstance(out, np.ndarray)
-        or out.dtype != np.uint8
-        or out.ndim != 2
-        or out.shape[0] < nrows
-        or out.shape[1] < w
-        or not out.flags.c_contiguous
-        or not out.flags.writeable
-    ):
+    if not valid_out(out, nrows, w):
         raise UsageError(
             f"out must be a writable C-contiguous uint8 array of at least ({nrows}, {w})"
         )

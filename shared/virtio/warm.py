@@ -49,6 +49,9 @@ def exercise() -> None:
     tx_driver.add_batch(addrs, lens, False)
     rx_driver.add_batch(addrs + np.uint64(0x1000), lens, True)
     sent, room = tx.pop_batch(), rx.pop_batch()
+    tx.read_payloads(sent, 64)
+    tx.read_payloads(sent, 64, out=np.empty((8, 64), dtype=np.uint8))
+    tx.read_payloads(sent, 32, out=np.empty((8, 64), dtype=np.uint8))
     rx.push_used(room.heads, tx.copy_payloads(sent, rx, room, 64))
     tx.push_used(sent.heads, np.zeros(len(sent), dtype=np.int64))
 

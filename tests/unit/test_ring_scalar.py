@@ -279,7 +279,16 @@ class Twin:
             return
         i = self.rng.randrange(len(self.fast.batches))
         width = self.rng.choice([0, 1, 16, 64, 300])
-        self.both(lambda side: outcome(side.device.read_payloads, side.batches[i], width))
+        if self.rng.random() < 0.5:
+            self.both(lambda side: outcome(side.device.read_payloads, side.batches[i], width))
+        else:  # into the device's own buffer, wider than asked
+            rows = len(self.fast.batches[i])
+
+            def read_into(side: Side) -> Any:
+                out = np.full((rows + 1, width + 3), 0xEE, dtype=np.uint8)
+                return outcome(side.device.read_payloads, side.batches[i], width, out), out
+
+            self.both(read_into)
         fb = self.fast.batches[i]
         caps = fb.writable_lens.tolist()
         lens = [self.rng.randint(0, c) if c else 0 for c in caps]
