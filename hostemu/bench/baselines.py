@@ -140,8 +140,7 @@ def _check_seconds(seconds: float) -> None:
 # ---------------------------------------------------------------- process plumbing
 
 
-def _child_main(work: Callable[[], object], result: Connection,
-                drop: Sequence[_Closable]) -> None:
+def _child_main(work: Callable[[], object], result: Connection, drop: Sequence[_Closable]) -> None:
     """Body of each child: close what it must not hold, run ``work``, report."""
     for obj in drop:
         obj.close()
@@ -155,8 +154,9 @@ def _child_main(work: Callable[[], object], result: Connection,
         result.close()
 
 
-def _run(workers: Sequence[tuple[Callable[[], object], Sequence[_Closable]]],
-         timeout: float) -> list[object]:
+def _run(
+    workers: Sequence[tuple[Callable[[], object], Sequence[_Closable]]], timeout: float
+) -> list[object]:
     """Run each ``(work, drop)`` in its own forked child; return their results in order.
 
     ``drop`` lists the objects (channel ends) that child closes before working. Raises
@@ -172,8 +172,12 @@ def _run(workers: Sequence[tuple[Callable[[], object], Sequence[_Closable]]],
             # the child keeps only its own result writer
             others: list[_Closable] = [r for r, _ in pipes]
             others += [w for j, (_, w) in enumerate(pipes) if j != i]
-            proc = _ctx.Process(target=_child_main, args=(work, pipes[i][1], [*drop, *others]),
-                                name=f"baseline-{i}", daemon=True)
+            proc = _ctx.Process(
+                target=_child_main,
+                args=(work, pipes[i][1], [*drop, *others]),
+                name=f"baseline-{i}",
+                daemon=True,
+            )
             proc.start()
             procs.append(proc)
         for _, w in pipes:
@@ -199,8 +203,9 @@ def _run(workers: Sequence[tuple[Callable[[], object], Sequence[_Closable]]],
                     results[i] = value
                     pending.discard(i)
                 elif not alive:
-                    raise RuntimeError(f"baseline child {i} exited with code "
-                                       f"{procs[i].exitcode} without a result")
+                    raise RuntimeError(
+                        f"baseline child {i} exited with code {procs[i].exitcode} without a result"
+                    )
         ok = True
     finally:
         for child in procs:
@@ -223,8 +228,12 @@ def _as_int(value: object) -> int:
 
 
 def _as_count_and_time(value: object) -> tuple[int, float]:
-    if (not isinstance(value, tuple) or len(value) != 2 or not isinstance(value[0], int)
-            or not isinstance(value[1], float)):
+    if (
+        not isinstance(value, tuple)
+        or len(value) != 2
+        or not isinstance(value[0], int)
+        or not isinstance(value[1], float)
+    ):
         raise RuntimeError(f"baseline child returned {value!r}, expected (count, seconds)")
     return value[0], value[1]
 
@@ -240,8 +249,9 @@ def _rate(count: int, elapsed: float, sent: int, what: str) -> float:
 # ---------------------------------------------------------------- small messages
 
 
-def small_messages(kind: str, payload: int, batch: int, seconds: float,
-                   window: int | None = None) -> float:
+def small_messages(
+    kind: str, payload: int, batch: int, seconds: float, window: int | None = None
+) -> float:
     """Messages per second, sender process -> receiver process, one ack per ``batch``,
     at most ``window`` messages (default: ``batch``) sent and not yet acknowledged.
 
@@ -276,8 +286,9 @@ def small_messages(kind: str, payload: int, batch: int, seconds: float,
         send(_END)
         return sent
 
-    def receiver_loop(recv: Callable[[], bytes],
-                      ack: Callable[[bytes], object]) -> tuple[int, float]:
+    def receiver_loop(
+        recv: Callable[[], bytes], ack: Callable[[bytes], object]
+    ) -> tuple[int, float]:
         t0 = time.perf_counter()
         ack(_GO)
         count = 0
@@ -291,9 +302,13 @@ def small_messages(kind: str, payload: int, batch: int, seconds: float,
     if kind == "pipe":
         a, b = _ctx.Pipe()
         try:
-            sent, got = _run([(lambda: sender_loop(a.send_bytes, a.recv_bytes), [b]),
-                              (lambda: receiver_loop(b.recv_bytes, b.send_bytes), [a])],
-                             timeout)
+            sent, got = _run(
+                [
+                    (lambda: sender_loop(a.send_bytes, a.recv_bytes), [b]),
+                    (lambda: receiver_loop(b.recv_bytes, b.send_bytes), [a]),
+                ],
+                timeout,
+            )
         finally:
             a.close()
             b.close()
@@ -301,8 +316,13 @@ def small_messages(kind: str, payload: int, batch: int, seconds: float,
         data = _ctx.Queue()
         acks = _ctx.Queue()
         try:
-            sent, got = _run([(lambda: sender_loop(data.put, acks.get), []),
-                              (lambda: receiver_loop(data.get, acks.put), [])], timeout)
+            sent, got = _run(
+                [
+                    (lambda: sender_loop(data.put, acks.get), []),
+                    (lambda: receiver_loop(data.get, acks.put), []),
+                ],
+                timeout,
+            )
         finally:
             for q in (data, acks):
                 q.close()
@@ -310,9 +330,13 @@ def small_messages(kind: str, payload: int, batch: int, seconds: float,
     else:
         s, r = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            sent, got = _run([(lambda: sender_loop(s.send, lambda: s.recv(16)), [r]),
-                              (lambda: receiver_loop(lambda: r.recv(payload), r.send), [s])],
-                             timeout)
+            sent, got = _run(
+                [
+                    (lambda: sender_loop(s.send, lambda: s.recv(16)), [r]),
+                    (lambda: receiver_loop(lambda: r.recv(payload), r.send), [s]),
+                ],
+                timeout,
+            )
         finally:
             s.close()
             r.close()
@@ -328,8 +352,9 @@ def _pin(cpu: int | None) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
-def round_trip(kind: str, payload: int, samples: int,
-               cpus: tuple[int, int] | None = None) -> list[float]:
+def round_trip(
+    kind: str, payload: int, samples: int, cpus: tuple[int, int] | None = None
+) -> list[float]:
     """``samples`` round-trip times in seconds between two processes.
 
     ``kind`` is ``"pipe"``, ``"eventfd"`` or ``"eventfd-poll"`` (the last is extra

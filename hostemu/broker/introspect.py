@@ -119,7 +119,7 @@ def binding_item(b: Binding) -> dict[str, Any]:
     elif isinstance(b, IoeventfdBinding):
         d.update(
             vm=b.vm.id,
-            bus="pio" if b.pio else "mmio",
+            bus=b.bus,
             addr=b.addr,
             len=b.length,
             datamatch=b.datamatch,

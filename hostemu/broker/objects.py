@@ -83,11 +83,15 @@ class IrqfdBinding(Binding):
 @dataclass(eq=False, kw_only=True)
 class IoeventfdBinding(Binding):
     vm: Vm
-    pio: bool
+    bus: str  # "mmio", "pio" or "ccw" (virtio-ccw notify: an x86 guest never reaches it)
     addr: int
     length: int
     datamatch: int | None  # None: wildcard
     kind = "ioeventfd"
+
+    @property
+    def pio(self) -> bool:
+        return self.bus == "pio"
 
 
 @dataclass(eq=False, kw_only=True)
@@ -124,7 +128,7 @@ class Vm:
     irqchip: bool = False
     guest: int | None = None
     irqfds: dict[int, IrqfdBinding] = field(default_factory=dict)
-    ioeventfds: dict[tuple[bool, int], list[IoeventfdBinding]] = field(default_factory=dict)
+    ioeventfds: dict[tuple[str, int], list[IoeventfdBinding]] = field(default_factory=dict)
     memslots: dict[int, Memslot] = field(default_factory=dict)
     devices: dict[int, Device] = field(default_factory=dict)
 

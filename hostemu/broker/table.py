@@ -86,7 +86,7 @@ MAX_MEMSLOTS = 512
 MAX_SIGNALS = 64
 PAGE_SIZE = 4096
 IOEVENTFD_LENGTHS = frozenset({0, 1, 2, 4, 8})
-IOEVENTFD_IGNORED_FLAGS = 0x8 | 0x10
+IOEVENTFD_EXTRA_FLAGS = wire.IOEVENTFD_FLAG_VIRTIO_CCW_NOTIFY | wire.IOEVENTFD_FLAG_FAST_MMIO
 ADDR_LIMIT = 1 << 64
 DEFAULT_ACK_TIMEOUT = 2.0
 DEFAULT_RELAY_TIMEOUT = 10.0
@@ -123,6 +123,24 @@ class OpenChannel:
 
 
 Action: TypeAlias = Send | Disconnect | OpenChannel
+
+
+def _ioeventfd_bus(flags: int) -> str:
+    """KVM's choice of bus for an ioeventfd: PIO if asked, else the virtio-ccw notify bus if
+    asked (an x86 guest never reaches it: its writes exit, nothing collides with MMIO),
+    else MMIO."""
+    if flags & wire.IOEVENTFD_FLAG_PIO:
+        return "pio"
+    if flags & wire.IOEVENTFD_FLAG_VIRTIO_CCW_NOTIFY:
+        return "ccw"
+    return "mmio"
+
+
+def _reaches_guest(b: Binding) -> bool:
+    """Whether the VM's guest consumes ``b`` (irqfds and ioeventfds on a bus it reaches)."""
+    if isinstance(b, IoeventfdBinding):
+        return b.bus != "ccw"
+    return isinstance(b, IrqfdBinding)
 
 
 def _fail(name: str, message: str) -> BrokerError:
@@ -418,7 +436,7 @@ class ObjectTable:
             b.vm.irqfds[b.id] = b
             b.eventfd.irqfd = b
         elif isinstance(b, IoeventfdBinding):
-            b.vm.ioeventfds.setdefault((b.pio, b.addr), []).append(b)
+            b.vm.ioeventfds.setdefault((b.bus, b.addr), []).append(b)
         elif isinstance(b, ShmSignalBinding):
             b.device.signals[b.sigid] = b
         elif isinstance(b, KickfdBinding):
@@ -431,10 +449,10 @@ class ObjectTable:
             if b.eventfd.irqfd is b:
                 b.eventfd.irqfd = None
         elif isinstance(b, IoeventfdBinding):
-            bucket = b.vm.ioeventfds[(b.pio, b.addr)]
+            bucket = b.vm.ioeventfds[(b.bus, b.addr)]
             bucket.remove(b)
             if not bucket:
-                del b.vm.ioeventfds[(b.pio, b.addr)]
+                del b.vm.ioeventfds[(b.bus, b.addr)]
         elif isinstance(b, ShmSignalBinding):
             del b.device.signals[b.sigid]
         elif isinstance(b, KickfdBinding):
@@ -443,7 +461,8 @@ class ObjectTable:
     def _consumer_of(self, b: Binding) -> int | None:
         if isinstance(b, ShmSignalBinding | KickfdBinding):
             return b.device.process
-        if isinstance(b, IrqfdBinding | IoeventfdBinding):
+        if _reaches_guest(b):
+            assert isinstance(b, IrqfdBinding | IoeventfdBinding)
             return b.vm.guest
         return None
 
@@ -858,24 +877,24 @@ class ObjectTable:
         # KVM's order: a deassign validates nothing -- it only searches (so a deassign of
         # length 3 is ENOENT, and unknown flag bits are ignored); an assign checks length,
         # overflow, flags, length 0 with DATAMATCH, the fd, then collisions.
-        pio = bool(msg.flags & wire.IOEVENTFD_FLAG_PIO)
+        bus = _ioeventfd_bus(msg.flags)
         wildcard = not msg.flags & wire.IOEVENTFD_FLAG_DATAMATCH
         datamatch = None if wildcard else msg.datamatch
         if msg.flags & wire.IOEVENTFD_FLAG_DEASSIGN:
             vm = self._own_vm(conn, msg.vm)
             efd = self._eventfd(conn, msg.handle)
-            for b in vm.ioeventfds.get((pio, msg.addr), []):
+            for b in vm.ioeventfds.get((bus, msg.addr), []):
                 if b.eventfd is efd and b.length == msg.len and b.datamatch == datamatch:
                     self._deactivate(b, DetachReason.DEASSIGN, op)
                     return None
             raise _fail("ENOENT", "no such ioeventfd")
-        # KVM's valid-flag mask also holds VIRTIO_CCW_NOTIFY (0x8) and FAST_MMIO (0x10):
-        # accepted everywhere, meaningless on x86, so accepted here and ignored.
+        # KVM's valid-flag mask also holds VIRTIO_CCW_NOTIFY (0x8: its own bus, see
+        # _ioeventfd_bus) and FAST_MMIO (0x10: inert from userspace).
         known = (
             wire.IOEVENTFD_FLAG_DATAMATCH
             | wire.IOEVENTFD_FLAG_PIO
             | wire.IOEVENTFD_FLAG_DEASSIGN
-            | IOEVENTFD_IGNORED_FLAGS
+            | IOEVENTFD_EXTRA_FLAGS
         )
         if msg.len not in IOEVENTFD_LENGTHS:
             raise _fail("EINVAL", f"length {msg.len} not in {{0,1,2,4,8}}")
@@ -887,7 +906,7 @@ class ObjectTable:
             raise _fail("EINVAL", "length 0 matches any width: it cannot have a datamatch")
         vm = self._own_vm(conn, msg.vm)
         efd = self._eventfd(conn, msg.handle)
-        for b in vm.ioeventfds.get((pio, msg.addr), []):
+        for b in vm.ioeventfds.get((bus, msg.addr), []):
             if (
                 b.length == 0
                 or msg.len == 0
@@ -901,7 +920,7 @@ class ObjectTable:
             id=next(self._ids),
             eventfd=efd,
             vm=vm,
-            pio=pio,
+            bus=bus,
             addr=msg.addr,
             length=msg.len,
             datamatch=datamatch,
@@ -952,7 +971,8 @@ class ObjectTable:
                 raise _fail("ENOENT", f"VM {conn.target} is gone")
             if vm.guest is not None:
                 raise _fail("EBUSY", f"VM {vm.id} already has a guest process")
-            bindings, owner, kind = list(vm.bindings()), vm.owner, PeerKind.GUEST
+            bindings = [b for b in vm.bindings() if _reaches_guest(b)]
+            owner, kind = vm.owner, PeerKind.GUEST
         elif conn.scope is Scope.DEVICE:
             dev = self.devices.get(conn.target)
             if dev is None:

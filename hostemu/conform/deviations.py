@@ -64,14 +64,5 @@ DEVIATIONS: dict[str, Deviation] = {
             "the guest's interrupt controller (inject once without draining, then drain "
             "only on the next signal).",
         ),
-        Deviation(
-            "ioeventfd-ccw-bus",
-            "bug",
-            "Flag 0x8 (VIRTIO_CCW_NOTIFY) puts a KVM ioeventfd on the virtio-ccw notify "
-            "bus, which x86 guests never reach: the assign succeeds but the binding never "
-            "matches (and does not collide with MMIO ones). vbusemu accepts the flag but "
-            "binds on the MMIO bus, so a write there is absorbed. The fix: a third bus "
-            "in the table whose bindings are never handed to the guest.",
-        ),
     )
 }
