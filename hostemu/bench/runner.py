@@ -10,10 +10,20 @@ themselves (:mod:`guestemu.workloads.echo`). The control-plane figures come from
 talking to the broker directly. Baselines (:mod:`hostemu.bench.baselines`) run in the same
 process tree, same sizes, same run, between the vbusemu measurements.
 
-Every figure is the median of ``reps`` repetitions (min and max kept). A row's ``ratio`` is
-oriented so that > 1 means vbusemu is better: value / baseline for throughputs, baseline /
-value for latencies. The benchmark asserts nothing; the targets of the issue are evaluated
-and reported as met or missed, a missed one with where its time goes.
+Data paths: the run's own path is ``VBUSEMU_JIT``'s (the numba kernels by default); the
+kernel cache is warmed once before anything is measured. With the kernels, the 64 B
+small messages at batch 1 and 256 and the 8-VM scale run are measured again with
+``VBUSEMU_JIT=0`` for every measured process (the numpy reference); every row says which
+path produced it. Start-up rows time the default job (``vbusemu run`` of
+``examples/two-vms.toml``, copied into a private directory) and the kernels' compile into
+an empty numba cache; memory rows read the processes' RSS and Pss while the two-VM job
+and the 1- and 8-VM scale runs are under way (:mod:`hostemu.bench.procmem`).
+
+Every figure is the median of ``reps`` repetitions (min and max kept; quick mode too), and
+one whose spread exceeds 25 % is marked noisy. A row's ``ratio`` is oriented so that > 1
+means vbusemu is better: value / baseline for throughputs, baseline / value for latencies.
+The benchmark asserts nothing; the targets are evaluated and reported as met or missed,
+a missed one with where its time goes (:mod:`hostemu.bench.report`).
 
 Comparability (docs/performance.md explains each): a small-message batch means messages
 per notification on both sides, with the same window of messages in flight
