@@ -557,11 +557,30 @@ class Bench:
 # ---------------------------------------------------------------- plots
 
 
+def _plain_log_axis(axis: Any) -> None:
+    """A log axis labelled with plain numbers (10, 200, 1000), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}" if x >= 1 else f"{x:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _finish_plot(plt: Any, fig: Any, ax: Any, path: Path, footnote: str,
-                 **settings: Any) -> str:
-    """Axes settings, the legend outside the data (right of the axes), the machine/mode/
-    path footnote under the figure; saved with everything inside the image."""
+                 xticks: dict[float, str] | None = None, **settings: Any) -> str:
+    """Axes settings (log axes labelled with plain numbers, or ``xticks``: position ->
+    label), the legend outside the data (right of the axes), the machine/mode/path
+    footnote under the figure; saved with everything inside the image."""
     ax.set(**settings)
+    if settings.get("yscale") == "log":
+        _plain_log_axis(ax.yaxis)
+    if xticks:
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xticks(sorted(xticks), [xticks[x] for x in sorted(xticks)])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    elif settings.get("xscale") == "log":
+        _plain_log_axis(ax.xaxis)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     fig.text(0.01, 0.005, footnote, fontsize=7, color="0.35", ha="left", va="bottom")
@@ -585,7 +604,6 @@ def plots(rows: list[Row], outdir: Path,
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         return []
     written = []
@@ -606,10 +624,12 @@ def plots(rows: list[Row], outdir: Path,
                      and "batch" in r.params)
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="s", linestyle="--", label=label)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    batches = {float(r.params["batch"]): str(r.params["batch"]) for r in rows
+               if "batch" in r.params}
     written.append(_finish_plot(plt, fig, ax, outdir / "throughput_vs_batch.png", footnote,
-                                xscale="log", yscale="log", xlabel="batch size (messages "
-                                "per notification)", ylabel="messages/s",
+                                xticks=batches, xscale="log", yscale="log",
+                                xlabel="batch size (messages per notification)",
+                                ylabel="messages/s",
                                 title="64 B messages: throughput vs batch size"))
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -631,12 +651,9 @@ def plots(rows: list[Row], outdir: Path,
             sizes.update(int(s) for s, _ in pts)
             ax.plot(*zip(*pts, strict=True), marker="o", label=label,
                     linestyle=":" if half != 1.0 else "-")
-    if sizes:
-        ax.set_xscale("log")
-        ax.set_xticks(sorted(sizes), [fmt_size(s) for s in sorted(sizes)])
-        ax.xaxis.set_minor_formatter(NullFormatter())
     written.append(_finish_plot(plt, fig, ax, outdir / "throughput_vs_payload.png",
-                                footnote, yscale="log", xlabel="buffer size",
+                                footnote, xticks={float(s): fmt_size(s) for s in sizes},
+                                xscale="log", yscale="log", xlabel="buffer size",
                                 ylabel="GB/s", title="bulk: throughput vs buffer size"))
 
     # latency: horizontal bars, one line of label per series, p50 and p99 side by side
@@ -656,7 +673,6 @@ def plots(rows: list[Row], outdir: Path,
     ax.barh([y + 0.2 for y in ys], p99, height=0.4, label="p99")
     ax.set_yticks(ys, labels, fontsize=8)
     ax.invert_yaxis()
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     written.append(_finish_plot(plt, fig, ax, outdir / "latency.png", footnote,
                                 xlabel="round trip (µs, log scale)", xscale="log",
                                 title="round-trip latency"))
@@ -668,7 +684,6 @@ def plots(rows: list[Row], outdir: Path,
 def _latency_cdf(plt: Any, samples: dict[str, dict[str, list[float]]], path: Path,
                  footnote: str) -> str:
     """One panel per placement: the distribution (CDF) of every round-trip series."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
     fig, axes = plt.subplots(1, len(samples), figsize=(4.5 * len(samples), 4), squeeze=False,
                              sharey=True)
     for ax, (placement, series) in zip(axes[0], samples.items(), strict=True):
@@ -677,8 +692,7 @@ def _latency_cdf(plt: Any, samples: dict[str, dict[str, list[float]]], path: Pat
                 xs = sorted(values)
                 ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label)
         ax.set(xscale="log", xlabel="round trip (µs)", title=f"placement: {placement}")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels collide
+        _plain_log_axis(ax.xaxis)
     axes[0][0].set_ylabel("fraction of round trips")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
