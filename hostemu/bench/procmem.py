@@ -153,7 +153,6 @@ class TreeSampler:
         self.extra = list(extra)
         self.interval = interval
         self.samples: list[dict[int, Reading]] = []
-        self._kinds: dict[int, str | None] = {}
         self._pss: dict[int, tuple[int, int]] = {}  # pid -> (RSS then, Pss)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="procmem")
@@ -173,9 +172,8 @@ class TreeSampler:
         while not self._stop.wait(self.interval):
             sample: dict[int, Reading] = {}
             for pid in [*tree(self.root), *self.extra]:
-                if pid not in self._kinds:
-                    self._kinds[pid] = cmdline_kind(pid)
-                kind, rss = self._kinds[pid], rss_kib(pid)
+                # read every time: a child forked and not yet exec'ed shows its parent's
+                kind, rss = cmdline_kind(pid), rss_kib(pid)
                 if kind is not None and rss is not None:
                     sample[pid] = Reading(kind, rss, self._pss.get(pid, (0, 0))[1])
             if complete(sample, self.expected):
