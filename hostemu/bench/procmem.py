@@ -39,7 +39,7 @@ def kind_of(cmdline: Sequence[str]) -> str | None:
     if "-m" not in args or args.index("-m") + 1 >= len(args):
         return None
     i = args.index("-m")
-    module, rest = args[i + 1], args[i + 2:]
+    module, rest = args[i + 1], args[i + 2 :]
     if module == "hostemu.cli" and rest[:1] == ["run"]:
         return "launcher"
     if module == "hostemu.broker":
@@ -130,8 +130,11 @@ def steady(samples: Iterable[dict[int, Reading]], expected: dict[str, int]) -> d
             if r.kind == "warm":
                 continue
             old = best.get(pid)
-            best[pid] = r if old is None else Reading(r.kind, max(old.rss_kib, r.rss_kib),
-                                                      max(old.pss_kib, r.pss_kib))
+            best[pid] = (
+                r
+                if old is None
+                else Reading(r.kind, max(old.rss_kib, r.rss_kib), max(old.pss_kib, r.pss_kib))
+            )
     return best
 
 
@@ -146,8 +149,13 @@ class TreeSampler:
     """Samples the tree under ``root`` (and ``extra`` pids) in a thread until stopped;
     :meth:`result` is each process's steady reading (see the module docstring)."""
 
-    def __init__(self, root: int, expected: dict[str, int], extra: Sequence[int] = (),
-                 interval: float = INTERVAL) -> None:
+    def __init__(
+        self,
+        root: int,
+        expected: dict[str, int],
+        extra: Sequence[int] = (),
+        interval: float = INTERVAL,
+    ) -> None:
         self.root = root
         self.expected = expected
         self.extra = list(extra)

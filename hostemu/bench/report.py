@@ -54,8 +54,9 @@ class Row:
         """Fill in ``ratio`` (> 1: vbusemu better), ``spread`` and ``noisy``."""
         if self.baseline_value and self.value:
             lower = self.unit in LOWER_IS_BETTER
-            self.ratio = (self.baseline_value / self.value if lower
-                          else self.value / self.baseline_value)
+            self.ratio = (
+                self.baseline_value / self.value if lower else self.value / self.baseline_value
+            )
         self.spread = spread(self.value, self.min, self.max, self.reps)
         self.noisy = self.spread is not None and self.spread > NOISY_SPREAD
         return self
@@ -78,12 +79,19 @@ def spread(median: float, low: float | None, high: float | None, reps: int) -> f
     return (high - low) / abs(median)
 
 
-def row_from_reps(workload: str, params: dict[str, Any], metric: str,
-                  values: Sequence[float], unit: str, **kw: Any) -> Row:
+def row_from_reps(
+    workload: str,
+    params: dict[str, Any],
+    metric: str,
+    values: Sequence[float],
+    unit: str,
+    **kw: Any,
+) -> Row:
     """A row whose value is the median of ``values`` (one per repetition)."""
     median, low, high = stats(values)
-    return Row(workload, params, metric, median, unit, min=low, max=high, reps=len(values),
-               **kw).finish()
+    return Row(
+        workload, params, metric, median, unit, min=low, max=high, reps=len(values), **kw
+    ).finish()
 
 
 # ---------------------------------------------------------------- formatting
@@ -170,16 +178,25 @@ class Target:
 
 
 def _small(batch: int, needed: float, why: str) -> Target:
-    return Target(f"64 B batch {batch} >= {needed:g}x Pipe", ">=", needed,
-                  ("small-messages", {"batch": batch, "mode": "event-idx"}, "msgs/s"),
-                  ("baseline", {"kind": "pipe", "batch": batch}, "msgs/s"), why)
+    return Target(
+        f"64 B batch {batch} >= {needed:g}x Pipe",
+        ">=",
+        needed,
+        ("small-messages", {"batch": batch, "mode": "event-idx"}, "msgs/s"),
+        ("baseline", {"kind": "pipe", "batch": batch}, "msgs/s"),
+        why,
+    )
 
 
 def _rtt(mode: str, needed: float, why: str) -> Target:
-    return Target(f"cross-CPU round trip, {mode} <= {needed:g}x eventfd ping-pong", "<=",
-                  needed, ("round-trip", {"mode": mode, "placement": "cross-cpu"}, "rtt_p50"),
-                  ("baseline", {"kind": "eventfd-pingpong", "placement": "cross-cpu"},
-                   "rtt_p50"), why)
+    return Target(
+        f"cross-CPU round trip, {mode} <= {needed:g}x eventfd ping-pong",
+        "<=",
+        needed,
+        ("round-trip", {"mode": mode, "placement": "cross-cpu"}, "rtt_p50"),
+        ("baseline", {"kind": "eventfd-pingpong", "placement": "cross-cpu"}, "rtt_p50"),
+        why,
+    )
 
 
 TARGETS: list[Target] = [
@@ -187,32 +204,55 @@ TARGETS: list[Target] = [
     _small(16, 10, "guest-bound: Python work per frame and per batch"),
     _small(1, 2, "guest-bound: the Python work of posting one frame per kick"),
     _rtt("polling", 0.5, "both sides' Python ring work in series (no wakeups left)"),
-    _rtt("sleeping", 1.5,
-         "two cross-CPU wakeups plus both sides' Python ring and event-loop work in series"),
-    Target("bulk 1 MiB >= 0.8x the two-copy bound (numpy copy / 2)", ">=", 0.8,
-           ("bulk", {"size": 1 << 20}, "bytes/s"),
-           ("baseline", {"kind": "numpy-copy", "size": 1 << 20}, "bytes/s"),
-           "device-bound: the guest's write and the device's copy of every byte, each "
-           "reading lines the other CPU just wrote", ref_factor=0.5),
-    Target("control plane: latency @10,000 bindings <= 1.5x @10", "<=", 1.5,
-           ("control-plane", {"live_bindings": 10000}, "latency_p50"),
-           ("control-plane", {"live_bindings": 10}, "latency_p50"),
-           "indexed lookups; should not miss"),
-    Target("scale: 4 VMs >= 0.8x 1 VM", ">=", 0.8, ("scale", {"vms": 4}, "msgs/s"),
-           ("scale", {"vms": 1}, "msgs/s"), "should not miss with idle cores"),
+    _rtt(
+        "sleeping",
+        1.5,
+        "two cross-CPU wakeups plus both sides' Python ring and event-loop work in series",
+    ),
+    Target(
+        "bulk 1 MiB >= 0.8x the two-copy bound (numpy copy / 2)",
+        ">=",
+        0.8,
+        ("bulk", {"size": 1 << 20}, "bytes/s"),
+        ("baseline", {"kind": "numpy-copy", "size": 1 << 20}, "bytes/s"),
+        "device-bound: the guest's write and the device's copy of every byte, each "
+        "reading lines the other CPU just wrote",
+        ref_factor=0.5,
+    ),
+    Target(
+        "control plane: latency @10,000 bindings <= 1.5x @10",
+        "<=",
+        1.5,
+        ("control-plane", {"live_bindings": 10000}, "latency_p50"),
+        ("control-plane", {"live_bindings": 10}, "latency_p50"),
+        "indexed lookups; should not miss",
+    ),
+    Target(
+        "scale: 4 VMs >= 0.8x 1 VM",
+        ">=",
+        0.8,
+        ("scale", {"vms": 4}, "msgs/s"),
+        ("scale", {"vms": 1}, "msgs/s"),
+        "should not miss with idle cores",
+    ),
 ]
 
 
-def find(rows: Sequence[Row], workload: str, params: dict[str, Any], metric: str,
-         path: str) -> Row | None:
+def find(
+    rows: Sequence[Row], workload: str, params: dict[str, Any], metric: str, path: str
+) -> Row | None:
     """The row measured on ``path`` (or on no path at all) matching every given param;
     a round-trip placement falls back to "any" when there was only one CPU."""
     for attempt in (params, {**params, "placement": "any"} if "placement" in params else None):
         if attempt is None:
             continue
         for r in rows:
-            if (r.workload == workload and r.metric == metric and r.path in (path, None)
-                    and all(r.params.get(k) == v for k, v in attempt.items())):
+            if (
+                r.workload == workload
+                and r.metric == metric
+                and r.path in (path, None)
+                and all(r.params.get(k) == v for k, v in attempt.items())
+            ):
                 return r
     return None
 
@@ -223,15 +263,28 @@ def evaluate(targets: Sequence[Target], rows: Sequence[Row], path: str) -> list[
     out = []
     for t in targets:
         row, ref = find(rows, *t.row, path), find(rows, *t.ref, path)
-        multiple = (row.value / (ref.value * t.ref_factor)
-                    if row is not None and ref is not None and ref.value else None)
-        met = multiple is not None and (multiple >= t.needed if t.op == ">="
-                                        else multiple <= t.needed)
+        multiple = (
+            row.value / (ref.value * t.ref_factor)
+            if row is not None and ref is not None and ref.value
+            else None
+        )
+        met = multiple is not None and (
+            multiple >= t.needed if t.op == ">=" else multiple <= t.needed
+        )
         noisy = any(r is not None and r.noisy for r in (row, ref))
-        out.append({"target": t.text, "op": t.op, "needed": t.needed, "value": multiple,
-                    "met": met, "noisy": noisy, "path": path,
-                    "label": target_label(t.text, multiple, met, noisy),
-                    "why_missed": None if met else t.why})
+        out.append(
+            {
+                "target": t.text,
+                "op": t.op,
+                "needed": t.needed,
+                "value": multiple,
+                "met": met,
+                "noisy": noisy,
+                "path": path,
+                "label": target_label(t.text, multiple, met, noisy),
+                "why_missed": None if met else t.why,
+            }
+        )
     return out
 
 
@@ -247,9 +300,11 @@ def target_label(text: str, multiple: float | None, met: bool, noisy: bool = Fal
 def load_warning(before: Sequence[float]) -> str | None:
     """The warning line for a busy machine, or None when the 1-minute load is low."""
     if before and before[0] > LOAD_WARN:
-        return (f"WARNING: 1-minute load average {before[0]:.2f} at start (> {LOAD_WARN}): "
-                "other work shares the CPUs; figures are lower and noisier than on a quiet "
-                "machine")
+        return (
+            f"WARNING: 1-minute load average {before[0]:.2f} at start (> {LOAD_WARN}): "
+            "other work shares the CPUs; figures are lower and noisier than on a quiet "
+            "machine"
+        )
     return None
 
 
@@ -260,8 +315,16 @@ def fmt_load(load: Sequence[float]) -> str:
 # ---------------------------------------------------------------- the table
 
 
-COLUMNS = ("workload", "case", "path", "metric", "value", "spread",
-           "vs baseline (>1: vbusemu better)", "note")
+COLUMNS = (
+    "workload",
+    "case",
+    "path",
+    "metric",
+    "value",
+    "spread",
+    "vs baseline (>1: vbusemu better)",
+    "note",
+)
 FOLDED = ("doorbells/msg", "interrupts/msg")
 """Metrics shown in the note of their msgs/s row rather than as rows of their own."""
 
@@ -281,20 +344,38 @@ def table_rows(rows: Sequence[Row]) -> list[tuple[str, ...]]:
         note = [r.note] if r.note else []
         note += folded.get((r.workload, json.dumps(r.params, sort_keys=True), r.path), [])
         versus = "-" if r.ratio is None else f"{fmt_multiple(r.ratio)} {r.baseline}"
-        out.append((r.workload, fmt_case(r.params), r.path or "-", r.metric,
-                    fmt_value(r.value, r.unit), fmt_spread(r), versus, "; ".join(note)))
+        out.append(
+            (
+                r.workload,
+                fmt_case(r.params),
+                r.path or "-",
+                r.metric,
+                fmt_value(r.value, r.unit),
+                fmt_spread(r),
+                versus,
+                "; ".join(note),
+            )
+        )
     return out
 
 
-def header_lines(machine: dict[str, Any], mode: str, reps: int, path: str,
-                 load_before: Sequence[float], load_after: Sequence[float] | None) -> list[str]:
-    lines = [f"vbusemu bench, {mode} mode ({reps} repetitions per figure), data path {path}"
-             + (" (and reference rows)" if path == KERNELS else ""),
-             f"machine: {machine.get('cpu_model')}, {machine.get('cores')} cores "
-             f"({machine.get('usable_cores')} usable), kernel {machine.get('kernel')}, "
-             f"Python {machine.get('python')}, numpy {machine.get('numpy')}",
-             f"load average (1/5/15 min): {fmt_load(load_before)} before"
-             + (f", {fmt_load(load_after)} after" if load_after is not None else "")]
+def header_lines(
+    machine: dict[str, Any],
+    mode: str,
+    reps: int,
+    path: str,
+    load_before: Sequence[float],
+    load_after: Sequence[float] | None,
+) -> list[str]:
+    lines = [
+        f"vbusemu bench, {mode} mode ({reps} repetitions per figure), data path {path}"
+        + (" (and reference rows)" if path == KERNELS else ""),
+        f"machine: {machine.get('cpu_model')}, {machine.get('cores')} cores "
+        f"({machine.get('usable_cores')} usable), kernel {machine.get('kernel')}, "
+        f"Python {machine.get('python')}, numpy {machine.get('numpy')}",
+        f"load average (1/5/15 min): {fmt_load(load_before)} before"
+        + (f", {fmt_load(load_after)} after" if load_after is not None else ""),
+    ]
     warning = load_warning(load_before)
     if warning:
         lines.append(warning)
@@ -308,16 +389,22 @@ def text_table(cells: Sequence[Sequence[str]], head: Sequence[str] = COLUMNS) ->
     right = {head.index("value")} if "value" in head else set()
     out = []
     for r in allrows:
-        out.append("  ".join((c.rjust(w) if i in right else c.ljust(w))
-                             for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
+        out.append(
+            "  ".join(
+                (c.rjust(w) if i in right else c.ljust(w))
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+        )
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 
 
 def target_lines(targets: Sequence[dict[str, Any]]) -> list[str]:
     met = sum(1 for t in targets if t["met"])
-    lines = [f"targets ({targets[0]['path'] if targets else '-'} path; multiples within this "
-             f"run): {met} met, {len(targets) - met} missed"]
+    lines = [
+        f"targets ({targets[0]['path'] if targets else '-'} path; multiples within this "
+        f"run): {met} met, {len(targets) - met} missed"
+    ]
     for t in targets:
         lines.append(f"  {t['label']}" + ("" if t["met"] else f"  [{t['why_missed']}]"))
     return lines
@@ -328,29 +415,52 @@ def console(rows: Sequence[Row], targets: Sequence[dict[str, Any]], header: Sequ
     return "\n".join([*header, "", text_table(table_rows(rows)), "", *target_lines(targets)])
 
 
-def markdown(rows: Sequence[Row], targets: Sequence[dict[str, Any]],
-             header: Sequence[str]) -> str:
+def markdown(rows: Sequence[Row], targets: Sequence[dict[str, Any]], header: Sequence[str]) -> str:
     """``results.md``: the same table and targets in Markdown."""
-    lines = ["# vbusemu benchmark", "", *[f"{h}  " for h in header], "",
-             "| " + " | ".join(COLUMNS) + " |",
-             "|---|---|---|---|---:|---|---|---|"]
+    lines = [
+        "# vbusemu benchmark",
+        "",
+        *[f"{h}  " for h in header],
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|---|---|---|---|---:|---|---|---|",
+    ]
     for cells in table_rows(rows):
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     lines += ["", "## Targets", ""]
-    lines += [f"* {t['label']}" + ("" if t["met"] else f" — {t['why_missed']}")
-              for t in targets]
-    lines += ["", "Multiples are within this run, on this machine. The profiles behind each "
-              "missed target, and what was tried, are in docs/performance.md."]
+    lines += [f"* {t['label']}" + ("" if t["met"] else f" — {t['why_missed']}") for t in targets]
+    lines += [
+        "",
+        "Multiples are within this run, on this machine. The profiles behind each "
+        "missed target, and what was tried, are in docs/performance.md.",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def summary(rows: Sequence[Row], targets: list[dict[str, Any]], machine: dict[str, Any],
-            **run: Any) -> dict[str, Any]:
+def summary(
+    rows: Sequence[Row], targets: list[dict[str, Any]], machine: dict[str, Any], **run: Any
+) -> dict[str, Any]:
     """``summary.json``: the run (mode, path, load, elapsed...), every figure with its path
     and spread, the noisy ones, and the targets."""
-    figures = [{"workload": r.workload, "case": fmt_case(r.params), "metric": r.metric,
-                "path": r.path, "value": r.value, "unit": r.unit, "reps": r.reps,
-                "spread": r.spread, "noisy": r.noisy} for r in rows]
-    return {"machine": machine, **run, "load_warning": load_warning(run.get("load_before", ())),
-            "figures": figures, "noisy": [f for f in figures if f["noisy"]],
-            "targets": targets}
+    figures = [
+        {
+            "workload": r.workload,
+            "case": fmt_case(r.params),
+            "metric": r.metric,
+            "path": r.path,
+            "value": r.value,
+            "unit": r.unit,
+            "reps": r.reps,
+            "spread": r.spread,
+            "noisy": r.noisy,
+        }
+        for r in rows
+    ]
+    return {
+        "machine": machine,
+        **run,
+        "load_warning": load_warning(run.get("load_before", ())),
+        "figures": figures,
+        "noisy": [f for f in figures if f["noisy"]],
+        "targets": targets,
+    }
