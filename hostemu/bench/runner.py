@@ -10,10 +10,20 @@ themselves (:mod:`guestemu.workloads.echo`). The control-plane figures come from
 talking to the broker directly. Baselines (:mod:`hostemu.bench.baselines`) run in the same
 process tree, same sizes, same run, between the vbusemu measurements.
 
-Every figure is the median of ``reps`` repetitions (min and max kept). A row's ``ratio`` is
-oriented so that > 1 means vbusemu is better: value / baseline for throughputs, baseline /
-value for latencies. The benchmark asserts nothing; the targets of the issue are evaluated
-and reported as met or missed, a missed one with where its time goes.
+Data paths: the run's own path is ``VBUSEMU_JIT``'s (the numba kernels by default); the
+kernel cache is warmed once before anything is measured. With the kernels, the 64 B
+small messages at batch 1 and 256 and the 8-VM scale run are measured again with
+``VBUSEMU_JIT=0`` for every measured process (the numpy reference); every row says which
+path produced it. Start-up rows time the default job (``vbusemu run`` of
+``examples/two-vms.toml``, copied into a private directory) and the kernels' compile into
+an empty numba cache; memory rows read the processes' RSS and Pss while the two-VM job
+and the 1- and 8-VM scale runs are under way (:mod:`hostemu.bench.procmem`).
+
+Every figure is the median of ``reps`` repetitions (min and max kept; quick mode too), and
+one whose spread exceeds 25 % is marked noisy. A row's ``ratio`` is oriented so that > 1
+means vbusemu is better: value / baseline for throughputs, baseline / value for latencies.
+The benchmark asserts nothing; the targets are evaluated and reported as met or missed,
+a missed one with where its time goes (:mod:`hostemu.bench.report`).
 
 Comparability (docs/performance.md explains each): a small-message batch means messages
 per notification on both sides, with the same window of messages in flight
@@ -28,20 +38,35 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hostemu.bench import baselines
-from hostemu.launcher import ManagedProcess, python_module, start_broker
+from hostemu.bench import baselines, procmem
+from hostemu.bench.report import (
+    KERNELS,
+    REFERENCE,
+    TARGETS,
+    Row,
+    console,
+    evaluate,
+    fmt_size,
+    header_lines,
+    markdown,
+    row_from_reps,
+    summary,
+)
+from hostemu.launcher import ManagedProcess, python_module, start_broker, warm_kernels
 from shared.channel import Channel
 from shared.errors import VbusError
+from shared.jit import JIT_ENV, jit_enabled
 from shared.wire import Policy
 
 SMALL_RING = 1024
@@ -73,46 +98,59 @@ MODES = {  # notification mode -> (echo notify param, guest halt-poll ns)
     "event-idx": ("event_idx", 0),
     "adaptive-poll": ("event_idx", -1),
 }
-
-
-@dataclass
-class Row:
-    workload: str
-    params: dict[str, Any]
-    metric: str
-    value: float
-    unit: str
-    baseline: str | None = None
-    baseline_value: float | None = None
-    ratio: float | None = None
-    min: float | None = None
-    max: float | None = None
-    reps: int = 1
+REFERENCE_BATCHES = (1, 256)
+"""Small messages measured on the reference path too (event-idx): the scalar fast path
+(batch 1) and the kernels' case (batch 256)."""
+TWO_VMS = Path(__file__).resolve().parent.parent.parent / "examples" / "two-vms.toml"
+TWO_VMS_KINDS = {
+    "launcher": 1,
+    "broker": 1,
+    "vmm": 1,
+    "guest": 2,
+    "venet device": 1,
+    "blk device": 2,
+    "console device": 2,
+}
+"""The processes of the two-VM job; memory is read while all of them are alive."""
+MEMORY_VMS = 8
 
 
 @dataclass
 class Plan:
+    """What a run measures. The full run measures everything; the quick one (as many
+    repetitions) the figures every target reads plus the path, start-up and memory rows:
+    one notification mode (event-idx), the cross-CPU placement (the targets'), bulk one
+    way only, and 1, 4 and 8 VMs."""
+
     quick: bool
     reps: int
     seconds: float  # per baseline measurement
     counts: dict[str, int] = field(default_factory=dict)
+    modes: tuple[str, ...] = tuple(MODES)
+    placements: tuple[str, ...] = ("any", "same-cpu", "cross-cpu")
+    bulk_echo: bool = True
+    scale_vms: tuple[int, ...] = (1, 2, 4, 8)
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
             return cls(
                 True,
-                1,
-                0.3,
+                3,
+                0.2,
                 {
-                    "small1": 15000,
-                    "small": 150000,
+                    "small1": 10000,
+                    "small": 100000,
                     "rtt": 300,
-                    "bulk64k": 6000,
-                    "bulk1m": 1000,
+                    "bulk64k": 4000,
+                    "bulk1m": 600,
                     "scale": 1500,
                     "ops": 200,
                 },
+                modes=("event-idx",),
+                placements=("cross-cpu",),
+                bulk_echo=False,
+                scale_vms=(1, 4, 8),
             )
         return cls(
             False,
@@ -134,10 +172,6 @@ class BenchError(VbusError):
     """A measurement could not be taken (its processes failed); the run stops."""
 
 
-def _stats(values: list[float]) -> tuple[float, float, float]:
-    return statistics.median(values), min(values), max(values)
-
-
 def placements() -> dict[str, tuple[int, int] | None]:
     """Where the two ends of a round trip run: unpinned, and -- with two usable CPUs --
     both on one CPU and on two."""
@@ -149,11 +183,9 @@ def placements() -> dict[str, tuple[int, int] | None]:
     return out
 
 
-def _fmt(x: float | None) -> str:
-    """A figure for the table: thousands separators, or 3 significant digits below 10."""
-    if x is None:
-        return "-"
-    return f"{x:,.1f}" if abs(x) >= 10 or x == 0 else f"{x:.3g}"
+def path_env(path: str) -> dict[str, str]:
+    """The environment of a run on ``path``: ``VBUSEMU_JIT`` set for every process."""
+    return {**os.environ, JIT_ENV: "1" if path == KERNELS else "0"}
 
 
 def _doorbells(result: dict[str, Any]) -> float:
@@ -173,19 +205,44 @@ def _percentiles(rtts: list[float]) -> dict[str, float]:
     }
 
 
+MIB = 1024.0  # KiB per MiB
+
+
 class Bench:
-    def __init__(self, plan: Plan, sock: str, say: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        sock: str,
+        say: Callable[[str], None],
+        broker_pid: int | None = None,
+        path: str = KERNELS,
+    ) -> None:
         self.plan = plan
         self.sock = sock
         self.say = say
+        self.broker_pid = broker_pid
+        self.path = path  # the run's own data path (VBUSEMU_JIT)
         self.rows: list[Row] = []
         # round-trip times in us for the distribution plot: placement -> series -> samples
         self.rtt_samples: dict[str, dict[str, list[float]]] = {}
 
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The run's path and, when that is the kernels, the reference too."""
+        return (KERNELS, REFERENCE) if self.path == KERNELS else (self.path,)
+
     # ------------------------------------------------------------------ vbusemu runs
 
-    def run_vms(self, vms: list[dict[str, Any]], timeout: float = 120) -> dict[str, Any]:
-        out = subprocess.run(
+    def run_vms(
+        self,
+        vms: list[dict[str, Any]],
+        timeout: float = 120,
+        path: str | None = None,
+        memory: dict[str, int] | None = None,
+    ) -> dict[str, Any]:
+        """One VMM run of ``vms``; with ``memory`` (the expected process kinds) the
+        processes' memory is sampled meanwhile, returned under ``"memory"``."""
+        proc = subprocess.Popen(
             python_module(
                 "hostemu.vmm",
                 "--socket",
@@ -195,20 +252,34 @@ class Bench:
                 "--timeout",
                 str(timeout),
             ),
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout + 60,
+            env=path_env(path or self.path),
         )
+        sampler = procmem.TreeSampler(
+            proc.pid, memory or {}, [self.broker_pid] if self.broker_pid else []
+        )
+        try:
+            if memory is not None:
+                with sampler:
+                    stdout, stderr = proc.communicate(timeout=timeout + 60)
+            else:
+                stdout, stderr = proc.communicate(timeout=timeout + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise BenchError(f"VMM run did not finish in {timeout + 60:.0f} s") from None
         done = [
             json.loads(line)
-            for line in out.stdout.splitlines()
+            for line in stdout.splitlines()
             if line.startswith('{"event": "vmm_done"')
         ]
-        if not done or out.returncode != 0:
-            raise BenchError(
-                f"VMM run failed ({out.returncode}): {out.stdout[-800:]} {out.stderr[-800:]}"
-            )
+        if not done or proc.returncode != 0:
+            raise BenchError(f"VMM run failed ({proc.returncode}): {stdout[-800:]} {stderr[-800:]}")
         result: dict[str, Any] = done[-1]
+        if memory is not None:
+            result["memory"] = sampler.result()
         return result
 
     @staticmethod
@@ -260,8 +331,11 @@ class Bench:
         memory: int = 32 << 20,
         device: dict[str, Any] | None = None,
         cpus: tuple[int, int] | None = None,
+        path: str | None = None,
     ) -> dict[str, Any]:
-        result = self.run_vms([self.echo_vm("vm0", params, halt_poll_ns, memory, device, cpus)])
+        result = self.run_vms(
+            [self.echo_vm("vm0", params, halt_poll_ns, memory, device, cpus)], path=path
+        )
         r: dict[str, Any] = result["results"]["vm0"]
         if not r.get("ok"):
             raise BenchError(f"echo workload failed: {r.get('error')}")
@@ -283,34 +357,36 @@ class Bench:
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def repeat(self, fn: Callable[[], float]) -> tuple[float, float, float]:
-        return _stats([fn() for _ in range(self.plan.reps)])
+    def values(self, fn: Callable[[], float]) -> list[float]:
+        return [fn() for _ in range(self.plan.reps)]
 
     def add(self, row: Row) -> Row:
-        if row.baseline_value:
-            better_lower = row.unit in ("us", "s")
-            row.ratio = (
-                (row.baseline_value / row.value if better_lower else row.value / row.baseline_value)
-                if row.value
-                else None
-            )
+        self.rows.append(row.finish())
+        return row
+
+    def add_reps(
+        self,
+        workload: str,
+        params: dict[str, Any],
+        metric: str,
+        values: list[float],
+        unit: str,
+        **kw: Any,
+    ) -> Row:
+        row = row_from_reps(workload, params, metric, values, unit, **kw)
         self.rows.append(row)
-        ratio = f"  ({row.ratio:.2f}x {row.baseline})" if row.ratio is not None else ""
-        self.say(
-            f"  {row.workload:<14} {json.dumps(row.params, sort_keys=True):<48} "
-            f"{row.metric:<12} {_fmt(row.value):>14} {row.unit}{ratio}"
-        )
         return row
 
     # ------------------------------------------------------------------ workloads
 
     def small_messages(self) -> None:
         """64 B guest -> host at batch 1, 16, 256, three notify modes, against every
-        message-passing baseline; the same window (frames in flight) everywhere."""
+        message-passing baseline; the same window (frames in flight) everywhere. Batches
+        1 and 256 (event-idx) are measured on the reference path too."""
         for batch in (1, 16, 256):
             measured = {}
             for kind in SMALL_KINDS:
-                base, bmin, bmax = self.repeat(
+                vals = self.values(
                     functools.partial(
                         baselines.small_messages,
                         kind,
@@ -320,26 +396,20 @@ class Bench:
                         small_window(batch),
                     )
                 )
-                measured[kind] = base
-                self.add(
-                    Row(
-                        "baseline",
-                        {
-                            "kind": kind,
-                            "payload": 64,
-                            "batch": batch,
-                            "window": small_window(batch),
-                        },
-                        "msgs/s",
-                        base,
-                        "msgs/s",
-                        min=bmin,
-                        max=bmax,
-                        reps=self.plan.reps,
-                    )
+                measured[kind] = statistics.median(vals)
+                self.add_reps(
+                    "baseline",
+                    {"kind": kind, "payload": 64, "batch": batch, "window": small_window(batch)},
+                    "msgs/s",
+                    vals,
+                    "msgs/s",
                 )
             count = self.plan.counts["small1" if batch == 1 else "small"]
-            for mode, (notify, halt) in MODES.items():
+            cases = [(mode, self.path) for mode in self.plan.modes]
+            if batch in REFERENCE_BATCHES and self.path == KERNELS:
+                cases.append(("event-idx", REFERENCE))
+            for mode, path in cases:
+                notify, halt = MODES[mode]
                 params = {
                     "count": count,
                     "size": 64,
@@ -349,23 +419,19 @@ class Bench:
                     "qsize": small_window(batch),
                 }
                 runs = [
-                    self.echo(params, halt, device={"sink": True}) for _ in range(self.plan.reps)
+                    self.echo(params, halt, device={"sink": True}, path=path)
+                    for _ in range(self.plan.reps)
                 ]
-                v, vmin, vmax = _stats([float(r["frames_per_s"]) for r in runs])
                 row = {"payload": 64, "batch": batch, "mode": mode, "window": small_window(batch)}
-                self.add(
-                    Row(
-                        "small-messages",
-                        row,
-                        "msgs/s",
-                        v,
-                        "msgs/s",
-                        "multiprocessing.Pipe",
-                        measured["pipe"],
-                        min=vmin,
-                        max=vmax,
-                        reps=self.plan.reps,
-                    )
+                self.add_reps(
+                    "small-messages",
+                    row,
+                    "msgs/s",
+                    [float(r["frames_per_s"]) for r in runs],
+                    "msgs/s",
+                    path=path,
+                    baseline="Pipe",
+                    baseline_value=measured["pipe"],
                 )
                 # what notification suppression bought: doorbells the guest rang and
                 # interrupts it took, per message (a socket pays a syscall per message)
@@ -373,18 +439,13 @@ class Bench:
                     ("doorbells/msg", _doorbells),
                     ("interrupts/msg", _interrupts),
                 ):
-                    d, dmin, dmax = _stats([count_of(r) / max(1, int(r["frames"])) for r in runs])
-                    self.add(
-                        Row(
-                            "small-messages",
-                            row,
-                            metric,
-                            d,
-                            "per msg",
-                            min=dmin,
-                            max=dmax,
-                            reps=self.plan.reps,
-                        )
+                    self.add_reps(
+                        "small-messages",
+                        row,
+                        metric,
+                        [count_of(r) / max(1, int(r["frames"])) for r in runs],
+                        "per msg",
+                        path=path,
                     )
 
     def round_trip(self) -> None:
@@ -394,23 +455,39 @@ class Bench:
         wakeup is a context switch) and on two CPUs (a cross-CPU wakeup). vbusemu's guest
         and device process are pinned exactly as the ping-pong's two processes are."""
         samples = self.plan.counts["rtt"]
-        rtts = baselines.round_trip("pipe", 64, samples)
-        for q, v in _percentiles(rtts).items():
-            self.add(Row("baseline", {"kind": "pipe", "placement": "any"}, f"rtt_{q}", v, "us"))
-        for placement, cpus in placements().items():
-            rtts = baselines.round_trip("eventfd", 64, samples, cpus=cpus)
-            base = _percentiles(rtts)
-            series = self.rtt_samples[placement] = {"eventfd ping-pong": [x * 1e6 for x in rtts]}
-            for q, v in base.items():
-                self.add(
-                    Row(
-                        "baseline",
-                        {"kind": "eventfd-pingpong", "placement": placement},
-                        f"rtt_{q}",
-                        v,
-                        "us",
-                    )
-                )
+        pipe = [
+            _percentiles(baselines.round_trip("pipe", 64, samples)) for _ in range(self.plan.reps)
+        ]
+        for q in ("p50", "p99"):
+            self.add_reps(
+                "baseline",
+                {"kind": "pipe", "placement": "any"},
+                f"rtt_{q}",
+                [p[q] for p in pipe],
+                "us",
+            )
+        places = placements()
+        chosen = {k: v for k, v in places.items() if k in self.plan.placements} or {
+            "any": places["any"]
+        }  # one CPU: only the unpinned placement exists
+        for placement, cpus in chosen.items():
+            runs = [
+                baselines.round_trip("eventfd", 64, samples, cpus=cpus)
+                for _ in range(self.plan.reps)
+            ]
+            base = [_percentiles(rtts) for rtts in runs]
+            series = self.rtt_samples[placement] = {
+                "eventfd ping-pong": [x * 1e6 for rtts in runs for x in rtts]
+            }
+            medians = {}
+            for q in ("p50", "p99"):
+                medians[q] = self.add_reps(
+                    "baseline",
+                    {"kind": "eventfd-pingpong", "placement": placement},
+                    f"rtt_{q}",
+                    [b[q] for b in base],
+                    "us",
+                ).value
             # polling: the guest's vCPU halt-polls and the device busy-polls its TX ring
             # (vhost's busyloop), both for up to POLL_WINDOW_NS after the last event;
             # sleeping: neither.
@@ -429,34 +506,25 @@ class Bench:
                 ]
                 series[f"vbusemu {mode}"] = [x for r in reps for x in r.get("rtt_us", [])]
                 for q in ("p50", "p99"):
-                    vals = [float(r[f"rtt_{q}_us"]) for r in reps]
-                    v, vmin, vmax = _stats(vals)
-                    self.add(
-                        Row(
-                            "round-trip",
-                            {"payload": 64, "mode": mode, "placement": placement},
-                            f"rtt_{q}",
-                            v,
-                            "us",
-                            "eventfd ping-pong",
-                            base[q],
-                            min=vmin,
-                            max=vmax,
-                            reps=self.plan.reps,
-                        )
+                    self.add_reps(
+                        "round-trip",
+                        {"payload": 64, "mode": mode, "placement": placement},
+                        f"rtt_{q}",
+                        [float(r[f"rtt_{q}_us"]) for r in reps],
+                        "us",
+                        path=self.path,
+                        baseline="eventfd ping-pong",
+                        baseline_value=medians[q],
                     )
 
     def bulk(self) -> None:
         for size, key in ((64 << 10, "bulk64k"), (1 << 20, "bulk1m")):
-            pipe, _, _ = self.repeat(
-                functools.partial(baselines.bulk, "pipe", size, self.plan.seconds)
-            )
-            self.add(Row("baseline", {"kind": "pipe", "size": size}, "bytes/s", pipe, "B/s"))
-            for kind in ("socketpair", "numpy-copy"):
-                other, _, _ = self.repeat(
-                    functools.partial(baselines.bulk, kind, size, self.plan.seconds)
-                )
-                self.add(Row("baseline", {"kind": kind, "size": size}, "bytes/s", other, "B/s"))
+            measured = {}
+            for kind in ("pipe", "socketpair", "numpy-copy"):
+                vals = self.values(functools.partial(baselines.bulk, kind, size, self.plan.seconds))
+                measured[kind] = self.add_reps(
+                    "baseline", {"kind": kind, "size": size}, "bytes/s", vals, "B/s"
+                ).value
             # guest -> host: the device copies each buffer into its own memory (and checks
             # the sequence numbers), as the Pipe receiver gets each buffer as its own bytes
             params = {
@@ -466,43 +534,38 @@ class Bench:
                 "qsize": 16,
                 "sink": True,
             }
-            v, vmin, vmax = self.repeat(
+            vals = self.values(
                 functools.partial(
                     self.echo_metric, params, -1, "mb_per_s", 1e6, 64 << 20, {"sink": True}
                 )
             )
-            self.add(
-                Row(
-                    "bulk",
-                    {"size": size},
-                    "bytes/s",
-                    v,
-                    "B/s",
-                    "multiprocessing.Pipe",
-                    pipe,
-                    min=vmin,
-                    max=vmax,
-                    reps=self.plan.reps,
-                )
+            self.add_reps(
+                "bulk",
+                {"size": size},
+                "bytes/s",
+                vals,
+                "B/s",
+                path=self.path,
+                baseline="Pipe",
+                baseline_value=measured["pipe"],
+                note=f"two-copy bound {measured['numpy-copy'] / 2 / 1e9:.3g} GB/s",
             )
+            if not self.plan.bulk_echo:
+                continue
             # and back (echo): every byte copied into an RX buffer and verified by the guest
             params = {"count": self.plan.counts[key] // 4, "size": size, "batch": 8, "qsize": 16}
-            v, vmin, vmax = self.repeat(
+            vals = self.values(
                 functools.partial(self.echo_metric, params, -1, "mb_per_s", 1e6, 64 << 20)
             )
-            self.add(
-                Row(
-                    "bulk-echo",
-                    {"size": size},
-                    "bytes/s",
-                    v,
-                    "B/s",
-                    "multiprocessing.Pipe",
-                    pipe,
-                    min=vmin,
-                    max=vmax,
-                    reps=self.plan.reps,
-                )
+            self.add_reps(
+                "bulk-echo",
+                {"size": size},
+                "bytes/s",
+                vals,
+                "B/s",
+                path=self.path,
+                baseline="Pipe",
+                baseline_value=measured["pipe"],
             )
 
     def control_plane(self) -> None:
@@ -511,11 +574,12 @@ class Bench:
         The three VMs (one per binding count) live side by side and are measured in
         interleaved rounds of ``CP_CHUNK`` operations, so whatever the machine does
         meanwhile (CPU placement of client and broker, other load) falls on all three
-        alike; measured one after the other they differed by 2x from placement alone."""
+        alike; measured one after the other they differed by 2x from placement alone.
+        Each repetition is a full set of rounds over the same VMs."""
         ops = self.plan.counts["ops"]
         counts = (10, 1000, 10000)
-        lats: dict[int, list[float]] = {live: [] for live in counts}
-        spent: dict[int, float] = dict.fromkeys(counts, 0.0)
+        lat_reps: dict[int, list[float]] = {live: [] for live in counts}
+        rate_reps: dict[int, list[float]] = {live: [] for live in counts}
         with Channel.connect(self.sock) as ch:
             vms: dict[int, tuple[int, int]] = {}
             for live in counts:
@@ -523,218 +587,295 @@ class Bench:
                 vms[live] = (vm, handle)
                 for i in range(live):
                     ch.ioeventfd(vm, handle, 0x1000_0000 + 8 * i, 4)
-            for first in range(0, ops, CP_CHUNK):
-                for live, (vm, handle) in vms.items():
-                    start = time.perf_counter()
-                    for i in range(first, min(ops, first + CP_CHUNK)):
-                        t0 = time.perf_counter()
-                        ch.ioeventfd(vm, handle, 0x2000_0000 + 8 * i, 4)
-                        ch.ioeventfd(vm, handle, 0x2000_0000 + 8 * i, 4, deassign=True)
-                        lats[live].append((time.perf_counter() - t0) / 2)
-                    spent[live] += time.perf_counter() - start
+            for _ in range(self.plan.reps):
+                lats: dict[int, list[float]] = {live: [] for live in counts}
+                spent: dict[int, float] = dict.fromkeys(counts, 0.0)
+                for first in range(0, ops, CP_CHUNK):
+                    for live, (vm, handle) in vms.items():
+                        start = time.perf_counter()
+                        for i in range(first, min(ops, first + CP_CHUNK)):
+                            t0 = time.perf_counter()
+                            ch.ioeventfd(vm, handle, 0x2000_0000 + 8 * i, 4)
+                            ch.ioeventfd(vm, handle, 0x2000_0000 + 8 * i, 4, deassign=True)
+                            lats[live].append((time.perf_counter() - t0) / 2)
+                        spent[live] += time.perf_counter() - start
+                for live in counts:
+                    lat_reps[live].append(statistics.median(lats[live]) * 1e6)
+                    rate_reps[live].append(2 * ops / spent[live])
             for vm, handle in vms.values():
                 ch.vm_destroy(vm)
                 ch.handle_close(handle)
-        lat10 = statistics.median(lats[10]) * 1e6
+        lat10 = statistics.median(lat_reps[10])
         for live in counts:
-            lat = statistics.median(lats[live]) * 1e6
-            self.add(
-                Row(
-                    "control-plane",
-                    {"live_bindings": live},
-                    "ops/s",
-                    2 * ops / spent[live],
-                    "ops/s",
-                )
+            self.add_reps(
+                "control-plane", {"live_bindings": live}, "ops/s", rate_reps[live], "ops/s"
             )
-            self.add(
-                Row(
-                    "control-plane",
-                    {"live_bindings": live},
-                    "latency_p50",
-                    lat,
-                    "us",
-                    None if live == 10 else "vbusemu@10 bindings",
-                    None if live == 10 else lat10,
-                )
+            self.add_reps(
+                "control-plane",
+                {"live_bindings": live},
+                "latency_p50",
+                lat_reps[live],
+                "us",
+                baseline=None if live == 10 else "@10 bindings",
+                baseline_value=None if live == 10 else lat10,
             )
 
     def scale(self) -> None:
+        """Aggregate 64 B echo throughput of 1, 2, 4, 8 VMs side by side; the runs' memory
+        is sampled meanwhile (the 1- and 8-VM totals and the cost per VM come from here),
+        and the 8-VM run is repeated on the reference path."""
         one: float | None = None
-        for n in (1, 2, 4, 8):
+        cases = [(n, self.path) for n in self.plan.scale_vms]
+        if self.path == KERNELS:
+            cases.append((MEMORY_VMS, REFERENCE))
+        for n, path in cases:
+            memory: list[dict[int, procmem.Reading]] = []
 
-            def aggregate(n: int = n) -> float:
+            def aggregate(
+                n: int = n, path: str = path, memory: list[dict[int, procmem.Reading]] = memory
+            ) -> float:
                 params = {"count": self.plan.counts["scale"], "size": 64, "batch": 16}
+                kinds = (
+                    {"broker": 1, "vmm": 1, "guest": n, "echo device": n}
+                    if n in (1, MEMORY_VMS)
+                    else None
+                )
                 result = self.run_vms(
-                    [self.echo_vm(f"vm{i}", params, memory=8 << 20) for i in range(n)], timeout=180
+                    [self.echo_vm(f"vm{i}", params, memory=8 << 20) for i in range(n)],
+                    timeout=180,
+                    path=path,
+                    memory=kinds,
                 )
                 rs = list(result["results"].values())
                 if len(rs) != n or not all(r.get("ok") for r in rs):
                     raise BenchError(f"scale run with {n} VMs failed: {rs}")
+                memory.append(result.get("memory", {}))
                 return float(sum(r["frames"] for r in rs) / max(r["elapsed"] for r in rs))
 
-            v, vmin, vmax = self.repeat(aggregate)
-            row = self.add(
-                Row(
-                    "scale",
-                    {"vms": n},
-                    "msgs/s",
-                    v,
-                    "msgs/s",
-                    None if n == 1 else "vbusemu@1 VM",
-                    one,
-                    min=vmin,
-                    max=vmax,
-                    reps=self.plan.reps,
-                )
+            row = self.add_reps(
+                "scale",
+                {"vms": n},
+                "msgs/s",
+                self.values(aggregate),
+                "msgs/s",
+                path=path,
+                baseline=None if n == 1 or path != self.path else "1 VM",
+                baseline_value=None if path != self.path else one,
             )
             if n == 1:
                 one = row.value
+            if n in (1, MEMORY_VMS) and all(memory):
+                self._memory_rows(
+                    {"job": "echo", "vms": n}, memory, path, per_vm=n if n == MEMORY_VMS else None
+                )
 
-
-TARGETS: list[tuple[str, str, dict[str, Any], str, float, str]] = [
-    # (description, workload, params, metric, minimum ratio, where the time goes if missed:
-    # the profile behind each is in docs/performance.md, "Why each missed target is missed")
-    (
-        "64 B, batch 256, EVENT_IDX >= 25x Pipe",
-        "small-messages",
-        {"batch": 256, "mode": "event-idx"},
-        "msgs/s",
-        25.0,
-        "guest-bound: CPython + numpy work per frame (stamp, post, reclaim)",
-    ),
-    (
-        "64 B, batch 1 >= 1.5x Pipe",
-        "small-messages",
-        {"batch": 1, "mode": "event-idx"},
-        "msgs/s",
-        1.5,
-        "guest-bound: CPython work of posting one frame per kick",
-    ),
-    # The issue's framing ("a cross-core wakeup costs tens of microseconds; polling avoids
-    # it"): both ends on different CPUs; "any" where there is only one CPU.
-    (
-        "round trip, sleeping <= 1.3x eventfd ping-pong (cross-CPU)",
-        "round-trip",
-        {"mode": "sleeping", "placement": "cross-cpu"},
-        "rtt_p50",
-        1 / 1.3,
-        "two cross-CPU wakeups plus both sides' Python ring and event-loop work in series",
-    ),
-    (
-        "round trip, polling <= 0.2x eventfd ping-pong (cross-CPU)",
-        "round-trip",
-        {"mode": "polling", "placement": "cross-cpu"},
-        "rtt_p50",
-        1 / 0.2,
-        "both sides' Python ring work in series (no wakeups left)",
-    ),
-    (
-        "bulk 1 MiB >= 8x Pipe",
-        "bulk",
-        {"size": 1 << 20},
-        "bytes/s",
-        8.0,
-        "device-bound: one memcpy per buffer of lines the guest just wrote on another CPU",
-    ),
-    (
-        "control plane: latency @10,000 <= 1.5x @10",
-        "control-plane",
-        {"live_bindings": 10000},
-        "latency_p50",
-        1 / 1.5,
-        "indexed lookups; should not miss",
-    ),
-    (
-        "scale: 4 VMs >= 0.8x 1 VM",
-        "scale",
-        {"vms": 4},
-        "msgs/s",
-        0.8,
-        "should not miss with idle cores",
-    ),
-]
-
-
-def _matching(rows: list[Row], workload: str, metric: str, params: dict[str, Any]) -> list[Row]:
-    return [
-        r
-        for r in rows
-        if r.workload == workload
-        and r.metric == metric
-        and all(r.params.get(k) == v for k, v in params.items())
-    ]
-
-
-def evaluate_targets(rows: list[Row]) -> list[dict[str, Any]]:
-    out = []
-    for text, workload, params, metric, minimum, why in TARGETS:
-        match = _matching(rows, workload, metric, params)
-        if not match and "placement" in params:  # one CPU: only the unpinned placement
-            match = _matching(rows, workload, metric, {**params, "placement": "any"})
-        ratio = match[0].ratio if match else None
-        met = ratio is not None and ratio >= minimum
-        out.append(
-            {
-                "target": text,
-                "ratio": ratio,
-                "needed": minimum,
-                "met": met,
-                "why_missed": None if met else why,
-            }
+    def _memory_rows(
+        self,
+        job: dict[str, Any],
+        samples: list[dict[int, procmem.Reading]],
+        path: str,
+        per_vm: int | None = None,
+        kinds: bool = False,
+    ) -> None:
+        """Memory rows from one steady sample per repetition: per process kind (RSS per
+        process, Pss in the note), the totals (Pss and RSS), and the cost per VM (the
+        guests' and devices' Pss / VMs)."""
+        if kinds:
+            names = sorted({r.kind for s in samples for r in s.values()})
+            for kind in names:
+                groups = [procmem.by_kind(s).get(kind, []) for s in samples]
+                if not all(groups):
+                    continue
+                rss = [sum(r.rss_kib for r in g) / len(g) / MIB for g in groups]
+                pss = statistics.median(sum(r.pss_kib for r in g) / len(g) / MIB for g in groups)
+                n = len(groups[0])
+                self.add_reps(
+                    "memory",
+                    {**job, "process": kind},
+                    "rss/process",
+                    rss,
+                    "MiB",
+                    path=path,
+                    note=f"{n} process{'es' if n > 1 else ''}, Pss {pss:.1f} MiB each",
+                )
+        self.add_reps(
+            "memory",
+            {**job, "process": "total"},
+            "pss",
+            [sum(r.pss_kib for r in s.values()) / MIB for s in samples],
+            "MiB",
+            path=path,
+            note=f"{len(samples[0])} processes",
         )
-    return out
-
-
-def markdown(rows: list[Row], targets: list[dict[str, Any]], machine: dict[str, Any]) -> str:
-    lines = [
-        "# vbusemu benchmark",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()),
-        "",
-        "| workload | params | metric | value | unit | baseline | baseline value | "
-        "ratio (>1: vbusemu better) | min | max |",
-        "|---|---|---|---:|---|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
-        lines.append(
-            f"| {r.workload} | {json.dumps(r.params, sort_keys=True)} | {r.metric} | "
-            f"{_fmt(r.value)} | {r.unit} | {r.baseline or '-'} | "
-            f"{_fmt(r.baseline_value)} | {ratio} | {_fmt(r.min)} | {_fmt(r.max)} |"
+        self.add_reps(
+            "memory",
+            {**job, "process": "total"},
+            "rss",
+            [sum(r.rss_kib for r in s.values()) / MIB for s in samples],
+            "MiB",
+            path=path,
+            note="shared pages counted once per process",
         )
-    lines += [
-        "",
-        "## Targets",
-        "",
-        "| target | ratio | needed | met | if missed: where the time goes |",
-        "|---|---:|---:|---|---|",
-    ]
-    for t in targets:
-        ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}"
-        lines.append(
-            f"| {t['target']} | {ratio} | {t['needed']:.2f} | "
-            f"{'yes' if t['met'] else 'NO'} | {t['why_missed'] or ''} |"
+        if per_vm:
+            self.add_reps(
+                "memory",
+                {**job, "process": "per VM"},
+                "pss",
+                [
+                    sum(
+                        r.pss_kib for r in s.values() if r.kind not in ("broker", "vmm", "launcher")
+                    )
+                    / MIB
+                    / per_vm
+                    for s in samples
+                ],
+                "MiB",
+                path=path,
+                note="guest + its devices (Pss), averaged over the VMs",
+            )
+
+    def start_up(self) -> None:
+        """The default job (``vbusemu run examples/two-vms.toml``, a copy in a private
+        directory) timed from start to exit with a warm kernel cache, on each path, its
+        processes' memory sampled meanwhile; the kernels' first-run compile (an empty
+        numba cache) and their load from a warm cache, each in a fresh process."""
+        for path in self.paths:
+            walls, memory = [], []
+            for _ in range(self.plan.reps):
+                wall, mem = self._two_vms(path)
+                walls.append(wall)
+                memory.append(mem)
+            self.add_reps(
+                "start-up",
+                {"job": "two-vms", "what": "vbusemu run, warm cache"},
+                "wall",
+                walls,
+                "s",
+                path=path,
+            )
+            if all(memory):
+                self._memory_rows({"job": "two-vms"}, memory, path, kinds=True)
+        if self.path != KERNELS:
+            return
+        compile_s, load_s = [], []
+        for _ in range(self.plan.reps):
+            with tempfile.TemporaryDirectory(prefix="vbusemu-numba-") as cache:
+                compile_s.append(
+                    self._timed(
+                        python_module("shared.virtio.warm"),
+                        {**path_env(KERNELS), "NUMBA_CACHE_DIR": cache},
+                    )
+                )
+            load_s.append(self._timed(python_module("shared.virtio.warm"), path_env(KERNELS)))
+        self.add_reps(
+            "start-up",
+            {"what": "kernel compile, empty cache"},
+            "wall",
+            compile_s,
+            "s",
+            path=KERNELS,
+            note="python -m shared.virtio.warm",
         )
-    lines += [
-        "",
-        "Ratios are within this run, on this machine. The profiles behind each "
-        "missed target, and what was tried, are in docs/performance.md.",
-    ]
-    return "\n".join(lines) + "\n"
+        self.add_reps(
+            "start-up",
+            {"what": "kernel load, warm cache"},
+            "wall",
+            load_s,
+            "s",
+            path=KERNELS,
+            note="python -m shared.virtio.warm",
+        )
+
+    @staticmethod
+    def _timed(argv: list[str], env: dict[str, str]) -> float:
+        t0 = time.perf_counter()
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        wall = time.perf_counter() - t0
+        if out.returncode:
+            raise BenchError(f"{' '.join(argv)} failed ({out.returncode}): {out.stderr[-800:]}")
+        return wall
+
+    def _two_vms(self, path: str) -> tuple[float, dict[int, procmem.Reading]]:
+        with tempfile.TemporaryDirectory(prefix="vbusemu-bench-job-") as tmp:
+            topology = Path(tmp) / TWO_VMS.name
+            shutil.copyfile(TWO_VMS, topology)
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(
+                python_module("hostemu.cli", "run", str(topology)),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=path_env(path),
+            )
+            with procmem.TreeSampler(proc.pid, TWO_VMS_KINDS) as sampler:
+                try:
+                    stdout, _ = proc.communicate(timeout=300)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.communicate()
+                    raise BenchError("the two-VM job did not finish in 300 s") from None
+            wall = time.perf_counter() - t0
+        if proc.returncode:
+            raise BenchError(f"the two-VM job failed ({proc.returncode}): {stdout[-1500:]}")
+        return wall, sampler.result()
 
 
-def _save(plt: Any, fig: Any, ax: Any, path: Path, **settings: str) -> str:
+# ---------------------------------------------------------------- plots
+
+
+def _plain_log_axis(axis: Any) -> None:
+    """A log axis labelled with plain numbers (10, 200, 1000), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}" if x >= 1 else f"{x:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _finish_plot(
+    plt: Any,
+    fig: Any,
+    ax: Any,
+    path: Path,
+    footnote: str,
+    xticks: dict[float, str] | None = None,
+    **settings: Any,
+) -> str:
+    """Axes settings (log axes labelled with plain numbers, or ``xticks``: position ->
+    label), the legend outside the data (right of the axes), the machine/mode/path
+    footnote under the figure; saved with everything inside the image."""
     ax.set(**settings)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
+    if settings.get("yscale") == "log":
+        _plain_log_axis(ax.yaxis)
+    if xticks:
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xticks(sorted(xticks), [xticks[x] for x in sorted(xticks)])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    elif settings.get("xscale") == "log":
+        _plain_log_axis(ax.xaxis)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    fig.text(0.01, 0.005, footnote, fontsize=7, color="0.35", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, bbox_inches="tight", dpi=110)
     plt.close(fig)
     return path.name
 
 
+def plot_footnote(machine: dict[str, Any], mode: str, path: str) -> str:
+    return (
+        f"{machine.get('cpu_model')}, {machine.get('usable_cores')} usable of "
+        f"{machine.get('cores')} cores; {mode} mode; data path: {path}"
+    )
+
+
 def plots(
-    rows: list[Row], outdir: Path, rtt_samples: dict[str, dict[str, list[float]]] | None = None
+    rows: list[Row],
+    outdir: Path,
+    rtt_samples: dict[str, dict[str, list[float]]] | None = None,
+    footnote: str = "",
+    path: str = KERNELS,
 ) -> list[str]:
     """PNG plots if matplotlib is installed; returns the files written."""
     try:
@@ -745,17 +886,26 @@ def plots(
     except ImportError:
         return []
     written = []
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     for mode in MODES:
-        pts = sorted(
-            (r.params["batch"], r.value)
-            for r in rows
-            if r.workload == "small-messages"
-            and r.params.get("mode") == mode
-            and r.metric == "msgs/s"
-        )
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=f"vbusemu {mode}")
+        for p, style in ((path, "-"), (REFERENCE, ":")):
+            if p == path and style == ":":
+                continue
+            pts = sorted(
+                (r.params["batch"], r.value)
+                for r in rows
+                if r.workload == "small-messages"
+                and r.params.get("mode") == mode
+                and r.metric == "msgs/s"
+                and r.path == p
+            )
+            if pts:
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    marker="o",
+                    linestyle=style,
+                    label=f"vbusemu {mode}" + (f" ({p})" if p != path else ""),
+                )
     for kind, label in SMALL_KINDS.items():
         pts = sorted(
             (r.params["batch"], r.value)
@@ -764,24 +914,32 @@ def plots(
         )
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="s", linestyle="--", label=label)
+    batches = {
+        float(r.params["batch"]): str(r.params["batch"]) for r in rows if "batch" in r.params
+    }
     written.append(
-        _save(
+        _finish_plot(
             plt,
             fig,
             ax,
             outdir / "throughput_vs_batch.png",
+            footnote,
+            xticks=batches,
             xscale="log",
             yscale="log",
-            xlabel="batch size",
+            xlabel="batch size (messages per notification)",
             ylabel="messages/s",
             title="64 B messages: throughput vs batch size",
         )
     )
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     series: list[tuple[str, Callable[[Row], bool]]] = [
-        ("vbusemu (guest -> device)", lambda r: r.workload == "bulk"),
-        ("vbusemu echo (and back, verified)", lambda r: r.workload == "bulk-echo"),
+        ("vbusemu (guest -> device)", lambda r: r.workload == "bulk" and r.path == path),
+        (
+            "vbusemu echo (and back, verified)",
+            lambda r: r.workload == "bulk-echo" and r.path == path,
+        ),
         (
             "Pipe",
             lambda r: (
@@ -797,99 +955,138 @@ def plots(
             ),
         ),
         ("numpy copy", lambda r: r.params.get("kind") == "numpy-copy"),
+        ("two-copy bound (numpy copy / 2)", lambda r: r.params.get("kind") == "numpy-copy"),
     ]
+    sizes: set[int] = set()
     for label, pred in series:
-        pts = sorted((r.params["size"], r.value / 1e6) for r in rows if pred(r))
+        half = 0.5 if label.startswith("two-copy") else 1.0
+        pts = sorted((r.params["size"], r.value / 1e9 * half) for r in rows if pred(r))
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+            sizes.update(int(s) for s, _ in pts)
+            ax.plot(
+                *zip(*pts, strict=True),
+                marker="o",
+                label=label,
+                linestyle=":" if half != 1.0 else "-",
+            )
     written.append(
-        _save(
+        _finish_plot(
             plt,
             fig,
             ax,
             outdir / "throughput_vs_payload.png",
+            footnote,
+            xticks={float(s): fmt_size(s) for s in sizes},
             xscale="log",
             yscale="log",
-            xlabel="payload size (bytes)",
-            ylabel="MB/s",
-            title="bulk: throughput vs payload size",
+            xlabel="buffer size",
+            ylabel="GB/s",
+            title="bulk: throughput vs buffer size",
         )
     )
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    # latency: horizontal bars, one line of label per series, p50 and p99 side by side
+    fig, ax = plt.subplots(figsize=(8, 5))
     labels, p50, p99 = [], [], []
     for r in rows:
-        if r.metric == "rtt_p50":
+        if r.metric == "rtt_p50" and r.path in (path, None):
             mate = [
                 x
                 for x in rows
-                if x.metric == "rtt_p99" and x.params == r.params and x.workload == r.workload
+                if x.metric == "rtt_p99"
+                and x.params == r.params
+                and x.workload == r.workload
+                and x.path == r.path
             ]
-            labels.append(
-                f"{r.params.get('mode', r.params.get('kind'))}\n{r.params.get('placement', '')}"
+            who = (
+                f"vbusemu {r.params['mode']}"
+                if r.workload == "round-trip"
+                else str(r.params.get("kind"))
             )
+            labels.append(f"{who}, {r.params.get('placement', 'any')}")
             p50.append(r.value)
             p99.append(mate[0].value if mate else 0)
-    xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], p50, width=0.4, label="p50")
-    ax.bar([x + 0.2 for x in xs], p99, width=0.4, label="p99")
-    ax.set_xticks(list(xs), labels, fontsize=6)
+    ys = list(range(len(labels)))
+    ax.barh([y - 0.2 for y in ys], p50, height=0.4, label="p50")
+    ax.barh([y + 0.2 for y in ys], p99, height=0.4, label="p99")
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.invert_yaxis()
     written.append(
-        _save(
+        _finish_plot(
             plt,
             fig,
             ax,
             outdir / "latency.png",
-            ylabel="round trip (us)",
-            yscale="log",
+            footnote,
+            xlabel="round trip (µs, log scale)",
+            xscale="log",
             title="round-trip latency",
         )
     )
     if rtt_samples:
-        written.append(_latency_cdf(plt, rtt_samples, outdir / "latency_cdf.png"))
+        written.append(_latency_cdf(plt, rtt_samples, outdir / "latency_cdf.png", footnote))
     return written
 
 
-def _latency_cdf(plt: Any, samples: dict[str, dict[str, list[float]]], path: Path) -> str:
+def _latency_cdf(
+    plt: Any, samples: dict[str, dict[str, list[float]]], path: Path, footnote: str
+) -> str:
     """One panel per placement: the distribution (CDF) of every round-trip series."""
-    from matplotlib.ticker import NullFormatter
-
-    fig, axes = plt.subplots(1, len(samples), figsize=(5 * len(samples), 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(samples), figsize=(4.5 * len(samples), 4), squeeze=False, sharey=True
+    )
     for ax, (placement, series) in zip(axes[0], samples.items(), strict=True):
         for label, values in series.items():
             if values:
                 xs = sorted(values)
                 ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label)
-        ax.set(
-            xscale="log",
-            xlabel="round trip (us)",
-            ylabel="fraction of round trips",
-            title=f"placement: {placement}",
+        ax.set(xscale="log", xlabel="round trip (µs)", title=f"placement: {placement}")
+        _plain_log_axis(ax.xaxis)
+    axes[0][0].set_ylabel("fraction of round trips")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(
+            handles,
+            labels,
+            loc="upper center",
+            ncol=len(labels),
+            fontsize=8,
+            frameon=False,
+            bbox_to_anchor=(0.5, 1.0),
         )
-        ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels collide
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    fig.text(0.01, 0.005, footnote, fontsize=7, color="0.35", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.04, 1, 0.92))
+    fig.savefig(path, bbox_inches="tight", dpi=110)
     plt.close(fig)
     return path.name
 
 
+# ---------------------------------------------------------------- main
+
+
 def main(quick: bool, out: str | None) -> int:
     plan = Plan.make(quick)
+    mode = "quick" if quick else "full"
+    path = KERNELS if jit_enabled() else REFERENCE
     outdir = Path(out) if out else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
     outdir.mkdir(parents=True, exist_ok=True)
 
     def say(text: str) -> None:
         print(text, flush=True)
 
-    say(f"vbusemu bench ({'quick' if quick else 'full'}): results in {outdir}")
+    load_before = list(os.getloadavg())
+    say(f"vbusemu bench ({mode}, {plan.reps} repetitions, path {path}): results in {outdir}")
     started = time.monotonic()
+    # Outside the measured time: the kernels compiled (or loaded) once into numba's cache,
+    # so no measured process compiles them.
+    if not warm_kernels():
+        return 1
     with tempfile.TemporaryDirectory(prefix="vbusemu-bench-") as tmp:
         os.chmod(tmp, 0o700)
         sock = os.path.join(tmp, "broker.sock")
         with open(os.path.join(tmp, "broker.log"), "w") as log:
             broker: ManagedProcess = start_broker(sock, Policy.REFCOUNT, stderr=log, stdout=log)
-            bench = Bench(plan, sock, say)
+            bench = Bench(plan, sock, say, broker.pid, path)
             try:
                 steps = [
                     bench.small_messages,
@@ -897,6 +1094,7 @@ def main(quick: bool, out: str | None) -> int:
                     bench.bulk,
                     bench.control_plane,
                     bench.scale,
+                    bench.start_up,
                 ]
                 for i, step in enumerate(steps, 1):
                     say(
@@ -909,24 +1107,38 @@ def main(quick: bool, out: str | None) -> int:
                 return 1
             finally:
                 broker.stop()
-    machine = baselines.machine_info()
-    targets = evaluate_targets(bench.rows)
-    rows = [{**asdict(r), "machine": machine} for r in bench.rows]
-    (outdir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    summary = {
-        "machine": machine,
-        "mode": "quick" if quick else "full",
-        "elapsed_s": time.monotonic() - started,
-        "targets": targets,
-    }
-    (outdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = markdown(bench.rows, targets, machine)
-    (outdir / "results.md").write_text(table)
-    pngs = plots(bench.rows, outdir, bench.rtt_samples)
+    load_after = list(os.getloadavg())
+    elapsed = time.monotonic() - started
+    machine = {**baselines.machine_info(), "load_before": load_before, "load_after": load_after}
+    targets = evaluate(TARGETS, bench.rows, path)
+    (outdir / "results.json").write_text(
+        json.dumps([r.to_json(machine) for r in bench.rows], indent=2) + "\n"
+    )
+    (outdir / "summary.json").write_text(
+        json.dumps(
+            summary(
+                bench.rows,
+                targets,
+                machine,
+                mode=mode,
+                reps=plan.reps,
+                path=path,
+                load_before=load_before,
+                load_after=load_after,
+                elapsed_s=elapsed,
+            ),
+            indent=2,
+        )
+        + "\n"
+    )
+    header = header_lines(machine, mode, plan.reps, path, load_before, load_after)
+    (outdir / "results.md").write_text(markdown(bench.rows, targets, header))
+    pngs = plots(bench.rows, outdir, bench.rtt_samples, plot_footnote(machine, mode, path), path)
     say("")
-    say(table)
+    say(console(bench.rows, targets, header))
+    say("")
     say(
-        f"wrote {outdir / 'results.json'}, {outdir / 'results.md'}"
+        f"wrote {outdir / 'results.json'}, summary.json, results.md"
         + (f", {', '.join(pngs)}" if pngs else " (no plots: matplotlib is not installed)")
     )
     say(f"done in {time.monotonic() - started:.0f} s")
