@@ -35,6 +35,17 @@ def test_ruff_clean() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_ruff_formatted() -> None:
+    out = subprocess.run(
+        [*_tool("ruff"), "format", "--check", "."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timing.scaled(240),
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_mypy_strict_clean() -> None:
     out = subprocess.run(
         [*_tool("mypy")], cwd=ROOT, capture_output=True, text=True, timeout=timing.scaled(280)
