@@ -35,8 +35,10 @@ control-plane binding counts are measured interleaved.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
 import os
 import shutil
 import statistics
@@ -65,7 +67,7 @@ from hostemu.bench.report import (
 )
 from hostemu.launcher import ManagedProcess, python_module, start_broker, warm_kernels
 from shared.channel import Channel
-from shared.errors import VbusError
+from shared.errors import ConfigError, VbusError
 from shared.jit import JIT_ENV, jit_enabled
 from shared.wire import Policy
 
@@ -130,6 +132,14 @@ class Plan:
     placements: tuple[str, ...] = ("any", "same-cpu", "cross-cpu")
     bulk_echo: bool = True
     scale_vms: tuple[int, ...] = (1, 2, 4, 8)
+
+    def shrunk(self, factor: float) -> Plan:
+        """The same plan with every count (and baseline time) scaled by ``factor`` <= 1:
+        what the output-format smoke test runs, where no figure matters."""
+        if factor == 1.0:
+            return self
+        counts = {k: max(1, int(v * factor)) for k, v in self.counts.items()}
+        return dataclasses.replace(self, seconds=self.seconds * factor, counts=counts)
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
@@ -1064,8 +1074,23 @@ def _latency_cdf(
 # ---------------------------------------------------------------- main
 
 
+SHRINK_ENV = "VBUSEMU_BENCH_SHRINK"
+
+
+def _shrink_factor() -> float:
+    """``VBUSEMU_BENCH_SHRINK`` (0 < x <= 1, default 1): for tests of the output only."""
+    raw = os.environ.get(SHRINK_ENV, "1")
+    try:
+        factor = float(raw)
+    except ValueError:
+        factor = math.nan
+    if not 0 < factor <= 1:
+        raise ConfigError(f"{SHRINK_ENV}={raw!r}: must be a number in (0, 1]")
+    return factor
+
+
 def main(quick: bool, out: str | None) -> int:
-    plan = Plan.make(quick)
+    plan = Plan.make(quick).shrunk(_shrink_factor())
     mode = "quick" if quick else "full"
     path = KERNELS if jit_enabled() else REFERENCE
     outdir = Path(out) if out else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
