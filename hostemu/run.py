@@ -26,6 +26,7 @@ exits with :data:`EXIT_INTERRUPTED` (130, as a shell reports a SIGINT).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import select
@@ -47,7 +48,21 @@ from hostemu.launcher import (
 from shared.errors import ConfigError, PeerGoneError
 from shared.lifeline import CTRL_C, CtrlC, become_subreaper, reap_orphans
 
-DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "examples" / "two-vms.toml"
+DEFAULT_TOPOLOGY = Path(__file__).resolve().parent / "examples" / "two-vms.toml"
+"""Shipped with the package; in a source checkout also reachable as ``examples/``."""
+
+
+def default_topology() -> topo.Topology:
+    """The default topology. In a source checkout its disk images go next to it (in
+    ``examples/``); in an installed package -- not a place to write -- to the user's data
+    directory (``$XDG_DATA_HOME/vbusemu``, else ``~/.local/share/vbusemu``)."""
+    if (DEFAULT_TOPOLOGY.parent.parent.parent / "examples").is_dir():
+        return topo.load(DEFAULT_TOPOLOGY)
+    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    base = data / "vbusemu"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    topology = topo.loads(DEFAULT_TOPOLOGY.read_text(), base, str(DEFAULT_TOPOLOGY))
+    return dataclasses.replace(topology, source=DEFAULT_TOPOLOGY)
 EXIT_INTERRUPTED = 130
 INTERRUPTED_LINE = "vbusemu run: interrupted; stopping guests, devices, VMM and broker"
 
@@ -290,7 +305,7 @@ def main(path: str | None, timeout: float = 120.0) -> int:
     ctrl_c.install()
     try:
         try:
-            topology = topo.load(Path(path) if path else DEFAULT_TOPOLOGY)
+            topology = topo.load(Path(path)) if path else default_topology()
             # Before anything starts: a second run of the same images stops here.
             locks = lock_images(topo.image_paths(topology))
         except ConfigError as e:

@@ -103,7 +103,7 @@ MODES = {  # notification mode -> (echo notify param, guest halt-poll ns)
 REFERENCE_BATCHES = (1, 256)
 """Small messages measured on the reference path too (event-idx): the scalar fast path
 (batch 1) and the kernels' case (batch 256)."""
-TWO_VMS = Path(__file__).resolve().parent.parent.parent / "examples" / "two-vms.toml"
+TWO_VMS = Path(__file__).resolve().parent.parent / "examples" / "two-vms.toml"
 TWO_VMS_KINDS = {
     "launcher": 1,
     "broker": 1,
