@@ -63,6 +63,8 @@ def default_topology() -> topo.Topology:
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     topology = topo.loads(DEFAULT_TOPOLOGY.read_text(), base, str(DEFAULT_TOPOLOGY))
     return dataclasses.replace(topology, source=DEFAULT_TOPOLOGY)
+
+
 EXIT_INTERRUPTED = 130
 INTERRUPTED_LINE = "vbusemu run: interrupted; stopping guests, devices, VMM and broker"
 
