@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 
 _loaded = False
+SMALL_ROWS = 4096
+"""Payload kernels take batches of rows up to this many bytes, where per-row work in Python
+and numpy dominates; bigger rows are memcpy-bound, and numpy's copies are already that."""
 
 
 def _load() -> None:
@@ -131,6 +134,8 @@ class DeviceKernels:
         whose buffers each lie in the slot of their side's first buffer; ``None``:
         declined."""
         n = len(dst_batch)
+        if width > SMALL_ROWS:
+            return None
         s_addrs, d_addrs = batch.addrs, dst_batch.addrs
         src = _slot_of(src_ring._mem, src_ring._slots.table(), int(s_addrs[0]))
         dst = _slot_of(dst_ring._mem, dst_ring._slots.table(), int(d_addrs[0]))
@@ -163,6 +168,8 @@ class DeviceKernels:
         """:meth:`~shared.virtio.DeviceRing.read_payloads` for a single-descriptor batch
         whose buffers lie in the slot of its first one; ``None``: declined."""
         n = len(batch)
+        if width > SMALL_ROWS:
+            return None
         addrs = batch.addrs
         slot = _slot_of(ring._mem, ring._slots.table(), int(addrs[0]))
         if slot is None:

@@ -373,9 +373,7 @@ def read_simple(
     for i in range(n):
         take = 0 if flags[i] & _WRITE else min(int(lens[i]), width)
         off = np.int64(addrs[i] - slot_gpa) if take else 0
-        for b in range(take):
-            out[i, b] = slot[off + b]
-        for b in range(take, width):
-            out[i, b] = 0
+        out[i, :take] = slot[off : off + take]
+        out[i, take:width] = 0
         copied[i] = take
     return n
