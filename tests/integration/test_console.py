@@ -8,7 +8,6 @@ processes (broker, VMM, guest, console device) from ``examples/minimal.toml`` th
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,9 @@ import pytest
 
 from hostemu import topology
 from hostemu.devices.console import MAX_CHAIN, MAX_LINE, LineAssembler, sanitize
-from hostemu.launcher import python_module
 from shared.wire import Policy
-from tests import timing
 from tests.conftest import BrokerHandle
-from tests.integration.test_dataplane import run_vmm
+from tests.integration.test_dataplane import run_vmm, run_vmm_lines
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -144,23 +141,7 @@ def run_vmm_output(
     broker: BrokerHandle, vms: list[dict[str, Any]], timeout: float = 60
 ) -> list[dict[str, Any]]:
     """Every JSON line the VMM printed (``run_vmm`` keeps only the final one)."""
-    limit = timing.scaled(timeout)
-    out = subprocess.run(
-        python_module(
-            "hostemu.vmm",
-            "--socket",
-            broker.path,
-            "--spec",
-            json.dumps(vms),
-            "--timeout",
-            str(limit),
-        ),
-        capture_output=True,
-        text=True,
-        timeout=limit + timing.scaled(60),
-    )
-    assert "Traceback" not in out.stderr, out.stderr
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return run_vmm_lines(broker, vms, timeout)[1]
 
 
 def test_console_lines_are_forwarded_upstream(broker: BrokerHandle) -> None:

@@ -21,8 +21,11 @@ from tests.conftest import BrokerHandle
 pytestmark = pytest.mark.timeout(180)
 
 
-def run_vmm(broker: BrokerHandle, vms: list[dict[str, Any]], timeout: float = 60) -> dict[str, Any]:
-    """Run ``vms`` in a VMM process; ``timeout`` is its liveness bound, scaled here."""
+def run_vmm_lines(
+    broker: BrokerHandle, vms: list[dict[str, Any]], timeout: float = 60
+) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """Run ``vms`` in a VMM process (``timeout``: its liveness bound, scaled here); the
+    process and every JSON line it printed."""
     limit = timing.scaled(timeout)
     out = subprocess.run(
         python_module(
@@ -39,7 +42,12 @@ def run_vmm(broker: BrokerHandle, vms: list[dict[str, Any]], timeout: float = 60
         timeout=limit + timing.scaled(60),
     )
     assert "Traceback" not in out.stderr, out.stderr
-    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return out, [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def run_vmm(broker: BrokerHandle, vms: list[dict[str, Any]], timeout: float = 60) -> dict[str, Any]:
+    """Run ``vms`` in a VMM process; its final result, with its exit status."""
+    out, lines = run_vmm_lines(broker, vms, timeout)
     done = [obj for obj in lines if obj.get("event") == "vmm_done"]
     assert done, f"no result (exit {out.returncode}):\n{out.stdout}\n{out.stderr}"
     result: dict[str, Any] = done[-1]
