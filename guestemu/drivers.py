@@ -25,8 +25,10 @@ import numpy as np
 from guestemu import pci
 from shared import pci_layout as pl
 from shared.errors import UsageError
+from shared.frames import HEADER, check, fault_message, stamp
 from shared.memory import GuestMemoryMap
 from shared.virtio import DRIVER_SCALAR_MAX, DriverRing, RingLayout
+from shared.virtio.args import STAGE_DONE, STAGE_START
 
 if TYPE_CHECKING:
     from guestemu.vcpu import Vcpu
@@ -115,7 +117,11 @@ class Virtqueue:
 
     def kick(self) -> None:
         # kick_needed() runs even when forced: it keeps the ring's last-kick bookkeeping
-        if self.ring.kick_needed() or self.always_kick:
+        self.doorbell(self.ring.kick_needed())
+
+    def doorbell(self, needed: bool) -> None:
+        """Ring the doorbell if the ring said it is ``needed`` (or always, if forced)."""
+        if needed or self.always_kick:
             self.vcpu.write(self.notify_addr, pl.NOTIFY_SIZE, self.index)
             self.counters["doorbells"] += 1
         else:
@@ -123,7 +129,8 @@ class Virtqueue:
 
 
 class BufferPool:
-    """``count`` fixed-size buffers in guest RAM, as one 2-D numpy view."""
+    """``count`` fixed-size buffers in guest RAM, as one 2-D numpy view, and a stack of the
+    free ones (numpy, so the fused kernels take and give buffers in place)."""
 
     def __init__(self, ram: GuestRam, count: int, size: int) -> None:
         self.size = size
@@ -133,7 +140,8 @@ class BufferPool:
         # (as a running guest's RAM is), instead of page faults inside the first transfers.
         self.data.fill(0)
         self.flat = self.data.reshape(-1).data  # byte-level memoryview (small frames)
-        self.free = list(range(count - 1, -1, -1))
+        self.stack = np.arange(count - 1, -1, -1, dtype=np.int64)  # free slots, top last
+        self.free = count  # how many: stack[:free]
 
     def addrs(self, slots: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         out: np.ndarray[Any, Any] = np.uint64(self.base) + slots.astype(np.uint64) * np.uint64(
@@ -142,23 +150,31 @@ class BufferPool:
         return out
 
     def take(self, n: int) -> np.ndarray[Any, Any]:
-        out = np.array(self.take_list(n), dtype=np.int64)
+        """The top ``n`` free slots, the top first (as popping them one by one)."""
+        if n > self.free:
+            raise UsageError(f"{n} buffers wanted, {self.free} free")
+        top = self.free
+        self.free = top - n
+        out: np.ndarray[Any, Any] = self.stack[top - n : top][::-1].copy()
         return out
 
     def take_list(self, n: int) -> list[int]:
         """:meth:`take` as a list of ints (few buffers: cheaper than numpy arrays)."""
-        if n > len(self.free):
-            raise UsageError(f"{n} buffers wanted, {len(self.free)} free")
-        taken = self.free[len(self.free) - n :]
-        del self.free[len(self.free) - n :]
-        taken.reverse()  # the same order as popping one by one
+        if n > self.free:
+            raise UsageError(f"{n} buffers wanted, {self.free} free")
+        top = self.free
+        self.free = top - n
+        taken: list[int] = self.stack[top - n : top].tolist()
+        taken.reverse()
         return taken
 
     def addr_list(self, slots: list[int]) -> list[int]:
         return [self.base + s * self.size for s in slots]
 
     def give(self, slots: np.ndarray[Any, Any] | list[int]) -> None:
-        self.free.extend(slots if isinstance(slots, list) else slots.tolist())
+        n = len(slots)
+        self.stack[self.free : self.free + n] = slots
+        self.free += n
 
 
 class PacketQueues:
@@ -210,8 +226,9 @@ class PacketQueues:
         self.post_rx()
 
     def post_rx(self) -> None:
-        n = len(self.rx_pool.free)
-        if n:
+        """Post every free RX buffer (none once the ring broke: the caller reports it)."""
+        n = self.rx_pool.free
+        if n and self.rx.ring.broken is None:
             self._post(self.rx, self.rx_pool, self.rx_slot, self._take(self.rx_pool, n), True)
             self.rx.kick()
 
@@ -320,7 +337,71 @@ class PacketQueues:
             if len(ids):
                 self.tx_pool.give(self.tx_slot[ids])
                 self.tx_completed += len(ids)
-        return len(self.tx_pool.free)
+        return self.tx_pool.free
+
+    # -------------------------------------------------- test frames (shared.frames)
+
+    @property
+    def fused(self) -> bool:
+        """Whether :meth:`send_frames` and :meth:`receive_frames` run a fused kernel per
+        step (the rings are on the compiled path and post single descriptors)."""
+        return (
+            self.tx.ring.kernels is not None
+            and self.rx.ring.kernels is not None
+            and not self.indirect_tail
+            and self.size > HEADER
+        )
+
+    def send_frames(self, first: int, max_n: int) -> int:
+        """Take back completed TX buffers, then post up to ``max_n`` test frames ``first,
+        first + 1...`` (:mod:`shared.frames`), each written straight into its buffer, and
+        kick if the ring asks; how many were posted. On the compiled path one fused kernel
+        does the step (:func:`~shared.virtio.fused.driver_send_frames`); the reference is
+        :meth:`tx_room`, :func:`~shared.frames.stamp` and :meth:`send`."""
+        ring, pool = self.tx.ring, self.tx_pool
+        kern = ring.kernels
+        if kern is not None and self.fused and ring.broken is None:
+            stage, taken, posted, kick = kern.send_frames(
+                ring, pool.data, pool.stack, pool.free, self.tx_slot, pool.base, first, max_n
+            )
+            pool.free += taken - posted
+            self.tx_completed += taken
+            if stage == STAGE_DONE:
+                if posted:
+                    self.tx.doorbell(kick)
+                return posted
+            # declined part-way (an unusual ring): the reference finishes the step
+        n = min(max_n, self.tx_room())
+        if n <= 0 or ring.broken is not None:  # (a broken ring is the caller's to report)
+            return 0
+        frames = np.empty((n, self.size), dtype=np.uint8)
+        stamp(frames, np.arange(first, first + n))
+        self.send(frames)
+        return n
+
+    def receive_frames(self, first: int) -> tuple[int, str | None]:
+        """Take the received test frames, verify them (expected ``first, first + 1...``;
+        :func:`~shared.frames.check`), repost their buffers and kick if the ring asks: how
+        many, and the first discrepancy or None. On the compiled path one fused kernel
+        verifies them in place (:func:`~shared.virtio.fused.driver_receive_frames`); the
+        reference is :meth:`receive` and :func:`~shared.frames.check`."""
+        ring, pool = self.rx.ring, self.rx_pool
+        kern = ring.kernels
+        if kern is not None and self.fused and ring.broken is None:
+            stage, taken, posted, kick, fault, index, value = kern.receive_frames(
+                ring, pool.data, pool.stack, pool.free, self.rx_slot, pool.base, first
+            )
+            pool.free += taken - posted
+            if stage != STAGE_START:
+                error = fault_message(fault, first + index, value, self.size) if taken else None
+                if stage == STAGE_DONE:
+                    if posted:
+                        self.rx.doorbell(kick)
+                else:
+                    self.post_rx()  # declined at the repost: the reference posts
+                return taken, error
+        frames, lens = self.receive()
+        return len(frames), (check(frames, lens, first) if len(frames) else None)
 
     def receive(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
         """Received frames (copies) and their lengths; the buffers are reposted at once."""

@@ -110,7 +110,7 @@ class Console:
                 self._wait(lambda: bool(self.pool.free))
                 continue
             want = -(-(len(data) - pos) // size)  # buffers still needed (ceil)
-            n = min(want, len(self.pool.free))
+            n = min(want, self.pool.free)
             take = min(n * size, len(data) - pos)
             chunks = np.zeros(n * size, dtype=np.uint8)
             chunks[:take] = data[pos : pos + take]

@@ -1,20 +1,20 @@
 """The ``echo`` workload: send ``count`` frames of ``size`` bytes through the echo device
 in batches and check that each comes back exactly once, in order, intact. Every frame carries its
-sequence number and a checksum of its payload (:mod:`guestemu.workloads.frames`). The
+sequence number and a checksum of its payload (:mod:`shared.frames`). The
 workload keeps the RX queue full, sends as fast as TX buffers free up, and halts only when
 nothing can progress -- re-enabling interrupts first and re-checking the rings, so no
 completion is ever slept through.
 
 Two ways to write and verify frames, the same frames either way:
 
-* *vectorized* (many small frames at once): :func:`~guestemu.workloads.frames.stamp` into
+* *vectorized* (many small frames at once): :func:`~shared.frames.stamp` into
   a staging array copied into the TX buffers, and the received frames copied out of the RX
-  buffers and verified by :func:`~guestemu.workloads.frames.check` (sequence number,
+  buffers and verified by :func:`~shared.frames.check` (sequence number,
   length, checksum recomputed over every payload byte);
 * *in place* (a few frames, or large ones): :func:`stamp_row` writes each frame straight
   into its TX buffer and :func:`check_row` verifies it straight in its RX buffer, before the
   buffer is reposted: the sequence number, the length, the checksum field, and *every*
-  payload byte compared with the bytes :func:`~guestemu.workloads.frames.stamp` derives from
+  payload byte compared with the bytes :func:`~shared.frames.stamp` derives from
   the sequence number -- stricter than recomputing the checksum, and without the staging
   copies. The payload ``frames.stamp`` derives from a sequence number is the top byte of
   ``seq * 2654435761 + i`` (u32), which is constant over runs of 2**24 bytes, so a frame is
@@ -38,14 +38,15 @@ import numpy as np
 
 from guestemu import pci
 from guestemu.drivers import GuestRam, PacketQueues, boot, find
-from guestemu.workloads.frames import HEADER, check, stamp
 from shared import pci_layout as pl
 from shared.errors import VbusError
+from shared.frames import HEADER, MULTIPLIER, check, stamp
+from shared.virtio.args import KERNEL_OVER
 
 if TYPE_CHECKING:
     from guestemu.guest import GuestAgent
 
-_MULT: Final = 2654435761  # frames.stamp's multiplier
+_MULT: Final = MULTIPLIER
 _RUN: Final = 1 << 24  # the payload byte is the top byte of a u32: constant over 2**24 steps
 _HDR: Final = struct.Struct("<II")  # seq, checksum
 IN_PLACE_MAX_FRAMES: Final = 4
@@ -64,7 +65,7 @@ stored with one slice store each (:meth:`~guestemu.drivers.PacketQueues.send_byt
 
 
 def payload_runs(seq: int, length: int) -> list[tuple[int, int, int]]:
-    """The ``length`` payload bytes :func:`~guestemu.workloads.frames.stamp` derives from
+    """The ``length`` payload bytes :func:`~shared.frames.stamp` derives from
     ``seq``, as runs ``(start, stop, byte)``: byte ``i`` is the top byte of the u32
     ``seq * 2654435761 + i``."""
     base = (seq * _MULT) & 0xFFFFFFFF
@@ -83,7 +84,7 @@ def _checksum(runs: list[tuple[int, int, int]]) -> int:
 
 def frame_bytes(seq: int, size: int) -> bytes:
     """Frame ``seq`` of ``size`` bytes (at most ``HEADER + 2**24``) as a ``bytes`` object,
-    byte for byte what :func:`~guestemu.workloads.frames.stamp` writes: the small-frame
+    byte for byte what :func:`~shared.frames.stamp` writes: the small-frame
     path, where building bytes and one slice store beat numpy's per-call cost. The payload
     is at most two constant runs (it is shorter than a run)."""
     n = size - HEADER
@@ -102,7 +103,7 @@ def frame_bytes(seq: int, size: int) -> bytes:
 
 def stamp_row(row: np.ndarray[Any, Any], seq: int) -> None:
     """Write frame ``seq`` into ``row`` (a 1-D uint8 buffer of the frame size), byte for byte
-    what :func:`~guestemu.workloads.frames.stamp` writes."""
+    what :func:`~shared.frames.stamp` writes."""
     runs = payload_runs(seq, row.shape[0] - HEADER)
     for start, stop, value in runs:
         row[HEADER + start : HEADER + stop] = value
@@ -122,7 +123,7 @@ def _run_matches(seg: np.ndarray[Any, Any], value: int) -> bool:
 
 def check_row(row: np.ndarray[Any, Any], length: int, seq: int) -> str | None:
     """Verify frame ``seq`` in ``row`` (``length`` bytes received): the first discrepancy, in
-    :func:`~guestemu.workloads.frames.check`'s words, or None."""
+    :func:`~shared.frames.check`'s words, or None."""
     size = row.shape[0]
     if length == size <= BYTES_MAX_SIZE and row.tobytes() == frame_bytes(seq, size):
         return None  # every byte as expected (what the checks below add up to), quickly
@@ -181,6 +182,10 @@ class EchoSession:
             indirect_tail=indirect_tail,
         )
         self.window = qsize  # frames outstanding at most; 1 = stop-and-wait (round trips)
+        # A fused kernel per step (send, receive) costs ~4 µs to enter (two dozen
+        # arguments): worth it for batches past the ring's own kernel threshold; smaller
+        # ones stay on the scalar paths.
+        self._fused = q.fused and batch > KERNEL_OVER
         self.rtts: list[float] = []  # per frame, when window == 1
         # the rings and pools, for callers (and hostile tests) that need them
         self.tx, self.rx, self.tx_pool, self.rx_pool = q.tx, q.rx, q.tx_pool, q.rx_pool
@@ -197,12 +202,29 @@ class EchoSession:
         deadline = start + timeout
         sent_at = time.perf_counter()
         big = self.size >= IN_PLACE_MIN_SIZE
+        fused = self._fused
         while self.received < goal and error is None:
             progressed = False
-            n = min(
-                self.batch, goal - self.sent, q.tx_room(), self.window - (self.sent - self.received)
-            )
-            if n > 0:
+            if fused:
+                # one fused kernel: take back TX buffers, write and post the frames, decide
+                # the kick (the round trip starts before the frames are written)
+                want = min(self.batch, goal - self.sent, self.window - (self.sent - self.received))
+                n = 0
+                if want > 0:
+                    started = time.perf_counter()
+                    n = q.send_frames(self.sent, want)
+                    if n:
+                        sent_at = started
+                        self.sent += n
+                        progressed = True
+            else:
+                n = min(
+                    self.batch,
+                    goal - self.sent,
+                    q.tx_room(),
+                    self.window - (self.sent - self.received),
+                )
+            if n > 0 and not fused:
                 first = self.sent
                 if n <= BYTES_MAX_FRAMES and self.size <= BYTES_MAX_SIZE:
                     built = [frame_bytes(seq, self.size) for seq in range(first, first + n)]
@@ -249,8 +271,11 @@ class EchoSession:
         """Sink mode: how many more frames the device has completed (consumed). The loop's
         ``tx_room()`` just reclaimed them; only when nothing was there look once more."""
         got = self.queues.tx_completed - self.received
-        if not got:
-            self.queues.tx_room()
+        if not got and self.queues.tx.ring.has_used():
+            if self._fused:
+                self.queues.send_frames(self.sent, 0)  # take back completions, post nothing
+            else:
+                self.queues.tx_room()
             got = self.queues.tx_completed - self.received
         return got
 
@@ -261,6 +286,9 @@ class EchoSession:
         self._error = None
         if not q.rx.ring.has_used():
             return 0
+        if self._fused:
+            got, self._error = q.receive_frames(self.received)
+            return got
         if self.size >= IN_PLACE_MIN_SIZE:
             rows, lens, slots = q.receive_rows()
             for i, row in enumerate(rows):

@@ -1,7 +1,7 @@
 """The ``net`` workload: frames between VMs through the ``venet`` switch.
 
 A frame is ``dst u32 | src u32 | seq u32 | checksum u32 | payload`` (the last three as in
-:mod:`guestemu.workloads.frames`). Three roles:
+:mod:`shared.frames`). Three roles:
 
 * ``send``: send ``count`` frames to port ``peer`` and verify that each comes back exactly
   once, in order, intact. At most ``window`` frames are outstanding, which keeps the peer's
@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from guestemu.drivers import Function, GuestRam, PacketQueues, boot, find
-from guestemu.workloads.frames import HEADER, check, stamp
 from shared import pci_layout as pl
 from shared.errors import VbusError
+from shared.frames import HEADER, check, stamp
 
 if TYPE_CHECKING:
     from guestemu.guest import GuestAgent

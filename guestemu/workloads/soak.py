@@ -4,7 +4,7 @@ Runs until the wall-clock time ``until`` (seconds since the epoch: a restarted g
 to the same end), in one of two modes:
 
 ``mode = "echo"`` (an echo device)
-    Frames carry a sequence number and a checksum (:mod:`guestemu.workloads.frames`). At
+    Frames carry a sequence number and a checksum (:mod:`shared.frames`). At
     most ``window`` frames are outstanding. A restarted echo device re-takes what its dead
     predecessor had taken but not completed, so a reply may come twice: replies below the
     next expected sequence number are dropped and counted (``duplicates``); anything else
@@ -36,9 +36,9 @@ import numpy.typing as npt
 
 from guestemu.drivers import GuestRam, PacketQueues, boot, find
 from guestemu.workloads.blk import SECTOR, T_FLUSH, T_IN, T_OUT, BlkDriver, Request, pattern
-from guestemu.workloads.frames import HEADER, check, stamp
 from shared import pci_layout as pl
 from shared.errors import VbusError
+from shared.frames import HEADER, check, stamp
 
 if TYPE_CHECKING:
     from guestemu.guest import GuestAgent

@@ -293,7 +293,12 @@ class DeviceRuntime(DeviceAgent):
 
     def complete(self, q: Queue, ids: Any, lens: Any) -> None:
         """Return chains to the driver; interrupt it only if it asked to be."""
-        if q.ring.push_used(ids, lens):
+        self.used_published(q, q.ring.push_used(ids, lens))
+
+    def used_published(self, q: Queue, interrupt: bool) -> None:
+        """After ``q``'s used entries were published: interrupt the driver if the ring said
+        so (``interrupt``), else count the suppressed interrupt."""
+        if interrupt:
             self.interrupt(q.vector)
         else:
             self.counters["interrupts_suppressed"] += 1

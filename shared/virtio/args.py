@@ -131,6 +131,14 @@ KERNEL_OVER: Final = 4
 (a dozen array arguments) costs about what the scalar path spends on four chains."""
 
 
+STAGE_START: Final = 0
+STAGE_RECLAIMED: Final = 1
+STAGE_DONE: Final = 2
+"""How far a fused step (:mod:`shared.virtio.fused`) got before it declined: nothing done,
+completions taken back (and, when receiving, verified), or the whole step. Defined here,
+where numba is not imported, so callers can read a step's result on either path."""
+
+
 def use_jit(choice: bool | None) -> bool:
     """Whether a ring takes the compiled path: ``choice``, or ``VBUSEMU_JIT`` when None.
     The kernels index little-endian fields natively, so a big-endian host never does."""

@@ -27,9 +27,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from shared.virtio import fused as f
 from shared.virtio import kernels as k
+from shared.virtio.args import STAGE_DONE, STAGE_RECLAIMED
 from shared.virtio.batch import Batch, empty_batch, simple_batch
-from shared.virtio.layout import INDEX_MASK, U8Array, U16Array, U32Array, kernel_views
+from shared.virtio.layout import (
+    INDEX_MASK,
+    VRING_USED_F_NO_NOTIFY,
+    U8Array,
+    U16Array,
+    U32Array,
+    kernel_views,
+)
 from shared.virtio.slots import SlotTable
 
 if TYPE_CHECKING:
@@ -69,6 +78,63 @@ class DeviceKernels:
         self.lens = np.empty(qsize, dtype=np.uint32)
         self.wflags = np.empty(qsize, dtype=np.uint16)
         self.copied = np.empty(qsize, dtype=np.int64)
+        self.zeros = np.zeros(qsize, dtype=np.int64)
+        self.st = np.zeros(10, dtype=np.int64)
+        self.out = np.zeros(6, dtype=np.int64)
+        self._ram: tuple[SlotTable, U8Array, int] | None = None
+
+    def _ram_slot(self, ring: DeviceRing) -> tuple[SlotTable, U8Array, int] | None:
+        """The slot table and its largest slot (guest RAM): its view and gpa."""
+        table = ring._slots.table()
+        if self._ram is None or self._ram[0] is not table:
+            if not table.sizes:
+                return None
+            s = max(range(len(table.sizes)), key=table.sizes.__getitem__)
+            self._ram = (table, ring._mem.translate(table.gpas[s], table.sizes[s]), table.gpas[s])
+        return self._ram
+
+    def consume(
+        self, ring: DeviceRing, sink: U8Array, first_seq: int, limit: int
+    ) -> tuple[int, int, int, bool, bool] | None:
+        """:func:`~shared.virtio.fused.device_consume`: ``(taken, bytes, seq_errors,
+        interrupt, more)`` with the ring's state committed, or ``None``: declined, nothing
+        changed (the caller runs its reference step)."""
+        ram = self._ram_slot(ring)
+        if ram is None:
+            return None
+        table, mem, gpa = ram
+        st, out, v = self.st, self.out, self.v
+        st[0] = ring._q
+        st[1] = ring._last_avail
+        st[2] = ring._num_in_flight
+        st[3] = ring._next_used
+        st[4] = ring._event_idx
+        st[5] = ring._used_flags_shadow
+        st[6] = ring._max_len
+        st[7] = limit
+        st[8] = first_seq
+        st[9] = SMALL_ROWS
+        f.device_consume(
+            v.avail16, v.desc64, v.desc32, v.desc16, v.used16, v.used32,
+            ring._in_flight, ring._wcap, self.mark,
+            table.starts, table.lasts, table.writable,
+            st, mem, np.uint64(gpa), sink,
+            self.heads, self.addrs, self.lens, self.wflags, self.zeros, out,
+        )  # fmt: skip
+        if out[0] != STAGE_DONE:
+            return None
+        taken = int(out[1])
+        if taken:
+            ring._last_avail = (ring._last_avail + taken) & INDEX_MASK
+            ring._next_used = (ring._next_used + taken) & INDEX_MASK
+            ring._notify_enabled = False
+            if not ring._event_idx:
+                ring._used_flags_shadow |= VRING_USED_F_NO_NOTIFY
+        else:
+            ring._notify_enabled = True
+            if not ring._event_idx:
+                ring._used_flags_shadow &= ~VRING_USED_F_NO_NOTIFY
+        return taken, int(out[2]), int(out[3]), bool(out[4]), bool(out[5])
 
     def pop(self, ring: DeviceRing, count: int) -> Batch | None:
         """Take the next ``count`` chains (the caller read ``avail.idx`` and checked it) if
@@ -204,6 +270,88 @@ class DriverKernels:
         self.lens = np.empty(qsize, dtype=np.int64)
         self.all_writable = np.ones(qsize, dtype=np.bool_)
         self.none_writable = np.zeros(qsize, dtype=np.bool_)
+        self.addrs = np.empty(qsize, dtype=np.uint64)
+        self.ulens = np.empty(qsize, dtype=np.uint64)
+        self.wflags = np.empty(qsize, dtype=np.bool_)
+        self.slots = np.empty(qsize, dtype=np.int64)
+        self.st = np.zeros(10, dtype=np.int64)
+        self.out = np.zeros(7, dtype=np.int64)
+
+    def _state(self, ring: DriverRing, pool_n: int) -> np.ndarray:
+        st = self.st
+        st[0] = ring._q
+        st[1] = ring._nfree
+        st[2] = ring._num_in_flight
+        st[3] = ring._avail_shadow
+        st[4] = ring._last_used
+        st[5] = ring._kick_old
+        st[6] = ring._unkicked
+        st[7] = ring._event_idx
+        st[8] = ring._irq_enabled
+        st[9] = pool_n
+        return st
+
+    def _commit(self, ring: DriverRing) -> tuple[int, int, int, bool]:
+        """Commit a fused driver step's ``out`` (stage, taken, posted, kick) to ``ring``."""
+        out = self.out
+        stage, taken, posted = int(out[0]), int(out[1]), int(out[2])
+        if stage >= STAGE_RECLAIMED and taken:
+            ring._nfree += taken
+            ring._num_in_flight -= taken
+            ring._last_used = (ring._last_used + taken) & INDEX_MASK
+        if stage == STAGE_DONE and posted:
+            ring._nfree -= posted
+            ring._num_in_flight += posted
+            new = (ring._avail_shadow + posted) & INDEX_MASK
+            ring._avail_shadow = ring._kick_old = new
+            ring._unkicked = 0
+        return stage, taken, posted, bool(out[3])
+
+    def send_frames(
+        self,
+        ring: DriverRing,
+        data: U8Array,
+        stack: I64Array,
+        pool_n: int,
+        slot_of: I64Array,
+        base: int,
+        first_seq: int,
+        want: int,
+    ) -> tuple[int, int, int, bool]:
+        """:func:`~shared.virtio.fused.driver_send_frames`, the ring's state committed:
+        ``(stage, reclaimed, posted, kick)``; the caller finishes a step that stopped
+        before ``STAGE_DONE`` on the reference path."""
+        v = self.v
+        f.driver_send_frames(
+            v.desc64, v.desc32, v.desc16, v.avail16, v.used16, v.used32,
+            ring._free, ring._in_flight, ring._multi, ring._wcap, self.mark,
+            self._state(ring, pool_n), data, stack, slot_of, np.uint64(base), first_seq, want,
+            self.ids, self.heads, self.addrs, self.ulens, self.wflags, self.out,
+        )  # fmt: skip
+        return self._commit(ring)
+
+    def receive_frames(
+        self,
+        ring: DriverRing,
+        data: U8Array,
+        stack: I64Array,
+        pool_n: int,
+        slot_of: I64Array,
+        base: int,
+        first_seq: int,
+    ) -> tuple[int, int, int, bool, int, int, int]:
+        """:func:`~shared.virtio.fused.driver_receive_frames`, the ring's state committed:
+        ``(stage, received, posted, kick, fault, fault_index, fault_value)``."""
+        v = self.v
+        f.driver_receive_frames(
+            v.desc64, v.desc32, v.desc16, v.avail16, v.used16, v.used32,
+            ring._free, ring._in_flight, ring._multi, ring._wcap, self.mark,
+            self._state(ring, pool_n), data, stack, slot_of, np.uint64(base), first_seq,
+            self.ids, self.heads, self.addrs, self.ulens, self.wflags, self.slots, self.out,
+        )  # fmt: skip
+        stage, taken, posted, kick = self._commit(ring)
+        out = self.out
+        return stage, taken, posted, kick, int(out[4]), int(out[5]), int(out[6])
 
     def add(
         self, ring: DriverRing, addrs: U64Array, lens: U64Array, writable: bool | np.ndarray

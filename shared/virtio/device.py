@@ -292,6 +292,12 @@ class DeviceRing:
         return self._broken
 
     @property
+    def kernels(self) -> DeviceKernels | None:
+        """The compiled path's fused steps (:mod:`shared.virtio.fused`), or ``None`` when
+        this ring runs the reference path."""
+        return self._kernels
+
+    @property
     def qsize(self) -> int:
         return self._q
 

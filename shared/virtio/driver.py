@@ -268,6 +268,12 @@ class DriverRing:
         return self._offsets
 
     @property
+    def kernels(self) -> DriverKernels | None:
+        """The compiled path's fused steps (:mod:`shared.virtio.fused`), or ``None`` when
+        this ring runs the reference path."""
+        return self._kernels
+
+    @property
     def qsize(self) -> int:
         return self._q
 

@@ -57,7 +57,7 @@ _U64_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _need_event(event: int, new: int, old: int) -> bool:
+def need_event(event: int, new: int, old: int) -> bool:
     return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
@@ -81,6 +81,74 @@ def _buffer_ok(
         if slot_gpa[s] <= addr and last <= slot_last[s]:
             return (not writable) or slot_w[s] != 0
     return False
+
+
+@njit(cache=True, nogil=True, inline="always")
+def pop_validate(
+    avail16: np.ndarray,
+    desc64: np.ndarray,
+    desc32: np.ndarray,
+    desc16: np.ndarray,
+    in_flight: np.ndarray,
+    mark: np.ndarray,
+    slot_gpa: np.ndarray,
+    slot_last: np.ndarray,
+    slot_w: np.ndarray,
+    q: int,
+    last_avail: int,
+    k: int,
+    max_len: int,
+    heads: np.ndarray,
+    addrs: np.ndarray,
+    lens: np.ndarray,
+    wflags: np.ndarray,
+) -> bool:
+    """Read the next ``k`` heads and their descriptors once, into ``heads/addrs/lens/
+    wflags``; whether every one is a single valid descriptor. Writes nothing else (``mark``
+    is zero again on return)."""
+    mask = q - 1
+    ok = True
+    j = 0
+    while j < k:
+        h = int(avail16[2 + ((last_avail + j) & mask)])  # read once
+        if h >= q or in_flight[h] or mark[h] != 0:
+            ok = False
+            break
+        mark[h] = 1
+        heads[j] = h
+        # The descriptor read once, into locals: what we validate is what we use.
+        a = desc64[2 * h]
+        ln = int(desc32[4 * h + 2])
+        fl = int(desc16[8 * h + 6])
+        if fl & (_NEXT | _INDIRECT) or not _buffer_ok(
+            a, ln, (fl & _WRITE) != 0, max_len, slot_gpa, slot_last, slot_w
+        ):
+            j += 1
+            ok = False
+            break
+        addrs[j] = a
+        lens[j] = ln
+        wflags[j] = fl & _WRITE
+        j += 1
+    for i in range(j):
+        mark[heads[i]] = 0
+    return ok
+
+
+@njit(cache=True, nogil=True, inline="always")
+def pop_commit(
+    in_flight: np.ndarray,
+    wcap: np.ndarray,
+    k: int,
+    heads: np.ndarray,
+    lens: np.ndarray,
+    wflags: np.ndarray,
+) -> None:
+    """Count the ``k`` chains :func:`pop_validate` read as in flight."""
+    for i in range(k):
+        h = heads[i]
+        in_flight[h] = True
+        wcap[h] = lens[i] if wflags[i] else 0
 
 
 @njit(cache=True, nogil=True)
@@ -110,38 +178,27 @@ def device_pop_simple(
 
     ``heads/addrs/lens/wflags`` receive the batch; ``in_flight``/``wcap`` are updated for
     it. ``mark`` is a private scratch array of Q zero bytes (zero again on return)."""
-    mask = q - 1
-    ok = True
-    j = 0
-    while j < k:
-        h = int(avail16[2 + ((last_avail + j) & mask)])  # read once
-        if h >= q or in_flight[h] or mark[h] != 0:
-            ok = False
-            break
-        mark[h] = 1
-        heads[j] = h
-        # The descriptor read once, into locals: what we validate is what we use.
-        a = desc64[2 * h]
-        ln = int(desc32[4 * h + 2])
-        fl = int(desc16[8 * h + 6])
-        if fl & (_NEXT | _INDIRECT) or not _buffer_ok(
-            a, ln, (fl & _WRITE) != 0, max_len, slot_gpa, slot_last, slot_w
-        ):
-            j += 1
-            ok = False
-            break
-        addrs[j] = a
-        lens[j] = ln
-        wflags[j] = fl & _WRITE
-        j += 1
-    for i in range(j):
-        mark[heads[i]] = 0
-    if not ok:
+    if not pop_validate(
+        avail16,
+        desc64,
+        desc32,
+        desc16,
+        in_flight,
+        mark,
+        slot_gpa,
+        slot_last,
+        slot_w,
+        q,
+        last_avail,
+        k,
+        max_len,
+        heads,
+        addrs,
+        lens,
+        wflags,
+    ):
         return DECLINE
-    for i in range(k):
-        h = heads[i]
-        in_flight[h] = True
-        wcap[h] = lens[i] if wflags[i] else 0
+    pop_commit(in_flight, wcap, k, heads, lens, wflags)
     return k
 
 
@@ -197,7 +254,7 @@ def device_push_used(
     # driver re-enabling interrupts and we both sleep (a lost wakeup).
     fence_seq_cst()
     if event_idx:
-        return 1 if _need_event(load_acquire_u16_unchecked(avail16, 2 + q), new, old) else 0
+        return 1 if need_event(load_acquire_u16_unchecked(avail16, 2 + q), new, old) else 0
     return 0 if load_acquire_u16_unchecked(avail16, 0) & _NO_INTERRUPT else 1
 
 
@@ -258,7 +315,7 @@ def driver_kick_needed(
     # store->load: our avail.idx visible before we read avail_event / used.flags.
     fence_seq_cst()
     if event_idx:
-        return _need_event(load_acquire_u16_unchecked(used16, 2 + 4 * q), new, old)
+        return need_event(load_acquire_u16_unchecked(used16, 2 + 4 * q), new, old)
     return not load_acquire_u16_unchecked(used16, 0) & _NO_NOTIFY
 
 

@@ -54,6 +54,21 @@ def exercise() -> None:
     tx.read_payloads(sent, 32, out=np.empty((8, 64), dtype=np.uint8))
     rx.push_used(room.heads, tx.copy_payloads(sent, rx, room, 64))
     tx.push_used(sent.heads, np.zeros(len(sent), dtype=np.int64))
+    # the fused steps, with a pool of 64-byte buffers for each driver ring
+    sink = np.empty(q * 64, dtype=np.uint8)
+    pools = []
+    for base in (0x8000, 0x9000):
+        data = ram[base : base + q * 64].reshape(q, 64)
+        pools.append((data, np.arange(q - 1, -1, -1, dtype=np.int64), np.full(q, -1), base))
+    tx_kernels, rx_kernels, dev_kernels = tx_driver.kernels, rx_driver.kernels, tx.kernels
+    assert tx_kernels is not None and rx_kernels is not None and dev_kernels is not None
+    tx_driver.get_used()
+    rx_driver.get_used()
+    data, stack, slot_of, base = pools[0]
+    tx_kernels.send_frames(tx_driver, data, stack, q, slot_of, base, 0, 4)
+    dev_kernels.consume(tx, sink, 0, q)
+    data, stack, slot_of, base = pools[1]
+    rx_kernels.receive_frames(rx_driver, data, stack, q, slot_of, base, 0)
 
 
 def main() -> int:

@@ -1,5 +1,5 @@
 """The echo workload's in-place frames (:func:`stamp_row`, :func:`check_row`) against the
-vectorized reference in :mod:`guestemu.workloads.frames`: the same bytes, and every
+vectorized reference in :mod:`shared.frames`: the same bytes, and every
 corruption the reference detects is detected (plus those a checksum cannot see)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from guestemu.workloads.echo import check_row, frame_bytes, payload_runs, stamp_row
-from guestemu.workloads.frames import HEADER, check, stamp
+from shared.frames import HEADER, check, stamp
 
 SEQS = [0, 1, 2, 255, 256, 65535, 2**24, 2**31, 2**32 - 1, 2**32, 2**40 + 7]
 

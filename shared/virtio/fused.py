@@ -1,0 +1,537 @@
+"""Fused kernels: one compiled call per wakeup of a packet queue, built from the ring
+kernels of :mod:`shared.virtio.kernels`.
+
+Theory of operation
+-------------------
+A per-operation kernel saves the numpy calls inside one ring operation, but a step of a
+packet workload is several operations plus the payload work between them, and each costs
+an interpreter round trip, argument unboxing and result objects. A fused kernel does a whole
+step in one call:
+
+* :func:`driver_send_frames` -- the guest's TX step: take back what the device completed
+  (their buffers return to the pool), take free buffers, write a test frame
+  (:mod:`shared.frames`) into each in place, post them, publish ``avail.idx`` and decide
+  whether to kick;
+* :func:`driver_receive_frames` -- the guest's RX step: take the used entries, verify each
+  frame in its buffer (sequence number, length, checksum, :func:`shared.frames.check`'s
+  order), give the buffers back and post every free one again, decide whether to kick;
+* :func:`device_consume` -- the device's sink step: take the available chains, copy their
+  bytes into device memory, count frames out of sequence, complete them, decide whether to
+  interrupt; or, with nothing available, re-enable notifications and re-check.
+
+Each returns its results in a small ``out`` array; :mod:`shared.virtio.compiled` commits the
+ring's private scalars from it. The composition of reference operations each one replaces
+is written next to its caller (:class:`~guestemu.drivers.PacketQueues`,
+:class:`~hostemu.devices.echo.EchoModel`) and a differential test holds the two together.
+
+Declining is per stage: a fused kernel validates a stage (reclaim, post, pop) completely
+before it writes anything for it; when a stage is not the common case it stops there and
+reports how far it got (``out[0]``), everything before committed, nothing of that stage
+written, and the caller finishes the step on the reference path -- which reads the ring
+again and reaches the same verdict with its exact reason, or raises the exact error.
+
+Trust and ordering are those of :mod:`shared.virtio.kernels` (whose kernels these call):
+each guest-written word read once, the peer's index by an acquire load, ours published by a
+release store, a sequentially consistent fence at each store->load decision.
+"""
+
+from __future__ import annotations
+
+from shared.jit import prepare_numba_cache
+
+prepare_numba_cache()
+
+import numpy as np  # noqa: E402
+from numba import njit  # noqa: E402
+
+from shared.frames import (  # noqa: E402
+    FAULT_CHECKSUM,
+    FAULT_LENGTH,
+    FAULT_NONE,
+    FAULT_SEQ,
+    HEADER,
+    MULTIPLIER,
+)
+from shared.virtio.args import STAGE_DONE, STAGE_RECLAIMED, STAGE_START  # noqa: E402
+from shared.virtio.atomics import (  # noqa: E402
+    fence_seq_cst,
+    load_acquire_u16_unchecked,
+)
+from shared.virtio.kernels import (  # noqa: E402
+    DECLINE,
+    device_push_used,
+    driver_add_simple,
+    driver_get_used,
+    need_event,
+    pop_commit,
+    pop_validate,
+)
+
+_RUN = 1 << 24  # a payload byte stays constant over runs of 2**24 bytes
+_NO_NOTIFY = 1
+_WRITE = 2
+
+
+# ------------------------------------------------------------------------------- frames
+
+
+@njit(cache=True, nogil=True, inline="always")
+def stamp_frame(row: np.ndarray, seq: int, size: int) -> None:
+    """Write frame ``seq`` of ``size`` bytes (at least ``HEADER + 1``) into ``row``: the
+    bytes :func:`shared.frames.stamp` writes."""
+    base = (seq * MULTIPLIER) & 0xFFFFFFFF
+    value = base >> 24
+    pos = 0
+    n = size - HEADER
+    step = _RUN - (base & (_RUN - 1))
+    total = 0
+    while pos < n:
+        stop = min(n, pos + step)
+        row[HEADER + pos : HEADER + stop] = value
+        total += value * (stop - pos)
+        pos = stop
+        value = (value + 1) & 0xFF
+        step = _RUN
+    s = seq & 0xFFFFFFFF
+    c = total & 0xFFFFFFFF
+    for b in range(4):
+        row[b] = (s >> (8 * b)) & 0xFF
+        row[4 + b] = (c >> (8 * b)) & 0xFF
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _u32_at(row: np.ndarray, at: int) -> int:
+    return (
+        int(row[at]) | (int(row[at + 1]) << 8) | (int(row[at + 2]) << 16) | (int(row[at + 3]) << 24)
+    )
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _payload_sum(row: np.ndarray, size: int) -> int:
+    total = 0
+    for i in range(HEADER, size):
+        total += row[i]
+    return total & 0xFFFFFFFF
+
+
+@njit(cache=True, nogil=True)
+def check_frames(
+    data: np.ndarray, slots: np.ndarray, lens: np.ndarray, k: int, first: int, out: np.ndarray
+) -> None:
+    """:func:`shared.frames.check` of the ``k`` frames in rows ``slots`` of ``data`` (each
+    ``data.shape[1]`` bytes, received ``lens``), expected to carry ``first``, ``first +
+    1``...: ``out[0]`` the fault kind (``FAULT_*``, in check's order: every sequence number,
+    then every length, then every checksum), ``out[1]`` the frame's index, ``out[2]`` the
+    sequence number or length found."""
+    size = data.shape[1]
+    out[0] = FAULT_NONE
+    out[1] = 0
+    out[2] = 0
+    for i in range(k):
+        seq = _u32_at(data[slots[i]], 0)
+        if seq != (first + i) & 0xFFFFFFFF:
+            out[0] = FAULT_SEQ
+            out[1] = i
+            out[2] = seq
+            return
+    for i in range(k):
+        if lens[i] != size:
+            out[0] = FAULT_LENGTH
+            out[1] = i
+            out[2] = lens[i]
+            return
+    for i in range(k):
+        row = data[slots[i]]
+        if _u32_at(row, 4) != _payload_sum(row, size):
+            out[0] = FAULT_CHECKSUM
+            out[1] = i
+            return
+
+
+# ------------------------------------------------------------------------------- driver
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _after_get_used(avail16: np.ndarray, q: int, last_used: int, irq_enabled: bool) -> None:
+    """DriverRing._after_get_used's used_event write (EVENT_IDX rings), ``last_used`` the
+    new value."""
+    if irq_enabled:
+        avail16[2 + q] = last_used
+        fence_seq_cst()  # store->load: used_event before our next read of used.idx
+    else:
+        avail16[2 + q] = (last_used - 1) & 0xFFFF
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _reclaim(
+    avail16: np.ndarray,
+    used16: np.ndarray,
+    used32: np.ndarray,
+    in_flight: np.ndarray,
+    multi: np.ndarray,
+    wcap: np.ndarray,
+    mark: np.ndarray,
+    free: np.ndarray,
+    nfree: int,
+    num_in_flight: int,
+    q: int,
+    last_used: int,
+    event_idx: bool,
+    irq_enabled: bool,
+    ids: np.ndarray,
+    lens: np.ndarray,
+    pool_stack: np.ndarray,
+    pool_n: int,
+    slot_of: np.ndarray,
+) -> int:
+    """Take every used entry (``get_used()``) and give their buffers back to the pool, in
+    order; how many, or DECLINE (nothing changed)."""
+    pending = (int(load_acquire_u16_unchecked(used16, 1)) - last_used) & 0xFFFF
+    if pending == 0:
+        return 0
+    if pending > num_in_flight:
+        return DECLINE
+    got = driver_get_used(
+        used32, in_flight, multi, wcap, mark, free, nfree, q, last_used, pending, ids, lens
+    )
+    if got < 0:
+        return DECLINE
+    for m in range(got):
+        pool_stack[pool_n + m] = slot_of[ids[m]]
+    if event_idx:
+        _after_get_used(avail16, q, (last_used + got) & 0xFFFF, irq_enabled)
+    return got
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _kick_needed(
+    avail16: np.ndarray,
+    used16: np.ndarray,
+    q: int,
+    old: int,
+    new: int,
+    unkicked: int,
+    event_idx: bool,
+) -> int:
+    """DriverRing.kick_needed after publishing ``unkicked`` (> 0) buffers, ``old..new``."""
+    fence_seq_cst()  # store->load: avail.idx visible before we read avail_event / flags
+    if unkicked >= 0xFFFF:
+        return 1
+    if event_idx:
+        return 1 if need_event(load_acquire_u16_unchecked(used16, 2 + 4 * q), new, old) else 0
+    return 0 if load_acquire_u16_unchecked(used16, 0) & _NO_NOTIFY else 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _post_pool(
+    desc64: np.ndarray,
+    desc32: np.ndarray,
+    desc16: np.ndarray,
+    avail16: np.ndarray,
+    free: np.ndarray,
+    nfree: int,
+    in_flight: np.ndarray,
+    multi: np.ndarray,
+    wcap: np.ndarray,
+    q: int,
+    avail_shadow: int,
+    pool_stack: np.ndarray,
+    pool_n: int,
+    slot_of: np.ndarray,
+    base: np.uint64,
+    size: int,
+    n: int,
+    writable: bool,
+    slots: np.ndarray,
+    addrs: np.ndarray,
+    lens: np.ndarray,
+    wflags: np.ndarray,
+    heads: np.ndarray,
+) -> int:
+    """Post the top ``n`` pool buffers (``slots`` already holds them, in pool order) as
+    whole single-descriptor buffers, publish; ``n`` or DECLINE (nothing posted)."""
+    for j in range(n):
+        addrs[j] = base + np.uint64(slots[j]) * np.uint64(size)
+        lens[j] = size
+        wflags[j] = writable
+    got = driver_add_simple(
+        desc64, desc32, desc16, avail16, free, nfree, in_flight, multi, wcap, q,
+        avail_shadow, addrs[:n], lens[:n], wflags[:n], heads,
+    )  # fmt: skip
+    if got < 0:
+        return DECLINE
+    for j in range(n):
+        slot_of[heads[j]] = slots[j]
+    return n
+
+
+@njit(cache=True, nogil=True)
+def driver_send_frames(
+    desc64: np.ndarray,
+    desc32: np.ndarray,
+    desc16: np.ndarray,
+    avail16: np.ndarray,
+    used16: np.ndarray,
+    used32: np.ndarray,
+    free: np.ndarray,
+    in_flight: np.ndarray,
+    multi: np.ndarray,
+    wcap: np.ndarray,
+    mark: np.ndarray,
+    st: np.ndarray,
+    data: np.ndarray,
+    pool_stack: np.ndarray,
+    slot_of: np.ndarray,
+    base: np.uint64,
+    first_seq: int,
+    want: int,
+    scratch_i: np.ndarray,
+    scratch_l: np.ndarray,
+    scratch_a: np.ndarray,
+    scratch_u: np.ndarray,
+    scratch_w: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """The guest's TX step: reclaim, then post up to ``want`` frames ``first_seq...``.
+
+    ``st`` holds the ring's and pool's scalars (see :class:`~shared.virtio.compiled.
+    DriverKernels`): ``q, nfree, num_in_flight, avail_shadow, last_used, kick_old,
+    unkicked, event_idx, irq_enabled, pool_n``. ``out``: ``stage, reclaimed, posted,
+    kick``."""
+    q = st[0]
+    nfree = st[1]
+    num_in_flight = st[2]
+    avail_shadow = st[3]
+    last_used = st[4]
+    event_idx = st[7] != 0
+    pool_n = st[9]
+    size = data.shape[1]
+    out[0] = STAGE_START
+    out[1] = 0
+    out[2] = 0
+    out[3] = 0
+    got = _reclaim(
+        avail16, used16, used32, in_flight, multi, wcap, mark, free, nfree, num_in_flight,
+        q, last_used, event_idx, st[8] != 0, scratch_i, scratch_l, pool_stack, pool_n, slot_of,
+    )  # fmt: skip
+    if got < 0:
+        return
+    out[0] = STAGE_RECLAIMED
+    out[1] = got
+    nfree += got
+    num_in_flight -= got
+    pool_n += got
+    n = min(want, pool_n)
+    if n == 0 or n > nfree:
+        return
+    slots = scratch_i  # (the reclaimed ids are no longer needed)
+    for j in range(n):
+        slots[j] = pool_stack[pool_n - 1 - j]  # the pool's take order: top first
+    for j in range(n):
+        stamp_frame(data[slots[j]], first_seq + j, size)
+    # store->store: the frames are written before the descriptors that publish them (the
+    # release store of avail.idx in driver_add_simple orders them).
+    got = _post_pool(
+        desc64, desc32, desc16, avail16, free, nfree, in_flight, multi, wcap, q, avail_shadow,
+        pool_stack, pool_n, slot_of, base, size, n, False,
+        slots, scratch_a, scratch_u, scratch_w, scratch_l,
+    )  # fmt: skip
+    if got < 0:
+        return
+    out[0] = STAGE_DONE
+    out[2] = n
+    new = (avail_shadow + n) & 0xFFFF
+    out[3] = _kick_needed(avail16, used16, q, st[5], new, st[6] + n, event_idx)
+
+
+@njit(cache=True, nogil=True)
+def driver_receive_frames(
+    desc64: np.ndarray,
+    desc32: np.ndarray,
+    desc16: np.ndarray,
+    avail16: np.ndarray,
+    used16: np.ndarray,
+    used32: np.ndarray,
+    free: np.ndarray,
+    in_flight: np.ndarray,
+    multi: np.ndarray,
+    wcap: np.ndarray,
+    mark: np.ndarray,
+    st: np.ndarray,
+    data: np.ndarray,
+    pool_stack: np.ndarray,
+    slot_of: np.ndarray,
+    base: np.uint64,
+    first_seq: int,
+    scratch_i: np.ndarray,
+    scratch_l: np.ndarray,
+    scratch_a: np.ndarray,
+    scratch_u: np.ndarray,
+    scratch_w: np.ndarray,
+    scratch_s: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """The guest's RX step: take the used entries, verify their frames in place (expected
+    ``first_seq...``), give the buffers back and post every free buffer, writable.
+
+    ``st`` as for :func:`driver_send_frames`. ``out``: ``stage, received, posted, kick,
+    fault, fault_index, fault_value``."""
+    q = st[0]
+    nfree = st[1]
+    num_in_flight = st[2]
+    avail_shadow = st[3]
+    last_used = st[4]
+    event_idx = st[7] != 0
+    pool_n = st[9]
+    size = data.shape[1]
+    for i in range(7):
+        out[i] = 0
+    got = _reclaim(
+        avail16, used16, used32, in_flight, multi, wcap, mark, free, nfree, num_in_flight,
+        q, last_used, event_idx, st[8] != 0, scratch_i, scratch_l, pool_stack, pool_n, slot_of,
+    )  # fmt: skip
+    if got < 0:
+        return
+    out[0] = STAGE_RECLAIMED
+    out[1] = got
+    if got:
+        for m in range(got):
+            scratch_s[m] = pool_stack[pool_n + m]
+        check_frames(data, scratch_s, scratch_l, got, first_seq, out[4:7])
+    nfree += got
+    num_in_flight -= got
+    pool_n += got
+    n = pool_n
+    if n == 0 or got == 0 or n > nfree:
+        # (the reference reposts only after taking something: receive() then post_rx())
+        if got == 0:
+            out[0] = STAGE_DONE
+        return
+    slots = scratch_s
+    for j in range(n):
+        slots[j] = pool_stack[pool_n - 1 - j]
+    got = _post_pool(
+        desc64, desc32, desc16, avail16, free, nfree, in_flight, multi, wcap, q, avail_shadow,
+        pool_stack, pool_n, slot_of, base, size, n, True,
+        slots, scratch_a, scratch_u, scratch_w, scratch_i,
+    )  # fmt: skip
+    if got < 0:
+        return
+    out[0] = STAGE_DONE
+    out[2] = n
+    new = (avail_shadow + n) & 0xFFFF
+    out[3] = _kick_needed(avail16, used16, q, st[5], new, st[6] + n, event_idx)
+
+
+# ------------------------------------------------------------------------------- device
+
+
+@njit(cache=True, nogil=True)
+def device_consume(
+    avail16: np.ndarray,
+    desc64: np.ndarray,
+    desc32: np.ndarray,
+    desc16: np.ndarray,
+    used16: np.ndarray,
+    used32: np.ndarray,
+    in_flight: np.ndarray,
+    wcap: np.ndarray,
+    mark: np.ndarray,
+    slot_gpa: np.ndarray,
+    slot_last: np.ndarray,
+    slot_w: np.ndarray,
+    st: np.ndarray,
+    mem: np.ndarray,
+    mem_gpa: np.uint64,
+    sink: np.ndarray,
+    heads: np.ndarray,
+    addrs: np.ndarray,
+    lens: np.ndarray,
+    wflags: np.ndarray,
+    zeros: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """The device's sink step (notifications off; pop; copy into ``sink``; count frames
+    out of sequence; complete with length 0; interrupt?), or with nothing available,
+    notifications back on and a re-check.
+
+    ``st``: ``q, last_avail, num_in_flight, next_used, event_idx, used_flags_shadow,
+    max_len, limit, first_seq, max_width``. ``out``: ``stage, taken, bytes, seq_errors,
+    interrupt, more`` -- stage ``STAGE_START`` declined (nothing written; the reference
+    runs the step), ``STAGE_DONE`` done."""
+    q = st[0]
+    last_avail = st[1]
+    num_in_flight = st[2]
+    next_used = st[3]
+    event_idx = st[4] != 0
+    flags = st[5]
+    for i in range(6):
+        out[i] = 0
+    avail_idx = int(load_acquire_u16_unchecked(avail16, 1))  # read once
+    n = (avail_idx - last_avail) & 0xFFFF
+    if n > q or n + num_in_flight > q:
+        return  # the reference breaks the ring with its reason
+    k = min(n, st[7])
+    if k == 0:
+        # disable, find nothing, enable and re-check: the enable is what remains
+        if event_idx:
+            used16[2 + 4 * q] = last_avail
+        else:
+            used16[0] = flags & ~_NO_NOTIFY
+        fence_seq_cst()  # store->load: the enable before the re-check
+        out[0] = STAGE_DONE
+        out[5] = 1 if int(load_acquire_u16_unchecked(avail16, 1)) != last_avail else 0
+        return
+    if not pop_validate(
+        avail16, desc64, desc32, desc16, in_flight, mark, slot_gpa, slot_last, slot_w,
+        q, last_avail, k, st[6], heads, addrs, lens, wflags,
+    ):  # fmt: skip
+        return
+    width = 1
+    for i in range(k):
+        if wflags[i] == 0:
+            width = max(width, int(lens[i]))
+    if width > st[9] or k * width > sink.shape[0]:
+        return
+    for i in range(k):
+        if wflags[i] == 0 and (
+            addrs[i] < mem_gpa or np.int64(addrs[i] - mem_gpa) + np.int64(lens[i]) > mem.shape[0]
+        ):
+            return
+    # Validated: from here on the step completes.
+    pop_commit(in_flight, wcap, k, heads, lens, wflags)
+    last_avail = (last_avail + k) & 0xFFFF
+    if event_idx:
+        used16[2 + 4 * q] = (last_avail - 1) & 0xFFFF  # notifications stay off
+    elif not flags & _NO_NOTIFY:
+        used16[0] = flags | _NO_NOTIFY
+    total = 0
+    errors = 0
+    first = st[8]
+    for i in range(k):
+        take = 0 if wflags[i] else int(lens[i])
+        if take:
+            off = np.int64(addrs[i] - mem_gpa)
+            sink[i * width : i * width + take] = mem[off : off + take]
+        total += take
+        if take < 4 or _u32_at(sink, i * width) != (first + i) & 0xFFFFFFFF:
+            errors += 1
+    r = device_push_used(
+        used16,
+        used32,
+        avail16,
+        in_flight,
+        wcap,
+        mark,
+        q,
+        next_used,
+        event_idx,
+        heads[:k],
+        zeros[:k],
+    )
+    out[0] = STAGE_DONE
+    out[1] = k
+    out[2] = total
+    out[3] = errors
+    out[4] = r
+    out[5] = 1
