@@ -23,7 +23,7 @@ attributes: it is their other half, kept apart so that numba stays optional.
 from __future__ import annotations
 
 import bisect
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,11 +34,13 @@ from shared.virtio.batch import Batch, empty_batch, simple_batch
 from shared.virtio.layout import (
     INDEX_MASK,
     VRING_USED_F_NO_NOTIFY,
+    KernelViews,
     U8Array,
     U16Array,
     U32Array,
     kernel_views,
 )
+from shared.virtio.pointers import PointerTable
 from shared.virtio.slots import SlotTable
 
 if TYPE_CHECKING:
@@ -79,9 +81,11 @@ class DeviceKernels:
         self.wflags = np.empty(qsize, dtype=np.uint16)
         self.copied = np.empty(qsize, dtype=np.int64)
         self.zeros = np.zeros(qsize, dtype=np.int64)
-        self.st = np.zeros(10, dtype=np.int64)
+        self.st = np.zeros(f.DEVICE_ST, dtype=np.int64)
         self.out = np.zeros(6, dtype=np.int64)
         self._ram: tuple[SlotTable, U8Array, int] | None = None
+        # the sink step's pointer table, for this slot table and sink array
+        self._bound: tuple[SlotTable, U8Array, PointerTable] | None = None
 
     def _ram_slot(self, ring: DeviceRing) -> tuple[SlotTable, U8Array, int] | None:
         """The slot table and its largest slot (guest RAM): its view and gpa."""
@@ -103,7 +107,25 @@ class DeviceKernels:
         if ram is None:
             return None
         table, mem, gpa = ram
-        st, out, v = self.st, self.out, self.v
+        bound = self._bound
+        if bound is None or bound[0] is not table or bound[1] is not sink:
+            arrays = {
+                "in_flight": ring._in_flight,
+                "wcap": ring._wcap,
+                "mark": self.mark,
+                "slot_gpa": table.starts,
+                "slot_last": table.lasts,
+                "slot_w": table.writable,
+                "mem": mem,
+                "sink": sink,
+                "heads": self.heads,
+                "addrs": self.addrs,
+                "lens": self.lens,
+                "wflags": self.wflags,
+                "zeros": self.zeros,
+            }
+            self._bound = bound = (table, sink, _table(f.DEVICE_TABLE, arrays, self.v))
+        st, out = self.st, self.out
         st[0] = ring._q
         st[1] = ring._last_avail
         st[2] = ring._num_in_flight
@@ -114,13 +136,8 @@ class DeviceKernels:
         st[7] = limit
         st[8] = first_seq
         st[9] = SMALL_ROWS
-        f.device_consume(
-            v.avail16, v.desc64, v.desc32, v.desc16, v.used16, v.used32,
-            ring._in_flight, ring._wcap, self.mark,
-            table.starts, table.lasts, table.writable,
-            st, mem, np.uint64(gpa), sink,
-            self.heads, self.addrs, self.lens, self.wflags, self.zeros, out,
-        )  # fmt: skip
+        st[10] = gpa
+        f.device_consume_t(bound[2].table, st, out)
         if out[0] != STAGE_DONE:
             return None
         taken = int(out[1])
@@ -250,6 +267,15 @@ class DeviceKernels:
         return data, copied
 
 
+def _table(
+    layout: tuple[tuple[str, Any, bool], ...], arrays: dict[str, Any], views: KernelViews
+) -> PointerTable:
+    """A fused step's pointer table: ``layout``'s arrays, from ``arrays`` or the ring's
+    ``views``, in order."""
+    chosen = [arrays[name] if name in arrays else getattr(views, name) for name, _, _ in layout]
+    return PointerTable(chosen, [dt for _, dt, _ in layout], [w for _, _, w in layout])
+
+
 def _slot_of(mem: GuestMemoryMap, table: SlotTable, addr: int) -> tuple[U8Array, int] | None:
     """The whole memory slot holding ``addr`` (a view) and its gpa, or None."""
     s = bisect.bisect_right(table.gpas, addr) - 1
@@ -274,10 +300,41 @@ class DriverKernels:
         self.ulens = np.empty(qsize, dtype=np.uint64)
         self.wflags = np.empty(qsize, dtype=np.bool_)
         self.slots = np.empty(qsize, dtype=np.int64)
-        self.st = np.zeros(10, dtype=np.int64)
+        self.st = np.zeros(f.DRIVER_ST, dtype=np.int64)
         self.out = np.zeros(7, dtype=np.int64)
+        # the fused steps' pointer table, for one pool (its data, free stack, slot map)
+        self._bound: tuple[U8Array, I64Array, I64Array, PointerTable] | None = None
 
-    def _state(self, ring: DriverRing, pool_n: int) -> np.ndarray:
+    def _table(
+        self, ring: DriverRing, data: U8Array, stack: I64Array, slot_of: I64Array
+    ) -> I64Array:
+        bound = self._bound
+        if (
+            bound is None
+            or bound[0] is not data
+            or bound[1] is not stack
+            or bound[2] is not slot_of
+        ):
+            arrays = {
+                "free": ring._free,
+                "in_flight": ring._in_flight,
+                "multi": ring._multi,
+                "wcap": ring._wcap,
+                "mark": self.mark,
+                "data": data,
+                "pool_stack": stack,
+                "slot_of": slot_of,
+                "scratch_i": self.ids,
+                "scratch_l": self.heads,
+                "scratch_a": self.addrs,
+                "scratch_u": self.ulens,
+                "scratch_w": self.wflags,
+                "scratch_s": self.slots,
+            }
+            self._bound = bound = (data, stack, slot_of, _table(f.DRIVER_TABLE, arrays, self.v))
+        return bound[3].table
+
+    def _state(self, ring: DriverRing, pool_n: int, size: int, base: int) -> I64Array:
         st = self.st
         st[0] = ring._q
         st[1] = ring._nfree
@@ -289,6 +346,8 @@ class DriverKernels:
         st[7] = ring._event_idx
         st[8] = ring._irq_enabled
         st[9] = pool_n
+        st[10] = size
+        st[11] = base
         return st
 
     def _commit(self, ring: DriverRing) -> tuple[int, int, int, bool]:
@@ -321,13 +380,9 @@ class DriverKernels:
         """:func:`~shared.virtio.fused.driver_send_frames`, the ring's state committed:
         ``(stage, reclaimed, posted, kick)``; the caller finishes a step that stopped
         before ``STAGE_DONE`` on the reference path."""
-        v = self.v
-        f.driver_send_frames(
-            v.desc64, v.desc32, v.desc16, v.avail16, v.used16, v.used32,
-            ring._free, ring._in_flight, ring._multi, ring._wcap, self.mark,
-            self._state(ring, pool_n), data, stack, slot_of, np.uint64(base), first_seq, want,
-            self.ids, self.heads, self.addrs, self.ulens, self.wflags, self.out,
-        )  # fmt: skip
+        tbl = self._table(ring, data, stack, slot_of)
+        st = self._state(ring, pool_n, data.shape[1], base)
+        f.driver_send_frames_t(tbl, st, first_seq, want, self.out)
         return self._commit(ring)
 
     def receive_frames(
@@ -342,13 +397,9 @@ class DriverKernels:
     ) -> tuple[int, int, int, bool, int, int, int]:
         """:func:`~shared.virtio.fused.driver_receive_frames`, the ring's state committed:
         ``(stage, received, posted, kick, fault, fault_index, fault_value)``."""
-        v = self.v
-        f.driver_receive_frames(
-            v.desc64, v.desc32, v.desc16, v.avail16, v.used16, v.used32,
-            ring._free, ring._in_flight, ring._multi, ring._wcap, self.mark,
-            self._state(ring, pool_n), data, stack, slot_of, np.uint64(base), first_seq,
-            self.ids, self.heads, self.addrs, self.ulens, self.wflags, self.slots, self.out,
-        )  # fmt: skip
+        tbl = self._table(ring, data, stack, slot_of)
+        st = self._state(ring, pool_n, data.shape[1], base)
+        f.driver_receive_frames_t(tbl, st, first_seq, self.out)
         stage, taken, posted, kick = self._commit(ring)
         out = self.out
         return stage, taken, posted, kick, int(out[4]), int(out[5]), int(out[6])

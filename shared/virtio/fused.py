@@ -59,12 +59,23 @@ from shared.virtio.atomics import (  # noqa: E402
 )
 from shared.virtio.kernels import (  # noqa: E402
     DECLINE,
+    copy_bytes,
     device_push_used,
     driver_add_simple,
     driver_get_used,
+    fill_bytes,
     need_event,
     pop_commit,
     pop_validate,
+)
+from shared.virtio.pointers import (  # noqa: E402
+    view_bool,
+    view_i64,
+    view_u8,
+    view_u8_2d,
+    view_u16,
+    view_u32,
+    view_u64,
 )
 
 _RUN = 1 << 24  # a payload byte stays constant over runs of 2**24 bytes
@@ -87,7 +98,7 @@ def stamp_frame(row: np.ndarray, seq: int, size: int) -> None:
     total = 0
     while pos < n:
         stop = min(n, pos + step)
-        row[HEADER + pos : HEADER + stop] = value
+        fill_bytes(row, HEADER + pos, stop - pos, value)
         total += value * (stop - pos)
         pos = stop
         value = (value + 1) & 0xFF
@@ -512,7 +523,7 @@ def device_consume(
         take = 0 if wflags[i] else int(lens[i])
         if take:
             off = np.int64(addrs[i] - mem_gpa)
-            sink[i * width : i * width + take] = mem[off : off + take]
+            copy_bytes(sink, i * width, mem, off, take)
         total += take
         if take < 4 or _u32_at(sink, i * width) != (first + i) & 0xFFFFFFFF:
             errors += 1
@@ -535,3 +546,102 @@ def device_consume(
     out[3] = errors
     out[4] = r
     out[5] = 1
+
+
+# ------------------------------------------------------------------------ table entry
+
+# The arrays of a driver step's pointer table, in order (see shared.virtio.pointers), and of
+# the device's sink step. DriverKernels / DeviceKernels build the tables from these.
+DRIVER_TABLE = (
+    ("desc64", np.uint64, True),
+    ("desc32", np.uint32, True),
+    ("desc16", np.uint16, True),
+    ("avail16", np.uint16, True),
+    ("used16", np.uint16, False),
+    ("used32", np.uint32, False),
+    ("free", np.uint16, True),
+    ("in_flight", np.bool_, True),
+    ("multi", np.bool_, True),
+    ("wcap", np.int64, True),
+    ("mark", np.uint8, True),
+    ("data", np.uint8, True),
+    ("pool_stack", np.int64, True),
+    ("slot_of", np.int64, True),
+    ("scratch_i", np.int64, True),
+    ("scratch_l", np.int64, True),
+    ("scratch_a", np.uint64, True),
+    ("scratch_u", np.uint64, True),
+    ("scratch_w", np.bool_, True),
+    ("scratch_s", np.int64, True),
+)
+DRIVER_ST = 12
+"""A driver step's ``st``: the ten scalars of :func:`driver_send_frames`, then the pool's
+buffer size and its guest-physical base."""
+
+DEVICE_TABLE = (
+    ("avail16", np.uint16, False),
+    ("desc64", np.uint64, False),
+    ("desc32", np.uint32, False),
+    ("desc16", np.uint16, False),
+    ("used16", np.uint16, True),
+    ("used32", np.uint32, True),
+    ("in_flight", np.bool_, True),
+    ("wcap", np.int64, True),
+    ("mark", np.uint8, True),
+    ("slot_gpa", np.uint64, False),
+    ("slot_last", np.uint64, False),
+    ("slot_w", np.bool_, False),
+    ("mem", np.uint8, False),
+    ("sink", np.uint8, True),
+    ("heads", np.int64, True),
+    ("addrs", np.uint64, True),
+    ("lens", np.uint32, True),
+    ("wflags", np.uint16, True),
+    ("zeros", np.int64, False),
+)
+DEVICE_ST = 11
+"""The sink step's ``st``: the ten scalars of :func:`device_consume`, then the gpa of the
+memory slot given as ``mem``."""
+
+
+@njit(cache=True, nogil=True)
+def driver_send_frames_t(
+    tbl: np.ndarray, st: np.ndarray, first_seq: int, want: int, out: np.ndarray
+) -> None:
+    """:func:`driver_send_frames` with its arrays from a pointer table (``DRIVER_TABLE``)."""
+    driver_send_frames(
+        view_u64(tbl, 0), view_u32(tbl, 1), view_u16(tbl, 2), view_u16(tbl, 3),
+        view_u16(tbl, 4), view_u32(tbl, 5), view_u16(tbl, 6), view_bool(tbl, 7),
+        view_bool(tbl, 8), view_i64(tbl, 9), view_u8(tbl, 10), st,
+        view_u8_2d(tbl, 11, st[10]), view_i64(tbl, 12), view_i64(tbl, 13), np.uint64(st[11]),
+        first_seq, want, view_i64(tbl, 14), view_i64(tbl, 15), view_u64(tbl, 16),
+        view_u64(tbl, 17), view_bool(tbl, 18), out,
+    )  # fmt: skip
+
+
+@njit(cache=True, nogil=True)
+def driver_receive_frames_t(
+    tbl: np.ndarray, st: np.ndarray, first_seq: int, out: np.ndarray
+) -> None:
+    """:func:`driver_receive_frames` with its arrays from a pointer table
+    (``DRIVER_TABLE``)."""
+    driver_receive_frames(
+        view_u64(tbl, 0), view_u32(tbl, 1), view_u16(tbl, 2), view_u16(tbl, 3),
+        view_u16(tbl, 4), view_u32(tbl, 5), view_u16(tbl, 6), view_bool(tbl, 7),
+        view_bool(tbl, 8), view_i64(tbl, 9), view_u8(tbl, 10), st,
+        view_u8_2d(tbl, 11, st[10]), view_i64(tbl, 12), view_i64(tbl, 13), np.uint64(st[11]),
+        first_seq, view_i64(tbl, 14), view_i64(tbl, 15), view_u64(tbl, 16),
+        view_u64(tbl, 17), view_bool(tbl, 18), view_i64(tbl, 19), out,
+    )  # fmt: skip
+
+
+@njit(cache=True, nogil=True)
+def device_consume_t(tbl: np.ndarray, st: np.ndarray, out: np.ndarray) -> None:
+    """:func:`device_consume` with its arrays from a pointer table (``DEVICE_TABLE``)."""
+    device_consume(
+        view_u16(tbl, 0), view_u64(tbl, 1), view_u32(tbl, 2), view_u16(tbl, 3),
+        view_u16(tbl, 4), view_u32(tbl, 5), view_bool(tbl, 6), view_i64(tbl, 7),
+        view_u8(tbl, 8), view_u64(tbl, 9), view_u64(tbl, 10), view_bool(tbl, 11), st,
+        view_u8(tbl, 12), np.uint64(st[10]), view_u8(tbl, 13), view_i64(tbl, 14),
+        view_u64(tbl, 15), view_u32(tbl, 16), view_u16(tbl, 17), view_i64(tbl, 18), out,
+    )  # fmt: skip
