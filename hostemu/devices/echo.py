@@ -47,7 +47,6 @@ from hostemu.devices.runtime import BUDGET, DeviceModel, DeviceRuntime, Queue, n
 from shared import pci_layout as pl
 from shared.errors import ConfigError
 from shared.virtio import Batch, DeviceRing
-from shared.virtio.args import KERNEL_OVER
 
 TX, RX = 0, 1
 MAX_FRAME = 16 << 20  # the ring's own per-buffer limit
@@ -236,10 +235,9 @@ class EchoModel(DeviceModel):
         ``MAX_PASS_BYTES`` (plus one frame): a batch of many big buffers is read in pieces,
         so no guest can make the device hold more."""
         kernels = q.ring.kernels
-        if kernels is not None and q.ring.available() > KERNEL_OVER:
-            # The compiled path: the whole pass in one fused kernel (for more than a few
-            # frames: entering it costs a few µs); None if it declined (an unusual ring or
-            # big frames) having changed nothing -- then the reference.
+        if kernels is not None:
+            # The compiled path: the whole pass in one fused kernel; None if it declined
+            # (an unusual ring or big frames) having changed nothing -- then the reference.
             room = min(SINK_FUSED_BYTES, MAX_PASS_BYTES)  # (it declines what does not fit)
             if self._sink_mem.shape[0] < room:
                 self._sink_mem = np.empty(room, dtype=np.uint8)

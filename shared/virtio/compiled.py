@@ -104,7 +104,7 @@ class DeviceKernels:
         interrupt, more)`` with the ring's state committed, or ``None``: declined, nothing
         changed (the caller runs its reference step)."""
         ram = self._ram_slot(ring)
-        if ram is None:
+        if ram is None or ring._broken is not None:
             return None
         table, mem, gpa = ram
         bound = self._bound
