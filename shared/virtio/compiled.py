@@ -82,7 +82,9 @@ class DeviceKernels:
         self.copied = np.empty(qsize, dtype=np.int64)
         self.zeros = np.zeros(qsize, dtype=np.int64)
         self.st = np.zeros(f.DEVICE_ST, dtype=np.int64)
-        self.out = np.zeros(6, dtype=np.int64)
+        self.st_forward = np.zeros(f.FORWARD_ST, dtype=np.int64)
+        self.out = np.zeros(7, dtype=np.int64)
+        self._forward: tuple[SlotTable, DeviceKernels, PointerTable] | None = None
         self._ram: tuple[SlotTable, U8Array, int] | None = None
         # the sink step's pointer table, for this slot table and sink array
         self._bound: tuple[SlotTable, U8Array, PointerTable] | None = None
@@ -152,6 +154,98 @@ class DeviceKernels:
             if not ring._event_idx:
                 ring._used_flags_shadow &= ~VRING_USED_F_NO_NOTIFY
         return taken, int(out[2]), int(out[3]), bool(out[4]), bool(out[5])
+
+    def forward(
+        self, ring: DeviceRing, rx: DeviceRing, limit: int, width_cap: int
+    ) -> tuple[int, int, bool, bool, bool, int] | None:
+        """:func:`~shared.virtio.fused.device_forward` from this (TX) ring into ``rx``:
+        ``(taken, bytes, rx_interrupt, tx_interrupt, more, width)`` with both rings' state
+        committed, or ``None``: declined, nothing changed. TX buffers longer than
+        ``width_cap`` are declined (the reference truncates them)."""
+        rk = rx._kernels
+        ram = self._ram_slot(ring)
+        if (
+            ram is None
+            or rk is None
+            or ring._broken is not None
+            or rx._broken is not None
+            or rx._mem is not ring._mem
+            or rx._q != ring._q
+            or rx._event_idx != ring._event_idx
+        ):
+            return None
+        table, mem, gpa = ram
+        if not mem.flags.writeable:
+            return None
+        bound = self._forward
+        if bound is None or bound[0] is not table or bound[1] is not rk:
+            t, r = self.v, rk.v
+            arrays = {
+                "tx_avail16": t.avail16,
+                "tx_desc64": t.desc64,
+                "tx_desc32": t.desc32,
+                "tx_desc16": t.desc16,
+                "tx_used16": t.used16,
+                "tx_used32": t.used32,
+                "tx_in_flight": ring._in_flight,
+                "tx_wcap": ring._wcap,
+                "rx_avail16": r.avail16,
+                "rx_desc64": r.desc64,
+                "rx_desc32": r.desc32,
+                "rx_desc16": r.desc16,
+                "rx_used16": r.used16,
+                "rx_used32": r.used32,
+                "rx_in_flight": rx._in_flight,
+                "rx_wcap": rx._wcap,
+                "mark": self.mark,
+                "slot_gpa": table.starts,
+                "slot_last": table.lasts,
+                "slot_w": table.writable,
+                "mem": mem,
+                "tx_heads": self.heads,
+                "tx_addrs": self.addrs,
+                "tx_lens": self.lens,
+                "tx_wflags": self.wflags,
+                "rx_heads": rk.heads,
+                "rx_addrs": rk.addrs,
+                "rx_lens": rk.lens,
+                "rx_wflags": rk.wflags,
+                "copied": self.copied,
+                "zeros": self.zeros,
+            }
+            self._forward = bound = (table, rk, _table(f.FORWARD_TABLE, arrays, self.v))
+        st, out = self.st_forward, self.out
+        st[0] = ring._q
+        st[1] = ring._last_avail
+        st[2] = ring._num_in_flight
+        st[3] = ring._next_used
+        st[4] = ring._event_idx
+        st[5] = ring._used_flags_shadow
+        st[6] = min(ring._max_len, width_cap)
+        st[7] = rx._last_avail
+        st[8] = rx._num_in_flight
+        st[9] = rx._next_used
+        st[10] = rx._notify_enabled
+        st[11] = rx._max_len
+        st[12] = limit
+        st[13] = gpa
+        f.device_forward_t(bound[2].table, st, out)
+        if out[0] != STAGE_DONE:
+            return None
+        taken = int(out[1])
+        if taken:
+            ring._last_avail = (ring._last_avail + taken) & INDEX_MASK
+            ring._next_used = (ring._next_used + taken) & INDEX_MASK
+            ring._notify_enabled = False
+            if not ring._event_idx:
+                ring._used_flags_shadow |= VRING_USED_F_NO_NOTIFY
+            rx._last_avail = (rx._last_avail + taken) & INDEX_MASK
+            rx._next_used = (rx._next_used + taken) & INDEX_MASK
+        else:
+            ring._notify_enabled = True
+            if not ring._event_idx:
+                ring._used_flags_shadow &= ~VRING_USED_F_NO_NOTIFY
+        return taken, int(out[2]), bool(out[3]), bool(out[4]), bool(out[5]), int(out[6])
 
     def pop(self, ring: DeviceRing, count: int) -> Batch | None:
         """Take the next ``count`` chains (the caller read ``avail.idx`` and checked it) if

@@ -548,6 +548,140 @@ def device_consume(
     out[5] = 1
 
 
+@njit(cache=True, nogil=True)
+def device_forward(
+    tx_avail16: np.ndarray,
+    tx_desc64: np.ndarray,
+    tx_desc32: np.ndarray,
+    tx_desc16: np.ndarray,
+    tx_used16: np.ndarray,
+    tx_used32: np.ndarray,
+    tx_in_flight: np.ndarray,
+    tx_wcap: np.ndarray,
+    rx_avail16: np.ndarray,
+    rx_desc64: np.ndarray,
+    rx_desc32: np.ndarray,
+    rx_desc16: np.ndarray,
+    rx_used16: np.ndarray,
+    rx_used32: np.ndarray,
+    rx_in_flight: np.ndarray,
+    rx_wcap: np.ndarray,
+    mark: np.ndarray,
+    slot_gpa: np.ndarray,
+    slot_last: np.ndarray,
+    slot_w: np.ndarray,
+    st: np.ndarray,
+    mem: np.ndarray,
+    mem_gpa: np.uint64,
+    tx_heads: np.ndarray,
+    tx_addrs: np.ndarray,
+    tx_lens: np.ndarray,
+    tx_wflags: np.ndarray,
+    rx_heads: np.ndarray,
+    rx_addrs: np.ndarray,
+    rx_lens: np.ndarray,
+    rx_wflags: np.ndarray,
+    copied: np.ndarray,
+    zeros: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """The echo device's TX pass with nothing held back: TX notifications off; take up to
+    ``limit`` TX chains and as many RX chains; copy each TX buffer into its RX buffer
+    (truncated to the RX buffer); complete RX (with the lengths), then TX (length 0);
+    interrupt? With no TX chain available: notifications back on and a re-check.
+
+    ``st``: TX ``q, last_avail, num_in_flight, next_used, event_idx, used_flags_shadow,
+    max_len``, RX ``last_avail, num_in_flight, next_used, notify_enabled, max_len``, then
+    ``limit`` and the gpa of ``mem`` (both rings have the same size and notification
+    features). ``out``: ``stage, taken, bytes, rx_interrupt, tx_interrupt, more, width``
+    (the longest TX buffer taken) -- stage
+    ``STAGE_START``: declined, nothing written (no RX chain available, an unusual chain, a
+    buffer outside ``mem``, overlapping buffers: the reference runs the pass)."""
+    q = st[0]
+    tx_last = st[1]
+    event_idx = st[4] != 0
+    flags = st[5]
+    rx_last = st[7]
+    for i in range(7):
+        out[i] = 0
+    tx_idx = int(load_acquire_u16_unchecked(tx_avail16, 1))  # read once
+    n = (tx_idx - tx_last) & 0xFFFF
+    if n > q or n + st[2] > q:
+        return
+    if n == 0:
+        if event_idx:
+            tx_used16[2 + 4 * q] = tx_last
+        else:
+            tx_used16[0] = flags & ~_NO_NOTIFY
+        fence_seq_cst()  # store->load: the enable before the re-check
+        out[0] = STAGE_DONE
+        out[5] = 1 if int(load_acquire_u16_unchecked(tx_avail16, 1)) != tx_last else 0
+        return
+    rx_idx = int(load_acquire_u16_unchecked(rx_avail16, 1))
+    m = (rx_idx - rx_last) & 0xFFFF
+    if m == 0 or m > q or m + st[8] > q:
+        return
+    k = min(n, m, st[12])
+    if not pop_validate(
+        tx_avail16, tx_desc64, tx_desc32, tx_desc16, tx_in_flight, mark, slot_gpa, slot_last,
+        slot_w, q, tx_last, k, st[6], tx_heads, tx_addrs, tx_lens, tx_wflags,
+    ):  # fmt: skip
+        return
+    if not pop_validate(
+        rx_avail16, rx_desc64, rx_desc32, rx_desc16, rx_in_flight, mark, slot_gpa, slot_last,
+        slot_w, q, rx_last, k, st[11], rx_heads, rx_addrs, rx_lens, rx_wflags,
+    ):  # fmt: skip
+        return
+    size = np.int64(mem.shape[0])
+    for i in range(k):
+        if tx_wflags[i] != 0 or rx_wflags[i] == 0:
+            return
+        if tx_addrs[i] < mem_gpa or rx_addrs[i] < mem_gpa:
+            return
+        take = min(int(tx_lens[i]), int(rx_lens[i]))
+        so = np.int64(tx_addrs[i] - mem_gpa)
+        do = np.int64(rx_addrs[i] - mem_gpa)
+        if so + take > size or do + take > size or (so < do + take and do < so + take):
+            return
+    # Validated: from here on the pass completes.
+    pop_commit(tx_in_flight, tx_wcap, k, tx_heads, tx_lens, tx_wflags)
+    pop_commit(rx_in_flight, rx_wcap, k, rx_heads, rx_lens, rx_wflags)
+    tx_last = (tx_last + k) & 0xFFFF
+    rx_last = (rx_last + k) & 0xFFFF
+    if event_idx:
+        tx_used16[2 + 4 * q] = (tx_last - 1) & 0xFFFF  # TX notifications stay off
+        if st[10] != 0:  # RX as its own pop leaves it: refreshed, or one behind
+            rx_used16[2 + 4 * q] = rx_last
+            fence_seq_cst()  # store->load: avail_event before our next read of avail.idx
+        else:
+            rx_used16[2 + 4 * q] = (rx_last - 1) & 0xFFFF
+    elif not flags & _NO_NOTIFY:
+        tx_used16[0] = flags | _NO_NOTIFY
+    total = 0
+    width = 1
+    for i in range(k):
+        take = min(int(tx_lens[i]), int(rx_lens[i]))
+        width = max(width, int(tx_lens[i]))
+        copy_bytes(mem, np.int64(rx_addrs[i] - mem_gpa), mem, np.int64(tx_addrs[i] - mem_gpa), take)
+        copied[i] = take
+        total += take
+    rx_irq = device_push_used(
+        rx_used16, rx_used32, rx_avail16, rx_in_flight, rx_wcap, mark, q, st[9], event_idx,
+        rx_heads[:k], copied[:k],
+    )  # fmt: skip
+    tx_irq = device_push_used(
+        tx_used16, tx_used32, tx_avail16, tx_in_flight, tx_wcap, mark, q, st[3], event_idx,
+        tx_heads[:k], zeros[:k],
+    )  # fmt: skip
+    out[0] = STAGE_DONE
+    out[1] = k
+    out[2] = total
+    out[3] = rx_irq
+    out[4] = tx_irq
+    out[5] = 1
+    out[6] = width
+
+
 # ------------------------------------------------------------------------ table entry
 
 # The arrays of a driver step's pointer table, in order (see shared.virtio.pointers), and of
@@ -644,4 +778,57 @@ def device_consume_t(tbl: np.ndarray, st: np.ndarray, out: np.ndarray) -> None:
         view_u8(tbl, 8), view_u64(tbl, 9), view_u64(tbl, 10), view_bool(tbl, 11), st,
         view_u8(tbl, 12), np.uint64(st[10]), view_u8(tbl, 13), view_i64(tbl, 14),
         view_u64(tbl, 15), view_u32(tbl, 16), view_u16(tbl, 17), view_i64(tbl, 18), out,
+    )  # fmt: skip
+
+
+FORWARD_TABLE = (
+    ("tx_avail16", np.uint16, False),
+    ("tx_desc64", np.uint64, False),
+    ("tx_desc32", np.uint32, False),
+    ("tx_desc16", np.uint16, False),
+    ("tx_used16", np.uint16, True),
+    ("tx_used32", np.uint32, True),
+    ("tx_in_flight", np.bool_, True),
+    ("tx_wcap", np.int64, True),
+    ("rx_avail16", np.uint16, False),
+    ("rx_desc64", np.uint64, False),
+    ("rx_desc32", np.uint32, False),
+    ("rx_desc16", np.uint16, False),
+    ("rx_used16", np.uint16, True),
+    ("rx_used32", np.uint32, True),
+    ("rx_in_flight", np.bool_, True),
+    ("rx_wcap", np.int64, True),
+    ("mark", np.uint8, True),
+    ("slot_gpa", np.uint64, False),
+    ("slot_last", np.uint64, False),
+    ("slot_w", np.bool_, False),
+    ("mem", np.uint8, True),
+    ("tx_heads", np.int64, True),
+    ("tx_addrs", np.uint64, True),
+    ("tx_lens", np.uint32, True),
+    ("tx_wflags", np.uint16, True),
+    ("rx_heads", np.int64, True),
+    ("rx_addrs", np.uint64, True),
+    ("rx_lens", np.uint32, True),
+    ("rx_wflags", np.uint16, True),
+    ("copied", np.int64, True),
+    ("zeros", np.int64, False),
+)
+FORWARD_ST = 14
+"""The forward step's ``st``: the twelve scalars of :func:`device_forward`, the limit and
+the gpa of ``mem``."""
+
+
+@njit(cache=True, nogil=True)
+def device_forward_t(tbl: np.ndarray, st: np.ndarray, out: np.ndarray) -> None:
+    """:func:`device_forward` with its arrays from a pointer table (``FORWARD_TABLE``)."""
+    device_forward(
+        view_u16(tbl, 0), view_u64(tbl, 1), view_u32(tbl, 2), view_u16(tbl, 3),
+        view_u16(tbl, 4), view_u32(tbl, 5), view_bool(tbl, 6), view_i64(tbl, 7),
+        view_u16(tbl, 8), view_u64(tbl, 9), view_u32(tbl, 10), view_u16(tbl, 11),
+        view_u16(tbl, 12), view_u32(tbl, 13), view_bool(tbl, 14), view_i64(tbl, 15),
+        view_u8(tbl, 16), view_u64(tbl, 17), view_u64(tbl, 18), view_bool(tbl, 19), st,
+        view_u8(tbl, 20), np.uint64(st[13]), view_i64(tbl, 21), view_u64(tbl, 22),
+        view_u32(tbl, 23), view_u16(tbl, 24), view_i64(tbl, 25), view_u64(tbl, 26),
+        view_u32(tbl, 27), view_u16(tbl, 28), view_i64(tbl, 29), view_i64(tbl, 30), out,
     )  # fmt: skip

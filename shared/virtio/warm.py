@@ -69,6 +69,7 @@ def exercise() -> None:
     dev_kernels.consume(tx, sink, 0, q)
     data, stack, slot_of, base = pools[1]
     rx_kernels.receive_frames(rx_driver, data, stack, q, slot_of, base, 0)
+    dev_kernels.forward(tx, rx, q, 1 << 24)
 
 
 def main() -> int:

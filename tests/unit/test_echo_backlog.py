@@ -41,6 +41,17 @@ class FakeRuntime:
         self.completed.append((q.index, ids_l, lens_l))
         q.ring.push_used(ids_l, lens_l)
 
+    def used_published(self, q: Queue, interrupt: bool) -> None:
+        """A fused pass (compiled path) published used entries itself: record the ones
+        since the last record of this queue, read back from the used ring."""
+        ring = q.ring
+        seen = sum(len(ids) for index, ids, _ in self.completed if index == q.index)
+        new = (ring.next_used - seen) & 0xFFFF
+        pos = [(seen + j) % ring.qsize for j in range(new)]
+        ids = [int(ring._used_id[p]) for p in pos]
+        lens = [int(ring._used_len[p]) for p in pos]
+        self.completed.append((q.index, ids, lens))
+
     def schedule(self, index: int) -> None:
         self.scheduled.append(index)
 

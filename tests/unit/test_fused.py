@@ -97,6 +97,7 @@ class World:
         event_idx: bool,
         guest_jit: bool,
         device_jit: bool,
+        echo: bool = False,
     ) -> None:
         self.mem = GuestMemoryMap()
         self.mem.add(0, 0, np.zeros(RAM, dtype=np.uint8))
@@ -119,8 +120,11 @@ class World:
             self.rings.append(
                 DeviceRing(self.mem, desc, avail, used, q, event_idx=event_idx, jit=device_jit)
             )
-        self.model = EchoModel(sink=True)
-        self.runtime = _Runtime({0: Queue(0, self.rings[0], 0)})
+        self.model = EchoModel(sink=not echo)
+        queues = {0: Queue(0, self.rings[0], 0)}
+        if echo:
+            queues[1] = Queue(1, self.rings[1], 1)
+        self.runtime = _Runtime(queues)
         self.model.runtime = self.runtime  # type: ignore[assignment]
 
     def state(self) -> tuple[Any, ...]:
@@ -170,11 +174,13 @@ class Program:
     """One random program on a compiled world and a reference world, compared after each
     step."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, seed: int, side: str) -> None:
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, seed: int, side: str, echo: bool = False
+    ) -> None:
         self.rng = r = random.Random(seed)
         self.qsize = r.choice([8, 16, 64, 256])
         self.size = r.choice([HEADER + 1, 16, 64, 200, 1500])
-        kw = dict(qsize=self.qsize, size=self.size, event_idx=r.random() < 0.7)
+        kw = dict(qsize=self.qsize, size=self.size, event_idx=r.random() < 0.7, echo=echo)
         self.fast = World(monkeypatch, guest_jit=side == "guest", device_jit=side == "device", **kw)
         self.slow = World(monkeypatch, guest_jit=False, device_jit=False, **kw)
         self.worlds = (self.fast, self.slow)
@@ -226,6 +232,18 @@ class Program:
 
     def sink(self) -> None:
         self.both(lambda w: w.model.on_queue(w.runtime.queues[0]))
+
+    def echo_pass(self) -> None:
+        """The echo device's TX pass, or (less often) its RX pass."""
+        index = 0 if self.rng.random() < 0.8 else 1
+        self.both(lambda w: w.model.on_queue(w.runtime.queues[index]))
+
+    def guest_receive(self) -> None:
+        """A reference guest takes the echoed frames and reposts RX buffers (some)."""
+        if self.rng.random() < 0.3:
+            return
+        got, _ = self.both(lambda w: w.queues.receive_frames(self.received))
+        self.received += got
 
     def complete_tx(self) -> None:
         """The device completes some TX chains (without the model)."""
@@ -323,7 +341,7 @@ class Program:
 def fused_calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """Count each fused kernel's calls and the ones that did the whole step."""
     calls: Counter[str] = Counter()
-    for name in ("driver_send_frames", "driver_receive_frames", "device_consume"):
+    for name in ("driver_send_frames", "driver_receive_frames", "device_consume", "device_forward"):
         real = getattr(compiled_path.f, f"{name}_t")
 
         def counted(*args: Any, _real: Callable[..., None] = real, _name: str = name) -> None:
@@ -361,7 +379,7 @@ def test_fused_sink_pass_agrees_with_the_reference(
     monkeypatch: pytest.MonkeyPatch, fused_calls: Counter[str], seed: int, hostile: bool
 ) -> None:
     p = Program(monkeypatch, 1000 + seed * 2 + hostile, "device")
-    ops = [p.post_frames, p.post_frames, p.sink, p.sink, p.sink]
+    ops = [p.post_frames, p.post_frames, p.sink, p.sink, p.sink, p.device_notifications]
     if hostile:
         ops.append(p.corrupt)
     for _ in range(150):
@@ -369,6 +387,23 @@ def test_fused_sink_pass_agrees_with_the_reference(
     assert fused_calls["device_consume"] > 0
     if not hostile:
         assert fused_calls["device_consume done"] > 0
+
+
+@pytest.mark.parametrize("hostile", [False, True], ids=["well-behaved", "hostile"])
+@pytest.mark.parametrize("seed", range(12))
+def test_fused_echo_pass_agrees_with_the_reference(
+    monkeypatch: pytest.MonkeyPatch, fused_calls: Counter[str], seed: int, hostile: bool
+) -> None:
+    p = Program(monkeypatch, 2000 + seed * 2 + hostile, "device", echo=True)
+    ops = [p.post_frames, p.post_frames, p.echo_pass, p.echo_pass, p.guest_receive]
+    ops.append(p.device_notifications)
+    if hostile:
+        ops.append(p.corrupt)
+    for _ in range(150):
+        p.rng.choice(ops)()
+    assert fused_calls["device_forward"] > 0
+    if not hostile:
+        assert fused_calls["device_forward done"] > 0
 
 
 def test_frames_the_kernel_writes_are_the_reference_frames(monkeypatch: pytest.MonkeyPatch) -> None:
