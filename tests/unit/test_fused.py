@@ -422,3 +422,44 @@ def test_frames_the_kernel_writes_are_the_reference_frames(monkeypatch: pytest.M
                 ring = w.rings[0]
                 batch = ring.pop_batch()
                 ring.push_used(batch.heads, np.zeros(len(batch), dtype=np.int64))
+
+
+def test_fused_kernels_publish_with_release_and_fence_before_deciding() -> None:
+    """Each fused step publishes its index with a release store and has a fence before it
+    reads the peer's event index or flags (the compiled code, not the source)."""
+    from shared.virtio import fused
+    from tests.unit.test_ring_kernels import _llvm
+
+    # the store->load points each step has: driver -- used_event refreshed then used.idx
+    # read again, avail.idx published then avail_event read; sink -- re-enable then
+    # re-check, used.idx published then used_event read; forward -- those two plus RX's
+    # avail_event refreshed then avail.idx read again
+    for kernel, fences in (
+        (fused.driver_send_frames_t, 2),
+        (fused.driver_receive_frames_t, 2),
+        (fused.device_consume_t, 2),
+        (fused.device_forward_t, 3),
+    ):
+        ir = _llvm(kernel)
+        name = kernel.py_func.__name__
+        assert "store atomic i16" in ir and " release" in ir, name
+        assert "load atomic i16" in ir and " acquire" in ir, name
+        assert ir.count("fence seq_cst") >= fences, name
+
+
+def test_pointer_tables_take_only_what_the_kernel_may_use() -> None:
+    from shared.errors import UsageError
+    from shared.virtio.pointers import PointerTable
+
+    a = np.zeros(8, dtype=np.uint16)
+    t = PointerTable([a, np.zeros((2, 4), np.uint8)], [np.uint16, np.uint8], [True, False])
+    assert t.table.tolist() == [a.ctypes.data, 8, t.table[2], 8]
+    with pytest.raises(UsageError, match="entry 0"):
+        PointerTable([a], [np.uint32], [False])  # another dtype
+    with pytest.raises(UsageError, match="entry 0"):
+        PointerTable([np.zeros(8, np.uint16)[::2]], [np.uint16], [False])  # not contiguous
+    ro = np.zeros(4, dtype=np.int64)
+    ro.flags.writeable = False
+    with pytest.raises(UsageError, match="read-only"):
+        PointerTable([ro], [np.int64], [True])
+    PointerTable([ro], [np.int64], [False])  # read-only is fine where it is only read
