@@ -55,6 +55,10 @@ MAX_BACKLOG = 4096
 # Bytes the backlog's staging arrays may hold in all (a frame is always allowed when nothing
 # else is held): whatever the guest posts, the device's copies stay within this.
 MAX_BACKLOG_BYTES = 64 << 20
+SINK_PIECE_BYTES = 512 << 10
+"""Sink mode: the device memory one piece of a pass is copied into, reused piece after
+piece -- half the L2 cache of this machine kind's cores, so the copies' destination stays
+in cache (the device's copy, not the memory, is then the limit)."""
 SINK_FUSED_BYTES = BUDGET * 4096
 """Sink mode on the compiled path: device memory for one pass of frames up to 4 KiB (the
 fused kernel declines bigger ones; the reference reads them in pieces)."""
@@ -275,7 +279,9 @@ class EchoModel(DeviceModel):
         if n == 0:
             return q.ring.enable_notifications()  # re-check: no lost kick
         width = min(MAX_FRAME, max(1, max(batch.readable_list)))
-        rows = max(1, MAX_PASS_BYTES // width)  # per piece
+        # per piece: few enough rows that the reused copy buffer stays cache-sized (big
+        # frames are read one at a time into the same warm memory)
+        rows = max(1, min(MAX_PASS_BYTES, SINK_PIECE_BYTES) // width)
         if self._sink_mem.shape[0] < min(n, rows) * width:  # grow; then reused, pages warm
             self._sink_mem = np.empty(min(n, rows) * width, dtype=np.uint8)
         total = 0
