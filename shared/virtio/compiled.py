@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from shared.virtio import fused as f
+from shared.virtio import fused_device as fd
 from shared.virtio import kernels as k
 from shared.virtio.args import STAGE_DONE, STAGE_RECLAIMED
 from shared.virtio.batch import Batch, empty_batch, simple_batch
@@ -81,8 +82,8 @@ class DeviceKernels:
         self.wflags = np.empty(qsize, dtype=np.uint16)
         self.copied = np.empty(qsize, dtype=np.int64)
         self.zeros = np.zeros(qsize, dtype=np.int64)
-        self.st = np.zeros(f.DEVICE_ST, dtype=np.int64)
-        self.st_forward = np.zeros(f.FORWARD_ST, dtype=np.int64)
+        self.st = np.zeros(fd.DEVICE_ST, dtype=np.int64)
+        self.st_forward = np.zeros(fd.FORWARD_ST, dtype=np.int64)
         self.out = np.zeros(7, dtype=np.int64)
         self._forward: tuple[SlotTable, DeviceKernels, PointerTable] | None = None
         self._ram: tuple[SlotTable, U8Array, int] | None = None
@@ -102,7 +103,7 @@ class DeviceKernels:
     def consume(
         self, ring: DeviceRing, sink: U8Array, first_seq: int, limit: int
     ) -> tuple[int, int, int, bool, bool] | None:
-        """:func:`~shared.virtio.fused.device_consume`: ``(taken, bytes, seq_errors,
+        """:func:`~shared.virtio.fused_device.device_consume`: ``(taken, bytes, seq_errors,
         interrupt, more)`` with the ring's state committed, or ``None``: declined, nothing
         changed (the caller runs its reference step)."""
         ram = self._ram_slot(ring)
@@ -126,7 +127,7 @@ class DeviceKernels:
                 "wflags": self.wflags,
                 "zeros": self.zeros,
             }
-            self._bound = bound = (table, sink, _table(f.DEVICE_TABLE, arrays, self.v))
+            self._bound = bound = (table, sink, _table(fd.DEVICE_TABLE, arrays, self.v))
         st, out = self.st, self.out
         st[0] = ring._q
         st[1] = ring._last_avail
@@ -139,7 +140,7 @@ class DeviceKernels:
         st[8] = first_seq
         st[9] = SMALL_ROWS
         st[10] = gpa
-        f.device_consume_t(bound[2].table, st, out)
+        fd.device_consume_t(bound[2].table, st, out)
         if out[0] != STAGE_DONE:
             return None
         taken = int(out[1])
@@ -158,7 +159,7 @@ class DeviceKernels:
     def forward(
         self, ring: DeviceRing, rx: DeviceRing, limit: int, width_cap: int
     ) -> tuple[int, int, bool, bool, bool, int] | None:
-        """:func:`~shared.virtio.fused.device_forward` from this (TX) ring into ``rx``:
+        """:func:`~shared.virtio.fused_device.device_forward` from this (TX) ring into ``rx``:
         ``(taken, bytes, rx_interrupt, tx_interrupt, more, width)`` with both rings' state
         committed, or ``None``: declined, nothing changed. TX buffers longer than
         ``width_cap`` are declined (the reference truncates them)."""
@@ -213,7 +214,7 @@ class DeviceKernels:
                 "copied": self.copied,
                 "zeros": self.zeros,
             }
-            self._forward = bound = (table, rk, _table(f.FORWARD_TABLE, arrays, self.v))
+            self._forward = bound = (table, rk, _table(fd.FORWARD_TABLE, arrays, self.v))
         st, out = self.st_forward, self.out
         st[0] = ring._q
         st[1] = ring._last_avail
@@ -229,7 +230,7 @@ class DeviceKernels:
         st[11] = rx._max_len
         st[12] = limit
         st[13] = gpa
-        f.device_forward_t(bound[2].table, st, out)
+        fd.device_forward_t(bound[2].table, st, out)
         if out[0] != STAGE_DONE:
             return None
         taken = int(out[1])

@@ -1,5 +1,6 @@
 """Fused kernels: one compiled call per wakeup of a packet queue, built from the ring
-kernels of :mod:`shared.virtio.kernels`.
+kernels of :mod:`shared.virtio.kernels`. This module has the guest (driver) side and the
+test-frame helpers; :mod:`shared.virtio.fused_device` the device side.
 
 Theory of operation
 -------------------
@@ -14,10 +15,13 @@ step in one call:
   whether to kick;
 * :func:`driver_receive_frames` -- the guest's RX step: take the used entries, verify each
   frame in its buffer (sequence number, length, checksum, :func:`shared.frames.check`'s
-  order), give the buffers back and post every free one again, decide whether to kick;
-* :func:`device_consume` -- the device's sink step: take the available chains, copy their
-  bytes into device memory, count frames out of sequence, complete them, decide whether to
-  interrupt; or, with nothing available, re-enable notifications and re-check.
+  order), give the buffers back and post every free buffer again, decide whether to kick;
+* the device's sink and echo passes (:mod:`shared.virtio.fused_device`).
+
+A fused step is entered through a pointer table (:mod:`shared.virtio.pointers`): the
+``*_t`` kernels take the table, a state array and the step's arguments, and rebuild the
+arrays as views; the tables' layouts (``DRIVER_TABLE`` here) are the one statement of
+which array goes where.
 
 Each returns its results in a small ``out`` array; :mod:`shared.virtio.compiled` commits the
 ring's private scalars from it. The composition of reference operations each one replaces
@@ -59,14 +63,10 @@ from shared.virtio.atomics import (  # noqa: E402
 )
 from shared.virtio.kernels import (  # noqa: E402
     DECLINE,
-    copy_bytes,
-    device_push_used,
     driver_add_simple,
     driver_get_used,
     fill_bytes,
     need_event,
-    pop_commit,
-    pop_validate,
 )
 from shared.virtio.pointers import (  # noqa: E402
     view_bool,
@@ -81,7 +81,6 @@ from shared.virtio.pointers import (  # noqa: E402
 _RUN = 1 << 24  # a payload byte stays constant over runs of 2**24 bytes
 _NO_NOTIFY = 1
 _WRITE = 2
-
 
 # ------------------------------------------------------------------------------- frames
 
@@ -111,7 +110,7 @@ def stamp_frame(row: np.ndarray, seq: int, size: int) -> None:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _u32_at(row: np.ndarray, at: int) -> int:
+def u32_at(row: np.ndarray, at: int) -> int:
     return (
         int(row[at]) | (int(row[at + 1]) << 8) | (int(row[at + 2]) << 16) | (int(row[at + 3]) << 24)
     )
@@ -139,7 +138,7 @@ def check_frames(
     out[1] = 0
     out[2] = 0
     for i in range(k):
-        seq = _u32_at(data[slots[i]], 0)
+        seq = u32_at(data[slots[i]], 0)
         if seq != (first + i) & 0xFFFFFFFF:
             out[0] = FAULT_SEQ
             out[1] = i
@@ -153,7 +152,7 @@ def check_frames(
             return
     for i in range(k):
         row = data[slots[i]]
-        if _u32_at(row, 4) != _payload_sum(row, size):
+        if u32_at(row, 4) != _payload_sum(row, size):
             out[0] = FAULT_CHECKSUM
             out[1] = i
             return
@@ -434,254 +433,6 @@ def driver_receive_frames(
     out[3] = _kick_needed(avail16, used16, q, st[5], new, st[6] + n, event_idx)
 
 
-# ------------------------------------------------------------------------------- device
-
-
-@njit(cache=True, nogil=True)
-def device_consume(
-    avail16: np.ndarray,
-    desc64: np.ndarray,
-    desc32: np.ndarray,
-    desc16: np.ndarray,
-    used16: np.ndarray,
-    used32: np.ndarray,
-    in_flight: np.ndarray,
-    wcap: np.ndarray,
-    mark: np.ndarray,
-    slot_gpa: np.ndarray,
-    slot_last: np.ndarray,
-    slot_w: np.ndarray,
-    st: np.ndarray,
-    mem: np.ndarray,
-    mem_gpa: np.uint64,
-    sink: np.ndarray,
-    heads: np.ndarray,
-    addrs: np.ndarray,
-    lens: np.ndarray,
-    wflags: np.ndarray,
-    zeros: np.ndarray,
-    out: np.ndarray,
-) -> None:
-    """The device's sink step (notifications off; pop; copy into ``sink``; count frames
-    out of sequence; complete with length 0; interrupt?), or with nothing available,
-    notifications back on and a re-check.
-
-    ``st``: ``q, last_avail, num_in_flight, next_used, event_idx, used_flags_shadow,
-    max_len, limit, first_seq, max_width``. ``out``: ``stage, taken, bytes, seq_errors,
-    interrupt, more`` -- stage ``STAGE_START`` declined (nothing written; the reference
-    runs the step), ``STAGE_DONE`` done."""
-    q = st[0]
-    last_avail = st[1]
-    num_in_flight = st[2]
-    next_used = st[3]
-    event_idx = st[4] != 0
-    flags = st[5]
-    for i in range(6):
-        out[i] = 0
-    avail_idx = int(load_acquire_u16_unchecked(avail16, 1))  # read once
-    n = (avail_idx - last_avail) & 0xFFFF
-    if n > q or n + num_in_flight > q:
-        return  # the reference breaks the ring with its reason
-    k = min(n, st[7])
-    if k == 0:
-        # disable, find nothing, enable and re-check: the enable is what remains
-        if event_idx:
-            used16[2 + 4 * q] = last_avail
-        else:
-            used16[0] = flags & ~_NO_NOTIFY
-        fence_seq_cst()  # store->load: the enable before the re-check
-        out[0] = STAGE_DONE
-        out[5] = 1 if int(load_acquire_u16_unchecked(avail16, 1)) != last_avail else 0
-        return
-    if not pop_validate(
-        avail16, desc64, desc32, desc16, in_flight, mark, slot_gpa, slot_last, slot_w,
-        q, last_avail, k, st[6], heads, addrs, lens, wflags,
-    ):  # fmt: skip
-        return
-    width = 1
-    for i in range(k):
-        if wflags[i] == 0:
-            width = max(width, int(lens[i]))
-    if width > st[9] or k * width > sink.shape[0]:
-        return
-    for i in range(k):
-        if wflags[i] == 0 and (
-            addrs[i] < mem_gpa or np.int64(addrs[i] - mem_gpa) + np.int64(lens[i]) > mem.shape[0]
-        ):
-            return
-    # Validated: from here on the step completes.
-    pop_commit(in_flight, wcap, k, heads, lens, wflags)
-    last_avail = (last_avail + k) & 0xFFFF
-    if event_idx:
-        used16[2 + 4 * q] = (last_avail - 1) & 0xFFFF  # notifications stay off
-    elif not flags & _NO_NOTIFY:
-        used16[0] = flags | _NO_NOTIFY
-    total = 0
-    errors = 0
-    first = st[8]
-    for i in range(k):
-        take = 0 if wflags[i] else int(lens[i])
-        if take:
-            off = np.int64(addrs[i] - mem_gpa)
-            copy_bytes(sink, i * width, mem, off, take)
-        total += take
-        if take < 4 or _u32_at(sink, i * width) != (first + i) & 0xFFFFFFFF:
-            errors += 1
-    r = device_push_used(
-        used16,
-        used32,
-        avail16,
-        in_flight,
-        wcap,
-        mark,
-        q,
-        next_used,
-        event_idx,
-        heads[:k],
-        zeros[:k],
-    )
-    out[0] = STAGE_DONE
-    out[1] = k
-    out[2] = total
-    out[3] = errors
-    out[4] = r
-    out[5] = 1
-
-
-@njit(cache=True, nogil=True)
-def device_forward(
-    tx_avail16: np.ndarray,
-    tx_desc64: np.ndarray,
-    tx_desc32: np.ndarray,
-    tx_desc16: np.ndarray,
-    tx_used16: np.ndarray,
-    tx_used32: np.ndarray,
-    tx_in_flight: np.ndarray,
-    tx_wcap: np.ndarray,
-    rx_avail16: np.ndarray,
-    rx_desc64: np.ndarray,
-    rx_desc32: np.ndarray,
-    rx_desc16: np.ndarray,
-    rx_used16: np.ndarray,
-    rx_used32: np.ndarray,
-    rx_in_flight: np.ndarray,
-    rx_wcap: np.ndarray,
-    mark: np.ndarray,
-    slot_gpa: np.ndarray,
-    slot_last: np.ndarray,
-    slot_w: np.ndarray,
-    st: np.ndarray,
-    mem: np.ndarray,
-    mem_gpa: np.uint64,
-    tx_heads: np.ndarray,
-    tx_addrs: np.ndarray,
-    tx_lens: np.ndarray,
-    tx_wflags: np.ndarray,
-    rx_heads: np.ndarray,
-    rx_addrs: np.ndarray,
-    rx_lens: np.ndarray,
-    rx_wflags: np.ndarray,
-    copied: np.ndarray,
-    zeros: np.ndarray,
-    out: np.ndarray,
-) -> None:
-    """The echo device's TX pass with nothing held back: TX notifications off; take up to
-    ``limit`` TX chains and as many RX chains; copy each TX buffer into its RX buffer
-    (truncated to the RX buffer); complete RX (with the lengths), then TX (length 0);
-    interrupt? With no TX chain available: notifications back on and a re-check.
-
-    ``st``: TX ``q, last_avail, num_in_flight, next_used, event_idx, used_flags_shadow,
-    max_len``, RX ``last_avail, num_in_flight, next_used, notify_enabled, max_len``, then
-    ``limit`` and the gpa of ``mem`` (both rings have the same size and notification
-    features). ``out``: ``stage, taken, bytes, rx_interrupt, tx_interrupt, more, width``
-    (the longest TX buffer taken) -- stage
-    ``STAGE_START``: declined, nothing written (no RX chain available, an unusual chain, a
-    buffer outside ``mem``, overlapping buffers: the reference runs the pass)."""
-    q = st[0]
-    tx_last = st[1]
-    event_idx = st[4] != 0
-    flags = st[5]
-    rx_last = st[7]
-    for i in range(7):
-        out[i] = 0
-    tx_idx = int(load_acquire_u16_unchecked(tx_avail16, 1))  # read once
-    n = (tx_idx - tx_last) & 0xFFFF
-    if n > q or n + st[2] > q:
-        return
-    if n == 0:
-        if event_idx:
-            tx_used16[2 + 4 * q] = tx_last
-        else:
-            tx_used16[0] = flags & ~_NO_NOTIFY
-        fence_seq_cst()  # store->load: the enable before the re-check
-        out[0] = STAGE_DONE
-        out[5] = 1 if int(load_acquire_u16_unchecked(tx_avail16, 1)) != tx_last else 0
-        return
-    rx_idx = int(load_acquire_u16_unchecked(rx_avail16, 1))
-    m = (rx_idx - rx_last) & 0xFFFF
-    if m == 0 or m > q or m + st[8] > q:
-        return
-    k = min(n, m, st[12])
-    if not pop_validate(
-        tx_avail16, tx_desc64, tx_desc32, tx_desc16, tx_in_flight, mark, slot_gpa, slot_last,
-        slot_w, q, tx_last, k, st[6], tx_heads, tx_addrs, tx_lens, tx_wflags,
-    ):  # fmt: skip
-        return
-    if not pop_validate(
-        rx_avail16, rx_desc64, rx_desc32, rx_desc16, rx_in_flight, mark, slot_gpa, slot_last,
-        slot_w, q, rx_last, k, st[11], rx_heads, rx_addrs, rx_lens, rx_wflags,
-    ):  # fmt: skip
-        return
-    size = np.int64(mem.shape[0])
-    for i in range(k):
-        if tx_wflags[i] != 0 or rx_wflags[i] == 0:
-            return
-        if tx_addrs[i] < mem_gpa or rx_addrs[i] < mem_gpa:
-            return
-        take = min(int(tx_lens[i]), int(rx_lens[i]))
-        so = np.int64(tx_addrs[i] - mem_gpa)
-        do = np.int64(rx_addrs[i] - mem_gpa)
-        if so + take > size or do + take > size or (so < do + take and do < so + take):
-            return
-    # Validated: from here on the pass completes.
-    pop_commit(tx_in_flight, tx_wcap, k, tx_heads, tx_lens, tx_wflags)
-    pop_commit(rx_in_flight, rx_wcap, k, rx_heads, rx_lens, rx_wflags)
-    tx_last = (tx_last + k) & 0xFFFF
-    rx_last = (rx_last + k) & 0xFFFF
-    if event_idx:
-        tx_used16[2 + 4 * q] = (tx_last - 1) & 0xFFFF  # TX notifications stay off
-        if st[10] != 0:  # RX as its own pop leaves it: refreshed, or one behind
-            rx_used16[2 + 4 * q] = rx_last
-            fence_seq_cst()  # store->load: avail_event before our next read of avail.idx
-        else:
-            rx_used16[2 + 4 * q] = (rx_last - 1) & 0xFFFF
-    elif not flags & _NO_NOTIFY:
-        tx_used16[0] = flags | _NO_NOTIFY
-    total = 0
-    width = 1
-    for i in range(k):
-        take = min(int(tx_lens[i]), int(rx_lens[i]))
-        width = max(width, int(tx_lens[i]))
-        copy_bytes(mem, np.int64(rx_addrs[i] - mem_gpa), mem, np.int64(tx_addrs[i] - mem_gpa), take)
-        copied[i] = take
-        total += take
-    rx_irq = device_push_used(
-        rx_used16, rx_used32, rx_avail16, rx_in_flight, rx_wcap, mark, q, st[9], event_idx,
-        rx_heads[:k], copied[:k],
-    )  # fmt: skip
-    tx_irq = device_push_used(
-        tx_used16, tx_used32, tx_avail16, tx_in_flight, tx_wcap, mark, q, st[3], event_idx,
-        tx_heads[:k], zeros[:k],
-    )  # fmt: skip
-    out[0] = STAGE_DONE
-    out[1] = k
-    out[2] = total
-    out[3] = rx_irq
-    out[4] = tx_irq
-    out[5] = 1
-    out[6] = width
-
-
 # ------------------------------------------------------------------------ table entry
 
 # The arrays of a driver step's pointer table, in order (see shared.virtio.pointers), and of
@@ -712,31 +463,6 @@ DRIVER_ST = 12
 """A driver step's ``st``: the ten scalars of :func:`driver_send_frames`, then the pool's
 buffer size and its guest-physical base."""
 
-DEVICE_TABLE = (
-    ("avail16", np.uint16, False),
-    ("desc64", np.uint64, False),
-    ("desc32", np.uint32, False),
-    ("desc16", np.uint16, False),
-    ("used16", np.uint16, True),
-    ("used32", np.uint32, True),
-    ("in_flight", np.bool_, True),
-    ("wcap", np.int64, True),
-    ("mark", np.uint8, True),
-    ("slot_gpa", np.uint64, False),
-    ("slot_last", np.uint64, False),
-    ("slot_w", np.bool_, False),
-    ("mem", np.uint8, False),
-    ("sink", np.uint8, True),
-    ("heads", np.int64, True),
-    ("addrs", np.uint64, True),
-    ("lens", np.uint32, True),
-    ("wflags", np.uint16, True),
-    ("zeros", np.int64, False),
-)
-DEVICE_ST = 11
-"""The sink step's ``st``: the ten scalars of :func:`device_consume`, then the gpa of the
-memory slot given as ``mem``."""
-
 
 @njit(cache=True, nogil=True)
 def driver_send_frames_t(
@@ -766,69 +492,4 @@ def driver_receive_frames_t(
         view_u8_2d(tbl, 11, st[10]), view_i64(tbl, 12), view_i64(tbl, 13), np.uint64(st[11]),
         first_seq, view_i64(tbl, 14), view_i64(tbl, 15), view_u64(tbl, 16),
         view_u64(tbl, 17), view_bool(tbl, 18), view_i64(tbl, 19), out,
-    )  # fmt: skip
-
-
-@njit(cache=True, nogil=True)
-def device_consume_t(tbl: np.ndarray, st: np.ndarray, out: np.ndarray) -> None:
-    """:func:`device_consume` with its arrays from a pointer table (``DEVICE_TABLE``)."""
-    device_consume(
-        view_u16(tbl, 0), view_u64(tbl, 1), view_u32(tbl, 2), view_u16(tbl, 3),
-        view_u16(tbl, 4), view_u32(tbl, 5), view_bool(tbl, 6), view_i64(tbl, 7),
-        view_u8(tbl, 8), view_u64(tbl, 9), view_u64(tbl, 10), view_bool(tbl, 11), st,
-        view_u8(tbl, 12), np.uint64(st[10]), view_u8(tbl, 13), view_i64(tbl, 14),
-        view_u64(tbl, 15), view_u32(tbl, 16), view_u16(tbl, 17), view_i64(tbl, 18), out,
-    )  # fmt: skip
-
-
-FORWARD_TABLE = (
-    ("tx_avail16", np.uint16, False),
-    ("tx_desc64", np.uint64, False),
-    ("tx_desc32", np.uint32, False),
-    ("tx_desc16", np.uint16, False),
-    ("tx_used16", np.uint16, True),
-    ("tx_used32", np.uint32, True),
-    ("tx_in_flight", np.bool_, True),
-    ("tx_wcap", np.int64, True),
-    ("rx_avail16", np.uint16, False),
-    ("rx_desc64", np.uint64, False),
-    ("rx_desc32", np.uint32, False),
-    ("rx_desc16", np.uint16, False),
-    ("rx_used16", np.uint16, True),
-    ("rx_used32", np.uint32, True),
-    ("rx_in_flight", np.bool_, True),
-    ("rx_wcap", np.int64, True),
-    ("mark", np.uint8, True),
-    ("slot_gpa", np.uint64, False),
-    ("slot_last", np.uint64, False),
-    ("slot_w", np.bool_, False),
-    ("mem", np.uint8, True),
-    ("tx_heads", np.int64, True),
-    ("tx_addrs", np.uint64, True),
-    ("tx_lens", np.uint32, True),
-    ("tx_wflags", np.uint16, True),
-    ("rx_heads", np.int64, True),
-    ("rx_addrs", np.uint64, True),
-    ("rx_lens", np.uint32, True),
-    ("rx_wflags", np.uint16, True),
-    ("copied", np.int64, True),
-    ("zeros", np.int64, False),
-)
-FORWARD_ST = 14
-"""The forward step's ``st``: the twelve scalars of :func:`device_forward`, the limit and
-the gpa of ``mem``."""
-
-
-@njit(cache=True, nogil=True)
-def device_forward_t(tbl: np.ndarray, st: np.ndarray, out: np.ndarray) -> None:
-    """:func:`device_forward` with its arrays from a pointer table (``FORWARD_TABLE``)."""
-    device_forward(
-        view_u16(tbl, 0), view_u64(tbl, 1), view_u32(tbl, 2), view_u16(tbl, 3),
-        view_u16(tbl, 4), view_u32(tbl, 5), view_bool(tbl, 6), view_i64(tbl, 7),
-        view_u16(tbl, 8), view_u64(tbl, 9), view_u32(tbl, 10), view_u16(tbl, 11),
-        view_u16(tbl, 12), view_u32(tbl, 13), view_bool(tbl, 14), view_i64(tbl, 15),
-        view_u8(tbl, 16), view_u64(tbl, 17), view_u64(tbl, 18), view_bool(tbl, 19), st,
-        view_u8(tbl, 20), np.uint64(st[13]), view_i64(tbl, 21), view_u64(tbl, 22),
-        view_u32(tbl, 23), view_u16(tbl, 24), view_i64(tbl, 25), view_u64(tbl, 26),
-        view_u32(tbl, 27), view_u16(tbl, 28), view_i64(tbl, 29), view_i64(tbl, 30), out,
     )  # fmt: skip

@@ -342,14 +342,15 @@ def fused_calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """Count each fused kernel's calls and the ones that did the whole step."""
     calls: Counter[str] = Counter()
     for name in ("driver_send_frames", "driver_receive_frames", "device_consume", "device_forward"):
-        real = getattr(compiled_path.f, f"{name}_t")
+        module = compiled_path.f if name.startswith("driver") else compiled_path.fd
+        real = getattr(module, f"{name}_t")
 
         def counted(*args: Any, _real: Callable[..., None] = real, _name: str = name) -> None:
             _real(*args)
             calls[_name] += 1
             calls[f"{_name} done"] += int(args[-1][0]) == 2
 
-        monkeypatch.setattr(compiled_path.f, f"{name}_t", counted)
+        monkeypatch.setattr(module, f"{name}_t", counted)
     return calls
 
 
@@ -427,7 +428,7 @@ def test_frames_the_kernel_writes_are_the_reference_frames(monkeypatch: pytest.M
 def test_fused_kernels_publish_with_release_and_fence_before_deciding() -> None:
     """Each fused step publishes its index with a release store and has a fence before it
     reads the peer's event index or flags (the compiled code, not the source)."""
-    from shared.virtio import fused
+    from shared.virtio import fused, fused_device
     from tests.unit.test_ring_kernels import _llvm
 
     # the store->load points each step has: driver -- used_event refreshed then used.idx
@@ -437,8 +438,8 @@ def test_fused_kernels_publish_with_release_and_fence_before_deciding() -> None:
     for kernel, fences in (
         (fused.driver_send_frames_t, 2),
         (fused.driver_receive_frames_t, 2),
-        (fused.device_consume_t, 2),
-        (fused.device_forward_t, 3),
+        (fused_device.device_consume_t, 2),
+        (fused_device.device_forward_t, 3),
     ):
         ir = _llvm(kernel)
         name = kernel.py_func.__name__
