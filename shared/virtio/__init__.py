@@ -22,9 +22,10 @@ Modules, each with its own invariants, in dependency order:
 and the compiled path (numba; imported only by rings built with ``jit=True``):
 :mod:`~shared.virtio.atomics` (release/acquire/fence intrinsics),
 :mod:`~shared.virtio.kernels` (one ring operation per call), :mod:`~shared.virtio.fused`
-and :mod:`~shared.virtio.fused_device` (one step of a packet workload per call), :mod:`~shared.virtio.pointers` (entering a
-kernel with one table of arrays), :mod:`~shared.virtio.compiled` (the rings' other half:
-their state in and out of the kernels) and :mod:`~shared.virtio.warm` (compile once).
+and :mod:`~shared.virtio.fused_device` (one step of a packet workload per call),
+:mod:`~shared.virtio.pointers` (entering a kernel with one table of arrays),
+:mod:`~shared.virtio.compiled` (the rings' other half: their state in and out of the
+kernels) and :mod:`~shared.virtio.warm` (compile once).
 
 Ownership
 ---------
