@@ -12,7 +12,8 @@ only after it has stopped watching and drained the eventfd -- so once the VMM's
 deassign returns, no further interrupt from that binding is counted.
 
 Control commands (JSON lines on stdin): ``stats``, ``wait_total {gsi, total, timeout}``,
-``io_write {addr, len, value, pio}`` (the ioeventfd fast path), ``quit``.
+``io_write {addr, len, value, pio}`` (the ioeventfd fast path), ``go`` (opens the start
+gate, see :meth:`GuestAgent.wait_start`), ``quit``.
 """
 
 from __future__ import annotations
@@ -46,8 +47,12 @@ class GuestAgent(Agent):
         workload: Callable[[GuestAgent], dict[str, Any]] | None = None,
         halt_poll_ns: int = ADAPTIVE,
         device_grace: float = 0.0,
+        start_gate: bool = False,
     ) -> None:
         super().__init__(channel, control)
+        # --start-gate: a workload that calls wait_start() holds there until the VMM says go
+        self.start_gate = start_gate
+        self._go = False
         self.irq = InterruptController()
         self.io = IoEventTable()
         self.memory = SlotMapper()
@@ -73,6 +78,22 @@ class GuestAgent(Agent):
         self.emit("workload_done", **result)
         if not result.get("ok"):
             self.exit_code = EXIT_ERROR
+
+    def wait_start(self, timeout: float = 120.0) -> None:
+        """The start gate, for a workload between its set-up (boot, rings) and what it
+        measures. Without ``--start-gate`` it returns at once; with it, the guest reports
+        ``start_gate`` and serves its event loop until the ``go`` command (the VMM sends
+        it once every guest of the run is at its gate), so VMs measured together start
+        together instead of each as soon as it has booted."""
+        if not self.start_gate or self._go:
+            return
+        self.emit("start_gate")
+        deadline = time.monotonic() + timeout
+        while not self._go:
+            left = deadline - time.monotonic()
+            if self.loop.stopping or self.control.eof or left <= 0:
+                raise VbusError("start gate: no go command" + (" in time" if left <= 0 else ""))
+            self.loop.poll_once(left)
 
     # ------------------------------------------------------------------ notices
 
@@ -183,6 +204,9 @@ class GuestAgent(Agent):
         name = cmd.get("cmd")
         if name == "stats":
             return self._stats()
+        if name == "go":
+            self._go = True
+            return {}
         if name == "wait_total":
             deadline = time.monotonic() + float(cmd.get("timeout", 10.0))
             self._waiters.append((cmd, int(cmd["gsi"]), int(cmd["total"]), deadline))
@@ -253,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds a halted vCPU waits for a device whose process died "
         "to come back (the VMM restarts it) before failing; 0 = fail now",
     )
+    parser.add_argument(
+        "--start-gate",
+        action="store_true",
+        help="hold the workload at its start gate (after boot) until the go command",
+    )
     args = parser.parse_args(argv)
     setup_logging(args.name)
     workload = None
@@ -269,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         workload,
         halt_poll_ns=args.halt_poll_ns,
         device_grace=args.device_grace,
+        start_gate=args.start_gate,
     )
     agent.name = args.name
     return agent.run()

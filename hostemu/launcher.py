@@ -116,6 +116,17 @@ class ManagedProcess:
                     raise AgentError(f"{self.name}: {cmd} failed: {obj.get('error', obj)}")
                 return obj
 
+    def send(self, cmd: str, **args: Any) -> None:
+        """Send a command without waiting: for a caller that reads the child's output in
+        its own loop (:meth:`poll_lines`), where the reply line shows up."""
+        if not self.control or self.proc.stdin is None:
+            raise UsageError(f"{self.name} has no control pipe")
+        self._next_id += 1
+        self.proc.stdin.write(
+            (json.dumps({"id": self._next_id, "cmd": cmd, **args}) + "\n").encode()
+        )
+        self.proc.stdin.flush()
+
     @property
     def stdout_closed(self) -> bool:
         """True once :meth:`stop` / :meth:`kill` closed our end of its control pipe."""

@@ -210,8 +210,12 @@ class VmmVm:
 class Vmm:
     """Owns the VMs it creates and the processes it starts for them."""
 
-    def __init__(self, channel: Channel, *, stderr: Any = None) -> None:
+    def __init__(
+        self, channel: Channel, *, stderr: Any = None, start_together: bool = False
+    ) -> None:
         self.channel = channel
+        # guests start with --start-gate and are released together (run_until_guests_exit)
+        self.start_together = start_together
         self.policy = Policy(channel.hello().policy)
         self.stderr = stderr
         self.vms: dict[int, VmmVm] = {}
@@ -310,6 +314,7 @@ class Vmm:
             vm.spec.name,
             *vm.spec.workload,
             *grace,
+            *(["--start-gate"] if self.start_together else []),
             stderr=self.stderr,
         )
         pin(vm.guest, vm.spec.cpus)
@@ -629,6 +634,20 @@ class Vmm:
         results: dict[str, Any] = {}
         pending: dict[int, tuple[VmmVm, ManagedProcess]] = {}
         guests_seen: list[ManagedProcess] = []
+        # start_together: guests waiting at their start gate; once every running guest is
+        # there (or has exited), all get "go" -- and so does any that arrives later
+        at_gate: list[ManagedProcess] = []
+        released = [False]
+
+        def release_gate() -> None:
+            if not released[0] and all(any(g is p for p in at_gate) for _, g in pending.values()):
+                released[0] = True
+            if released[0]:
+                for g in at_gate:
+                    if g.alive:
+                        with contextlib.suppress(OSError):
+                            g.send("go")
+                at_gate.clear()
 
         def watch_guests() -> None:
             for vm in self.vms.values():
@@ -645,6 +664,9 @@ class Vmm:
                 event = obj.get("event")
                 if event == "workload_done":
                     results[vm.spec.name] = obj
+                elif event == "start_gate":
+                    at_gate.append(guest)
+                    release_gate()
                 elif event not in INTERNAL_EVENTS and event is not None:
                     # progress the guest reports (console text, milestones) goes upstream
                     self.on_event(
@@ -659,6 +681,8 @@ class Vmm:
             if lines is None:
                 loop.unwatch(fd)
                 del pending[fd]
+                if at_gate and not released[0]:
+                    release_gate()  # the others may have been waiting for this one only
                 if vm.spec.name not in results and vm.guest_restarted < vm.spec.guest_restarts:
                     vm.guest_exited = True
                     self.channel.pump()  # its PeerAttached / PeerGone may be waiting
@@ -863,6 +887,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--spec", required=True, help="JSON list of VM specs")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--start-together",
+        action="store_true",
+        help="hold each guest's workload at its start gate until every guest is there",
+    )
     args = parser.parse_args(argv)
     setup_logging("vmm")
     specs, switches = parse_spec(args.spec)
@@ -878,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
     loop.install_signal_handlers()
     try:
         with Channel.connect(args.socket) as ch:
-            vmm = Vmm(ch)
+            vmm = Vmm(ch, start_together=args.start_together)
             results: dict[str, Any] = {}
             stats: dict[str, Any] = {}
             try:

@@ -189,6 +189,10 @@ class EchoSession:
         self.tx, self.rx, self.tx_pool, self.rx_pool = q.tx, q.rx, q.tx_pool, q.rx_pool
         self.sent = self.received = 0
         self.elapsed = 0.0
+        # CLOCK_MONOTONIC (one clock for every process of the machine) at the start of the
+        # first transfer and the end of the last: VMs measured together are aggregated
+        # over the window they share
+        self.started = self.ended = 0.0
         self._error: str | None = None
 
     def transfer(self, count: int, timeout: float = 60.0) -> str | None:
@@ -197,6 +201,7 @@ class EchoSession:
         goal = self.received + count
         error: str | None = None
         start = time.monotonic()
+        self.started = self.started or start
         deadline = start + timeout
         sent_at = time.perf_counter()
         big = self.size >= IN_PLACE_MIN_SIZE
@@ -262,7 +267,8 @@ class EchoSession:
                 error = f"ring broken: {q.broken()}"
             if not progressed and error is None and not q.wait(deadline, need_tx=self.sink or None):
                 error = f"timed out: sent {self.sent}, received {self.received} of {goal}"
-        self.elapsed += time.monotonic() - start
+        self.ended = time.monotonic()
+        self.elapsed += self.ended - start
         return error
 
     def _reclaim_sunk(self) -> int:
@@ -336,6 +342,8 @@ class EchoSession:
             "frames": self.received,
             "bytes": self.received * self.size,
             "elapsed": elapsed,
+            "started": self.started,
+            "ended": self.ended,
             "frames_per_s": self.received / elapsed,
             "mb_per_s": self.received * self.size / elapsed / 1e6,
             "doorbells": tx.counters["doorbells"] + rx.counters["doorbells"],
@@ -375,9 +383,11 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
     )
     session.window = max(1, int(params.get("window", session.window)))
     agent.emit("echo_ready")
+    ready = time.monotonic()
+    agent.wait_start()  # booted and set up: with --start-gate, wait for the other VMs
     if not rebind:
         error = session.transfer(count)
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"ready": ready}
         if session.rtts:
             rtt = np.array(session.rtts) * 1e6
             step = max(1, len(rtt) // MAX_RTT_SAMPLES)  # an even subsample of long runs
@@ -394,4 +404,4 @@ def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
     error = error or session.transfer(third)
     gsis = session.move_vectors(first_gsi=16) if error is None else []
     error = error or session.transfer(count - 2 * third)
-    return session.result(error, moved_bar=bar, moved_gsis=gsis)
+    return session.result(error, moved_bar=bar, moved_gsis=gsis, ready=ready)
