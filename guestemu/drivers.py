@@ -223,6 +223,14 @@ class PacketQueues:
         self.tx_slot = np.full(qsize, -1, dtype=np.int64)  # head -> buffer slot
         self.rx_slot = np.full(qsize, -1, dtype=np.int64)
         self.tx_completed = 0  # TX buffers the device has given back, in all
+        # Whether send_frames and receive_frames run a fused kernel per step: the rings are
+        # on the compiled path and post single descriptors.
+        self.fused = (
+            self.tx.ring.kernels is not None
+            and self.rx.ring.kernels is not None
+            and not indirect_tail
+            and size > HEADER
+        )
         self.post_rx()
 
     def post_rx(self) -> None:
@@ -341,17 +349,6 @@ class PacketQueues:
 
     # -------------------------------------------------- test frames (shared.frames)
 
-    @property
-    def fused(self) -> bool:
-        """Whether :meth:`send_frames` and :meth:`receive_frames` run a fused kernel per
-        step (the rings are on the compiled path and post single descriptors)."""
-        return (
-            self.tx.ring.kernels is not None
-            and self.rx.ring.kernels is not None
-            and not self.indirect_tail
-            and self.size > HEADER
-        )
-
     def send_frames(self, first: int, max_n: int) -> int:
         """Take back completed TX buffers, then post up to ``max_n`` test frames ``first,
         first + 1...`` (:mod:`shared.frames`), each written straight into its buffer, and
@@ -360,7 +357,7 @@ class PacketQueues:
         :meth:`tx_room`, :func:`~shared.frames.stamp` and :meth:`send`."""
         ring, pool = self.tx.ring, self.tx_pool
         kern = ring.kernels
-        if kern is not None and self.fused and ring.broken is None:
+        if self.fused and kern is not None and ring.broken is None:
             stage, taken, posted, kick = kern.send_frames(
                 ring, pool.data, pool.stack, pool.free, self.tx_slot, pool.base, first, max_n
             )
@@ -387,7 +384,7 @@ class PacketQueues:
         reference is :meth:`receive` and :func:`~shared.frames.check`."""
         ring, pool = self.rx.ring, self.rx_pool
         kern = ring.kernels
-        if kern is not None and self.fused and ring.broken is None:
+        if self.fused and kern is not None and ring.broken is None:
             stage, taken, posted, kick, fault, index, value = kern.receive_frames(
                 ring, pool.data, pool.stack, pool.free, self.rx_slot, pool.base, first
             )

@@ -205,29 +205,17 @@ class EchoSession:
         deadline = start + timeout
         sent_at = time.perf_counter()
         big = self.size >= IN_PLACE_MIN_SIZE
-        fused = self._fused
+        if self._fused:
+            error = self._transfer_fused(goal, deadline)
         while self.received < goal and error is None:
             progressed = False
-            if fused:
-                # one fused kernel: take back TX buffers, write and post the frames, decide
-                # the kick (the round trip starts before the frames are written)
-                want = min(self.batch, goal - self.sent, self.window - (self.sent - self.received))
-                n = 0
-                if want > 0:
-                    started = time.perf_counter()
-                    n = q.send_frames(self.sent, want)
-                    if n:
-                        sent_at = started
-                        self.sent += n
-                        progressed = True
-            else:
-                n = min(
-                    self.batch,
-                    goal - self.sent,
-                    q.tx_room(),
-                    self.window - (self.sent - self.received),
-                )
-            if n > 0 and not fused:
+            n = min(
+                self.batch,
+                goal - self.sent,
+                q.tx_room(),
+                self.window - (self.sent - self.received),
+            )
+            if n > 0:
                 first = self.sent
                 if n <= BYTES_MAX_FRAMES and self.size <= BYTES_MAX_SIZE:
                     built = [frame_bytes(seq, self.size) for seq in range(first, first + n)]
@@ -271,15 +259,65 @@ class EchoSession:
         self.elapsed += self.ended - start
         return error
 
+    def _transfer_fused(self, goal: int, deadline: float) -> str | None:
+        """:meth:`transfer`'s loop on the compiled path: each send and each receive is one
+        fused kernel (:meth:`~guestemu.drivers.PacketQueues.send_frames`,
+        :meth:`~guestemu.drivers.PacketQueues.receive_frames`), and the loop keeps its
+        counters in locals -- at a few microseconds per step, attribute lookups count. The
+        same frames, checks, waits and results as the reference loop."""
+        q = self.queues
+        send, receive, wait = q.send_frames, q.receive_frames, q.wait
+        tx_ring, rx_ring = q.tx.ring, q.rx.ring
+        batch, window, sink = self.batch, self.window, self.sink
+        clock = time.perf_counter
+        rtts = self.rtts if window == 1 else None
+        sent, received = self.sent, self.received
+        sent_at = clock()
+        error: str | None = None
+        try:
+            while received < goal:
+                progressed = False
+                want = min(batch, goal - sent, window - (sent - received))
+                if want > 0:
+                    started = clock()  # the round trip starts before the frames are written
+                    n = send(sent, want)  # (takes back completed TX buffers first)
+                    if n:
+                        sent_at = started
+                        sent += n
+                        progressed = True
+                if sink:  # a frame is done when its TX buffer comes back
+                    got = q.tx_completed - received
+                    if not got and tx_ring.has_used():
+                        send(sent, 0)  # take back completions, post nothing
+                        got = q.tx_completed - received
+                elif rx_ring.has_used():
+                    got, error = receive(received)
+                else:
+                    got = 0
+                if got:
+                    if rtts is not None:
+                        rtts.append(clock() - sent_at)
+                    received += got
+                    progressed = True
+                    if error is not None:
+                        break
+                broken = tx_ring.broken or rx_ring.broken
+                if broken is not None:
+                    error = f"ring broken: {broken}"
+                    break
+                if not progressed and not wait(deadline, need_tx=sink or None):
+                    error = f"timed out: sent {sent}, received {received} of {goal}"
+                    break
+        finally:
+            self.sent, self.received = sent, received
+        return error
+
     def _reclaim_sunk(self) -> int:
         """Sink mode: how many more frames the device has completed (consumed). The loop's
         ``tx_room()`` just reclaimed them; only when nothing was there look once more."""
         got = self.queues.tx_completed - self.received
         if not got and self.queues.tx.ring.has_used():
-            if self._fused:
-                self.queues.send_frames(self.sent, 0)  # take back completions, post nothing
-            else:
-                self.queues.tx_room()
+            self.queues.tx_room()
             got = self.queues.tx_completed - self.received
         return got
 
@@ -290,9 +328,6 @@ class EchoSession:
         self._error = None
         if not q.rx.ring.has_used():
             return 0
-        if self._fused:
-            got, self._error = q.receive_frames(self.received)
-            return got
         if self.size >= IN_PLACE_MIN_SIZE:
             rows, lens, slots = q.receive_rows()
             for i, row in enumerate(rows):

@@ -396,6 +396,7 @@ class DriverKernels:
         self.wflags = np.empty(qsize, dtype=np.bool_)
         self.slots = np.empty(qsize, dtype=np.int64)
         self.st = np.zeros(f.DRIVER_ST, dtype=np.int64)
+        self._st_mv = self.st.data
         self.out = np.zeros(7, dtype=np.int64)
         # the fused steps' pointer table, for one pool (its data, free stack, slot map)
         self._bound: tuple[U8Array, I64Array, I64Array, PointerTable] | None = None
@@ -430,7 +431,8 @@ class DriverKernels:
         return bound[3].table
 
     def _state(self, ring: DriverRing, pool_n: int, size: int, base: int) -> I64Array:
-        st = self.st
+        # (item stores through a memoryview: ~half the cost of numpy's, per step)
+        st = self._st_mv
         st[0] = ring._q
         st[1] = ring._nfree
         st[2] = ring._num_in_flight
@@ -443,12 +445,13 @@ class DriverKernels:
         st[9] = pool_n
         st[10] = size
         st[11] = base
-        return st
+        return self.st
 
-    def _commit(self, ring: DriverRing) -> tuple[int, int, int, bool]:
-        """Commit a fused driver step's ``out`` (stage, taken, posted, kick) to ``ring``."""
-        out = self.out
-        stage, taken, posted = int(out[0]), int(out[1]), int(out[2])
+    def _commit(self, ring: DriverRing) -> list[int]:
+        """Commit a fused driver step's ``out`` (stage, taken, posted, kick, ...) to
+        ``ring``; ``out`` as a list."""
+        out: list[int] = self.out.tolist()
+        stage, taken, posted = out[0], out[1], out[2]
         if stage >= STAGE_RECLAIMED and taken:
             ring._nfree += taken
             ring._num_in_flight -= taken
@@ -459,7 +462,7 @@ class DriverKernels:
             new = (ring._avail_shadow + posted) & INDEX_MASK
             ring._avail_shadow = ring._kick_old = new
             ring._unkicked = 0
-        return stage, taken, posted, bool(out[3])
+        return out
 
     def send_frames(
         self,
@@ -478,7 +481,8 @@ class DriverKernels:
         tbl = self._table(ring, data, stack, slot_of)
         st = self._state(ring, pool_n, data.shape[1], base)
         f.driver_send_frames_t(tbl, st, first_seq, want, self.out)
-        return self._commit(ring)
+        stage, taken, posted, kick = self._commit(ring)[:4]
+        return stage, taken, posted, bool(kick)
 
     def receive_frames(
         self,
@@ -495,9 +499,8 @@ class DriverKernels:
         tbl = self._table(ring, data, stack, slot_of)
         st = self._state(ring, pool_n, data.shape[1], base)
         f.driver_receive_frames_t(tbl, st, first_seq, self.out)
-        stage, taken, posted, kick = self._commit(ring)
-        out = self.out
-        return stage, taken, posted, kick, int(out[4]), int(out[5]), int(out[6])
+        stage, taken, posted, kick, fault, index, value = self._commit(ring)
+        return stage, taken, posted, bool(kick), fault, index, value
 
     def add(
         self, ring: DriverRing, addrs: U64Array, lens: U64Array, writable: bool | np.ndarray
