@@ -286,9 +286,9 @@ class EchoSession:
                         sent += n
                         progressed = True
                 if sink:  # a frame is done when its TX buffer comes back
-                    got = q.tx_completed - received
-                    if not got and tx_ring.has_used():
-                        send(sent, 0)  # take back completions, post nothing
+                    got = q.tx_completed - received  # (the send step took them back)
+                    if not got and want <= 0 and tx_ring.has_used():
+                        send(sent, 0)  # nothing to send: take back completions only
                         got = q.tx_completed - received
                 elif rx_ring.has_used():
                     got, error = receive(received)
