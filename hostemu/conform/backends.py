@@ -115,7 +115,10 @@ class KernelBackend:
             vm_a.clear_pic_irr()
         try:
             if step.op == "eventfd":
-                self.fds[a["name"]] = os.eventfd(a["initval"], os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
+                if a.get("semaphore"):
+                    flags |= os.EFD_SEMAPHORE
+                self.fds[a["name"]] = os.eventfd(a["initval"], flags)
             elif step.op == "memfd":
                 self.other[a["name"]] = os.memfd_create("conform", os.MFD_CLOEXEC)
             elif step.op == "vm":
@@ -298,7 +301,7 @@ class BrokerBackend:
         before = self._wakeups() if watch else {}
         try:
             if step.op == "eventfd":
-                h = self.ch.eventfd_create(initval=a["initval"])
+                h = self.ch.eventfd_create(initval=a["initval"], semaphore=bool(a.get("semaphore")))
                 self.handles[a["name"]] = h
                 self.copies[a["name"]] = self.ch.handle_fd(h)
             elif step.op == "memfd":

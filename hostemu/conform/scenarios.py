@@ -70,8 +70,8 @@ class Scenario:
 # ------------------------------------------------------------------ step constructors
 
 
-def eventfd(name: str, initval: int = 0) -> Step:
-    return Step("eventfd", {"name": name, "initval": initval})
+def eventfd(name: str, initval: int = 0, *, semaphore: bool = False) -> Step:
+    return Step("eventfd", {"name": name, "initval": initval, "semaphore": semaphore})
 
 
 def memfd(name: str) -> Step:
@@ -284,8 +284,40 @@ IRQFD = [
         "irqfd-pending-at-assign",
         "a count already pending: one edge, the count stays",
         eventfd("e", initval=3),
-        irqfd("e", 4).dev("pending-at-assign"),
+        irqfd("e", 4),
         signal("e"),
+    ),
+    _s(
+        "irqfd-pending-at-assign-deassign",
+        "a count pending at assign stays until the deassign takes it",
+        eventfd("e", initval=3),
+        irqfd("e", 4),
+        irqfd_deassign("e", 4),
+        signal("e"),
+    ),
+    _s(
+        "irqfd-pending-at-assign-level",
+        "a count pending at assign on a resampling irqfd asserts the line",
+        eventfd("e", initval=2),
+        eventfd("r"),
+        irqfd("e", 5, resample="r").dev("guest-eoi"),
+    ),
+    _s(
+        "irqfd-semaphore",
+        "a semaphore-mode eventfd: each write's injection takes 1 from the count",
+        eventfd("e", semaphore=True),
+        irqfd("e", 6),
+        signal("e", 3),
+        signal("e"),
+        irqfd_deassign("e", 6),
+    ),
+    _s(
+        "irqfd-semaphore-pending-at-assign",
+        "a semaphore-mode count pending at assign: one edge, nothing taken",
+        eventfd("e", initval=3, semaphore=True),
+        irqfd("e", 6),
+        signal("e"),
+        irqfd_deassign("e", 6),
     ),
     _s(
         "irqfd-two-lines",
