@@ -6,10 +6,12 @@ Started by a VMM (or a test) with a scoped VM channel inherited as an fd::
 
 It attaches to its VM; the broker then hands it, as notices carrying real eventfds,
 every irqfd (gsi + eventfd [+ resamplefd]) and ioeventfd of the VM, now and whenever
-the VMM assigns more. It waits on the irqfds with epoll, counts signals per gsi, EOIs
-level-triggered lines (signaling their resamplefds), and acknowledges detach requests
-only after it has stopped watching and drained the eventfd -- so once the VMM's
-deassign returns, no further interrupt from that binding is counted.
+the VMM assigns more. It waits on the irqfds with epoll (edge-triggered: one interrupt
+per write, like KVM's irqfd; a count already pending at attach is injected once and left
+in the eventfd), counts signals per gsi, EOIs level-triggered lines (signaling their
+resamplefds), and acknowledges detach requests only after it has stopped watching and
+drained the eventfd -- so once the VMM's deassign returns, no further interrupt from that
+binding is counted.
 
 Control commands (JSON lines on stdin): ``stats``, ``wait_total {gsi, total, timeout}``,
 ``io_write {addr, len, value, pio}`` (the ioeventfd fast path), ``go`` (opens the start
@@ -106,12 +108,13 @@ class GuestAgent(Agent):
             resample = msg.fds[1].move() if len(msg.fds) == 2 else None
             line = self.irq.add(msg.binding, msg.gsi, msg.fds[0].move(), resample)
             if msg.gsi not in self.irq.masked:
-                self.loop.watch(
-                    line.consumer.fileno(), functools.partial(self._on_irq, msg.binding)
-                )
-            # A signal already pending at assign time is seen by the first epoll pass.
-            self.emit(
-                "irqfd_attached", binding=msg.binding, gsi=msg.gsi, level=resample is not None
+                self.loop.watch(line.fileno(), functools.partial(self._on_irq, msg.binding))
+            # A count already pending is injected once (not read) by the loop, not here:
+            # this notice may have arrived while the vCPU waits inside an exit. The
+            # attach is reported after that injection.
+            self.loop.call_at(
+                time.monotonic(),
+                functools.partial(self._attached, msg.binding, msg.gsi, resample is not None),
             )
         elif isinstance(msg, wire.IoeventfdAttach):
             pio = bool(msg.flags & wire.IOEVENTFD_FLAG_PIO)
@@ -132,6 +135,12 @@ class GuestAgent(Agent):
             self.loop.stop()
         msg.close_fds()
 
+    def _attached(self, binding: int, gsi: int, level: bool) -> None:
+        line = self.irq.lines.get(binding)
+        if line is not None and line.held:
+            self._on_irq(binding)
+        self.emit("irqfd_attached", binding=binding, gsi=gsi, level=level)
+
     def lost_devices(self) -> list[int]:
         """Devices gone for longer than the grace period: what waits on them never comes."""
         limit = time.monotonic() - self.device_grace
@@ -142,7 +151,7 @@ class GuestAgent(Agent):
         line = self.irq.lines.get(binding)
         if line is not None:
             if line.gsi not in self.irq.masked:
-                self.loop.unwatch(line.consumer.fileno())
+                self.loop.unwatch(line.fileno())
             event.update(gsi=line.gsi, drained=self.irq.remove(binding))
         elif self.io.remove(binding):
             event.update(kind="ioeventfd")
@@ -152,19 +161,20 @@ class GuestAgent(Agent):
         self.emit("detached", **event)
 
     def set_masked(self, gsi: int, masked: bool) -> None:
-        """Mask: stop watching the gsi's eventfds (their signals stay pending there).
-        Unmask: watch them again; what is pending is delivered on the next poll."""
+        """Mask: stop watching the gsi's lines (their signals stay pending in the eventfds).
+        Unmask: watch them again; writes made meanwhile are delivered on the next poll, a
+        count held since attach is injected now."""
         if masked == (gsi in self.irq.masked):
             return
-        for binding, line in self.irq.lines.items():
+        (self.irq.mask if masked else self.irq.unmask)(gsi)
+        for binding, line in list(self.irq.lines.items()):
             if line.gsi == gsi:
                 if masked:
-                    self.loop.unwatch(line.consumer.fileno())
+                    self.loop.unwatch(line.fileno())
                 else:
-                    self.loop.watch(
-                        line.consumer.fileno(), functools.partial(self._on_irq, binding)
-                    )
-        (self.irq.mask if masked else self.irq.unmask)(gsi)
+                    self.loop.watch(line.fileno(), functools.partial(self._on_irq, binding))
+                    if line.held:
+                        self._on_irq(binding)
 
     def _on_irq(self, binding: int) -> None:
         if binding not in self.irq.lines:

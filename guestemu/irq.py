@@ -3,19 +3,32 @@
 Invariants
 ----------
 * Each irqfd binding the broker attached is one :class:`IrqLine` holding the guest's own
-  copies of the eventfd (and, for level-triggered lines, the resamplefd).
-* ``delivered[gsi]`` counts *signals* (the sum of every counter value drained from the
-  gsi's eventfds while attached); ``wakeups[gsi]`` counts interrupt deliveries (one per
-  drain that found a non-zero counter). Signals still pending when a line detaches are
-  drained without injection -- like KVM's irqfd shutdown -- and counted in
-  ``drained_at_detach``, so ``delivered + drained_at_detach`` always equals what was
-  signaled while the binding existed.
-* Level-triggered lines (RESAMPLE): a delivery asserts the line; :meth:`eoi` de-asserts
+  copies of the eventfd (and, for level-triggered lines, the resamplefd), and an epoll
+  instance watching that eventfd *edge-triggered* (:attr:`IrqLine.edges`): the caller's
+  loop watches that instance, so a line wakes once per write to the eventfd, whatever
+  count it holds -- KVM's irqfd sits on the eventfd's wait queue the same way.
+* A delivery (a new write) reads the eventfd once -- the whole count, or 1 in semaphore
+  mode, as KVM's irqfd wakeup does -- and injects. ``delivered[gsi]`` counts the signals
+  those reads took; ``wakeups[gsi]`` counts injections.
+* A count already pending when the line attaches is injected once *without being read*
+  (KVM's assign polls the eventfd and injects, leaving the count): ``wakeups`` grows,
+  ``delivered`` does not, and the count stays in the eventfd until the next write (whose
+  read takes it along) or the detach. "Attaches" is when the guest takes the broker's
+  attach notice: a signal made between the broker's answer to the assign and that moment
+  counts as pending at assign (one injection, not read yet). Detaching reads what is
+  left without injecting -- like KVM's irqfd shutdown -- and counts it in
+  ``drained_at_detach``. So ``delivered + drained_at_detach`` always equals what the
+  eventfd held while the line was attached: the count pending at attach plus every
+  signal since (for a semaphore-mode eventfd, at most that: a read takes 1).
+* Level-triggered lines (RESAMPLE): an injection asserts the line; :meth:`eoi` de-asserts
   it and signals the resamplefd so the device can re-assert if it still needs service.
-* A masked gsi is not drained: its signals stay pending in the eventfds (coalescing there,
-  as in hardware's pending bit) and are delivered as one interrupt on unmask. The caller
-  stops watching a masked line's fd (epoll is level-triggered) -- see :meth:`fds_of`.
-* Each gsi may have a handler, called with ``(gsi, signals)`` on every delivery.
+* A masked gsi is not read: its writes stay pending in the eventfds (coalescing there,
+  as in hardware's pending bit) and their edges in each line's epoll; the caller stops
+  watching a masked line (see :meth:`fds_of`) and, on unmask, watches it again: pending
+  writes are then delivered as one interrupt. A count pending at attach on a masked gsi
+  is held (:attr:`IrqLine.held`) and injected, unread, on unmask.
+* Each gsi may have a handler, called with ``(gsi, signals)`` on every injection
+  (``signals`` is 0 for a count pending at attach, which is not read).
 * An ioeventfd match follows KVM: same bus and exact address; length 0 matches any
   width; otherwise equal width and (wildcard or value == datamatch), the value taken at
   the access width (a 1-byte write carries one byte, so it never matches a datamatch
@@ -25,9 +38,10 @@ Invariants
 
 from __future__ import annotations
 
+import select
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.fds import EventConsumer, EventNotifier, OwnedFd
 
@@ -39,8 +53,29 @@ class IrqLine:
     consumer: EventConsumer
     resample: EventNotifier | None = None
     asserted: bool = False
+    edges: select.epoll = field(default_factory=select.epoll)
+    """The eventfd, edge-triggered: readable once per write since the last :meth:`take_edge`."""
+    held: bool = False
+    """A count pending at attach, not injected yet (the gsi was masked)."""
+
+    def __post_init__(self) -> None:
+        try:
+            self.edges.register(self.consumer.fileno(), select.EPOLLIN | select.EPOLLET)
+        except BaseException:
+            self.close()
+            raise
+
+    def fileno(self) -> int:
+        """What a loop watches (level-triggered) to learn of new writes."""
+        return self.edges.fileno()
+
+    def take_edge(self) -> bool:
+        """True once per batch of writes since the last call (or since the line attached,
+        for a count already pending then)."""
+        return bool(self.edges.poll(0))
 
     def close(self) -> None:
+        self.edges.close()
         self.consumer.close()
         if self.resample is not None:
             self.resample.close()
@@ -76,8 +111,8 @@ class InterruptController:
         self.handlers: dict[int, Callable[[int, int], None]] = {}
 
     def fds_of(self, gsi: int) -> list[int]:
-        """The eventfds feeding ``gsi`` (to stop or resume watching on mask / unmask)."""
-        return [line.consumer.fileno() for line in self.lines.values() if line.gsi == gsi]
+        """What a loop watches for ``gsi``'s lines (to stop or resume on mask / unmask)."""
+        return [line.fileno() for line in self.lines.values() if line.gsi == gsi]
 
     def mask(self, gsi: int) -> None:
         self.masked.add(gsi)
@@ -86,30 +121,39 @@ class InterruptController:
         self.masked.discard(gsi)
 
     def add(self, binding: int, gsi: int, fd: OwnedFd, resample: OwnedFd | None = None) -> IrqLine:
+        """Attach a line. A count already pending is not read: the line is marked
+        :attr:`~IrqLine.held`, and the caller's next :meth:`deliver` (at once, or on
+        unmask) injects it once."""
         line = IrqLine(
             binding,
             gsi,
             EventConsumer(fd),
             EventNotifier(resample) if resample is not None else None,
         )
+        # Registering it made the edge epoll ready if a count was pending: take that
+        # edge now, so that only writes from here on read the eventfd.
+        line.held = line.take_edge()
         self.lines[binding] = line
         return line
 
-    def deliver(self, binding: int) -> int:
-        """The line's eventfd is readable: drain it and inject. Returns signals drained."""
+    def deliver(self, binding: int) -> bool:
+        """The line's epoll is readable (a write), or it holds a count pending at attach:
+        read the eventfd once if written and inject. Returns whether it injected."""
         line = self.lines[binding]
         if line.gsi in self.masked:
-            return 0  # stays pending in the eventfd until unmasked
-        n = line.consumer.drain()
-        if n:
-            self.delivered[line.gsi] += n
-            self.wakeups[line.gsi] += 1
-            if line.resample is not None:
-                line.asserted = True
-            handler = self.handlers.get(line.gsi)
-            if handler is not None:
-                handler(line.gsi, n)
-        return n
+            return False  # stays pending in the eventfd (and its edge in the epoll)
+        n = line.consumer.drain() if line.take_edge() else 0
+        if not n and not line.held:
+            return False
+        line.held = False
+        self.delivered[line.gsi] += n
+        self.wakeups[line.gsi] += 1
+        if line.resample is not None:
+            line.asserted = True
+        handler = self.handlers.get(line.gsi)
+        if handler is not None:
+            handler(line.gsi, n)
+        return True
 
     def eoi(self, gsi: int) -> int:
         """End of interrupt on ``gsi``: de-assert level lines and signal their resamplefds."""
@@ -123,7 +167,8 @@ class InterruptController:
         return count
 
     def remove(self, binding: int) -> int:
-        """Detach: drain without injecting, close our copies. Returns signals drained."""
+        """Detach: read what is left without injecting (a count pending since attach too),
+        close our copies. Returns signals drained."""
         line = self.lines.pop(binding)
         n = line.consumer.drain()
         self.drained_at_detach[line.gsi] += n

@@ -14,7 +14,9 @@ offsets against the uapi header). It does just enough for the conformance scenar
   at a port, or one MMIO ``mov`` of width 1, 2, 4 or 8 to a 32-bit address, then a write
   to :data:`DONE_PORT` and ``hlt``. :meth:`Vcpu.run_program` runs it and returns every
   exit to userspace it caused (an access an ioeventfd absorbed causes none).
-* :meth:`Vm.pic_irr` (``KVM_GET_IRQCHIP``) shows which legacy lines were raised.
+* :meth:`Vm.pic_irr` (``KVM_GET_IRQCHIP``) shows which legacy lines were raised, and
+  :meth:`Vm.ioapic_requests` (``KVM_GET_LAPIC``, after :meth:`Vm.route_ioapic_pins`)
+  which of the IOAPIC-only gsis 16-23.
 
 How the guest reaches any address from real mode: the vCPU starts in "unreal mode" -- DS
 has base 0 and a 4 GiB limit (set with ``KVM_SET_SREGS``) -- so an address-size prefix
@@ -164,6 +166,12 @@ class KvmIrqchip(ctypes.Structure):
     _fields_ = (("chip_id", u32), ("pad", u32), ("chip", _IrqchipUnion))
 
 
+class KvmLapicState(ctypes.Structure):
+    """The local APIC's register page (``struct kvm_lapic_state``)."""
+
+    _fields_ = (("regs", ctypes.c_uint8 * 1024),)
+
+
 class KvmSegment(ctypes.Structure):
     _fields_ = (
         ("base", u64),
@@ -278,6 +286,8 @@ KVM_GET_REGS = _IOR(KVMIO, 0x81, KvmRegs)
 KVM_SET_REGS = _IOW(KVMIO, 0x82, KvmRegs)
 KVM_GET_SREGS = _IOR(KVMIO, 0x83, KvmSregs)
 KVM_SET_SREGS = _IOW(KVMIO, 0x84, KvmSregs)
+KVM_GET_LAPIC = _IOR(KVMIO, 0x8E, KvmLapicState)
+KVM_SET_LAPIC = _IOW(KVMIO, 0x8F, KvmLapicState)
 
 KVM_CAP_IRQCHIP = 0
 KVM_CAP_IRQFD = 32
@@ -299,6 +309,12 @@ KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT = 0, 1
 
 KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC = 0, 1, 2
+
+IOAPIC_ONLY_PINS = range(16, IOAPIC_NUM_PINS)
+"""The gsis routed to the IOAPIC alone (0-15 also reach the PIC)."""
+IOAPIC_VECTOR_BASE = 0x40
+"""Pin ``p`` of :data:`IOAPIC_ONLY_PINS` is programmed to deliver vector ``base + p``."""
+APIC_SVR, APIC_SVR_ENABLE, APIC_IRR = 0xF0, 0x100, 0x200
 
 # ------------------------------------------------------------------ guest layout
 
@@ -493,6 +509,42 @@ class Vm:
         state: KvmIoapicState = self.get_irqchip(KVM_IRQCHIP_IOAPIC).chip.ioapic
         return state
 
+    def route_ioapic_pins(self) -> None:
+        """Make edges on gsi 16-23 observable: the IOAPIC does not latch an edge request
+        (the falling half of an irqfd's pulse clears its IRR), so program those pins --
+        fixed delivery, edge, unmasked, vector :data:`IOAPIC_VECTOR_BASE` + pin -- to
+        vCPU 0 and software-enable its local APIC, whose IRR then keeps the vector (the
+        guest runs with interrupts disabled and never accepts it). Pins 0-15 stay masked
+        in the IOAPIC: the PIC shows those."""
+        vcpu = self.vcpu()
+        chip = self.get_irqchip(KVM_IRQCHIP_IOAPIC)
+        for pin in IOAPIC_ONLY_PINS:
+            chip.chip.ioapic.redirtbl[pin] = IOAPIC_VECTOR_BASE + pin  # dest 0, physical
+        self.set_irqchip(chip)
+        lapic = vcpu.get_lapic()
+        svr = int.from_bytes(bytes(lapic.regs[APIC_SVR : APIC_SVR + 4]), "little")
+        lapic.regs[APIC_SVR + 1] = (svr | APIC_SVR_ENABLE) >> 8 & 0xFF
+        vcpu.set_lapic(lapic)
+
+    def ioapic_requests(self) -> int:
+        """Bit ``p`` set for each pin of :data:`IOAPIC_ONLY_PINS` whose vector vCPU 0's
+        local APIC holds requested (see :meth:`route_ioapic_pins`)."""
+        regs = bytes(self.vcpu().get_lapic().regs)
+        irr = 0
+        for word in range(8):
+            at = APIC_IRR + 0x10 * word
+            irr |= int.from_bytes(regs[at : at + 4], "little") << (32 * word)
+        return sum(1 << pin for pin in IOAPIC_ONLY_PINS if irr >> (IOAPIC_VECTOR_BASE + pin) & 1)
+
+    def clear_ioapic_requests(self) -> None:
+        """Forget every vector vCPU 0's local APIC holds requested."""
+        vcpu = self.vcpu()
+        lapic = vcpu.get_lapic()
+        for word in range(8):
+            at = APIC_IRR + 0x10 * word
+            lapic.regs[at : at + 4] = (0, 0, 0, 0)
+        vcpu.set_lapic(lapic)
+
     # -------------------------------------------------------------- the vCPU
 
     def vcpu(self) -> Vcpu:
@@ -539,6 +591,14 @@ class Vcpu:
 
     def close(self) -> None:
         self._stack.close()
+
+    def get_lapic(self) -> KvmLapicState:
+        state = KvmLapicState()
+        _ioctl(self.fd, KVM_GET_LAPIC, state)
+        return state
+
+    def set_lapic(self, state: KvmLapicState) -> None:
+        _ioctl(self.fd, KVM_SET_LAPIC, state)
 
     def _reset(self) -> None:
         sregs = KvmSregs()

@@ -3,14 +3,16 @@
 Both take the same :class:`~hostemu.conform.scenarios.Step` s and return the same kind of
 observable (a dict): ``result`` (``ok`` or the errno name), ``exit`` for guest accesses
 (the exits to userspace it caused, or ``absorbed``), ``injected`` where a step may raise
-an interrupt (the legacy lines, gsi 0-15, that were raised; only when VM ``a`` has an
+an interrupt (the lines among gsi 0-23 that were raised; only when VM ``a`` has an
 in-kernel irqchip), and ``counters`` (every open eventfd's count).
 
 How each side observes
 ----------------------
 * **kernel** -- ioctls through :mod:`hostemu.kvm`; a guest access is a real-mode program
   on vCPU 0 (an access is absorbed when ``KVM_RUN`` returned no exit for it); injection
-  is the PIC's interrupt request register (``KVM_GET_IRQCHIP``), cleared before the step;
+  is the PIC's interrupt request register (``KVM_GET_IRQCHIP``) for gsi 0-15 and, for
+  16-23, vCPU 0's local APIC request register (``KVM_GET_LAPIC``; the IOAPIC pins are
+  routed there with one vector each), both cleared before the step;
   counters come from ``/proc/self/fdinfo``.
 * **broker** -- a broker process, the :class:`~shared.channel.Channel` client API as the
   VMM, and a real guest process (``guestemu.guest``) attached to VM ``a``. A write is the
@@ -43,7 +45,8 @@ Observation = dict[str, Any]
 INJECT_QUIET = 0.04
 """Seconds with nothing raised after which a step is taken not to inject."""
 INJECT_MAX = 1.0
-LEGACY_GSIS = 16
+OBSERVED_GSIS = 24
+"""gsi 0-15 (the PIC) and 16-23 (IOAPIC-only pins)."""
 MAY_INJECT = frozenset({"irqfd", "signal", "write"})
 ACCESSES = frozenset({"write", "read"})
 BAD_KERNEL_FD = 1 << 30
@@ -69,7 +72,7 @@ def _wait_for(probe: Callable[[], int]) -> int:
 
 
 def _bits(mask: int) -> list[int]:
-    return [i for i in range(LEGACY_GSIS) if mask >> i & 1]
+    return [i for i in range(OBSERVED_GSIS) if mask >> i & 1]
 
 
 class KernelBackend:
@@ -85,7 +88,9 @@ class KernelBackend:
         self.other: dict[str, int] = {}  # open descriptors that are not eventfds
 
     def __enter__(self) -> KernelBackend:
-        self.vms["a"] = self.kvm.create_vm(irqchip=self.scenario.irqchip)
+        vm = self.vms["a"] = self.kvm.create_vm(irqchip=self.scenario.irqchip)
+        if vm.irqchip:
+            vm.route_ioapic_pins()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -113,9 +118,13 @@ class KernelBackend:
         watch = step.op in MAY_INJECT and vm_a.irqchip and not vm_a.closed
         if watch:
             vm_a.clear_pic_irr()
+            vm_a.clear_ioapic_requests()
         try:
             if step.op == "eventfd":
-                self.fds[a["name"]] = os.eventfd(a["initval"], os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
+                if a.get("semaphore"):
+                    flags |= os.EFD_SEMAPHORE
+                self.fds[a["name"]] = os.eventfd(a["initval"], flags)
             elif step.op == "memfd":
                 self.other[a["name"]] = os.memfd_create("conform", os.MFD_CLOEXEC)
             elif step.op == "vm":
@@ -165,7 +174,7 @@ class KernelBackend:
         except OSError as e:
             obs["result"] = _errname(e)
         if watch:
-            obs["injected"] = _bits(_wait_for(vm_a.pic_irr))
+            obs["injected"] = _bits(_wait_for(lambda: vm_a.pic_irr() | vm_a.ioapic_requests()))
         obs["counters"] = {n: K.eventfd_count(fd) for n, fd in sorted(self.fds.items())}
         return obs
 
@@ -298,7 +307,7 @@ class BrokerBackend:
         before = self._wakeups() if watch else {}
         try:
             if step.op == "eventfd":
-                h = self.ch.eventfd_create(initval=a["initval"])
+                h = self.ch.eventfd_create(initval=a["initval"], semaphore=bool(a.get("semaphore")))
                 self.handles[a["name"]] = h
                 self.copies[a["name"]] = self.ch.handle_fd(h)
             elif step.op == "memfd":
@@ -371,7 +380,7 @@ class BrokerBackend:
                 after = self._wakeups()
                 mask = 0
                 for gsi, n in after.items():
-                    if gsi < LEGACY_GSIS and n > before.get(gsi, 0):
+                    if gsi < OBSERVED_GSIS and n > before.get(gsi, 0):
                         mask |= 1 << gsi
                 return mask
 

@@ -70,8 +70,8 @@ class Scenario:
 # ------------------------------------------------------------------ step constructors
 
 
-def eventfd(name: str, initval: int = 0) -> Step:
-    return Step("eventfd", {"name": name, "initval": initval})
+def eventfd(name: str, initval: int = 0, *, semaphore: bool = False) -> Step:
+    return Step("eventfd", {"name": name, "initval": initval, "semaphore": semaphore})
 
 
 def memfd(name: str) -> Step:
@@ -284,8 +284,73 @@ IRQFD = [
         "irqfd-pending-at-assign",
         "a count already pending: one edge, the count stays",
         eventfd("e", initval=3),
-        irqfd("e", 4).dev("pending-at-assign"),
+        irqfd("e", 4),
         signal("e"),
+    ),
+    _s(
+        "irqfd-pending-at-assign-deassign",
+        "a count pending at assign stays until the deassign takes it",
+        eventfd("e", initval=3),
+        irqfd("e", 4),
+        irqfd_deassign("e", 4),
+        signal("e"),
+    ),
+    _s(
+        "irqfd-pending-at-assign-level",
+        "a count pending at assign on a resampling irqfd asserts the line",
+        eventfd("e", initval=2),
+        eventfd("r"),
+        irqfd("e", 5, resample="r").dev("guest-eoi"),
+    ),
+    _s(
+        "irqfd-semaphore",
+        "a semaphore-mode eventfd: each write's injection takes 1 from the count",
+        eventfd("e", semaphore=True),
+        irqfd("e", 6),
+        signal("e", 3),
+        signal("e"),
+        irqfd_deassign("e", 6),
+    ),
+    _s(
+        "irqfd-semaphore-pending-at-assign",
+        "a semaphore-mode count pending at assign: one edge, nothing taken",
+        eventfd("e", initval=3, semaphore=True),
+        irqfd("e", 6),
+        signal("e"),
+        irqfd_deassign("e", 6),
+    ),
+    _s(
+        "irqfd-ioapic-pins",
+        "gsi 16-23 reach the IOAPIC alone: injected, counter drained; 24 is not routed",
+        eventfd("e"),
+        eventfd("f"),
+        eventfd("g"),
+        eventfd("h"),
+        irqfd("e", 16),
+        irqfd("f", 19),
+        irqfd("g", 23),
+        irqfd("h", 24),
+        signal("e"),
+        signal("f", 4),
+        signal("g"),
+        signal("h"),
+        irqfd_deassign("f", 19),
+        signal("f"),
+    ),
+    _s(
+        "irqfd-ioapic-pending-at-assign",
+        "a count pending at assign on an IOAPIC pin: one edge, the count stays",
+        eventfd("e", initval=2),
+        irqfd("e", 20),
+        signal("e"),
+    ),
+    _s(
+        "irqfd-ioapic-shared-eventfd-doorbell",
+        "an ioeventfd write injects through an irqfd on gsi 17",
+        eventfd("e"),
+        irqfd("e", 17),
+        ioeventfd("e", PORT, 2, pio=True),
+        write(PORT, 2, 0x1234, pio=True),
     ),
     _s(
         "irqfd-two-lines",

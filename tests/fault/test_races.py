@@ -52,9 +52,11 @@ the test process itself.
    or has moved on: EBADF). Guests on all four VMs acknowledge every detach. Oracle: only
    ok / EBUSY / EBADF answers (each seen), EBUSY across clients and VMs (seen), the
    registry empty at the end, under both release policies.
-4. **Signal before assign, signals during deassign** (a real guest process). A signal
-   pending at assign time is delivered (KVM polls after hooking): n signals written
-   before the assign arrive as exactly one interrupt carrying n, and none follows. A
+4. **Signal before assign, signals during deassign** (a real guest process). A count
+   pending at assign time is injected once and left in the eventfd (KVM polls after
+   hooking, without reading): n signals written before the assign are one interrupt
+   that takes nothing, and none follows; the next signal takes all n+1 (one more
+   interrupt), or else the deassign does. A
    thread signals the eventfd while the VMM deassigns it (every other round with the
    guest SIGSTOPped across the deassign, so the broker must hold its answer until the
    continued guest acknowledges): when the deassign returns the guest has detached, the
@@ -100,7 +102,7 @@ from hostemu.launcher import ManagedProcess, python_module, spawn_guest
 from shared import wire
 from shared.channel import Channel
 from shared.errors import BrokerError
-from shared.fds import OwnedFd, new_eventfd, recv_with_fds
+from shared.fds import OwnedFd, eventfd_info, new_eventfd, recv_with_fds
 from shared.wire import DetachReason, PeerKind, Policy
 from tests import timing
 from tests.conftest import BrokerHandle
@@ -617,8 +619,10 @@ def pending_count(fd: OwnedFd) -> int:
 
 
 @pytest.mark.timeout(120)
-def test_signal_before_assign_is_one_interrupt(vmm: Vmm) -> None:
-    """N signals pending at assign time -> one interrupt carrying n."""
+def test_signal_before_assign_is_one_interrupt_and_stays_pending(vmm: Vmm) -> None:
+    """N signals pending at assign time -> one interrupt that reads nothing: the count
+    stays in the eventfd until the next signal (which takes it all, with one more
+    interrupt) or the deassign (which takes it without one)."""
     rng = rng_for("before-assign")
     ch = vmm.channel
     base = baseline(ch)
@@ -628,23 +632,37 @@ def test_signal_before_assign_is_one_interrupt(vmm: Vmm) -> None:
     wakeups: Counter[int] = Counter()
     for i in range(scaled(12)):
         gsi = 1 + i % 7
+        signal_after = i % 2 == 1
         handle = ch.eventfd_create()
         n = rng.randint(1, 500)
         with ch.handle_fd(handle) as fd:
             for _ in range(n):
                 os.eventfd_write(fd.fileno(), 1)
-        binding = ch.irqfd_assign(vm, handle, gsi)
-        guest.wait_event("irqfd_attached", binding=binding)
-        expect[gsi] += n
-        guest.call("wait_total", gsi=gsi, total=expect[gsi])  # exactly n: ok only if equal
-        stats = guest.call("stats")
-        wakeups[gsi] += 1
-        assert int(stats["wakeups"][str(gsi)]) == wakeups[gsi], (i, n, stats["wakeups"])
+            before = guest.call("stats")
+            binding = ch.irqfd_assign(vm, handle, gsi)
+            guest.wait_event("irqfd_attached", binding=binding)  # reported after the injection
+            stats = guest.call("stats")
+            wakeups[gsi] += 1
+            assert int(stats["wakeups"][str(gsi)]) == wakeups[gsi], (i, n, stats["wakeups"])
+            assert stats["delivered"].get(str(gsi), 0) == before["delivered"].get(str(gsi), 0)
+            info = eventfd_info(fd.fileno())
+            assert info is not None and info.count == n  # injected, not read
+            expect[gsi] += n
+            if signal_after:
+                os.eventfd_write(fd.fileno(), 1)
+                expect[gsi] += 1
+                total = int(before["delivered"].get(str(gsi), 0)) + n + 1
+                assert guest.call("wait_total", gsi=gsi, total=total)["ok"]  # exactly that
+                wakeups[gsi] += 1
+                info = eventfd_info(fd.fileno())
+                assert info is not None and info.count == 0
         ch.irqfd_deassign(vm, handle, gsi)
         ch.handle_close(handle)
         stats = guest.call("stats")
-        assert int(stats["wakeups"][str(gsi)]) == wakeups[gsi]  # and no second one
-        assert consumed(stats, gsi) == expect[gsi]  # nothing left to drain at detach
+        assert int(stats["wakeups"][str(gsi)]) == wakeups[gsi]  # and no other one
+        assert consumed(stats, gsi) == expect[gsi]  # read by a delivery or at detach
+        (evt,) = [d for d in stats["detached"] if d["binding"] == binding]
+        assert evt["drained"] == (0 if signal_after else n), evt
         ping(ch, i)
     ch.vm_destroy(vm)
     guest.wait_event("peer_gone", kind="vm")

@@ -10,7 +10,7 @@ from hostemu.demo import Scenario
 from hostemu.launcher import AgentError
 from shared import wire
 from shared.errors import BrokerError
-from shared.fds import EventNotifier, new_eventfd
+from shared.fds import EventNotifier, eventfd_info, new_eventfd
 from shared.wire import Policy
 from tests.integration.conftest import Vmm
 
@@ -115,12 +115,22 @@ def test_no_interrupt_after_irqfd_deassign_returns(vmm: Vmm) -> None:
     vmm.channel.handle_close(handle)
 
 
-def test_pending_signal_at_assign_is_delivered(vmm: Vmm) -> None:
+def test_pending_signal_at_assign_is_one_interrupt_and_stays_in_the_eventfd(vmm: Vmm) -> None:
     vm = vmm.channel.vm_create(ngsi=8)
     guest = vmm.guest(vm)
     handle = vmm.channel.eventfd_create(initval=7)  # already pending
     vmm.channel.irqfd_assign(vm, handle, 2)
-    assert guest.call("wait_total", gsi=2, total=7)["delivered"] == 7
+    guest.wait_event("irqfd_attached", gsi=2)  # reported after the attach-time injection
+    stats = guest.call("stats")
+    assert (stats["wakeups"], stats["delivered"].get("2", 0)) == ({"2": 1}, 0)
+    with vmm.channel.handle_fd(handle) as fd:
+        info = eventfd_info(fd.fileno())
+        assert info is not None and info.count == 7  # like KVM: injected, not read
+        os.eventfd_write(fd.fileno(), 1)  # the next write takes it along
+        assert guest.call("wait_total", gsi=2, total=8)["delivered"] == 8
+        info = eventfd_info(fd.fileno())
+        assert info is not None and info.count == 0
+    assert guest.call("stats")["wakeups"] == {"2": 2}
 
 
 def test_resample_eoi_signals_resamplefd(vmm: Vmm) -> None:

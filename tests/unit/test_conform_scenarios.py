@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hostemu.conform.deviations import DEVIATIONS
+import pytest
+
+from hostemu.conform.deviations import DEVIATIONS, Deviation
 from hostemu.conform.run import DEVIATION, DIFFERENT, KNOWN_BUG, SAME, verdict
 from hostemu.conform.scenarios import SCENARIOS, irqfd
 
@@ -27,11 +29,14 @@ def test_every_deviation_is_in_the_docs() -> None:
         assert f"`{name}`" in text, f"docs/semantics.md does not describe {name}"
 
 
-def test_verdicts() -> None:
+def test_verdicts(monkeypatch: pytest.MonkeyPatch) -> None:
     plain = irqfd("e", 5)
     a, b = {"result": "ok"}, {"result": "EINVAL"}
     assert verdict(plain, a, a)[0] == SAME
     assert verdict(plain, a, b)[0] == DIFFERENT
     assert verdict(plain.dev("resample-self"), a, b)[0] == DEVIATION
-    assert verdict(plain.dev("pending-at-assign"), a, b)[0] == KNOWN_BUG
+    monkeypatch.setitem(DEVIATIONS, "some-bug", Deviation("some-bug", "bug", "not fixed yet"))
+    assert verdict(plain.dev("some-bug"), a, b)[0] == KNOWN_BUG
     assert "no difference" in verdict(plain.dev("vm-id"), a, a)[1]
+    with pytest.raises(KeyError):
+        verdict(plain.dev("no-such-deviation"), a, b)

@@ -29,6 +29,7 @@ LAYOUTS = [
         {"base_address": 0, "ioregsel": 8, "id": 12, "irr": 16, "pad": 20, "redirtbl": 24},
     ),
     (K.KvmIrqchip, 520, {"chip_id": 0, "pad": 4, "chip": 8}),
+    (K.KvmLapicState, 1024, {"regs": 0}),
     (
         K.KvmSegment,
         24,
@@ -99,6 +100,8 @@ def test_ioapic_state_fits_the_union() -> None:
         (K.KVM_IOEVENTFD, 0x4040AE79),  # _IOW, 64 bytes
         (K.KVM_GET_REGS, 0x8090AE81),  # _IOR, 144 bytes
         (K.KVM_SET_SREGS, 0x4138AE84),  # _IOW, 312 bytes
+        (K.KVM_GET_LAPIC, 0x8400AE8E),  # _IOR, 1024 bytes
+        (K.KVM_SET_LAPIC, 0x4400AE8F),  # _IOW, 1024 bytes
     ],
 )
 def test_ioctl_numbers(number: int, value: int) -> None:
