@@ -59,9 +59,10 @@ SINK_PIECE_BYTES = 512 << 10
 """Sink mode: the device memory one piece of a pass is copied into, reused piece after
 piece -- half the L2 cache of this machine kind's cores, so the copies' destination stays
 in cache (the device's copy, not the memory, is then the limit)."""
-SINK_FUSED_BYTES = BUDGET * 4096
-"""Sink mode on the compiled path: device memory for one pass of frames up to 4 KiB (the
-fused kernel declines bigger ones; the reference reads them in pieces)."""
+SINK_FUSED_BYTES = 1 << 20
+"""Sink mode on the compiled path: device memory for one pass -- a row per frame when they
+fit, else each frame in turn at its start (the fused kernel declines frames bigger than
+this; the reference reads them in pieces)."""
 DIRECT_MAX_FRAMES = 16  # batches this small copy TX -> RX directly, frame by frame
 DIRECT_MIN_SIZE = 4096  # and frames this large, whatever the batch
 
@@ -262,7 +263,7 @@ class EchoModel(DeviceModel):
             room = min(SINK_FUSED_BYTES, MAX_PASS_BYTES)  # (it declines what does not fit)
             if self._sink_mem.shape[0] < room:
                 self._sink_mem = np.empty(room, dtype=np.uint8)
-            done = kernels.consume(q.ring, self._sink_mem, self.next_seq, BUDGET)
+            done = kernels.consume(q.ring, self._sink_mem, self.next_seq, BUDGET, MAX_FRAME)
             if done is not None:
                 taken, nbytes, errors, interrupt, more = done
                 if not taken:

@@ -101,11 +101,12 @@ class DeviceKernels:
         return self._ram
 
     def consume(
-        self, ring: DeviceRing, sink: U8Array, first_seq: int, limit: int
+        self, ring: DeviceRing, sink: U8Array, first_seq: int, limit: int, max_width: int
     ) -> tuple[int, int, int, bool, bool] | None:
-        """:func:`~shared.virtio.fused_device.device_consume`: ``(taken, bytes, seq_errors,
-        interrupt, more)`` with the ring's state committed, or ``None``: declined, nothing
-        changed (the caller runs its reference step)."""
+        """:func:`~shared.virtio.fused_device.device_consume` into ``sink``, for frames up
+        to ``max_width`` bytes: ``(taken, bytes, seq_errors, interrupt, more)`` with the
+        ring's state committed, or ``None``: declined, nothing changed (the caller runs
+        its reference step)."""
         ram = self._ram_slot(ring)
         if ram is None or ring._broken is not None:
             return None
@@ -138,7 +139,7 @@ class DeviceKernels:
         st[6] = ring._max_len
         st[7] = limit
         st[8] = first_seq
-        st[9] = SMALL_ROWS
+        st[9] = max_width
         st[10] = gpa
         fd.device_consume_t(bound[2].table, st, out)
         if out[0] != STAGE_DONE:

@@ -73,7 +73,9 @@ def device_consume(
 ) -> None:
     """The device's sink step (notifications off; pop; copy into ``sink``; count frames
     out of sequence; complete with length 0; interrupt?), or with nothing available,
-    notifications back on and a re-check.
+    notifications back on and a re-check. Each frame gets its own row of ``sink`` when
+    they all fit, else each is copied to its start in turn; a frame longer than
+    ``max_width`` or ``sink`` declines the pass.
 
     ``st``: ``q, last_avail, num_in_flight, next_used, event_idx, used_flags_shadow,
     max_len, limit, first_seq, max_width``. ``out``: ``stage, taken, bytes, seq_errors,
@@ -111,8 +113,11 @@ def device_consume(
     for i in range(k):
         if wflags[i] == 0:
             width = max(width, int(lens[i]))
-    if width > st[9] or k * width > sink.shape[0]:
+    if width > min(st[9], sink.shape[0]):
         return
+    # each frame gets a row of the sink; if they do not all fit, each is copied to the
+    # start of the (reused, so warm) buffer in turn -- the device still gets every byte
+    stride = width if k * width <= sink.shape[0] else 0
     for i in range(k):
         if wflags[i] == 0 and (
             addrs[i] < mem_gpa or np.int64(addrs[i] - mem_gpa) + np.int64(lens[i]) > mem.shape[0]
@@ -132,9 +137,9 @@ def device_consume(
         take = 0 if wflags[i] else int(lens[i])
         if take:
             off = np.int64(addrs[i] - mem_gpa)
-            copy_bytes(sink, i * width, mem, off, take)
+            copy_bytes(sink, i * stride, mem, off, take)
         total += take
-        if take < 4 or u32_at(sink, i * width) != (first + i) & 0xFFFFFFFF:
+        if take < 4 or u32_at(sink, i * stride) != (first + i) & 0xFFFFFFFF:
             errors += 1
     r = device_push_used(
         used16,

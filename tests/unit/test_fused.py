@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from guestemu.drivers import Function, GuestRam, PacketQueues
+from hostemu.devices import echo as echo_module
 from hostemu.devices.echo import EchoModel
 from hostemu.devices.runtime import Queue
 from shared.frames import HEADER, stamp
@@ -178,6 +179,10 @@ class Program:
         self, monkeypatch: pytest.MonkeyPatch, seed: int, side: str, echo: bool = False
     ) -> None:
         self.rng = r = random.Random(seed)
+        # the echo device's copy budgets: sometimes small, so the sink kernel reuses the
+        # start of its buffer for every frame and the reference reads in pieces
+        monkeypatch.setattr(echo_module, "SINK_FUSED_BYTES", r.choice([1 << 20, 4096]))
+        monkeypatch.setattr(echo_module, "MAX_PASS_BYTES", r.choice([64 << 20, 2048]))
         self.qsize = r.choice([8, 16, 64, 256])
         self.size = r.choice([HEADER + 1, 16, 64, 200, 1500])
         kw = dict(qsize=self.qsize, size=self.size, event_idx=r.random() < 0.7, echo=echo)
