@@ -145,16 +145,7 @@ class DeviceKernels:
         if out[0] != STAGE_DONE:
             return None
         taken = int(out[1])
-        if taken:
-            ring._last_avail = (ring._last_avail + taken) & INDEX_MASK
-            ring._next_used = (ring._next_used + taken) & INDEX_MASK
-            ring._notify_enabled = False
-            if not ring._event_idx:
-                ring._used_flags_shadow |= VRING_USED_F_NO_NOTIFY
-        else:
-            ring._notify_enabled = True
-            if not ring._event_idx:
-                ring._used_flags_shadow &= ~VRING_USED_F_NO_NOTIFY
+        _commit_pass(ring, taken)
         return taken, int(out[2]), int(out[3]), bool(out[4]), bool(out[5])
 
     def forward(
@@ -235,18 +226,10 @@ class DeviceKernels:
         if out[0] != STAGE_DONE:
             return None
         taken = int(out[1])
+        _commit_pass(ring, taken)
         if taken:
-            ring._last_avail = (ring._last_avail + taken) & INDEX_MASK
-            ring._next_used = (ring._next_used + taken) & INDEX_MASK
-            ring._notify_enabled = False
-            if not ring._event_idx:
-                ring._used_flags_shadow |= VRING_USED_F_NO_NOTIFY
             rx._last_avail = (rx._last_avail + taken) & INDEX_MASK
             rx._next_used = (rx._next_used + taken) & INDEX_MASK
-        else:
-            ring._notify_enabled = True
-            if not ring._event_idx:
-                ring._used_flags_shadow &= ~VRING_USED_F_NO_NOTIFY
         return taken, int(out[2]), bool(out[3]), bool(out[4]), bool(out[5]), int(out[6])
 
     def pop(self, ring: DeviceRing, count: int) -> Batch | None:
@@ -361,6 +344,21 @@ class DeviceKernels:
         if got < 0:
             return None
         return data, copied
+
+
+def _commit_pass(ring: DeviceRing, taken: int) -> None:
+    """A device pass's effect on ``ring``'s scalars: ``taken`` chains taken and completed
+    with kicks left off, or (none) kicks back on."""
+    if taken:
+        ring._last_avail = (ring._last_avail + taken) & INDEX_MASK
+        ring._next_used = (ring._next_used + taken) & INDEX_MASK
+        ring._notify_enabled = False
+        if not ring._event_idx:
+            ring._used_flags_shadow |= VRING_USED_F_NO_NOTIFY
+    else:
+        ring._notify_enabled = True
+        if not ring._event_idx:
+            ring._used_flags_shadow &= ~VRING_USED_F_NO_NOTIFY
 
 
 def _table(

@@ -46,6 +46,33 @@ from shared.virtio.pointers import (  # noqa: E402
 _NO_NOTIFY = 1
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _enable_and_recheck(
+    avail16: np.ndarray, used16: np.ndarray, q: int, last_avail: int, flags: int, event_idx: bool
+) -> int:
+    """A pass that found nothing: disable, find nothing, enable and re-check -- the enable
+    is what remains (``avail_event`` at ``last_avail``, or ``NO_NOTIFY`` cleared). 1 if
+    more is available already."""
+    if event_idx:
+        used16[2 + 4 * q] = last_avail
+    else:
+        used16[0] = flags & ~_NO_NOTIFY
+    fence_seq_cst()  # store->load: the enable before the re-check
+    return 1 if int(load_acquire_u16_unchecked(avail16, 1)) != last_avail else 0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _notifications_off(
+    used16: np.ndarray, q: int, last_avail: int, flags: int, event_idx: bool
+) -> None:
+    """After taking chains with notifications disabled: ``avail_event`` one behind the new
+    ``last_avail``, or ``NO_NOTIFY`` set."""
+    if event_idx:
+        used16[2 + 4 * q] = (last_avail - 1) & 0xFFFF
+    elif not flags & _NO_NOTIFY:
+        used16[0] = flags | _NO_NOTIFY
+
+
 @njit(cache=True, nogil=True)
 def device_consume(
     avail16: np.ndarray,
@@ -95,14 +122,8 @@ def device_consume(
         return  # the reference breaks the ring with its reason
     k = min(n, st[7])
     if k == 0:
-        # disable, find nothing, enable and re-check: the enable is what remains
-        if event_idx:
-            used16[2 + 4 * q] = last_avail
-        else:
-            used16[0] = flags & ~_NO_NOTIFY
-        fence_seq_cst()  # store->load: the enable before the re-check
         out[0] = STAGE_DONE
-        out[5] = 1 if int(load_acquire_u16_unchecked(avail16, 1)) != last_avail else 0
+        out[5] = _enable_and_recheck(avail16, used16, q, last_avail, flags, event_idx)
         return
     if not pop_validate(
         avail16, desc64, desc32, desc16, in_flight, mark, slot_gpa, slot_last, slot_w,
@@ -126,10 +147,7 @@ def device_consume(
     # Validated: from here on the step completes.
     pop_commit(in_flight, wcap, k, heads, lens, wflags)
     last_avail = (last_avail + k) & 0xFFFF
-    if event_idx:
-        used16[2 + 4 * q] = (last_avail - 1) & 0xFFFF  # notifications stay off
-    elif not flags & _NO_NOTIFY:
-        used16[0] = flags | _NO_NOTIFY
+    _notifications_off(used16, q, last_avail, flags, event_idx)
     total = 0
     errors = 0
     first = st[8]
@@ -223,13 +241,8 @@ def device_forward(
     if n > q or n + st[2] > q:
         return
     if n == 0:
-        if event_idx:
-            tx_used16[2 + 4 * q] = tx_last
-        else:
-            tx_used16[0] = flags & ~_NO_NOTIFY
-        fence_seq_cst()  # store->load: the enable before the re-check
         out[0] = STAGE_DONE
-        out[5] = 1 if int(load_acquire_u16_unchecked(tx_avail16, 1)) != tx_last else 0
+        out[5] = _enable_and_recheck(tx_avail16, tx_used16, q, tx_last, flags, event_idx)
         return
     rx_idx = int(load_acquire_u16_unchecked(rx_avail16, 1))
     m = (rx_idx - rx_last) & 0xFFFF
@@ -262,15 +275,13 @@ def device_forward(
     pop_commit(rx_in_flight, rx_wcap, k, rx_heads, rx_lens, rx_wflags)
     tx_last = (tx_last + k) & 0xFFFF
     rx_last = (rx_last + k) & 0xFFFF
+    _notifications_off(tx_used16, q, tx_last, flags, event_idx)
     if event_idx:
-        tx_used16[2 + 4 * q] = (tx_last - 1) & 0xFFFF  # TX notifications stay off
         if st[10] != 0:  # RX as its own pop leaves it: refreshed, or one behind
             rx_used16[2 + 4 * q] = rx_last
             fence_seq_cst()  # store->load: avail_event before our next read of avail.idx
         else:
             rx_used16[2 + 4 * q] = (rx_last - 1) & 0xFFFF
-    elif not flags & _NO_NOTIFY:
-        tx_used16[0] = flags | _NO_NOTIFY
     total = 0
     width = 1
     for i in range(k):
