@@ -130,13 +130,7 @@ class DeviceKernels:
             }
             self._bound = bound = (table, sink, _table(fd.DEVICE_TABLE, arrays, self.v))
         st, out = self.st, self.out
-        st[0] = ring._q
-        st[1] = ring._last_avail
-        st[2] = ring._num_in_flight
-        st[3] = ring._next_used
-        st[4] = ring._event_idx
-        st[5] = ring._used_flags_shadow
-        st[6] = ring._max_len
+        _device_state(st, ring, ring._max_len)
         st[7] = limit
         st[8] = first_seq
         st[9] = max_width
@@ -208,13 +202,7 @@ class DeviceKernels:
             }
             self._forward = bound = (table, rk, _table(fd.FORWARD_TABLE, arrays, self.v))
         st, out = self.st_forward, self.out
-        st[0] = ring._q
-        st[1] = ring._last_avail
-        st[2] = ring._num_in_flight
-        st[3] = ring._next_used
-        st[4] = ring._event_idx
-        st[5] = ring._used_flags_shadow
-        st[6] = min(ring._max_len, width_cap)
+        _device_state(st, ring, min(ring._max_len, width_cap))
         st[7] = rx._last_avail
         st[8] = rx._num_in_flight
         st[9] = rx._next_used
@@ -344,6 +332,17 @@ class DeviceKernels:
         if got < 0:
             return None
         return data, copied
+
+
+def _device_state(st: I64Array, ring: DeviceRing, max_len: int) -> None:
+    """A device pass's ``st[0:7]``: the ring's scalars (see the fused device kernels)."""
+    st[0] = ring._q
+    st[1] = ring._last_avail
+    st[2] = ring._num_in_flight
+    st[3] = ring._next_used
+    st[4] = ring._event_idx
+    st[5] = ring._used_flags_shadow
+    st[6] = max_len
 
 
 def _commit_pass(ring: DeviceRing, taken: int) -> None:
