@@ -166,7 +166,7 @@ class EchoModel(DeviceModel):
                 self.runtime.used_published(q, tx_interrupt)
                 self.echoed += taken
                 self.bytes += nbytes
-                return more  # (the kernel re-enabled kicks and re-checked if it emptied TX)
+                return True
         q.ring.disable_notifications()
         # Direct path: nothing waits in the backlog (so order holds) and RX buffers are
         # posted: take at most as many TX buffers as there are RX buffers and copy each
@@ -190,7 +190,7 @@ class EchoModel(DeviceModel):
             lens = q.ring.copy_payloads(batch, rx.ring, rx_batch, width)
             if len(lens) == len(batch):
                 self._delivered(q, batch.head_list, rx, rx_batch.head_list, lens)
-            return self._again(q)
+            return True
         # Staged: many small frames (one vectorized gather and one scatter beat a slice copy
         # per frame), no RX buffer, or a backlog to keep the order behind. Whatever does not
         # fit the byte bound stays deferred (taken, in flight) behind the staged copies.
@@ -199,16 +199,7 @@ class EchoModel(DeviceModel):
         self._stage_deferred(q, width)
         if rx is not None and rx_batch is not None and len(rx_batch):
             self._deliver(rx, rx_batch)  # these take the copies just made, oldest first
-        return True if self.backlog_frames else self._again(q)
-
-    @staticmethod
-    def _again(q: Queue) -> bool:
-        """After a pass that delivered everything it took: whether to run again. If the
-        ring is empty now, kicks go back on and the ring is re-checked at once -- what the
-        next pass would do, without a pass (an event-loop round) of its own."""
-        if q.ring.available():
-            return True
-        return q.ring.enable_notifications()
+        return True
 
     def _deferred_tx(self) -> Queue | None:
         """The TX queue the deferred chains can still be read from; ``None`` if there are
@@ -282,7 +273,7 @@ class EchoModel(DeviceModel):
                 self.echoed += taken
                 self.bytes += nbytes
                 self.runtime.used_published(q, interrupt)
-                return more  # (the kernel re-enabled kicks and re-checked if it emptied TX)
+                return True
         q.ring.disable_notifications()
         batch = q.ring.pop_batch(max_n=BUDGET)
         n = len(batch)
@@ -312,7 +303,7 @@ class EchoModel(DeviceModel):
         )
         self.echoed += n
         self.bytes += total
-        return self._again(q)
+        return True
 
     def _check_seqs(self, data: np.ndarray[Any, Any], copied: np.ndarray[Any, Any]) -> None:
         """Count the frames of ``data`` not carrying the next sequence numbers (or too

@@ -84,7 +84,7 @@ class DeviceKernels:
         self.zeros = np.zeros(qsize, dtype=np.int64)
         self.st = np.zeros(fd.DEVICE_ST, dtype=np.int64)
         self.st_forward = np.zeros(fd.FORWARD_ST, dtype=np.int64)
-        self.out = np.zeros(8, dtype=np.int64)
+        self.out = np.zeros(7, dtype=np.int64)
         self._forward: tuple[SlotTable, DeviceKernels, PointerTable] | None = None
         self._ram: tuple[SlotTable, U8Array, int] | None = None
         # the sink step's pointer table, for this slot table and sink array
@@ -139,7 +139,7 @@ class DeviceKernels:
         if out[0] != STAGE_DONE:
             return None
         taken = int(out[1])
-        _commit_pass(ring, taken, bool(out[6]))
+        _commit_pass(ring, taken)
         return taken, int(out[2]), int(out[3]), bool(out[4]), bool(out[5])
 
     def forward(
@@ -214,7 +214,7 @@ class DeviceKernels:
         if out[0] != STAGE_DONE:
             return None
         taken = int(out[1])
-        _commit_pass(ring, taken, bool(out[7]))
+        _commit_pass(ring, taken)
         if taken:
             rx._last_avail = (rx._last_avail + taken) & INDEX_MASK
             rx._next_used = (rx._next_used + taken) & INDEX_MASK
@@ -345,13 +345,12 @@ def _device_state(st: I64Array, ring: DeviceRing, max_len: int) -> None:
     st[6] = max_len
 
 
-def _commit_pass(ring: DeviceRing, taken: int, re_enabled: bool) -> None:
+def _commit_pass(ring: DeviceRing, taken: int) -> None:
     """A device pass's effect on ``ring``'s scalars: ``taken`` chains taken and completed
-    with kicks left off -- or back on when none were taken or the pass emptied the ring."""
+    with kicks left off, or (none) kicks back on."""
     if taken:
         ring._last_avail = (ring._last_avail + taken) & INDEX_MASK
         ring._next_used = (ring._next_used + taken) & INDEX_MASK
-    if taken and not re_enabled:
         ring._notify_enabled = False
         if not ring._event_idx:
             ring._used_flags_shadow |= VRING_USED_F_NO_NOTIFY

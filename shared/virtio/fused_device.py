@@ -114,7 +114,7 @@ def device_consume(
     next_used = st[3]
     event_idx = st[4] != 0
     flags = st[5]
-    for i in range(7):
+    for i in range(6):
         out[i] = 0
     avail_idx = int(load_acquire_u16_unchecked(avail16, 1))  # read once
     n = (avail_idx - last_avail) & 0xFFFF
@@ -178,11 +178,6 @@ def device_consume(
     out[3] = errors
     out[4] = r
     out[5] = 1
-    if int(load_acquire_u16_unchecked(avail16, 1)) == last_avail:
-        # emptied the ring: kicks back on and the re-check now (what the next pass would
-        # do), flags as they are with NO_NOTIFY set
-        out[5] = _enable_and_recheck(avail16, used16, q, last_avail, flags, event_idx)
-        out[6] = 1
 
 
 @njit(cache=True, nogil=True)
@@ -231,8 +226,7 @@ def device_forward(
     max_len``, RX ``last_avail, num_in_flight, next_used, notify_enabled, max_len``, then
     ``limit`` and the gpa of ``mem`` (both rings have the same size and notification
     features). ``out``: ``stage, taken, bytes, rx_interrupt, tx_interrupt, more, width``
-    (the longest TX buffer taken), ``re_enabled`` (a pass that emptied TX turns its kicks
-    back on and re-checks, as the next pass would) -- stage
+    (the longest TX buffer taken) -- stage
     ``STAGE_START``: declined, nothing written (no RX chain available, an unusual chain, a
     buffer outside ``mem``, overlapping buffers: the reference runs the pass)."""
     q = st[0]
@@ -240,7 +234,7 @@ def device_forward(
     event_idx = st[4] != 0
     flags = st[5]
     rx_last = st[7]
-    for i in range(8):
+    for i in range(7):
         out[i] = 0
     tx_idx = int(load_acquire_u16_unchecked(tx_avail16, 1))  # read once
     n = (tx_idx - tx_last) & 0xFFFF
@@ -311,10 +305,6 @@ def device_forward(
     out[4] = tx_irq
     out[5] = 1
     out[6] = width
-    if int(load_acquire_u16_unchecked(tx_avail16, 1)) == tx_last:
-        # emptied TX: kicks back on and the re-check now (what the next pass would do)
-        out[5] = _enable_and_recheck(tx_avail16, tx_used16, q, tx_last, flags, event_idx)
-        out[7] = 1
 
 
 # ------------------------------------------------------------------------ table entry
