@@ -118,9 +118,10 @@ def u32_at(row: np.ndarray, at: int) -> int:
 
 @njit(cache=True, nogil=True, inline="always")
 def _payload_sum(row: np.ndarray, size: int) -> int:
+    payload = row[HEADER:size]
     total = 0
-    for i in range(HEADER, size):
-        total += row[i]
+    for i in range(payload.shape[0]):  # from 0: vectorized (see kernels.copy_bytes)
+        total += payload[i]
     return total & 0xFFFFFFFF
 
 
