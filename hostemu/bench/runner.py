@@ -132,14 +132,23 @@ class Plan:
     placements: tuple[str, ...] = ("any", "same-cpu", "cross-cpu")
     bulk_echo: bool = True
     scale_vms: tuple[int, ...] = (1, 2, 4, 8)
+    memory_vms: int = MEMORY_VMS  # the scale run measured on both paths, memory sampled
 
     def shrunk(self, factor: float) -> Plan:
-        """The same plan with every count (and baseline time) scaled by ``factor`` <= 1:
-        what the output-format smoke test runs, where no figure matters."""
+        """The same plan with every count (and baseline time) scaled by ``factor`` <= 1,
+        and at most 4 VMs at once: what the output-format smoke test runs, where no figure
+        matters (each of 8 VMs' 16 processes loading the kernels costs most of a minute
+        on 2 CPUs)."""
         if factor == 1.0:
             return self
         counts = {k: max(1, int(v * factor)) for k, v in self.counts.items()}
-        return dataclasses.replace(self, seconds=self.seconds * factor, counts=counts)
+        return dataclasses.replace(
+            self,
+            seconds=self.seconds * factor,
+            counts=counts,
+            scale_vms=tuple(n for n in self.scale_vms if n <= 4),
+            memory_vms=4,
+        )
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
@@ -649,7 +658,7 @@ class Bench:
         one: float | None = None
         cases = [(n, self.path) for n in self.plan.scale_vms]
         if self.path == KERNELS:
-            cases.append((MEMORY_VMS, REFERENCE))
+            cases.append((self.plan.memory_vms, REFERENCE))
         for n, path in cases:
             memory: list[dict[int, procmem.Reading]] = []
 
@@ -659,7 +668,7 @@ class Bench:
                 params = {"count": self.plan.counts["scale"], "size": 64, "batch": 16}
                 kinds = (
                     {"broker": 1, "vmm": 1, "guest": n, "echo device": n}
-                    if n in (1, MEMORY_VMS)
+                    if n in (1, self.plan.memory_vms)
                     else None
                 )
                 result = self.run_vms(
@@ -688,10 +697,9 @@ class Bench:
             )
             if n == 1:
                 one = row.value
-            if n in (1, MEMORY_VMS) and all(memory):
-                self._memory_rows(
-                    {"job": "echo", "vms": n}, memory, path, per_vm=n if n == MEMORY_VMS else None
-                )
+            if n in (1, self.plan.memory_vms) and all(memory):
+                per_vm = n if n == self.plan.memory_vms else None
+                self._memory_rows({"job": "echo", "vms": n}, memory, path, per_vm=per_vm)
 
     def _memory_rows(
         self,
