@@ -476,9 +476,13 @@ class DriverKernels:
         """:func:`~shared.virtio.fused.driver_send_frames`, the ring's state committed:
         ``(stage, reclaimed, posted, kick)``; the caller finishes a step that stopped
         before ``STAGE_DONE`` on the reference path."""
-        tbl = self._table(ring, data, stack, slot_of)
-        st = self._state(ring, pool_n, data.shape[1], base)
-        f.driver_send_frames_t(tbl, st, first_seq, want, self.out)
+        f.driver_send_frames_t(
+            self._table(ring, data, stack, slot_of),
+            self._state(ring, pool_n, data.shape[1], base),
+            first_seq,
+            want,
+            self.out,
+        )
         stage, taken, posted, kick = self._commit(ring)[:4]
         return stage, taken, posted, bool(kick)
 
@@ -494,9 +498,12 @@ class DriverKernels:
     ) -> tuple[int, int, int, bool, int, int, int]:
         """:func:`~shared.virtio.fused.driver_receive_frames`, the ring's state committed:
         ``(stage, received, posted, kick, fault, fault_index, fault_value)``."""
-        tbl = self._table(ring, data, stack, slot_of)
-        st = self._state(ring, pool_n, data.shape[1], base)
-        f.driver_receive_frames_t(tbl, st, first_seq, self.out)
+        f.driver_receive_frames_t(
+            self._table(ring, data, stack, slot_of),
+            self._state(ring, pool_n, data.shape[1], base),
+            first_seq,
+            self.out,
+        )
         stage, taken, posted, kick, fault, index, value = self._commit(ring)
         return stage, taken, posted, bool(kick), fault, index, value
 

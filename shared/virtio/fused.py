@@ -80,7 +80,6 @@ from shared.virtio.pointers import (  # noqa: E402
 
 _RUN = 1 << 24  # a payload byte stays constant over runs of 2**24 bytes
 _NO_NOTIFY = 1
-_WRITE = 2
 
 # ------------------------------------------------------------------------------- frames
 

@@ -193,6 +193,12 @@ class Program:
         self.received = 0  # frames the guest took back on RX
         assert self.fast.state() == self.slow.state()
 
+    def run(self, ops: list[Callable[[], None]], hostile: bool, steps: int = 150) -> None:
+        """``steps`` random choices among ``ops`` (and, in hostile programs, corruption)."""
+        ops = [*ops, self.corrupt] if hostile else ops
+        for _ in range(steps):
+            self.rng.choice(ops)()
+
     def both(self, op: Callable[[World], Any]) -> Any:
         results = [norm(op(w)) for w in self.worlds]
         assert results[0] == results[1]
@@ -365,12 +371,19 @@ def test_fused_guest_steps_agree_with_the_reference(
     monkeypatch: pytest.MonkeyPatch, fused_calls: Counter[str], seed: int, hostile: bool
 ) -> None:
     p = Program(monkeypatch, seed * 2 + hostile, "guest")
-    ops = [p.send, p.send, p.receive, p.receive, p.complete_tx, p.echo_rx, p.interrupts]
-    ops.append(p.device_notifications)
-    if hostile:
-        ops.append(p.corrupt)
-    for _ in range(150):
-        p.rng.choice(ops)()
+    p.run(
+        [
+            p.send,
+            p.send,
+            p.receive,
+            p.receive,
+            p.complete_tx,
+            p.echo_rx,
+            p.interrupts,
+            p.device_notifications,
+        ],
+        hostile,
+    )
     # the kernels really ran (a test where every call declined would prove nothing; a
     # hostile program may break both rings before a step completes)
     assert fused_calls["driver_send_frames"] > 0
@@ -385,11 +398,7 @@ def test_fused_sink_pass_agrees_with_the_reference(
     monkeypatch: pytest.MonkeyPatch, fused_calls: Counter[str], seed: int, hostile: bool
 ) -> None:
     p = Program(monkeypatch, 1000 + seed * 2 + hostile, "device")
-    ops = [p.post_frames, p.post_frames, p.sink, p.sink, p.sink, p.device_notifications]
-    if hostile:
-        ops.append(p.corrupt)
-    for _ in range(150):
-        p.rng.choice(ops)()
+    p.run([p.post_frames, p.post_frames, p.sink, p.sink, p.sink, p.device_notifications], hostile)
     assert fused_calls["device_consume"] > 0
     if not hostile:
         assert fused_calls["device_consume done"] > 0
@@ -401,12 +410,17 @@ def test_fused_echo_pass_agrees_with_the_reference(
     monkeypatch: pytest.MonkeyPatch, fused_calls: Counter[str], seed: int, hostile: bool
 ) -> None:
     p = Program(monkeypatch, 2000 + seed * 2 + hostile, "device", echo=True)
-    ops = [p.post_frames, p.post_frames, p.echo_pass, p.echo_pass, p.guest_receive]
-    ops.append(p.device_notifications)
-    if hostile:
-        ops.append(p.corrupt)
-    for _ in range(150):
-        p.rng.choice(ops)()
+    p.run(
+        [
+            p.post_frames,
+            p.post_frames,
+            p.echo_pass,
+            p.echo_pass,
+            p.guest_receive,
+            p.device_notifications,
+        ],
+        hostile,
+    )
     assert fused_calls["device_forward"] > 0
     if not hostile:
         assert fused_calls["device_forward done"] > 0
