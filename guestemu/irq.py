@@ -181,34 +181,57 @@ class InterruptController:
 
 
 class IoEventTable:
-    """The guest's view of the VM's ioeventfds (kept current by the broker)."""
+    """The guest's view of the VM's ioeventfds (kept current by the broker).
+
+    A write looks its (bus, address, width, value) up in a small cache of earlier hits
+    before it walks the table: a queue's doorbell is the same write every time, and it sits
+    on the path from a wakeup to the device's kick. Any change to the table empties the
+    cache, so a write always signals what a walk of the current table would."""
+
+    CACHE_MAX = 64
 
     def __init__(self) -> None:
         self.entries: dict[int, IoEventFd] = {}
         self.hits = 0
         self.misses = 0
+        self._hit_cache: dict[tuple[bool, int, int, int], EventNotifier] = {}
 
     def add(self, entry: IoEventFd) -> None:
+        self._hit_cache.clear()
         self.entries[entry.binding] = entry
 
     def remove(self, binding: int) -> bool:
+        self._hit_cache.clear()
         entry = self.entries.pop(binding, None)
         if entry is None:
             return False
         entry.notifier.close()
         return True
 
-    def write(self, pio: bool, addr: int, length: int, value: int) -> bool:
-        """A guest write: signal the matching eventfd (True) or exit to the VMM (False).
-        ``value`` is taken at the access width, as the bus does."""
+    def match(self, pio: bool, addr: int, length: int, value: int) -> IoEventFd | None:
+        """The ioeventfd a write hits (the first that matches), or None: an exit."""
         value &= (1 << (8 * length)) - 1
         for entry in self.entries.values():
             if entry.matches(pio, addr, length, value):
-                entry.notifier.notify(1)
-                self.hits += 1
-                return True
-        self.misses += 1
-        return False
+                return entry
+        return None
+
+    def write(self, pio: bool, addr: int, length: int, value: int) -> bool:
+        """A guest write: signal the matching eventfd (True) or exit to the VMM (False).
+        ``value`` is taken at the access width, as the bus does."""
+        key = (pio, addr, length, value)
+        notifier = self._hit_cache.get(key)
+        if notifier is None:
+            entry = self.match(pio, addr, length, value)
+            if entry is None:
+                self.misses += 1
+                return False
+            notifier = entry.notifier
+            if len(self._hit_cache) < self.CACHE_MAX:
+                self._hit_cache[key] = notifier
+        notifier.notify(1)
+        self.hits += 1
+        return True
 
     def close(self) -> None:
         for binding in list(self.entries):

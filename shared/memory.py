@@ -347,7 +347,7 @@ class MemorySlot:
 class GuestMemoryMap:
     """Sorted, non-overlapping guest-physical slots; see the module invariants."""
 
-    __slots__ = ("_backings", "_by_id", "_slots", "_starts")
+    __slots__ = ("_backings", "_by_id", "_slots", "_starts", "generation")
 
     def __init__(self) -> None:
         # Three parallel lists sorted by gpa, plus an index by slot id.
@@ -355,6 +355,9 @@ class GuestMemoryMap:
         self._slots: list[MemorySlot] = []
         self._backings: list[U8Array] = []
         self._by_id: dict[int, MemorySlot] = {}
+        self.generation = 0
+        """Counts changes to the map (every add and remove): tables built from the map
+        compare it to know they are current."""
 
     # ------------------------------------------------------------------ configuration
 
@@ -402,6 +405,7 @@ class GuestMemoryMap:
         self._slots.insert(i, entry)
         self._backings.insert(i, backing)
         self._by_id[sid] = entry
+        self.generation += 1
         return entry
 
     def remove(self, slot: SupportsIndex) -> MemorySlot:
@@ -412,6 +416,7 @@ class GuestMemoryMap:
             raise UsageError(f"no slot {sid}")
         i = bisect.bisect_left(self._starts, entry.gpa)
         del self._starts[i], self._slots[i], self._backings[i]
+        self.generation += 1
         return entry
 
     def slots(self) -> list[MemorySlot]:

@@ -8,14 +8,13 @@ vectorized paths and as Python lists for the scalar ones.
 Invariants
 ----------
 * A table describes exactly the map's current slots: :meth:`SlotCache.table` rebuilds it
-  whenever the map changed. A map change (add or remove) makes new
-  :class:`~shared.memory.MemorySlot` objects, so comparing the slots by identity detects it.
+  whenever the map changed -- every add and remove advances the map's ``generation``.
 * ``lasts`` holds each slot's *last* byte (``end - 1``): ``end`` itself may be ``2**64``.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,25 +35,20 @@ class SlotTable(NamedTuple):
 class SlotCache:
     """The slot table of one memory map, rebuilt only when the map changed."""
 
-    __slots__ = ("_mem", "_seen", "_table")
+    __slots__ = ("_built_at", "_mem", "_table")
 
     def __init__(self, mem: GuestMemoryMap) -> None:
         self._mem = mem
-        self._seen: list[Any] = []  # the memory map's slots the table was built for
+        self._built_at = -1  # the map's generation the table was built for
         self._table: SlotTable | None = None
 
     def table(self) -> SlotTable:
         """The memory map's slots as arrays and lists, rebuilt only when the map changed
         (building costs a dozen numpy calls and a translate per slot, too much to repeat on
         every pass)."""
-        slots = self._mem.slots()
-        seen = self._seen
-        if (
-            self._table is not None
-            and len(slots) == len(seen)
-            and all(a is b for a, b in zip(slots, seen, strict=True))
-        ):
+        if self._built_at == self._mem.generation and self._table is not None:
             return self._table
+        slots = self._mem.slots()
         writable = [bool(self._mem.translate(s.gpa, 0).flags.writeable) for s in slots]
         table = SlotTable(
             starts=np.array([s.gpa for s in slots], dtype=np.uint64),
@@ -65,7 +59,7 @@ class SlotCache:
             last_list=[s.end - 1 for s in slots],
             writable_list=writable,
         )
-        self._seen, self._table = slots, table
+        self._built_at, self._table = self._mem.generation, table
         return table
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from shared import fds
 from shared.errors import PeerGoneError, ProtocolError, UsageError
 from shared.fds import (
     EVENTFD_MAX,
@@ -288,6 +289,36 @@ class TestNewEventfd:
 
 
 class TestEventEnds:
+    @pytest.fixture(autouse=True, params=["nowait-read", "poll-then-read"])
+    def read_path(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+        """Every drain test runs on both ways a consumer reads: the one-syscall
+        ``RWF_NOWAIT`` read and the poll-then-read fallback for kernels that refuse it."""
+        if request.param == "nowait-read":
+            if not fds._RWF_NOWAIT:
+                pytest.skip("this Python has no os.RWF_NOWAIT")
+            monkeypatch.setattr(fds, "_nowait_reads", True)
+        else:
+            monkeypatch.setattr(fds, "_nowait_reads", False)
+        return str(request.param)
+
+    def test_a_kernel_refusing_nowait_reads_falls_back(
+        self, read_path: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        def refuse(*args: object) -> int:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+
+        monkeypatch.setattr(fds, "_nowait_reads", True)
+        monkeypatch.setattr(fds.os, "preadv", refuse)
+        efd = new_eventfd()
+        n, c = EventNotifier(efd), EventConsumer(efd)
+        try:
+            assert n.notify(3)
+            assert c.drain() == 3  # refused, then polled and read
+            assert fds._nowait_reads is False
+            assert c.drain() == 0
+        finally:
+            efd.close()
+
     @pytest.fixture
     def ends(self) -> Iterator[tuple[EventNotifier, EventConsumer]]:
         efd = new_eventfd()

@@ -68,3 +68,21 @@ def test_access_error_names_the_rule(length: int, addr: int, value: int, word: s
 def test_access_error_accepts_every_cpu_access() -> None:
     for width in (1, 2, 4, 8):
         assert wire.access_error(width, (1 << 64) - width, (1 << (8 * width)) - 1) is None
+
+
+def test_a_cached_hit_follows_changes_to_the_table(table: IoEventTable) -> None:
+    first = add(table, 1, pio=False, addr=0x300, length=2, datamatch=None)
+    assert table.write(False, 0x300, 2, 5) and table.write(False, 0x300, 2, 5)  # cached
+    assert count(first) == 2
+    assert table.remove(1)
+    assert not table.write(False, 0x300, 2, 5)  # removed: an exit, not the stale eventfd
+    second = add(table, 2, pio=False, addr=0x300, length=2, datamatch=5)
+    assert table.write(False, 0x300, 2, 5)
+    assert count(second) == 1
+    # a second match added later: the walk (and so the cache) still picks the first
+    wild = add(table, 0, pio=False, addr=0x300, length=0, datamatch=None)
+    assert table.write(False, 0x300, 2, 5)
+    assert (count(second), count(wild)) == (2, 0)
+    assert table.remove(2)
+    assert table.write(False, 0x300, 2, 5)  # now the wildcard
+    assert (count(wild), table.hits, table.misses) == (1, 5, 1)
