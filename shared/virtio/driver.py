@@ -657,6 +657,15 @@ class DriverRing:
         """Whether the device published used entries not yet taken (a cheap poll)."""
         return self._broken is None and int(self._used_idx[0]) != self._last_used
 
+    def used_pending(self) -> int:
+        """How many used entries the device published that were not taken yet, as its
+        ``used.idx`` says (0 once broken): a cheap poll like :meth:`has_used`. The count is
+        the device's word, unchecked -- :meth:`get_used` validates the entries when it
+        takes them -- so a caller bounds it by what it has in flight."""
+        if self._broken is not None:
+            return 0
+        return (int(self._used_idx[0]) - self._last_used) & INDEX_MASK
+
     # ------------------------------------------------------------------ completions
 
     def get_used(self, max_n: int | None = None) -> tuple[U16Array, U32Array]:

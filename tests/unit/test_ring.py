@@ -718,9 +718,12 @@ def test_indices_wrap_from_near_65535(memory: tuple[GuestMemoryMap, Any], event_
         assert p.driver.kick_needed() in (True, False)
         batch = p.device.pop_batch()
         assert batch.heads.tolist() == heads.tolist()
+        assert p.driver.used_pending() == 0 and not p.driver.has_used()
         p.device.push_used(batch.heads[::-1], np.arange(n))
+        assert p.driver.used_pending() == n and p.driver.has_used()  # across the wrap too
         ids, lens = p.driver.get_used()
         assert ids.tolist() == heads[::-1].tolist() and lens.tolist() == list(range(n))
+        assert p.driver.used_pending() == 0
         served += n
     assert p.driver.avail_idx == (65530 + served) & INDEX_MASK < 65530
     assert p.device.last_avail == p.device.next_used == p.driver.last_used == p.driver.avail_idx
@@ -1224,9 +1227,11 @@ def test_driver_does_not_trust_the_device(
     }[tamper]
     raw.used_ring[1] = second
     raw.used_idx[0] = 5 if tamper == "idx_jump" else 2
+    assert pair.driver.used_pending() == (5 if tamper == "idx_jump" else 2)  # its word, unchecked
     ids, _ = pair.driver.get_used()
     assert len(ids) == returned
     assert pair.driver.broken is not None and pattern in pair.driver.broken
+    assert pair.driver.used_pending() == 0
     assert len(pair.driver.get_used()[0]) == 0
     assert not pair.driver.kick_needed() and not pair.driver.enable_interrupts()
     with pytest.raises(UsageError, match="broken"):
