@@ -115,9 +115,12 @@ class Virtqueue:
         self.counters: Counter[str] = Counter()
         self.always_kick = False  # benchmarks' "notify always" mode ignores suppression
 
-    def kick(self) -> None:
+    def kick(self) -> bool:
+        """Ring the doorbell if the ring asks (or always, if forced); whether it asked."""
         # kick_needed() runs even when forced: it keeps the ring's last-kick bookkeeping
-        self.doorbell(self.ring.kick_needed())
+        needed = self.ring.kick_needed()
+        self.doorbell(needed)
+        return needed
 
     def doorbell(self, needed: bool) -> None:
         """Ring the doorbell if the ring said it is ``needed`` (or always, if forced)."""
@@ -290,13 +293,14 @@ class PacketQueues:
             )
             slot_of[head] = slot
 
-    def send(self, frames: np.ndarray[Any, Any]) -> None:
-        """Post whole ``frames`` (N x size); the caller checked :meth:`tx_room`."""
+    def send(self, frames: np.ndarray[Any, Any]) -> bool:
+        """Post whole ``frames`` (N x size); the caller checked :meth:`tx_room`. Whether
+        the ring asked for a kick."""
         slots = self._take(self.tx_pool, len(frames))
         self.tx_pool.data[slots] = frames
         # store->store: the frames are in guest RAM before the descriptors that publish them
         self._post(self.tx, self.tx_pool, self.tx_slot, slots, False)
-        self.tx.kick()
+        return self.tx.kick()
 
     def send_rows(self, n: int, fill: Callable[[np.ndarray[Any, Any], int], None]) -> None:
         """Post ``n`` TX buffers after ``fill(row, i)`` wrote frame ``i`` straight into its
@@ -349,32 +353,48 @@ class PacketQueues:
 
     # -------------------------------------------------- test frames (shared.frames)
 
-    def send_frames(self, first: int, max_n: int) -> int:
-        """Take back completed TX buffers, then post up to ``max_n`` test frames ``first,
-        first + 1...`` (:mod:`shared.frames`), each written straight into its buffer, and
-        kick if the ring asks; how many were posted. On the compiled path one fused kernel
-        does the step (:func:`~shared.virtio.fused.driver_send_frames`); the reference is
-        :meth:`tx_room`, :func:`~shared.frames.stamp` and :meth:`send`."""
-        ring, pool = self.tx.ring, self.tx_pool
+    def send_frames(self, first: int, max_n: int, limit: int = 0) -> int:
+        """Post test frames ``first, first + 1...`` (:mod:`shared.frames`), each written
+        straight into its buffer, in steps: take back completed TX buffers, post up to
+        ``max_n`` frames as one batch, kick if the ring asks -- and, while it does not ask,
+        step again until ``limit`` frames in all (default: one step). How many were posted.
+
+        Each batch is published and decided on alone, exactly as separate calls would;
+        the steps only save the interpreter's round trips between them. A forced doorbell
+        (``always_kick``) rings after every batch, so there it is one step per call. On the
+        compiled path one fused kernel does the steps
+        (:func:`~shared.virtio.fused.driver_send_frames`); the reference is a step at a
+        time: :meth:`tx_room`, :func:`~shared.frames.stamp` and :meth:`send`."""
+        ring, pool, vq = self.tx.ring, self.tx_pool, self.tx
+        limit = max_n if vq.always_kick else max(limit, max_n)
+        total = 0
         kern = ring.kernels
         if self.fused and kern is not None and ring.broken is None:
-            stage, taken, posted, kick = kern.send_frames(
-                ring, pool.data, pool.stack, pool.free, self.tx_slot, pool.base, first, max_n
+            stage, taken, posted, kick, batches = kern.send_frames(
+                ring, pool.data, pool.stack, pool.free, self.tx_slot, pool.base, first, max_n, limit
             )
             pool.free += taken - posted
             self.tx_completed += taken
-            if stage == STAGE_DONE:
-                if posted:
-                    self.tx.doorbell(kick)
-                return posted
-            # declined part-way (an unusual ring): the reference finishes the step
-        n = min(max_n, self.tx_room())
-        if n <= 0 or ring.broken is not None:  # (a broken ring is the caller's to report)
-            return 0
-        frames = np.empty((n, self.size), dtype=np.uint8)
-        stamp(frames, np.arange(first, first + n))
-        self.send(frames)
-        return n
+            total = posted
+            # every batch before the last needed no kick; the last one's decision is ``kick``
+            # if the steps completed -- if not (declined part-way: an unusual ring), the
+            # reference finishes them
+            done = stage == STAGE_DONE
+            if batches > done:
+                vq.counters["doorbells_suppressed"] += batches - done
+            if done:
+                if batches:
+                    vq.doorbell(kick)
+                return total
+        while True:  # (a step takes back completions even when it has nothing to post)
+            n = min(max_n, limit - total, self.tx_room())
+            if n <= 0 or ring.broken is not None:  # (a broken ring is the caller's to report)
+                return total
+            frames = np.empty((n, self.size), dtype=np.uint8)
+            stamp(frames, np.arange(first + total, first + total + n))
+            total += n
+            if self.send(frames) or total >= limit:
+                return total
 
     def receive_frames(self, first: int) -> tuple[int, str | None]:
         """Take the received test frames, verify them (expected ``first, first + 1...``;

@@ -30,7 +30,7 @@ import numpy as np
 from shared.virtio import fused as f
 from shared.virtio import fused_device as fd
 from shared.virtio import kernels as k
-from shared.virtio.args import STAGE_DONE, STAGE_RECLAIMED
+from shared.virtio.args import STAGE_DONE
 from shared.virtio.batch import Batch, empty_batch, simple_batch
 from shared.virtio.layout import (
     INDEX_MASK,
@@ -451,14 +451,16 @@ class DriverKernels:
 
     def _commit(self, ring: DriverRing) -> list[int]:
         """Commit a fused driver step's ``out`` (stage, taken, posted, kick, ...) to
-        ``ring``; ``out`` as a list."""
+        ``ring``; ``out`` as a list. ``taken`` and ``posted`` count only what the kernel
+        completed, whatever stage it stopped at; every batch it published had its kick
+        decision made."""
         out: list[int] = self.out.tolist()
-        stage, taken, posted = out[0], out[1], out[2]
-        if stage >= STAGE_RECLAIMED and taken:
+        taken, posted = out[1], out[2]
+        if taken:
             ring._nfree += taken
             ring._num_in_flight -= taken
             ring._last_used = (ring._last_used + taken) & INDEX_MASK
-        if stage == STAGE_DONE and posted:
+        if posted:
             ring._nfree -= posted
             ring._num_in_flight += posted
             new = (ring._avail_shadow + posted) & INDEX_MASK
@@ -476,19 +478,21 @@ class DriverKernels:
         base: int,
         first_seq: int,
         want: int,
-    ) -> tuple[int, int, int, bool]:
+        limit: int,
+    ) -> tuple[int, int, int, bool, int]:
         """:func:`~shared.virtio.fused.driver_send_frames`, the ring's state committed:
-        ``(stage, reclaimed, posted, kick)``; the caller finishes a step that stopped
-        before ``STAGE_DONE`` on the reference path."""
+        ``(stage, reclaimed, posted, kick, batches)``; the caller finishes a step that
+        stopped before ``STAGE_DONE`` on the reference path."""
         f.driver_send_frames_t(
             self._table(ring, data, stack, slot_of),
             self._state(ring, pool_n, data.shape[1], base),
             first_seq,
             want,
+            limit,
             self.out,
         )
-        stage, taken, posted, kick = self._commit(ring)[:4]
-        return stage, taken, posted, bool(kick)
+        stage, taken, posted, kick, batches = self._commit(ring)[:5]
+        return stage, taken, posted, bool(kick), batches
 
     def receive_frames(
         self,

@@ -295,6 +295,7 @@ def driver_send_frames(
     base: np.uint64,
     first_seq: int,
     want: int,
+    limit: int,
     scratch_i: np.ndarray,
     scratch_l: np.ndarray,
     scratch_a: np.ndarray,
@@ -302,56 +303,80 @@ def driver_send_frames(
     scratch_w: np.ndarray,
     out: np.ndarray,
 ) -> None:
-    """The guest's TX step: reclaim, then post up to ``want`` frames ``first_seq...``.
+    """The guest's TX steps: reclaim, then post up to ``want`` frames ``first_seq...`` as
+    one batch (one publish, one kick decision); again, while the batch posted and needs no
+    kick, until ``limit`` frames in all. A kick ends the call (the caller rings it); so do
+    an empty pool and a step that is not the common case (it declines, see below).
 
     ``st`` holds the ring's and pool's scalars (see :class:`~shared.virtio.compiled.
     DriverKernels`): ``q, nfree, num_in_flight, avail_shadow, last_used, kick_old,
-    unkicked, event_idx, irq_enabled, pool_n``. ``out``: ``stage, reclaimed, posted,
-    kick``."""
+    unkicked, event_idx, irq_enabled, pool_n``. ``out``: ``stage`` (of the last step),
+    ``reclaimed, posted`` (in all), ``kick`` (the last batch's decision), ``batches``;
+    each batch before the last needed no kick. The first step with nothing to post stops
+    at ``STAGE_RECLAIMED`` (the caller's reference finds the same); a later one ends the
+    call at ``STAGE_DONE``."""
     q = st[0]
     nfree = st[1]
     num_in_flight = st[2]
     avail_shadow = st[3]
     last_used = st[4]
+    kick_old = st[5]
+    unkicked = st[6]
     event_idx = st[7] != 0
+    irq_enabled = st[8] != 0
     pool_n = st[9]
     size = data.shape[1]
     out[0] = STAGE_START
-    out[1] = 0
-    out[2] = 0
-    out[3] = 0
-    got = _reclaim(
-        avail16, used16, used32, in_flight, multi, wcap, mark, free, nfree, num_in_flight,
-        q, last_used, event_idx, st[8] != 0, scratch_i, scratch_l, pool_stack, pool_n, slot_of,
-    )  # fmt: skip
-    if got < 0:
-        return
-    out[0] = STAGE_RECLAIMED
-    out[1] = got
-    nfree += got
-    num_in_flight -= got
-    pool_n += got
-    n = min(want, pool_n)
-    if n == 0 or n > nfree:
-        return
-    slots = scratch_i  # (the reclaimed ids are no longer needed)
-    for j in range(n):
-        slots[j] = pool_stack[pool_n - 1 - j]  # the pool's take order: top first
-    for j in range(n):
-        stamp_frame(data[slots[j]], first_seq + j, size)
-    # store->store: the frames are written before the descriptors that publish them (the
-    # release store of avail.idx in driver_add_simple orders them).
-    got = _post_pool(
-        desc64, desc32, desc16, avail16, free, nfree, in_flight, multi, wcap, q, avail_shadow,
-        pool_stack, pool_n, slot_of, base, size, n, False,
-        slots, scratch_a, scratch_u, scratch_w, scratch_l,
-    )  # fmt: skip
-    if got < 0:
-        return
-    out[0] = STAGE_DONE
-    out[2] = n
-    new = (avail_shadow + n) & 0xFFFF
-    out[3] = _kick_needed(avail16, used16, q, st[5], new, st[6] + n, event_idx)
+    for i in range(1, 5):
+        out[i] = 0
+    posted = 0
+    while True:
+        got = _reclaim(
+            avail16, used16, used32, in_flight, multi, wcap, mark, free, nfree, num_in_flight,
+            q, last_used, event_idx, irq_enabled, scratch_i, scratch_l, pool_stack, pool_n,
+            slot_of,
+        )  # fmt: skip
+        if got < 0:
+            out[0] = STAGE_START
+            return
+        out[0] = STAGE_RECLAIMED
+        out[1] += got
+        nfree += got
+        num_in_flight -= got
+        pool_n += got
+        last_used = (last_used + got) & 0xFFFF
+        n = min(want, limit - posted, pool_n)
+        if n <= 0 or n > nfree:
+            if n <= 0 and posted:
+                out[0] = STAGE_DONE  # nothing more to post: the steps are over
+            return
+        slots = scratch_i  # (the reclaimed ids are no longer needed)
+        for j in range(n):
+            slots[j] = pool_stack[pool_n - 1 - j]  # the pool's take order: top first
+        for j in range(n):
+            stamp_frame(data[slots[j]], first_seq + posted + j, size)
+        # store->store: the frames are written before the descriptors that publish them
+        # (the release store of avail.idx in driver_add_simple orders them).
+        got = _post_pool(
+            desc64, desc32, desc16, avail16, free, nfree, in_flight, multi, wcap, q,
+            avail_shadow, pool_stack, pool_n, slot_of, base, size, n, False,
+            slots, scratch_a, scratch_u, scratch_w, scratch_l,
+        )  # fmt: skip
+        if got < 0:
+            return
+        out[0] = STAGE_DONE
+        posted += n
+        out[2] = posted
+        out[4] += 1
+        nfree -= n
+        num_in_flight += n
+        pool_n -= n
+        new = (avail_shadow + n) & 0xFFFF
+        out[3] = _kick_needed(avail16, used16, q, kick_old, new, unkicked + n, event_idx)
+        avail_shadow = kick_old = new
+        unkicked = 0
+        if out[3] or posted >= limit:
+            return
 
 
 @njit(cache=True, nogil=True)
@@ -466,7 +491,7 @@ buffer size and its guest-physical base."""
 
 @njit(cache=True, nogil=True)
 def driver_send_frames_t(
-    tbl: np.ndarray, st: np.ndarray, first_seq: int, want: int, out: np.ndarray
+    tbl: np.ndarray, st: np.ndarray, first_seq: int, want: int, limit: int, out: np.ndarray
 ) -> None:
     """:func:`driver_send_frames` with its arrays from a pointer table (``DRIVER_TABLE``)."""
     driver_send_frames(
@@ -474,7 +499,7 @@ def driver_send_frames_t(
         view_u16(tbl, 4), view_u32(tbl, 5), view_u16(tbl, 6), view_bool(tbl, 7),
         view_bool(tbl, 8), view_i64(tbl, 9), view_u8(tbl, 10), st,
         view_u8_2d(tbl, 11, st[10]), view_i64(tbl, 12), view_i64(tbl, 13), np.uint64(st[11]),
-        first_seq, want, view_i64(tbl, 14), view_i64(tbl, 15), view_u64(tbl, 16),
+        first_seq, want, limit, view_i64(tbl, 14), view_i64(tbl, 15), view_u64(tbl, 16),
         view_u64(tbl, 17), view_bool(tbl, 18), out,
     )  # fmt: skip
 

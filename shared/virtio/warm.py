@@ -65,7 +65,7 @@ def exercise() -> None:
     tx_driver.get_used()
     rx_driver.get_used()
     data, stack, slot_of, base = pools[0]
-    tx_kernels.send_frames(tx_driver, data, stack, q, slot_of, base, 0, 4)
+    tx_kernels.send_frames(tx_driver, data, stack, q, slot_of, base, 0, 4, 8)
     dev_kernels.consume(tx, sink, 0, q, 1 << 24)
     data, stack, slot_of, base = pools[1]
     rx_kernels.receive_frames(rx_driver, data, stack, q, slot_of, base, 0)

@@ -208,8 +208,11 @@ class Program:
     # ----------------------------------------------------------------- guest steps
 
     def send(self) -> None:
-        want = self.rng.choice([0, 1, 3, 5, 16, self.qsize, self.qsize + 7])
-        n = self.both(lambda w: w.queues.send_frames(self.sent, want))
+        r = self.rng
+        want = r.choice([0, 1, 3, 5, 16, self.qsize, self.qsize + 7])
+        # several batches per call, each published and decided on alone, sometimes
+        limit = r.choice([0, 0, want, 2 * want + 1, 5, 4 * self.qsize])
+        n = self.both(lambda w: w.queues.send_frames(self.sent, want, limit))
         self.sent += n
 
     def receive(self) -> None:
@@ -360,6 +363,8 @@ def fused_calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
             _real(*args)
             calls[_name] += 1
             calls[f"{_name} done"] += int(args[-1][0]) == 2
+            if _name == "driver_send_frames":  # several batches in one call
+                calls[f"{_name} steps"] += int(args[-1][4]) > 1
 
         monkeypatch.setattr(module, f"{name}_t", counted)
     return calls
@@ -442,6 +447,34 @@ def test_frames_the_kernel_writes_are_the_reference_frames(monkeypatch: pytest.M
                 ring = w.rings[0]
                 batch = ring.pop_batch()
                 ring.push_used(batch.heads, np.zeros(len(batch), dtype=np.int64))
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_send_steps_publish_batch_by_batch_and_stop_at_a_kick(
+    monkeypatch: pytest.MonkeyPatch, fused_calls: Counter[str], event_idx: bool
+) -> None:
+    """Several steps in one call: each batch its own publish and kick decision; the call
+    ends at the first batch that needs a kick -- the same as single steps one by one."""
+    worlds = [
+        World(monkeypatch, qsize=64, size=64, event_idx=event_idx, guest_jit=j, device_jit=False)
+        for j in (True, False)
+    ]
+    for w in worlds:
+        w.rings[0].disable_notifications()  # no kicks wanted: every batch goes
+    assert [w.queues.send_frames(0, 3, 30) for w in worlds] == [30, 30]
+    assert worlds[0].state() == worlds[1].state()
+    assert fused_calls["driver_send_frames steps"] == 1
+    assert worlds[0].queues.tx.counters["doorbells_suppressed"] == 10
+    rung = len(worlds[0].vcpu.doorbells)
+    for w in worlds:  # the device takes them all and wants kicks again: the next batch rings
+        ring = w.rings[0]
+        batch = ring.pop_batch()
+        ring.push_used(batch.heads, np.zeros(len(batch), dtype=np.int64))
+        ring.enable_notifications()
+    assert [w.queues.send_frames(30, 2, 30) for w in worlds] == [2, 2]
+    assert worlds[0].state() == worlds[1].state()
+    assert worlds[0].queues.tx.counters["doorbells"] == 1
+    assert worlds[0].vcpu.doorbells[rung:] == [0]  # TX's doorbell, once
 
 
 def test_fused_kernels_publish_with_release_and_fence_before_deciding() -> None:
