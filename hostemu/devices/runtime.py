@@ -200,9 +200,22 @@ class DeviceRuntime(DeviceAgent):
         entry = self.kicks.get(queue)
         if entry is None:
             return
-        if entry[1].drain():
-            self.counters["kicks"] += 1
+        # Serve the ring first and read the kick after: the read is then off the path
+        # from the guest's kick to our interrupt. A kick that lands meanwhile is read along
+        # with it, so the ring is checked again after the read -- consume the notice, then
+        # look, as everywhere (a pass that left kicks on had already re-checked, but only
+        # before this read).
         self._run_queue(queue)
+        if self.kicks.get(queue) is entry and entry[1].drain():
+            self.counters["kicks"] += 1
+        q = self.queues.get(queue)
+        if (
+            q is not None
+            and queue not in self._scheduled
+            and not q.ring.broken
+            and q.ring.has_available()
+        ):
+            self.schedule(queue)
 
     def schedule(self, queue: int) -> None:
         """Run ``queue``'s handler on the next loop pass (bounded work per pass)."""

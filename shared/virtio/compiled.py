@@ -87,7 +87,7 @@ class DeviceKernels:
         # (item stores through a memoryview: ~half the cost of numpy's, per pass)
         self._st_mv, self._st_forward_mv = self.st.data, self.st_forward.data
         self.out = np.zeros(7, dtype=np.int64)
-        self._forward: tuple[SlotTable, DeviceKernels, PointerTable] | None = None
+        self._forward: tuple[SlotTable, DeviceKernels, PointerTable | None] | None = None
         self._ram: tuple[SlotTable, U8Array, int] | None = None
         # the sink step's pointer table, for this slot table and sink array
         self._bound: tuple[SlotTable, U8Array, PointerTable] | None = None
@@ -154,21 +154,18 @@ class DeviceKernels:
         ``width_cap`` are declined (the reference truncates them)."""
         rk = rx._kernels
         ram = self._ram_slot(ring)
-        if (
-            ram is None
-            or rk is None
-            or ring._broken is not None
-            or rx._broken is not None
-            or rx._mem is not ring._mem
-            or rx._q != ring._q
-            or rx._event_idx != ring._event_idx
-        ):
+        if ram is None or rk is None or ring._broken is not None or rx._broken is not None:
             return None
         table, mem, gpa = ram
-        if not mem.flags.writeable:
-            return None
         bound = self._forward
         if bound is None or bound[0] is not table or bound[1] is not rk:
+            # (what cannot change while the table and both rings stay: checked once here)
+            usable = (
+                rx._mem is ring._mem
+                and rx._q == ring._q
+                and rx._event_idx == ring._event_idx
+                and bool(mem.flags.writeable)
+            )
             t, r = self.v, rk.v
             arrays = {
                 "tx_avail16": t.avail16,
@@ -203,7 +200,10 @@ class DeviceKernels:
                 "copied": self.copied,
                 "zeros": self.zeros,
             }
-            self._forward = bound = (table, rk, _table(fd.FORWARD_TABLE, arrays, self.v))
+            table_of = _table(fd.FORWARD_TABLE, arrays, self.v) if usable else None
+            self._forward = bound = (table, rk, table_of)
+        if bound[2] is None:
+            return None  # rings of different shapes or memories, or read-only RAM
         st = self._st_forward_mv
         _device_state(st, ring, min(ring._max_len, width_cap))
         st[7] = rx._last_avail
