@@ -33,7 +33,7 @@ How each side observes
   ``settle`` of its ``stats`` command). The guest holds interrupts
   (``hold_interrupts``); a ``take`` step is its ``take_interrupts`` command, a line's
   level its ``level``. Counters are read from the VMM's copy of each eventfd (the same
-  kernel counter the broker and the guest hold). Before each access or signal the
+  kernel counter the broker and the guest hold). Before each access, signal or take the
   backend waits until the guest holds exactly the irqfds and ioeventfds the broker has
   bound for VM ``a``, so a notice still in flight is not mistaken for a difference.
 """
@@ -189,7 +189,8 @@ class KernelBackend:
             elif step.op == "signal":
                 os.eventfd_write(self.fds[a["efd"]], a["n"])
             elif step.op == "take":
-                self._vm_fd("a")
+                if vm_a.closed:
+                    raise ValueError("a take step needs VM a's vCPU: the VM is gone")
                 obs["took"] = vm_a.vcpu().take_interrupts()
             elif step.op == "close":
                 os.close(self.fds.pop(a["efd"]))
