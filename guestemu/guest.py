@@ -8,13 +8,17 @@ It attaches to its VM; the broker then hands it, as notices carrying real eventf
 every irqfd (gsi + eventfd [+ resamplefd]) and ioeventfd of the VM, now and whenever
 the VMM assigns more. It waits on the irqfds with epoll (edge-triggered: one interrupt
 per write, like KVM's irqfd; a count already pending at attach is injected once and left
-in the eventfd), counts signals per gsi, EOIs level-triggered lines (signaling their
-resamplefds), and acknowledges detach requests only after it has stopped watching and
-drained the eventfd -- so once the VMM's deassign returns, no further interrupt from that
-binding is counted.
+in the eventfd), counts signals per gsi, takes and EOIs every interrupt at once (an EOI
+signals the resamplefds of the gsi's level-triggered lines), and acknowledges detach
+requests only after it has stopped watching and drained the eventfd -- so once the VMM's
+deassign returns, no further interrupt from that binding is counted.
 
-Control commands (JSON lines on stdin): ``stats``, ``wait_total {gsi, total, timeout}``,
-``io_write {addr, len, value, pio}`` (the ioeventfd fast path), ``go`` (opens the start
+Control commands (JSON lines on stdin): ``stats [settle]`` (``settle``: first deliver
+every write made before the command), ``wait_total {gsi, total, timeout}``, ``io_write
+{addr, len, value, pio}`` (the ioeventfd fast path), ``hold_interrupts {hold}`` (like a
+vCPU's ``cli``/``sti``: while held, interrupts are latched, not taken, and
+level-triggered lines stay asserted), ``take_interrupts`` (take and EOI every latched
+interrupt now; replies ``took``, the gsis in the order taken), ``go`` (opens the start
 gate, see :meth:`GuestAgent.wait_start`), ``quit``.
 """
 
@@ -180,10 +184,16 @@ class GuestAgent(Agent):
         if binding not in self.irq.lines:
             return
         if self.irq.deliver(binding):
-            line = self.irq.lines[binding]
-            if line.resample is not None:
-                self.irq.eoi(line.gsi)  # the skeleton's handler services it at once
+            if not self.irq.holding:
+                self.irq.eoi(self.irq.lines[binding].gsi)  # the handler services it at once
             self._check_waiters()
+
+    def settle(self) -> None:
+        """Deliver every write already made to a watched line (what the loop would do on
+        its next turn), so a reply after this reflects every signal made before."""
+        for binding, line in list(self.irq.lines.items()):
+            if line.gsi not in self.irq.masked:
+                self._on_irq(binding)
 
     # ------------------------------------------------------------------ commands
 
@@ -193,6 +203,8 @@ class GuestAgent(Agent):
             "wakeups": {str(k): v for k, v in self.irq.wakeups.items()},
             "drained_at_detach": {str(k): v for k, v in self.irq.drained_at_detach.items()},
             "eois": {str(k): v for k, v in self.irq.eois.items()},
+            "level": sorted(self.irq.level),
+            "requested": sorted(self.irq.requested),
             "irqfds": sorted(line.gsi for line in self.irq.lines.values()),
             "ioeventfds": len(self.io.entries),
             "detached": self.detached,
@@ -213,7 +225,14 @@ class GuestAgent(Agent):
     def handle_command(self, cmd: dict[str, Any]) -> dict[str, Any] | None:
         name = cmd.get("cmd")
         if name == "stats":
+            if cmd.get("settle"):
+                self.settle()
             return self._stats()
+        if name == "hold_interrupts":
+            return {"took": self.irq.hold(bool(cmd["hold"]))}
+        if name == "take_interrupts":
+            self.settle()
+            return {"took": self.irq.take()}
         if name == "go":
             self._go = True
             return {}

@@ -20,8 +20,22 @@ Invariants
   ``drained_at_detach``. So ``delivered + drained_at_detach`` always equals what the
   eventfd held while the line was attached: the count pending at attach plus every
   signal since (for a semaphore-mode eventfd, at most that: a read takes 1).
-* Level-triggered lines (RESAMPLE): an injection asserts the line; :meth:`eoi` de-asserts
-  it and signals the resamplefd so the device can re-assert if it still needs service.
+* Level-triggered lines (RESAMPLE) follow KVM's resampler, which is one per gsi: an
+  injection raises the gsi's level (:attr:`InterruptController.level`); while it is high
+  a write to any irqfd of that gsi is read but makes no new edge, so it injects nothing.
+  The EOI of the gsi (:meth:`InterruptController.eoi`, KVM's ack notifier) lowers the
+  level and signals the resamplefd of *every* resampling irqfd of the gsi, so the device
+  re-asserts if it still needs service; detaching the gsi's last resampling irqfd lowers
+  it too. An EOI on a gsi with no resampling irqfd changes nothing.
+* Taking interrupts: by default every injection is taken and EOI'd at once (the guest's
+  handler services it). :meth:`InterruptController.hold` makes the guest behave like a
+  vCPU running with interrupts disabled, as the conformance oracle's does: an injection
+  on gsi 0-23 only latches a request (one per gsi, like the PIC's request register and
+  the local APIC's), and :meth:`InterruptController.take` takes every latched request and
+  EOIs it, in the order KVM delivers them: the PIC lines by priority (0, 1, 2, 8-15,
+  3-7), then the IOAPIC-only pins 23 down to 16 (the local APIC takes the highest vector
+  first). A request stays latched when its line falls again (the PIC latches edges), so
+  detaching an asserted irqfd leaves it to be taken.
 * A masked gsi is not read: its writes stay pending in the eventfds (coalescing there,
   as in hardware's pending bit) and their edges in each line's epoll; the caller stops
   watching a masked line (see :meth:`fds_of`) and, on unmask, watches it again: pending
@@ -42,8 +56,15 @@ import select
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 from shared.fds import EventConsumer, EventNotifier, OwnedFd
+
+TAKE_ORDER: Final = (0, 1, 2, *range(8, 16), *range(3, 8), *range(23, 15, -1))
+"""The gsis an interrupt can be taken on, in the order KVM delivers requests latched
+together: the PIC pair by priority (the slave's lines sit at the master's line 2), then
+the IOAPIC-only pins, highest vector first."""
+_TAKE_RANK: Final = {gsi: rank for rank, gsi in enumerate(TAKE_ORDER)}
 
 
 @dataclass(eq=False)
@@ -52,7 +73,6 @@ class IrqLine:
     gsi: int
     consumer: EventConsumer
     resample: EventNotifier | None = None
-    asserted: bool = False
     edges: select.epoll = field(default_factory=select.epoll)
     """The eventfd, edge-triggered: readable once per write since the last :meth:`take_edge`."""
     held: bool = False
@@ -99,7 +119,7 @@ class IoEventFd:
 
 
 class InterruptController:
-    """gsi bookkeeping for irqfds: deliver, EOI/resample, detach."""
+    """gsi bookkeeping for irqfds: deliver, take and EOI/resample, detach."""
 
     def __init__(self) -> None:
         self.lines: dict[int, IrqLine] = {}
@@ -107,8 +127,17 @@ class InterruptController:
         self.wakeups: Counter[int] = Counter()
         self.drained_at_detach: Counter[int] = Counter()
         self.eois: Counter[int] = Counter()
+        """EOIs that reached a resampler (a gsi with at least one resampling irqfd)."""
         self.masked: set[int] = set()
         self.handlers: dict[int, Callable[[int, int], None]] = {}
+        self.resamplers: dict[int, list[IrqLine]] = {}
+        """gsi -> its resampling lines (KVM's resampler of that gsi), in attach order."""
+        self.level: set[int] = set()
+        """The gsis a resampling irqfd holds high."""
+        self.holding = False
+        """Interrupts are disabled: injections latch :attr:`requested` (see :meth:`hold`)."""
+        self.requested: set[int] = set()
+        """gsis with a request latched and not taken yet (only while :attr:`holding`)."""
 
     def fds_of(self, gsi: int) -> list[int]:
         """What a loop watches for ``gsi``'s lines (to stop or resume on mask / unmask)."""
@@ -134,42 +163,74 @@ class InterruptController:
         # edge now, so that only writes from here on read the eventfd.
         line.held = line.take_edge()
         self.lines[binding] = line
+        if line.resample is not None:
+            self.resamplers.setdefault(gsi, []).append(line)
         return line
 
     def deliver(self, binding: int) -> bool:
         """The line's epoll is readable (a write), or it holds a count pending at attach:
-        read the eventfd once if written and inject. Returns whether it injected."""
+        read the eventfd once if written and inject -- unless a resampling irqfd holds
+        the gsi high already (no new edge). Returns whether it injected."""
         line = self.lines[binding]
-        if line.gsi in self.masked:
+        gsi = line.gsi
+        if gsi in self.masked:
             return False  # stays pending in the eventfd (and its edge in the epoll)
         n = line.consumer.drain() if line.take_edge() else 0
         if not n and not line.held:
             return False
         line.held = False
-        self.delivered[line.gsi] += n
-        self.wakeups[line.gsi] += 1
+        self.delivered[gsi] += n
+        if gsi in self.level:
+            return False
+        self.wakeups[gsi] += 1
         if line.resample is not None:
-            line.asserted = True
-        handler = self.handlers.get(line.gsi)
+            self.level.add(gsi)
+        if self.holding and gsi in _TAKE_RANK:
+            self.requested.add(gsi)
+        handler = self.handlers.get(gsi)
         if handler is not None:
-            handler(line.gsi, n)
+            handler(gsi, n)
         return True
 
     def eoi(self, gsi: int) -> int:
-        """End of interrupt on ``gsi``: de-assert level lines and signal their resamplefds."""
-        count = 0
-        for line in self.lines.values():
-            if line.gsi == gsi and line.asserted and line.resample is not None:
-                line.asserted = False
-                line.resample.notify(1)
-                count += 1
-        self.eois[gsi] += count
-        return count
+        """End of interrupt on ``gsi`` (KVM's ack notifier): lower the gsi's level and
+        signal the resamplefd of every resampling line of the gsi. Returns how many."""
+        self.level.discard(gsi)
+        lines = self.resamplers.get(gsi)
+        if not lines:
+            return 0
+        for line in lines:
+            assert line.resample is not None
+            line.resample.notify(1)
+        self.eois[gsi] += 1
+        return len(lines)
+
+    def hold(self, holding: bool) -> list[int]:
+        """Disable (``True``) or enable taking interrupts. While held, injections latch
+        requests for :meth:`take`; enabling again takes what is latched (returned)."""
+        self.holding = holding
+        return [] if holding else self.take()
+
+    def take(self) -> list[int]:
+        """Take every latched request and EOI it, in :data:`TAKE_ORDER`; returns the gsis
+        taken, in that order."""
+        taken = sorted(self.requested, key=_TAKE_RANK.__getitem__)
+        self.requested.clear()
+        for gsi in taken:
+            self.eoi(gsi)
+        return taken
 
     def remove(self, binding: int) -> int:
         """Detach: read what is left without injecting (a count pending since attach too),
-        close our copies. Returns signals drained."""
+        close our copies; the gsi's last resampling line lowers its level. Returns
+        signals drained."""
         line = self.lines.pop(binding)
+        if line.resample is not None:
+            lines = self.resamplers[line.gsi]
+            lines.remove(line)
+            if not lines:
+                del self.resamplers[line.gsi]
+                self.level.discard(line.gsi)
         n = line.consumer.drain()
         self.drained_at_detach[line.gsi] += n
         line.close()

@@ -16,7 +16,13 @@ offsets against the uapi header). It does just enough for the conformance scenar
   exit to userspace it caused (an access an ioeventfd absorbed causes none).
 * :meth:`Vm.pic_irr` (``KVM_GET_IRQCHIP``) shows which legacy lines were raised, and
   :meth:`Vm.ioapic_requests` (``KVM_GET_LAPIC``, after :meth:`Vm.route_ioapic_pins`)
-  which of the IOAPIC-only gsis 16-23.
+  which of the IOAPIC-only gsis 16-23; :meth:`Vm.pic_levels` which legacy lines are held
+  high (a resampling irqfd's level).
+* :meth:`Vm.init_interrupts` gives the guest an interrupt vector table, one handler per
+  line, and an initialised 8259 pair; :meth:`Vcpu.take_interrupts` runs
+  :func:`take_program` (``sti``, a window, ``cli``): the vCPU takes every pending
+  interrupt, each handler EOIs it (which is what makes KVM de-assert a resampling
+  irqfd's line and signal its resamplefd) and reports its gsi at :data:`TAKEN_PORT`.
 
 How the guest reaches any address from real mode: the vCPU starts in "unreal mode" -- DS
 has base 0 and a 4 GiB limit (set with ``KVM_SET_SREGS``) -- so an address-size prefix
@@ -29,6 +35,22 @@ mode would need EFER.LME, refused until CPUID advertises LM.)
 Why the program ends with an ``out`` rather than ``hlt`` alone: with an in-kernel irqchip
 ``hlt`` is handled inside the kernel (the vCPU sleeps there until an interrupt), so it
 never returns to userspace. The final ``out`` to :data:`DONE_PORT` does, in both cases.
+
+How the guest takes interrupts: the programs above run with interrupts disabled (IF=0),
+so a raised line only stays requested. :func:`take_program` enables them for a window of
+:data:`TAKE_WINDOWS` writes to :data:`WINDOW_PORT`, each an exit to userspace. The x86
+rule is that an interrupt is taken after the instruction that follows ``sti``, but a KVM
+that emulates a real-mode guest instruction by instruction (the ``kvm_pvm`` module does)
+looks for pending interrupts only when it enters the guest again: each exit is a chance
+for one more interrupt, and where the first is taken at once the rest cost nothing.
+
+The handlers' table (:func:`interrupt_image`): the PIC pair is programmed with vector
+bases :data:`PIC_VECTOR_BASE` (master) and +8 (slave); the IOAPIC-only pins use the
+vectors :meth:`Vm.route_ioapic_pins` programs. A PIC handler sends a non-specific EOI
+(``out 0x20, 0x20``; to the slave first for gsi 8-15), a local APIC one writes the APIC's
+EOI register; then each writes its gsi to :data:`TAKEN_PORT` and returns (``iret``).
+Every other vector leads to a stub that reports it at :data:`STRAY_PORT`:
+:meth:`Vcpu.take_interrupts` raises on it.
 
 Every fd and mapping is owned by a context manager; :func:`unusable` says why KVM cannot
 be used here (for tests to skip with a reason), or ``None``.
@@ -328,6 +350,27 @@ TSS_ADDR = 0x7FFF_D000
 must fit the C int that ``fcntl.ioctl`` passes)."""
 DONE_PORT = 0x7FF0
 """The port the program writes when it is done (see the module docstring)."""
+TAKEN_PORT = 0x7FE0
+"""An interrupt handler writes its gsi here after its EOI."""
+STRAY_PORT = 0x7FE8
+"""A vector nobody expects writes its number here."""
+WINDOW_PORT = 0x7FD0
+""":func:`take_program` writes here while interrupts are enabled (see the docstring)."""
+IVT_ADDR = 0x0000
+"""The real-mode interrupt vector table: 256 entries of (offset, segment)."""
+HANDLERS_ADDR = 0x2000
+HANDLER_SLOT = 0x20
+"""Vector ``v``'s handler (or stray stub) is at ``HANDLERS_ADDR + v * HANDLER_SLOT``."""
+STACK_TOP = 0xF000
+PIC_VECTOR_BASE = 0x20
+"""The master PIC's vector base (ICW2); the slave's is 8 more. Clear of the CPU's
+exception vectors 0-31, which the BIOS's layout (base 8) would share."""
+PIC_LINES = 16
+TAKE_WINDOWS = PIC_LINES + len(IOAPIC_ONLY_PINS) + 1
+"""One exit per interrupt the guest can have pending (16 PIC lines, the IOAPIC-only
+pins), and one more."""
+LAPIC_EOI = 0xFEE0_00B0
+"""The local APIC's EOI register (the APIC's default base)."""
 
 
 class KvmUnavailable(RuntimeError):
@@ -505,6 +548,56 @@ class Vm:
             chip.chip.pic.irr = 0
             self.set_irqchip(chip)
 
+    def pic_levels(self) -> int:
+        """The 16 legacy lines held high (master in bits 0-7, slave in 8-15): the PIC's
+        ``last_irr``, the level it last saw on each input. An irqfd's edge is a pulse
+        (high, then low at once); a resampling irqfd holds its line high until the
+        guest's EOI or the irqfd's detach."""
+        master = int(self.get_irqchip(KVM_IRQCHIP_PIC_MASTER).chip.pic.last_irr)
+        slave = int(self.get_irqchip(KVM_IRQCHIP_PIC_SLAVE).chip.pic.last_irr)
+        return master | slave << 8
+
+    def latched(self) -> Latched:
+        """Every interrupt request latched so far, not yet taken by the vCPU."""
+        regs = bytes(self.vcpu().get_lapic().regs)
+        return Latched(
+            master=int(self.get_irqchip(KVM_IRQCHIP_PIC_MASTER).chip.pic.irr),
+            slave=int(self.get_irqchip(KVM_IRQCHIP_PIC_SLAVE).chip.pic.irr),
+            lapic=tuple(
+                int.from_bytes(regs[APIC_IRR + 0x10 * w : APIC_IRR + 0x10 * w + 4], "little")
+                for w in range(8)
+            ),
+        )
+
+    def relatch(self, saved: Latched) -> None:
+        """Latch ``saved``'s requests again, on top of what is latched now (the slave
+        first, so its cascade input reaches the master before the master is set)."""
+        for chip_id, bits in (
+            (KVM_IRQCHIP_PIC_SLAVE, saved.slave),
+            (KVM_IRQCHIP_PIC_MASTER, saved.master),
+        ):
+            if bits:
+                chip = self.get_irqchip(chip_id)
+                chip.chip.pic.irr |= bits
+                self.set_irqchip(chip)
+        if any(saved.lapic):
+            vcpu = self.vcpu()
+            lapic = vcpu.get_lapic()
+            for w, bits in enumerate(saved.lapic):
+                at = APIC_IRR + 0x10 * w
+                now = int.from_bytes(bytes(lapic.regs[at : at + 4]), "little")
+                lapic.regs[at : at + 4] = tuple((now | bits).to_bytes(4, "little"))
+            vcpu.set_lapic(lapic)
+
+    def init_interrupts(self) -> None:
+        """Let the guest take interrupts: load the vector table and the handlers
+        (:func:`interrupt_image`) and run :func:`pic_init_program` on vCPU 0."""
+        for addr, blob in interrupt_image():
+            self.ram[addr : addr + len(blob)] = blob
+        exits = self.vcpu().run_program(pic_init_program())
+        if exits:
+            raise RuntimeError(f"initialising the PIC exited to userspace: {exits}")
+
     def ioapic(self) -> KvmIoapicState:
         state: KvmIoapicState = self.get_irqchip(KVM_IRQCHIP_IOAPIC).chip.ioapic
         return state
@@ -568,6 +661,16 @@ def ioapic_entry(bits: int) -> dict[str, int]:
     }
 
 
+@dataclass(frozen=True)
+class Latched:
+    """Interrupt requests latched and not yet taken: each PIC's request register and the
+    local APIC's (eight 32-bit words, vectors 0-255)."""
+
+    master: int
+    slave: int
+    lapic: tuple[int, ...]
+
+
 class Vcpu:
     """vCPU 0 with its ``kvm_run`` mapping."""
 
@@ -610,7 +713,7 @@ class Vcpu:
         sregs.ds.limit, sregs.ds.g = 0xFFFFFFFF, 1
         sregs.cr0 &= ~0x8  # CR0.TS clear: MMX instructions must not fault
         _ioctl(self.fd, KVM_SET_SREGS, sregs)
-        _ioctl(self.fd, KVM_SET_REGS, KvmRegs(rip=CODE_ADDR, rflags=0x2, rsp=0xF000))
+        _ioctl(self.fd, KVM_SET_REGS, KvmRegs(rip=CODE_ADDR, rflags=0x2, rsp=STACK_TOP))
 
     def run_program(self, code: bytes, data: bytes = b"", max_exits: int = 16) -> list[Exit]:
         """Load ``code`` (and ``data`` at :data:`DATA_ADDR`), run until it writes
@@ -651,6 +754,19 @@ class Vcpu:
             raise RuntimeError(f"the guest program made more than {max_exits} exits")
         finally:
             del run  # release the buffer export before the mapping can be closed
+
+    def take_interrupts(self) -> list[int]:
+        """Run :func:`take_program` (the VM's :meth:`Vm.init_interrupts` first): return the
+        gsi of every interrupt the vCPU took and EOI'd, in the order it took them."""
+        taken: list[int] = []
+        for e in self.run_program(take_program(), max_exits=4 * TAKE_WINDOWS):
+            if e.pio and e.write and e.addr == TAKEN_PORT:
+                taken.append(e.value)
+            elif e.pio and e.write and e.addr == STRAY_PORT:
+                raise RuntimeError(f"the guest took vector {e.value:#x}, which has no handler")
+            elif not (e.pio and e.write and e.addr == WINDOW_PORT):
+                raise RuntimeError(f"unexpected exit while taking interrupts: {e.describe()}")
+        return taken
 
 
 # ------------------------------------------------------------------ the guest program
@@ -707,6 +823,98 @@ def program(
             size = b"\x66" if width == 4 else b""
             code += size + (b"\x67\x8a\x03" if width == 1 else b"\x67\x8b\x03")
     return code + _DONE, data
+
+
+# ------------------------------------------------------------------ taking interrupts
+
+_OUT_IMM8 = b"\xe6"  # out imm8, al
+_IRET = b"\xcf"
+_PIC_MASTER, _PIC_SLAVE = 0x20, 0xA0
+_PIC_EOI = 0x20  # OCW2: non-specific EOI
+
+
+def _out8(port: int, value: int) -> bytes:
+    return _mov_acc(1, value) + _OUT_IMM8 + struct.pack("<B", port)  # mov al, v ; out p, al
+
+
+def pic_init_program() -> bytes:
+    """Initialise both 8259s the way a BIOS does, with vector bases
+    :data:`PIC_VECTOR_BASE` and +8, every line unmasked, edge-triggered (the ELCR is left
+    at 0): ICW1 (edge, cascade, ICW4 needed), ICW2 (vector base), ICW3 (the slave on the
+    master's line 2), ICW4 (8086 mode), then OCW1 (mask nothing)."""
+    code = b""
+    for base, icw3, vector in (
+        (_PIC_MASTER, 1 << 2, PIC_VECTOR_BASE),
+        (_PIC_SLAVE, 2, PIC_VECTOR_BASE + 8),
+    ):
+        code += _out8(base, 0x11) + _out8(base + 1, vector) + _out8(base + 1, icw3)
+        code += _out8(base + 1, 0x01)
+    code += _out8(_PIC_MASTER + 1, 0) + _out8(_PIC_SLAVE + 1, 0)
+    return code + _DONE
+
+
+def _report(gsi: int) -> bytes:
+    # push dx ; mov dx, TAKEN_PORT ; mov al, gsi ; out dx, al ; pop dx
+    return b"\x52" + _mov_dx(TAKEN_PORT) + _mov_acc(1, gsi) + b"\xee" + b"\x5a"
+
+
+def pic_handler(gsi: int) -> bytes:
+    """The handler of PIC line ``gsi`` (0-15): non-specific EOI (slave, then master for
+    a slave line), report ``gsi`` at :data:`TAKEN_PORT`, return."""
+    if not 0 <= gsi < PIC_LINES:
+        raise ValueError(f"the PIC pair has lines 0-15, not {gsi}")
+    code = b"\x50" + _mov_acc(1, _PIC_EOI)  # push ax ; mov al, 0x20
+    if gsi >= 8:
+        code += _OUT_IMM8 + struct.pack("<B", _PIC_SLAVE)
+    code += _OUT_IMM8 + struct.pack("<B", _PIC_MASTER)
+    return code + _report(gsi) + b"\x58" + _IRET  # pop ax ; iret
+
+
+def lapic_handler(gsi: int) -> bytes:
+    """The handler of an IOAPIC-only pin's vector: write the local APIC's EOI register
+    (through "unreal mode" DS), report ``gsi`` at :data:`TAKEN_PORT`, return."""
+    code = b"\x50\x66\x53"  # push ax ; push ebx
+    code += b"\x66\xbb" + struct.pack("<I", LAPIC_EOI)  # mov ebx, LAPIC_EOI
+    code += b"\x66\x67\x89\x03"  # mov [ebx], eax
+    return code + _report(gsi) + b"\x66\x5b\x58" + _IRET  # pop ebx ; pop ax ; iret
+
+
+def stray_stub(vector: int) -> bytes:
+    """Where any other vector leads: report it at :data:`STRAY_PORT` and stop."""
+    return _mov_dx(STRAY_PORT) + _mov_acc(1, vector) + b"\xee" + b"\xf4"  # ... out ; hlt
+
+
+def vector_of(gsi: int) -> int:
+    """The vector gsi ``gsi`` (0-23) is taken at."""
+    if 0 <= gsi < PIC_LINES:
+        return PIC_VECTOR_BASE + gsi  # the slave's base is the master's + 8
+    if gsi in IOAPIC_ONLY_PINS:
+        return IOAPIC_VECTOR_BASE + gsi
+    raise ValueError(f"gsi {gsi} is not routed to the guest")
+
+
+def interrupt_image() -> list[tuple[int, bytes]]:
+    """What :meth:`Vm.init_interrupts` loads, as (guest-physical address, bytes): the
+    vector table and, for each of the 256 vectors, its handler or stray stub."""
+    handlers = {vector_of(g): pic_handler(g) for g in range(PIC_LINES)}
+    handlers |= {vector_of(g): lapic_handler(g) for g in IOAPIC_ONLY_PINS}
+    ivt = b""
+    image: list[tuple[int, bytes]] = []
+    for vector in range(256):
+        at = HANDLERS_ADDR + vector * HANDLER_SLOT
+        code = handlers.get(vector) or stray_stub(vector)
+        if len(code) > HANDLER_SLOT:
+            raise AssertionError(f"vector {vector:#x}'s handler outgrew its slot")
+        ivt += struct.pack("<HH", at, 0)  # offset, segment 0
+        image.append((at, code))
+    return [(IVT_ADDR, ivt), *image]
+
+
+def take_program() -> bytes:
+    """``sti``; ``nop`` (the one instruction ``sti`` keeps interrupts off for); a window
+    of :data:`TAKE_WINDOWS` writes to :data:`WINDOW_PORT`; ``cli``; done."""
+    window = (_mov_dx(WINDOW_PORT) + b"\xee") * TAKE_WINDOWS  # mov dx, port ; out dx, al
+    return b"\xfb\x90" + window + b"\xfa" + _DONE
 
 
 # ------------------------------------------------------------------ eventfds

@@ -4,7 +4,14 @@ Both take the same :class:`~hostemu.conform.scenarios.Step` s and return the sam
 observable (a dict): ``result`` (``ok`` or the errno name), ``exit`` for guest accesses
 (the exits to userspace it caused, or ``absorbed``), ``injected`` where a step may raise
 an interrupt (the lines among gsi 0-23 that were raised; only when VM ``a`` has an
-in-kernel irqchip), and ``counters`` (every open eventfd's count).
+in-kernel irqchip), ``took`` for a ``take`` step (the gsis the guest took and EOI'd, in
+order), ``asserted`` after any step that leaves a legacy line (gsi 0-15) of VM ``a`` held
+high (a resampling irqfd's level; left out when none is), and ``counters`` (every open
+eventfd's count).
+
+The guest on both sides runs with interrupts disabled: an injection stays latched (and
+a resampling irqfd's line asserted) until a ``take`` step, which enables interrupts for
+a moment -- the guest takes each latched request and EOIs it -- and disables them again.
 
 How each side observes
 ----------------------
@@ -12,7 +19,9 @@ How each side observes
   on vCPU 0 (an access is absorbed when ``KVM_RUN`` returned no exit for it); injection
   is the PIC's interrupt request register (``KVM_GET_IRQCHIP``) for gsi 0-15 and, for
   16-23, vCPU 0's local APIC request register (``KVM_GET_LAPIC``; the IOAPIC pins are
-  routed there with one vector each), both cleared before the step;
+  routed there with one vector each), both cleared before the step and what was latched
+  before put back after it (the guest has not taken it yet); a line's level is the
+  PIC's ``last_irr``; a ``take`` step is :meth:`~hostemu.kvm.Vcpu.take_interrupts`;
   counters come from ``/proc/self/fdinfo``.
 * **broker** -- a broker process, the :class:`~shared.channel.Channel` client API as the
   VMM, and a real guest process (``guestemu.guest``) attached to VM ``a``. A write is the
@@ -20,8 +29,11 @@ How each side observes
   means the guest signaled the eventfd itself, a miss is what the guest turns into an I/O
   exit (the exit carries exactly the access's bus, address, width and value); a read
   always exits (the guest never consults its table for reads). Injection is the guest's
-  per-gsi wakeup count. Counters are read from the VMM's copy of each eventfd (the same
-  kernel counter the broker and the guest hold). Before each access or signal the
+  per-gsi wakeup count, read after the guest delivered every signal made before (the
+  ``settle`` of its ``stats`` command). The guest holds interrupts
+  (``hold_interrupts``); a ``take`` step is its ``take_interrupts`` command, a line's
+  level its ``level``. Counters are read from the VMM's copy of each eventfd (the same
+  kernel counter the broker and the guest hold). Before each access, signal or take the
   backend waits until the guest holds exactly the irqfds and ioeventfds the broker has
   bound for VM ``a``, so a notice still in flight is not mistaken for a difference.
 """
@@ -49,6 +61,11 @@ OBSERVED_GSIS = 24
 """gsi 0-15 (the PIC) and 16-23 (IOAPIC-only pins)."""
 MAY_INJECT = frozenset({"irqfd", "signal", "write"})
 ACCESSES = frozenset({"write", "read"})
+GUEST_STEPS = ACCESSES | {"take"}
+"""Steps the guest of VM ``a`` carries out (it must hold every binding first)."""
+LEVEL_GSIS = 16
+"""gsi 0-15: the PIC shows a line's level. The IOAPIC keeps none for the edge-programmed
+pins 16-23."""
 BAD_KERNEL_FD = 1 << 30
 BAD_HANDLE = 0x7FFF_FFF0
 MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
@@ -89,8 +106,13 @@ class KernelBackend:
 
     def __enter__(self) -> KernelBackend:
         vm = self.vms["a"] = self.kvm.create_vm(irqchip=self.scenario.irqchip)
-        if vm.irqchip:
-            vm.route_ioapic_pins()
+        try:
+            if vm.irqchip:
+                vm.route_ioapic_pins()
+                vm.init_interrupts()
+        except BaseException:
+            vm.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -117,6 +139,9 @@ class KernelBackend:
         vm_a = self.vms["a"]
         watch = step.op in MAY_INJECT and vm_a.irqchip and not vm_a.closed
         if watch:
+            # What the step raises is what is latched after it; what was latched before
+            # is put back afterwards, for a later take step.
+            latched = vm_a.latched()
             vm_a.clear_pic_irr()
             vm_a.clear_ioapic_requests()
         try:
@@ -163,6 +188,10 @@ class KernelBackend:
                 obs["exit"] = [e.describe() for e in exits] or "absorbed"
             elif step.op == "signal":
                 os.eventfd_write(self.fds[a["efd"]], a["n"])
+            elif step.op == "take":
+                if vm_a.closed:
+                    raise ValueError("a take step needs VM a's vCPU: the VM is gone")
+                obs["took"] = vm_a.vcpu().take_interrupts()
             elif step.op == "close":
                 os.close(self.fds.pop(a["efd"]))
                 self._flush_irqfd_cleanup()
@@ -175,6 +204,11 @@ class KernelBackend:
             obs["result"] = _errname(e)
         if watch:
             obs["injected"] = _bits(_wait_for(lambda: vm_a.pic_irr() | vm_a.ioapic_requests()))
+            vm_a.relatch(latched)
+        if vm_a.irqchip and not vm_a.closed:
+            levels = _bits(vm_a.pic_levels() & ((1 << LEVEL_GSIS) - 1))
+            if levels:
+                obs["asserted"] = levels
         obs["counters"] = {n: K.eventfd_count(fd) for n, fd in sorted(self.fds.items())}
         return obs
 
@@ -232,6 +266,7 @@ class BrokerBackend:
             )
             self._stack.callback(self.guest.stop)
             self.guest.wait_event("attached")
+            self.guest.call("hold_interrupts", hold=True)  # like the oracle's guest
         except BaseException:
             self._stack.close()
             raise
@@ -256,7 +291,7 @@ class BrokerBackend:
         return self.vms[name]
 
     def _guest_stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = self.guest.call("stats")
+        stats: dict[str, Any] = self.guest.call("stats", settle=True)
         return stats
 
     def _sync_guest(self) -> None:
@@ -302,7 +337,7 @@ class BrokerBackend:
         a = step.args
         obs: Observation = {}
         watch = step.op in MAY_INJECT and self.scenario.irqchip and "a" not in self.gone
-        if watch or step.op in ACCESSES:
+        if watch or step.op in GUEST_STEPS:
             self._sync_guest()
         before = self._wakeups() if watch else {}
         try:
@@ -363,6 +398,11 @@ class BrokerBackend:
                 obs["exit"] = "absorbed" if hit else [exit_.describe()]
             elif step.op == "signal":
                 os.eventfd_write(self.copies[a["efd"]].fileno(), a["n"])
+            elif step.op == "take":
+                if "a" in self.gone:
+                    raise ValueError("a take step needs VM a's guest: the VM is gone")
+                took = self.guest.call("take_interrupts")["took"]
+                obs["took"] = [gsi for gsi in took if gsi < OBSERVED_GSIS]
             elif step.op == "close":
                 self.copies.pop(a["efd"]).close()
                 self.ch.handle_close(self.handles.pop(a["efd"]))
@@ -385,5 +425,9 @@ class BrokerBackend:
                 return mask
 
             obs["injected"] = _bits(_wait_for(raised))
+        if self.scenario.irqchip and "a" not in self.gone and self.guest.alive:
+            levels = [gsi for gsi in self._guest_stats()["level"] if gsi < LEVEL_GSIS]
+            if levels:
+                obs["asserted"] = levels
         obs["counters"] = {n: K.eventfd_count(fd.fileno()) for n, fd in sorted(self.copies.items())}
         return obs

@@ -41,14 +41,6 @@ DEVIATIONS: dict[str, Deviation] = {
             "policy the broker behaves like KVM.",
         ),
         Deviation(
-            "guest-eoi",
-            "deviation",
-            "vbusemu's guest services a level-triggered interrupt at once: it EOIs, which "
-            "de-asserts the line and signals the resamplefd. The oracle's guest runs with "
-            "interrupts disabled, never takes the interrupt, so KVM's line stays asserted "
-            "and its resamplefd stays 0.",
-        ),
-        Deviation(
             "late-attach",
             "deviation",
             "vbusemu's guest learns of an irqfd from the broker's attach notice, after the "

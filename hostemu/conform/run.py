@@ -146,6 +146,10 @@ def _cell(obs: Observation) -> str:
         parts.append("absorbed" if ex == "absorbed" else "exit " + "; ".join(ex))
     if "injected" in obs:
         parts.append("irq " + (",".join(map(str, obs["injected"])) or "-"))
+    if "took" in obs:
+        parts.append("took " + (",".join(map(str, obs["took"])) or "-"))
+    if "asserted" in obs:
+        parts.append("asserted " + ",".join(map(str, obs["asserted"])))
     counters = obs.get("counters") or {}
     if counters:
         parts.append(" ".join(f"{n}={v}" for n, v in counters.items()))

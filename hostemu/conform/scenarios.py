@@ -8,10 +8,13 @@ open, and a ``memfd`` step makes an open descriptor that is not an eventfd.
 After every step each backend reports its observable (see :mod:`hostemu.conform.run`):
 the step's result (``ok`` or an errno name), for a guest access whether it exited to
 the VMM (and with which address, width and value) or was absorbed by an ioeventfd, for a
-step that may raise an interrupt which legacy lines (gsi 0-15) were raised, and the
-counter of every open eventfd. The kernel is the oracle: scenarios do not state expected
-values, they are compared. A step may name the documented deviation or open bug
-(:mod:`hostemu.conform.deviations`) that explains a difference there.
+step that may raise an interrupt which lines (gsi 0-23) were raised, for a ``take`` step
+which interrupts the guest took and EOI'd, which legacy lines (gsi 0-15) are held
+asserted, and the counter of every open eventfd. VM ``a``'s guest runs with interrupts
+disabled: what is raised stays latched until a ``take`` step. The kernel is the oracle:
+scenarios do not state expected values, they are compared. A step may name the
+documented deviation or open bug (:mod:`hostemu.conform.deviations`) that explains a
+difference there.
 """
 
 from __future__ import annotations
@@ -141,6 +144,13 @@ def read(addr: int, length: int, *, pio: bool = False) -> Step:
 
 def signal(efd: str, n: int = 1) -> Step:
     return Step("signal", {"efd": efd, "n": n})
+
+
+def take() -> Step:
+    """VM ``a``'s guest enables interrupts for a moment: it takes every latched request
+    and EOIs it (which de-asserts a resampling irqfd's line and signals its resamplefd),
+    then disables them again."""
+    return Step("take")
 
 
 def close(efd: str) -> Step:
@@ -300,7 +310,7 @@ IRQFD = [
         "a count pending at assign on a resampling irqfd asserts the line",
         eventfd("e", initval=2),
         eventfd("r"),
-        irqfd("e", 5, resample="r").dev("guest-eoi"),
+        irqfd("e", 5, resample="r"),
     ),
     _s(
         "irqfd-semaphore",
@@ -422,7 +432,7 @@ IRQFD = [
         eventfd("e"),
         eventfd("r"),
         irqfd("e", 5, resample="r"),
-        signal("e").dev("guest-eoi"),
+        signal("e"),
     ),
     _s(
         "irqfd-resample-self",
@@ -463,6 +473,211 @@ IRQFD = [
         irqfd("e", 9, resample="r"),
         close("r"),
         signal("e"),
+    ),
+    _s(
+        "irqfd-resample-eoi",
+        "RESAMPLE: a signal asserts the line; the guest's EOI de-asserts it and signals the "
+        "resamplefd; the next signal asserts it again",
+        eventfd("e"),
+        eventfd("r"),
+        irqfd("e", 5, resample="r"),
+        signal("e"),
+        take(),
+        signal("e"),
+        take(),
+        take(),
+    ),
+    _s(
+        "irqfd-resample-signal-while-asserted",
+        "while the line is asserted a signal is read but injects nothing; one EOI",
+        eventfd("e"),
+        eventfd("r"),
+        irqfd("e", 5, resample="r"),
+        signal("e"),
+        signal("e", 2),
+        signal("e"),
+        take(),
+        take(),
+    ),
+    _s(
+        "irqfd-resample-deassign-while-asserted",
+        "deassign de-asserts the line without signaling the resamplefd; the request stays "
+        "latched and its EOI reaches no resampler",
+        eventfd("e"),
+        eventfd("r"),
+        irqfd("e", 5, resample="r"),
+        signal("e"),
+        irqfd_deassign("e", 5),
+        take(),
+        signal("e"),
+    ),
+    _s(
+        "irqfd-resample-close-while-asserted",
+        "closing the eventfd (HUP) de-asserts the line; the request stays latched",
+        eventfd("e"),
+        eventfd("r"),
+        irqfd("e", 5, resample="r"),
+        signal("e"),
+        close("e"),
+        take(),
+    ),
+    _s(
+        "irqfd-resample-close-resamplefd-asserted",
+        "closing the resamplefd while asserted: the EOI still de-asserts",
+        eventfd("e"),
+        eventfd("r"),
+        irqfd("e", 5, resample="r"),
+        signal("e"),
+        close("r"),
+        take(),
+        signal("e"),
+    ),
+    _s(
+        "irqfd-resample-shared-resamplefd",
+        "one resamplefd for two irqfds on two gsis: each EOI signals it once",
+        eventfd("e"),
+        eventfd("f"),
+        eventfd("r"),
+        irqfd("e", 5, resample="r"),
+        irqfd("f", 6, resample="r"),
+        signal("e"),
+        signal("f"),
+        take(),
+        signal("f"),
+        take(),
+    ),
+    _s(
+        "irqfd-resample-shared-resamplefd-one-gsi",
+        "one resamplefd for two irqfds on one gsi: an EOI signals it for each",
+        eventfd("e"),
+        eventfd("f"),
+        eventfd("r"),
+        irqfd("e", 5, resample="r"),
+        irqfd("f", 5, resample="r"),
+        signal("e"),
+        take(),
+    ),
+    _s(
+        "irqfd-resample-two-on-one-gsi",
+        "two resampling irqfds on one gsi share its level: an EOI signals both "
+        "resamplefds; the line stays asserted until the last one detaches",
+        eventfd("e"),
+        eventfd("f"),
+        eventfd("r1"),
+        eventfd("r2"),
+        irqfd("e", 7, resample="r1"),
+        irqfd("f", 7, resample="r2"),
+        signal("e"),
+        take(),
+        signal("f"),
+        signal("e"),
+        irqfd_deassign("f", 7),
+        take(),
+        signal("e"),
+        irqfd_deassign("e", 7),
+    ),
+    _s(
+        "irqfd-resample-level-outlives-its-irqfd",
+        "the gsi stays asserted after the irqfd that raised it detaches, while another "
+        "resampling irqfd is on the gsi",
+        eventfd("e"),
+        eventfd("f"),
+        eventfd("r1"),
+        eventfd("r2"),
+        irqfd("e", 7, resample="r1"),
+        irqfd("f", 7, resample="r2"),
+        signal("e"),
+        irqfd_deassign("e", 7),
+        take(),
+    ),
+    _s(
+        "irqfd-resample-edge-on-its-gsi",
+        "an edge irqfd on a resampling irqfd's gsi: its EOI signals the resamplefd; "
+        "while the line is asserted its pulse makes no edge",
+        eventfd("e"),
+        eventfd("f"),
+        eventfd("r"),
+        irqfd("e", 5, resample="r"),
+        irqfd("f", 5),
+        signal("f"),
+        take(),
+        signal("e"),
+        signal("f"),
+        take(),
+    ),
+    _s(
+        "irqfd-resample-slave-line",
+        "RESAMPLE on a slave PIC line",
+        eventfd("e"),
+        eventfd("r"),
+        irqfd("e", 10, resample="r"),
+        signal("e"),
+        take(),
+        signal("e"),
+    ),
+    _s(
+        "irqfd-resample-semaphore",
+        "a semaphore-mode eventfd on a resampling irqfd: each write reads 1, asserted or not",
+        eventfd("e", semaphore=True),
+        eventfd("r"),
+        irqfd("e", 5, resample="r"),
+        signal("e", 3),
+        signal("e"),
+        take(),
+        signal("e"),
+    ),
+    _s(
+        "irqfd-resample-pending-at-assign-eoi",
+        "a count pending at assign asserts the line, stays until the next write; EOI",
+        eventfd("e", initval=2),
+        eventfd("r"),
+        irqfd("e", 5, resample="r"),
+        signal("e"),
+        take(),
+        signal("e"),
+    ),
+    _s(
+        "irqfd-resample-ioapic-pin",
+        "RESAMPLE on an IOAPIC-only pin: the local APIC's EOI signals the resamplefd",
+        eventfd("e"),
+        eventfd("r"),
+        irqfd("e", 18, resample="r"),
+        signal("e"),
+        take(),
+        signal("e"),
+        take(),
+    ),
+    _s(
+        "irqfd-resample-ioapic-signal-while-asserted",
+        "RESAMPLE on an IOAPIC-only pin, a signal while the line is asserted",
+        eventfd("e"),
+        eventfd("r"),
+        irqfd("e", 18, resample="r"),
+        signal("e"),
+        signal("e"),
+        take(),
+        take(),
+        signal("e"),
+    ),
+    _s(
+        "take-order",
+        "the guest takes latched interrupts by PIC priority, then IOAPIC pins highest "
+        "first; one request per line however many edges",
+        eventfd("a"),
+        eventfd("b"),
+        eventfd("c"),
+        eventfd("d"),
+        irqfd("a", 3),
+        irqfd("b", 9),
+        irqfd("c", 17),
+        irqfd("d", 20),
+        signal("a"),
+        signal("c"),
+        signal("d"),
+        signal("b"),
+        signal("a"),
+        take(),
+        take(),
     ),
 ]
 

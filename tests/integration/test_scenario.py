@@ -147,6 +147,44 @@ def test_resample_eoi_signals_resamplefd(vmm: Vmm) -> None:
     assert guest.call("stats")["eois"] == {"4": 1}
 
 
+def test_held_interrupts_keep_a_level_line_asserted_until_taken(vmm: Vmm) -> None:
+    """``hold_interrupts``: the guest behaves like a vCPU with interrupts disabled -- the
+    line stays asserted, later signals are read but inject nothing, and only
+    ``take_interrupts`` EOIs it (signaling the resamplefd)."""
+    vm = vmm.channel.vm_create(ngsi=8)
+    guest = vmm.guest(vm)
+    trigger = vmm.channel.eventfd_create()
+    resample = vmm.channel.eventfd_create()
+    vmm.channel.irqfd_assign(vm, trigger, 4, resample_handle=resample)
+    guest.wait_event("irqfd_attached", gsi=4)
+    assert guest.call("hold_interrupts", hold=True)["took"] == []
+    with vmm.channel.handle_fd(trigger) as t, vmm.channel.handle_fd(resample) as r:
+
+        def resampled() -> int:
+            info = eventfd_info(r.fileno())
+            assert info is not None
+            return info.count
+
+        EventNotifier(t).notify(1)
+        stats = guest.call("stats", settle=True)  # every signal made before is delivered
+        assert (stats["level"], stats["requested"], stats["wakeups"]) == ([4], [4], {"4": 1})
+        assert resampled() == 0
+        EventNotifier(t).notify(2)
+        stats = guest.call("stats", settle=True)
+        assert (stats["wakeups"], stats["delivered"]) == ({"4": 1}, {"4": 3})
+        assert guest.call("take_interrupts")["took"] == [4]
+        assert resampled() == 1 and guest.call("stats")["level"] == []
+        assert guest.call("take_interrupts")["took"] == []
+        EventNotifier(t).notify(1)
+        assert guest.call("stats", settle=True)["level"] == [4]
+        assert guest.call("hold_interrupts", hold=False)["took"] == [4]  # sti takes it
+        assert resampled() == 2
+        EventNotifier(t).notify(1)  # interrupts on again: taken and EOI'd at once
+        guest.call("wait_total", gsi=4, total=5)
+        assert resampled() == 3
+    assert guest.call("stats")["eois"] == {"4": 3}
+
+
 def test_irqfd_ebusy_across_vms_and_reimport(vmm: Vmm) -> None:
     vm1 = vmm.channel.vm_create(ngsi=8)
     vm2 = vmm.channel.vm_create(ngsi=8)

@@ -7,8 +7,17 @@ from pathlib import Path
 import pytest
 
 from hostemu.conform.deviations import DEVIATIONS, Deviation
-from hostemu.conform.run import DEVIATION, DIFFERENT, KNOWN_BUG, SAME, verdict
-from hostemu.conform.scenarios import SCENARIOS, irqfd
+from hostemu.conform.run import (
+    DEVIATION,
+    DIFFERENT,
+    KNOWN_BUG,
+    SAME,
+    ScenarioResult,
+    StepResult,
+    format_table,
+    verdict,
+)
+from hostemu.conform.scenarios import BY_NAME, SCENARIOS, irqfd, take
 
 DOC = Path(__file__).parents[2] / "docs" / "semantics.md"
 
@@ -40,3 +49,28 @@ def test_verdicts(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "no difference" in verdict(plain.dev("vm-id"), a, a)[1]
     with pytest.raises(KeyError):
         verdict(plain.dev("no-such-deviation"), a, b)
+
+
+def test_take_steps_run_while_vm_a_and_its_guest_live() -> None:
+    """A take is VM a's guest taking interrupts: not after VM a's teardown."""
+    for s in SCENARIOS:
+        gone = False
+        for st in s.steps:
+            gone = gone or (st.op == "teardown" and st.args["vm"] == "a")
+            assert not (gone and st.op == "take"), f"{s.name}: take after VM a's teardown"
+
+
+def test_resample_is_compared_with_the_guest_taking_interrupts() -> None:
+    """RESAMPLE scenarios reach the EOI, and none of them cites a deviation."""
+    resample = [s for s in SCENARIOS if any(st.args.get("resample") for st in s.steps)]
+    assert sum(any(st.op == "take" for st in s.steps) for s in resample) >= 10
+    cited = {st.deviation for s in resample for st in s.steps if st.deviation}
+    assert cited == {"resample-self"}
+
+
+def test_table_shows_taken_and_asserted_lines() -> None:
+    result = ScenarioResult(BY_NAME["irqfd-resample-eoi"])
+    obs = {"result": "ok", "took": [5, 9], "asserted": [7], "counters": {"r": 1}}
+    result.steps.append(StepResult(5, take(), obs, obs, SAME))
+    row = format_table([result]).splitlines()[-1]
+    assert "ok | took 5,9 | asserted 7 | r=1" in row and row.rstrip().endswith("same")

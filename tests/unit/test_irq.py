@@ -1,5 +1,7 @@
 """The guest's interrupt controller: one injection per write, a count pending at attach
-injected once and left in the eventfd (KVM's irqfd), and the counters' invariant."""
+injected once and left in the eventfd (KVM's irqfd), the counters' invariant, and
+level-triggered lines with KVM's per-gsi resampler, taken at once or held until a take
+(what ``vbusemu conform`` checks against the real KVM)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from guestemu.irq import InterruptController
+from guestemu.irq import TAKE_ORDER, InterruptController
 from shared.fds import OwnedFd, eventfd_info, new_eventfd
 
 
@@ -33,6 +35,19 @@ def attach(
     binding = len(irq.lines) + 1
     irq.add(binding, gsi, producer.dup())
     return binding, producer
+
+
+def attach_level(irq: InterruptController, gsi: int) -> tuple[int, OwnedFd, OwnedFd]:
+    """A resampling line on ``gsi``; returns its binding, the trigger and the resamplefd
+    (the producer's copies)."""
+    trigger, resample = new_eventfd(), new_eventfd()
+    binding = len(irq.lines) + 1
+    irq.add(binding, gsi, trigger.dup(), resample.dup())
+    return binding, trigger, resample
+
+
+def signal(fd: OwnedFd, n: int = 1) -> None:
+    os.eventfd_write(fd.fileno(), n)
 
 
 def test_each_write_injects_once_and_reads_the_whole_count(irq: InterruptController) -> None:
@@ -130,3 +145,107 @@ def test_the_watched_fd_is_the_lines_edge_epoll_and_close_releases_it() -> None:
         assert not irq.lines and line.consumer.fd.closed
         with pytest.raises(OSError):
             os.fstat(watched[0])
+
+
+def test_a_level_line_is_asserted_until_its_eoi(irq: InterruptController) -> None:
+    b, e, r = attach_level(irq, 5)
+    with e, r:
+        signal(e)
+        assert irq.deliver(b)
+        assert irq.level == {5} and count(r) == 0
+        signal(e, 2)  # asserted: read, but no new edge
+        assert not irq.deliver(b)
+        assert (count(e), irq.delivered[5], irq.wakeups[5]) == (0, 3, 1)
+        assert irq.eoi(5) == 1
+        assert irq.level == set() and count(r) == 1 and irq.eois[5] == 1
+        signal(e)
+        assert irq.deliver(b) and irq.level == {5}
+
+
+def test_an_eoi_signals_every_resamplefd_of_the_gsi(irq: InterruptController) -> None:
+    """KVM keeps one resampler per gsi: its ack signals every resampling irqfd of the gsi,
+    whichever raised the line."""
+    b1, e1, r1 = attach_level(irq, 7)
+    _, e2, r2 = attach_level(irq, 7)
+    with e1, r1, e2, r2:
+        signal(e1)
+        assert irq.deliver(b1)
+        assert irq.eoi(7) == 2
+        assert (count(r1), count(r2), irq.eois[7]) == (1, 1, 1)
+        assert irq.eoi(3) == 0 and 3 not in irq.eois  # no resampler on gsi 3
+
+
+def test_the_gsis_last_resampling_line_detaching_lowers_the_level(
+    irq: InterruptController,
+) -> None:
+    b1, e1, r1 = attach_level(irq, 7)
+    b2, e2, r2 = attach_level(irq, 7)
+    with e1, r1, e2, r2:
+        signal(e1)
+        assert irq.deliver(b1)
+        irq.remove(b1)
+        assert irq.level == {7}  # b2 is still on the gsi's resampler
+        irq.remove(b2)
+        assert irq.level == set() and not irq.resamplers
+
+
+def test_an_edge_makes_no_new_edge_while_its_gsi_is_held_high(irq: InterruptController) -> None:
+    lb, e, r = attach_level(irq, 5)
+    eb, f = attach(irq, 5)
+    with e, r, f:
+        signal(e)
+        assert irq.deliver(lb)
+        signal(f)
+        assert not irq.deliver(eb)
+        assert (count(f), irq.delivered[5], irq.wakeups[5]) == (0, 2, 1)
+
+
+def test_held_interrupts_latch_until_taken_in_kvms_order(irq: InterruptController) -> None:
+    assert irq.hold(True) == []
+    lines = {gsi: attach(irq, gsi) for gsi in (3, 9, 17, 20, 1, 30)}
+    try:
+        for gsi in (3, 17, 20, 9, 1, 30, 3):
+            b, e = lines[gsi]
+            signal(e)
+            assert irq.deliver(b)
+        assert irq.requested == {1, 3, 9, 17, 20}  # gsi 30 reaches no pin
+        assert irq.wakeups[3] == 2  # two injections, one request
+        assert irq.take() == [1, 9, 3, 20, 17]
+        assert irq.requested == set() and irq.take() == []
+    finally:
+        for _, e in lines.values():
+            e.close()
+
+
+def test_held_level_line_stays_asserted_until_the_take(irq: InterruptController) -> None:
+    irq.hold(True)
+    b, e, r = attach_level(irq, 10)
+    with e, r:
+        signal(e)
+        assert irq.deliver(b)
+        assert (irq.level, irq.requested, count(r)) == ({10}, {10}, 0)
+        assert irq.take() == [10]
+        assert (irq.level, count(r)) == (set(), 1)
+        signal(e)
+        assert irq.deliver(b)
+        assert irq.hold(False) == [10]  # enabling interrupts takes what is latched
+        assert (irq.level, count(r), irq.holding) == (set(), 2, False)
+
+
+def test_a_request_outlives_the_detach_of_its_line(irq: InterruptController) -> None:
+    """The PIC latches the edge: after the asserted irqfd detaches the request is still
+    taken, and its EOI reaches no resampler."""
+    irq.hold(True)
+    b, e, r = attach_level(irq, 5)
+    with e, r:
+        signal(e)
+        assert irq.deliver(b)
+        irq.remove(b)
+        assert (irq.level, irq.requested) == (set(), {5})
+        assert irq.take() == [5]
+        assert count(r) == 0 and not irq.eois
+
+
+def test_take_order_covers_the_pic_and_ioapic_pins() -> None:
+    assert sorted(TAKE_ORDER) == list(range(24))
+    assert TAKE_ORDER[:4] == (0, 1, 2, 8) and TAKE_ORDER[-2:] == (17, 16)

@@ -1,4 +1,5 @@
-"""The KVM binding's ioctl numbers and structure layouts, against include/uapi/linux/kvm.h.
+"""The KVM binding's ioctl numbers and structure layouts, against include/uapi/linux/kvm.h,
+and the real-mode programs it builds (decoded here: no KVM needed).
 
 The expected sizes and offsets were read off the uapi header (x86-64): every field is
 naturally aligned, so they follow from the declarations; the ioctl numbers follow from
@@ -8,6 +9,7 @@ naturally aligned, so they follow from the declarations; the ioctl numbers follo
 from __future__ import annotations
 
 import ctypes
+import struct
 
 import pytest
 
@@ -134,3 +136,131 @@ def test_program_refuses_what_real_mode_cannot_do() -> None:
         K.program(pio=True, write=True, addr=0x500, width=8)
     with pytest.raises(ValueError):
         K.program(pio=False, write=True, addr=1 << 32, width=4)
+
+
+# ------------------------------------------------------------------ taking interrupts
+
+
+def effects(code: bytes) -> list[tuple[object, ...]]:
+    """Run ``code`` -- the few real-mode instructions the builders emit -- as far as it
+    goes: the port writes (``("out", port, value)``), MMIO writes through ebx, and
+    ``sti``/``cli``/``iret``/``hlt``, in order. Checks that every push is popped before
+    the ``iret`` or ``hlt`` that ends it; any other byte is an error."""
+    regs = {"al": 0, "dx": 0, "ebx": 0}
+    stack: list[str] = []
+    out: list[tuple[object, ...]] = []
+    i = 0
+    while i < len(code):
+        op = code[i]
+        if op == 0xB0:  # mov al, imm8
+            regs["al"], i = code[i + 1], i + 2
+        elif op == 0xBA:  # mov dx, imm16
+            regs["dx"], i = int.from_bytes(code[i + 1 : i + 3], "little"), i + 3
+        elif code[i : i + 2] == b"\x66\xbb":  # mov ebx, imm32
+            regs["ebx"], i = int.from_bytes(code[i + 2 : i + 6], "little"), i + 6
+        elif op == 0xE6:  # out imm8, al
+            out.append(("out", code[i + 1], regs["al"]))
+            i += 2
+        elif op == 0xEE:  # out dx, al
+            out.append(("out", regs["dx"], regs["al"]))
+            i += 1
+        elif code[i : i + 4] == b"\x66\x67\x89\x03":  # mov [ebx], eax
+            out.append(("mmio", regs["ebx"]))
+            i += 4
+        elif op in (0x50, 0x52) or code[i : i + 2] == b"\x66\x53":  # push ax / dx / ebx
+            stack.append({0x50: "ax", 0x52: "dx"}.get(op, "ebx"))
+            i += 2 if op == 0x66 else 1
+        elif op in (0x58, 0x5A) or code[i : i + 2] == b"\x66\x5b":  # pop ax / dx / ebx
+            assert stack.pop() == {0x58: "ax", 0x5A: "dx"}.get(op, "ebx")
+            i += 2 if op == 0x66 else 1
+        elif op in (0xFB, 0xFA, 0x90, 0xCF, 0xF4):
+            name = {0xFB: "sti", 0xFA: "cli", 0x90: "nop", 0xCF: "iret", 0xF4: "hlt"}[op]
+            if name in ("iret", "hlt"):
+                assert not stack, f"{name} with {stack} still pushed"
+            out.append((name,))
+            i += 1
+        else:
+            raise AssertionError(f"unexpected byte {op:#x} at {i}")
+    return out
+
+
+def test_pic_init_programs_both_8259s_like_a_bios() -> None:
+    base = K.PIC_VECTOR_BASE
+    assert effects(K.pic_init_program()) == [
+        ("out", 0x20, 0x11),  # ICW1: edge, cascade, ICW4 follows
+        ("out", 0x21, base),  # ICW2: vector base
+        ("out", 0x21, 0x04),  # ICW3: the slave on line 2
+        ("out", 0x21, 0x01),  # ICW4: 8086 mode
+        ("out", 0xA0, 0x11),
+        ("out", 0xA1, base + 8),
+        ("out", 0xA1, 0x02),  # ICW3: the slave's cascade identity
+        ("out", 0xA1, 0x01),
+        ("out", 0x21, 0x00),  # OCW1: nothing masked
+        ("out", 0xA1, 0x00),
+        ("out", K.DONE_PORT, 0x00),
+        ("hlt",),
+    ]
+
+
+@pytest.mark.parametrize("gsi", [0, 5, 7])
+def test_a_master_line_handler_eois_then_reports(gsi: int) -> None:
+    assert effects(K.pic_handler(gsi)) == [
+        ("out", 0x20, 0x20),
+        ("out", K.TAKEN_PORT, gsi),
+        ("iret",),
+    ]
+
+
+@pytest.mark.parametrize("gsi", [8, 10, 15])
+def test_a_slave_line_handler_eois_the_slave_then_the_master(gsi: int) -> None:
+    assert effects(K.pic_handler(gsi)) == [
+        ("out", 0xA0, 0x20),
+        ("out", 0x20, 0x20),
+        ("out", K.TAKEN_PORT, gsi),
+        ("iret",),
+    ]
+
+
+@pytest.mark.parametrize("gsi", list(K.IOAPIC_ONLY_PINS))
+def test_an_ioapic_pin_handler_eois_the_local_apic(gsi: int) -> None:
+    assert effects(K.lapic_handler(gsi)) == [
+        ("mmio", K.LAPIC_EOI),
+        ("out", K.TAKEN_PORT, gsi),
+        ("iret",),
+    ]
+
+
+def test_the_vector_table_leads_each_vector_to_its_handler() -> None:
+    image = dict(K.interrupt_image())
+    ivt = image.pop(K.IVT_ADDR)
+    assert len(ivt) == 256 * 4
+    by_vector = {K.vector_of(g): g for g in range(24)}
+    assert sorted(by_vector) == [*range(0x20, 0x30), *range(0x50, 0x58)]
+    for vector in range(256):
+        offset, segment = struct.unpack_from("<HH", ivt, 4 * vector)
+        assert segment == 0 and offset == K.HANDLERS_ADDR + vector * K.HANDLER_SLOT
+        code = image[offset]
+        assert len(code) <= K.HANDLER_SLOT
+        if vector in by_vector:
+            assert ("out", K.TAKEN_PORT, by_vector[vector]) in effects(code)
+        else:
+            assert effects(code) == [("out", K.STRAY_PORT, vector), ("hlt",)]
+    # Nothing the programs use overlaps: table, staged data, code, handlers, stack.
+    assert K.IVT_ADDR + len(ivt) <= K.DATA_ADDR < K.DATA_ADDR + 8 <= K.CODE_ADDR
+    assert K.CODE_ADDR + len(K.take_program()) <= K.HANDLERS_ADDR
+    assert K.HANDLERS_ADDR + 256 * K.HANDLER_SLOT <= K.STACK_TOP - 0x100 < K.RAM_SIZE
+    with pytest.raises(ValueError):
+        K.vector_of(24)
+
+
+def test_the_take_program_opens_a_window_of_exits() -> None:
+    window = [("out", K.WINDOW_PORT, 0)] * K.TAKE_WINDOWS
+    assert effects(K.take_program()) == [
+        ("sti",),
+        ("nop",),  # the instruction sti still keeps interrupts off for
+        *window,
+        ("cli",),
+        ("out", K.DONE_PORT, 0),
+        ("hlt",),
+    ]
+    assert K.TAKE_WINDOWS > 16 + 8  # one per line that can be pending, and one more
