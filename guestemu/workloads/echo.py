@@ -260,20 +260,19 @@ class EchoSession:
         return error
 
     def _transfer_fused(self, goal: int, deadline: float) -> str | None:
-        """:meth:`transfer`'s loop on the compiled path: each send and each receive is one
-        fused kernel (:meth:`~guestemu.drivers.PacketQueues.send_frames`,
-        :meth:`~guestemu.drivers.PacketQueues.receive_frames`), and the loop keeps its
-        counters in locals -- at a few microseconds per step, attribute lookups count. One
-        way (``sink``), a send call posts batch after batch -- each published and decided
-        on alone -- until the device wants a kick or the window is full, so the interpreter
-        is not entered per batch. The same frames, checks, waits and results as the
-        reference loop, with one change of order: frames the device has returned (its used
+        """:meth:`transfer`'s loop on the compiled path: each send and each receive is one fused
+        kernel (:meth:`~guestemu.drivers.PacketQueues.send_frames`,
+        :meth:`~guestemu.drivers.PacketQueues.receive_frames`), and the loop keeps its counters
+        in locals -- at a few microseconds per step, attribute lookups count. A send call posts
+        batch after batch -- each published and decided on alone -- until the device wants a
+        kick or the window is full, so the interpreter is not entered per batch (one batch per
+        call when stop-and-wait, ``window`` 1). The same frames, checks, waits and results as
+        the reference loop, with one change of order: frames the device has returned (its used
         entries, seen but not taken yet) already count as back for the window, so the next
-        frames are sent -- and the device kicked -- *before* the returned ones are
-        verified. A stop-and-wait exchange then verifies each reply while the device works
-        on the next request, instead of before sending it; a verification failure still
-        ends the transfer at once. A round trip ends when its reply is seen (its used
-        entry), before it is verified."""
+        frames are sent -- and the device kicked -- *before* the returned ones are verified. A
+        stop-and-wait exchange then verifies each reply while the device works on the next
+        request, instead of before sending it; a verification failure still ends the transfer at
+        once. A round trip ends when its reply is seen (its used entry), before it is verified."""
         q = self.queues
         send, receive, wait = q.send_frames, q.receive_frames, q.wait
         tx_ring, rx_ring = q.tx.ring, q.rx.ring
@@ -296,9 +295,9 @@ class EchoSession:
                 want = min(batch, room)
                 if want > 0:
                     started = clock()  # the round trip starts before the frames are written
-                    # (takes back completed TX buffers first; one way, batch after batch
-                    # while the device wants no kick)
-                    n = send(sent, want, room if sink else want)
+                    # (takes back completed TX buffers first; then batch after batch while
+                    # the device wants no kick)
+                    n = send(sent, want, room)
                     if n:
                         sent_at = started
                         sent += n
