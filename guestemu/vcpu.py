@@ -20,7 +20,10 @@ Two things leave that code:
   a fixed window, including 0 (never poll), can be configured. The poll checks the
   condition in slices of :data:`POLL_SLICE_NS`, polling the fds and yielding the CPU between
   slices, and gives up (sleeps) as soon as a yield shows another task wanted the CPU --
-  KVM stops halt-polling when ``single_task_running()`` is false.
+  KVM stops halt-polling when ``single_task_running()`` is false. It does not poll at all
+  while more tasks are runnable than the machine has CPUs
+  (:meth:`~shared.loop.EventLoop.oversubscribed`): with several VMs on a few CPUs, a
+  poller's window is CPU time another VM's device is waiting for.
 """
 
 from __future__ import annotations
@@ -95,6 +98,11 @@ class Vcpu:
         clock = time.monotonic_ns
         start = now = clock()
         poll_end = start + self.poll_ns
+        if self.poll_ns and loop.oversubscribed():
+            # Tasks wait for a CPU: polling would take one from them. Sleep at once, as
+            # KVM's halt-poll stops when its CPU has other work.
+            self.counters["halt_polls_skipped"] += 1
+            poll_end = start
         while now < poll_end:
             loop.poll_once(0)  # irqfds and notices, without blocking
             if loop.stopping:

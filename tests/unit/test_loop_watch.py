@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,49 @@ def test_a_due_timer_bounds_the_wait_and_runs(loop: EventLoop) -> None:
     assert loop.poll_once(None) == 1  # would block forever without the timer
     assert fired == [1]
     assert loop.poll_once(0) == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "cpus", "expected"),
+    [
+        (b"0.50 0.40 0.30 3/120 4242\n", 2, True),  # 3 runnable, 2 CPUs: one waits
+        (b"0.50 0.40 0.30 2/120 4242\n", 2, False),
+        (b"0.50 0.40 0.30 1/120 4242\n", 1, False),
+        (b"garbage\n", 2, False),  # unreadable: poll as before
+        (b"", 2, False),
+    ],
+)
+def test_oversubscribed_reads_the_runnable_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes, cpus: int, expected: bool
+) -> None:
+    fake = tmp_path / "loadavg"
+    fake.write_bytes(content)
+    monkeypatch.setattr(EventLoop, "LOADAVG", str(fake))
+    ev = EventLoop()
+    try:
+        ev._cpus = cpus
+        assert ev.oversubscribed() is expected
+        assert ev.oversubscribed() is expected  # read again through the same fd
+    finally:
+        ev.close()
+    assert ev._loadavg == -1
+
+
+def test_oversubscribed_without_a_loadavg_is_false(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(EventLoop, "LOADAVG", str(tmp_path / "missing"))
+    ev = EventLoop()
+    try:
+        assert ev.oversubscribed() is False
+    finally:
+        ev.close()
+
+
+def test_oversubscribed_on_this_machine_answers() -> None:
+    ev = EventLoop()
+    try:
+        assert ev.oversubscribed() in (True, False)
+        assert ev._loadavg >= 0
+    finally:
+        ev.close()
