@@ -49,6 +49,15 @@ DEVIATIONS: dict[str, Deviation] = {
             "scenario step: every step waits until the guest holds what the broker bound.",
         ),
         Deviation(
+            "merged-writes",
+            "deviation",
+            "vbusemu's guest sees an irqfd's writes as edges of its own epoll: writes made "
+            "before it looks merge into one edge, one read, one injection. KVM reads and "
+            "injects once per write. The total read is the same for a normal eventfd; a "
+            "semaphore-mode eventfd gives 1 per read, so k merged writes leave k-1 more in "
+            "it than KVM would. Not a scenario step: whether writes merge is a race.",
+        ),
+        Deviation(
             "sync-hup",
             "deviation",
             "KVM detaches an irqfd on the last close from a workqueue: for a moment a "
