@@ -183,10 +183,14 @@ class GuestAgent(Agent):
     def _on_irq(self, binding: int) -> None:
         if binding not in self.irq.lines:
             return
-        if self.irq.deliver(binding):
-            if not self.irq.holding:
-                self.irq.eoi(self.irq.lines[binding].gsi)  # the handler services it at once
-            self._check_waiters()
+        irq = self.irq
+        if irq.deliver(binding):
+            # the handler services it at once (an EOI matters only where a gsi has a
+            # level or a resampler: skipped on the common edge-only path)
+            if not irq.holding and (irq.level or irq.resamplers):
+                irq.eoi(irq.lines[binding].gsi)
+            if self._waiters:
+                self._check_waiters()
 
     def settle(self) -> None:
         """Deliver every write already made to a watched line (what the loop would do on
