@@ -29,8 +29,9 @@ has base 0 and a 4 GiB limit (set with ``KVM_SET_SREGS``) -- so an address-size 
 (``0x67``) makes ``mov [ebx], ...`` reach any 32-bit physical address. An 8-byte MMIO
 write uses the MMX ``movq [ebx], mm0`` (loaded from RAM first): MMX needs no CR4 bits and
 no guest CPUID setup, and KVM's instruction emulator completes it as one 8-byte MMIO
-access. (SSE would need CR4.OSFXSR, which KVM refuses until CPUID advertises FXSR; long
-mode would need EFER.LME, refused until CPUID advertises LM.)
+access. (SSE would need CR4.OSFXSR, which KVM refuses unless CPUID advertises FXSR.) MMIO
+above 4 GiB is made from 64-bit mode instead: :mod:`hostemu.kvm_long`, which also gives
+every vCPU the host's supported CPUID when it is created.
 
 Why the program ends with an ``out`` rather than ``hlt`` alone: with an in-kernel irqchip
 ``hlt`` is handled inside the kernel (the vCPU sleeps there until an interrupt), so it
@@ -688,6 +689,12 @@ class Vcpu:
                     mmap.PROT_READ | mmap.PROT_WRITE,
                 )
             )
+            from hostemu.kvm_long import set_supported_cpuid
+
+            set_supported_cpuid(vm.kvm, self.fd)  # long mode's reach (see kvm_long)
+            reset = KvmSregs()
+            _ioctl(self.fd, KVM_GET_SREGS, reset)
+            self._reset_sregs = bytes(reset)
         except BaseException:
             self._stack.close()
             raise
@@ -703,9 +710,15 @@ class Vcpu:
     def set_lapic(self, state: KvmLapicState) -> None:
         _ioctl(self.fd, KVM_SET_LAPIC, state)
 
-    def _reset(self) -> None:
+    def reset_sregs(self) -> KvmSregs:
+        """A copy of the special registers vCPU 0 had when it was created (real mode):
+        every program starts from them, whatever mode the last one ran in."""
         sregs = KvmSregs()
-        _ioctl(self.fd, KVM_GET_SREGS, sregs)
+        ctypes.memmove(ctypes.addressof(sregs), self._reset_sregs, ctypes.sizeof(sregs))
+        return sregs
+
+    def _reset(self) -> None:
+        sregs = self.reset_sregs()
         for name in ("cs", "ds", "es", "fs", "gs", "ss"):
             seg: KvmSegment = getattr(sregs, name)
             seg.base, seg.selector = 0, 0
@@ -716,12 +729,17 @@ class Vcpu:
         _ioctl(self.fd, KVM_SET_REGS, KvmRegs(rip=CODE_ADDR, rflags=0x2, rsp=STACK_TOP))
 
     def run_program(self, code: bytes, data: bytes = b"", max_exits: int = 16) -> list[Exit]:
-        """Load ``code`` (and ``data`` at :data:`DATA_ADDR`), run until it writes
-        :data:`DONE_PORT`; return the exits it caused. Reads are answered with 0."""
+        """Load ``code`` (and ``data`` at :data:`DATA_ADDR`), run it in real mode until it
+        writes :data:`DONE_PORT`; return the exits it caused. Reads are answered with 0."""
         ram = self.vm.ram
         ram[CODE_ADDR : CODE_ADDR + len(code)] = code
         ram[DATA_ADDR : DATA_ADDR + len(data)] = data
         self._reset()
+        return self.run_loop(max_exits)
+
+    def run_loop(self, max_exits: int = 16) -> list[Exit]:
+        """``KVM_RUN`` the program loaded (registers set) until it writes
+        :data:`DONE_PORT`; return the exits it caused. Reads are answered with 0."""
         exits: list[Exit] = []
         run = KvmRunHead.from_buffer(self.run_map)
         try:

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from hostemu import kvm as K
+from hostemu import kvm_long as L
 from hostemu.conform.scenarios import BADFD, Scenario, Step
 from shared.errors import BrokerError
 
@@ -103,6 +104,7 @@ class KernelBackend:
         self.vms: dict[str, K.Vm] = {}
         self.fds: dict[str, int] = {}
         self.other: dict[str, int] = {}  # open descriptors that are not eventfds
+        self._phys_bits: int | None = None
 
     def __enter__(self) -> KernelBackend:
         vm = self.vms["a"] = self.kvm.create_vm(irqchip=self.scenario.irqchip)
@@ -177,14 +179,7 @@ class KernelBackend:
                     self._fd(a["efd"]), a["addr"], a["len"], flags, a["datamatch"] or 0
                 )
             elif step.op in ACCESSES:
-                code, data = K.program(
-                    pio=a["pio"],
-                    write=step.op == "write",
-                    addr=a["addr"],
-                    width=a["len"],
-                    value=a.get("value", 0),
-                )
-                exits = vm_a.vcpu().run_program(code, data)
+                exits = self._access(vm_a, step.op == "write", a)
                 obs["exit"] = [e.describe() for e in exits] or "absorbed"
             elif step.op == "signal":
                 os.eventfd_write(self.fds[a["efd"]], a["n"])
@@ -211,6 +206,22 @@ class KernelBackend:
                 obs["asserted"] = levels
         obs["counters"] = {n: K.eventfd_count(fd) for n, fd in sorted(self.fds.items())}
         return obs
+
+    def _access(self, vm: K.Vm, write: bool, a: dict[str, Any]) -> list[K.Exit]:
+        """One guest access: real mode up to 4 GiB, long mode (:mod:`hostemu.kvm_long`)
+        for MMIO that reaches above."""
+        addr, width, value = a["addr"], a["len"], a.get("value", 0)
+        if a["pio"] or addr + width <= 1 << 32:
+            code, data = K.program(pio=a["pio"], write=write, addr=addr, width=width, value=value)
+            return vm.vcpu().run_program(code, data)
+        if self._phys_bits is None:
+            self._phys_bits = L.phys_bits(self.kvm)
+        if addr + width > 1 << self._phys_bits:
+            raise RuntimeError(
+                f"MMIO at {addr:#x}/{width} is beyond this machine's guest-physical address "
+                f"width ({self._phys_bits} bits): no guest access can reach it here"
+            )
+        return L.run(vm.vcpu(), L.program(write=write, addr=addr, width=width, value=value))
 
     def _flush_irqfd_cleanup(self) -> None:
         """Let KVM finish the irqfd detaches a close started.

@@ -64,5 +64,13 @@ DEVIATIONS: dict[str, Deviation] = {
             "signal through another holder can still inject. vbusemu's detach is "
             "synchronous (the kernel side waits the window out).",
         ),
+        Deviation(
+            "page-split",
+            "deviation",
+            "KVM splits an MMIO access that crosses a 4 KiB page into one access per page: "
+            "each is matched (and exits) on its own, so neither matches an ioeventfd of the "
+            "whole width, while halves can match ioeventfds of their own. vbusemu's guest "
+            "has no paging: its access is one guest-physical range, matched whole.",
+        ),
     )
 }

@@ -14,156 +14,60 @@ asserted, and the counter of every open eventfd. VM ``a``'s guest runs with inte
 disabled: what is raised stays latched until a ``take`` step. The kernel is the oracle:
 scenarios do not state expected values, they are compared. A step may name the
 documented deviation or open bug (:mod:`hostemu.conform.deviations`) that explains a
-difference there.
+difference there. The step model and its constructors are :mod:`hostemu.conform.steps`
+(re-exported here); the ioeventfd scenarios are
+:mod:`hostemu.conform.scenarios_ioeventfd` and :mod:`hostemu.conform.scenarios_mmio64`
+(above 4 GiB).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+from hostemu.conform.scenarios_ioeventfd import IOEVENTFD
+from hostemu.conform.scenarios_mmio64 import MMIO64
+from hostemu.conform.steps import (
+    BADFD,
+    MMIO,
+    PORT,
+    Scenario,
+    Step,
+    close,
+    eventfd,
+    ioeventfd,
+    ioeventfd_deassign,
+    irqfd,
+    irqfd_deassign,
+    memfd,
+    read,
+    signal,
+    take,
+    teardown,
+    vm,
+    write,
+)
+from hostemu.conform.steps import scenario as _s
 
-BADFD = "BADFD"
-"""A descriptor (kernel) or handle (broker) that is not open: EBADF."""
-
-# Addresses the scenarios use: clear of the in-kernel PIC/ELCR ports, the IOAPIC and
-# LAPIC pages, and the oracle's own DONE port.
-PORT = 0x500
-MMIO = 0xD000_0000
-
-
-@dataclass(frozen=True)
-class Step:
-    op: str
-    args: dict[str, Any] = field(default_factory=dict)
-    deviation: str | None = None
-    """The documented deviation or open bug a difference at this step is explained by."""
-
-    def dev(self, name: str) -> Step:
-        return dataclasses.replace(self, deviation=name)
-
-    def describe(self) -> str:
-        parts = []
-        for k, v in self.args.items():
-            if v is None or v is False or (k == "vm" and v == "a") or (k == "flags" and not v):
-                continue
-            if (
-                isinstance(v, int)
-                and not isinstance(v, bool)
-                and k in ("addr", "datamatch", "value", "flags", "gsi")
-                and v > 9
-            ):
-                parts.append(f"{k}={v:#x}")
-            elif v is True:
-                parts.append(k)
-            else:
-                parts.append(f"{k}={v}")
-        return f"{self.op}({', '.join(parts)})"
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    doc: str
-    steps: tuple[Step, ...]
-    irqchip: bool = True
-    policy: str = "hup"
-
-
-# ------------------------------------------------------------------ step constructors
-
-
-def eventfd(name: str, initval: int = 0, *, semaphore: bool = False) -> Step:
-    return Step("eventfd", {"name": name, "initval": initval, "semaphore": semaphore})
-
-
-def memfd(name: str) -> Step:
-    return Step("memfd", {"name": name})
-
-
-def vm(name: str, irqchip: bool = True) -> Step:
-    return Step("vm", {"name": name, "irqchip": irqchip})
-
-
-def irqfd(
-    efd: str, gsi: int, *, resample: str | None = None, flags: int = 0, vm: str = "a"
-) -> Step:
-    return Step("irqfd", {"efd": efd, "gsi": gsi, "resample": resample, "flags": flags, "vm": vm})
-
-
-def irqfd_deassign(efd: str, gsi: int, *, flags: int = 0, vm: str = "a") -> Step:
-    return Step("irqfd_deassign", {"efd": efd, "gsi": gsi, "flags": flags, "vm": vm})
-
-
-def ioeventfd(
-    efd: str,
-    addr: int,
-    length: int,
-    *,
-    datamatch: int | None = None,
-    pio: bool = False,
-    flags: int = 0,
-    vm: str = "a",
-) -> Step:
-    return Step(
-        "ioeventfd",
-        {
-            "efd": efd,
-            "addr": addr,
-            "len": length,
-            "datamatch": datamatch,
-            "pio": pio,
-            "flags": flags,
-            "vm": vm,
-        },
-    )
-
-
-def ioeventfd_deassign(
-    efd: str,
-    addr: int,
-    length: int,
-    *,
-    datamatch: int | None = None,
-    pio: bool = False,
-    flags: int = 0,
-    vm: str = "a",
-) -> Step:
-    """The same arguments as :func:`ioeventfd`, with DEASSIGN."""
-    assign = ioeventfd(efd, addr, length, datamatch=datamatch, pio=pio, flags=flags, vm=vm)
-    return Step("ioeventfd_deassign", assign.args)
-
-
-def write(addr: int, length: int, value: int, *, pio: bool = False) -> Step:
-    return Step("write", {"addr": addr, "len": length, "value": value, "pio": pio})
-
-
-def read(addr: int, length: int, *, pio: bool = False) -> Step:
-    return Step("read", {"addr": addr, "len": length, "pio": pio})
-
-
-def signal(efd: str, n: int = 1) -> Step:
-    return Step("signal", {"efd": efd, "n": n})
-
-
-def take() -> Step:
-    """VM ``a``'s guest enables interrupts for a moment: it takes every latched request
-    and EOIs it (which de-asserts a resampling irqfd's line and signals its resamplefd),
-    then disables them again."""
-    return Step("take")
-
-
-def close(efd: str) -> Step:
-    return Step("close", {"efd": efd})
-
-
-def teardown(vm: str = "a") -> Step:
-    return Step("teardown", {"vm": vm})
-
-
-def _s(name: str, doc: str, *steps: Step, irqchip: bool = True, policy: str = "hup") -> Scenario:
-    return Scenario(name, doc, tuple(steps), irqchip=irqchip, policy=policy)
-
+__all__ = [
+    "BADFD",
+    "BY_NAME",
+    "MMIO",
+    "PORT",
+    "SCENARIOS",
+    "Scenario",
+    "Step",
+    "close",
+    "eventfd",
+    "ioeventfd",
+    "ioeventfd_deassign",
+    "irqfd",
+    "irqfd_deassign",
+    "memfd",
+    "read",
+    "signal",
+    "take",
+    "teardown",
+    "vm",
+    "write",
+]
 
 # ------------------------------------------------------------------ the library
 
@@ -681,273 +585,6 @@ IRQFD = [
     ),
 ]
 
-IOEVENTFD = [
-    _s(
-        "ioeventfd-pio-basic",
-        "a PIO ioeventfd absorbs a matching write",
-        eventfd("e"),
-        ioeventfd("e", PORT, 2, pio=True),
-        write(PORT, 2, 7, pio=True),
-        write(PORT, 1, 7, pio=True),
-        write(PORT, 4, 7, pio=True),
-        write(PORT + 2, 2, 7, pio=True),
-    ),
-    _s(
-        "ioeventfd-mmio-widths",
-        "MMIO ioeventfds of every width",
-        eventfd("a1"),
-        eventfd("a2"),
-        eventfd("a4"),
-        eventfd("a8"),
-        ioeventfd("a1", MMIO, 1),
-        ioeventfd("a2", MMIO + 0x10, 2),
-        ioeventfd("a4", MMIO + 0x20, 4),
-        ioeventfd("a8", MMIO + 0x30, 8),
-        write(MMIO, 1, 1),
-        write(MMIO + 0x10, 2, 2),
-        write(MMIO + 0x20, 4, 4),
-        write(MMIO + 0x30, 8, 0x1122334455667788),
-        write(MMIO + 0x30, 4, 8),
-    ),
-    _s(
-        "ioeventfd-datamatch",
-        "only the matching value is absorbed",
-        eventfd("e"),
-        ioeventfd("e", MMIO, 4, datamatch=3),
-        write(MMIO, 4, 3),
-        write(MMIO, 4, 4),
-    ),
-    _s(
-        "ioeventfd-value-at-width",
-        "a 1-byte write carries one byte",
-        eventfd("e"),
-        eventfd("f"),
-        ioeventfd("e", PORT, 1, datamatch=0x1FF, pio=True),
-        ioeventfd("f", PORT + 1, 1, datamatch=0x34, pio=True),
-        write(PORT, 1, 0x1FF, pio=True),
-        write(PORT + 1, 1, 0x1234, pio=True),
-    ),
-    _s(
-        "ioeventfd-len0-mmio",
-        "length 0 matches every width",
-        eventfd("e"),
-        ioeventfd("e", MMIO, 0),
-        write(MMIO, 1, 1),
-        write(MMIO, 8, 2),
-    ),
-    _s(
-        "ioeventfd-len0-pio",
-        "length 0 with PIO is accepted",
-        eventfd("e"),
-        ioeventfd("e", PORT, 0, pio=True),
-        write(PORT, 2, 9, pio=True),
-    ),
-    _s(
-        "ioeventfd-len0-datamatch",
-        "length 0 with DATAMATCH is refused",
-        eventfd("e"),
-        ioeventfd("e", MMIO, 0, datamatch=1),
-    ),
-    _s(
-        "ioeventfd-bad-len",
-        "lengths outside {0,1,2,4,8}",
-        eventfd("e"),
-        ioeventfd("e", MMIO, 3),
-        ioeventfd("e", MMIO, 16),
-        ioeventfd("e", PORT, 5, pio=True),
-    ),
-    _s(
-        "ioeventfd-overflow",
-        "addr + len past the top of the address space",
-        eventfd("e"),
-        ioeventfd("e", 0xFFFF_FFFF_FFFF_FFFC, 4),
-        ioeventfd("e", 0xFFFF_FFFF_FFFF_FFF8, 8),
-        ioeventfd("e", 0xFFFF_FFFF_FFFF_FFF0, 8),
-    ),
-    _s(
-        "ioeventfd-flag-0x8",
-        "flag 0x8 (virtio-ccw notify bus) is accepted on x86",
-        eventfd("e"),
-        ioeventfd("e", MMIO, 4, flags=0x8),
-        write(MMIO, 4, 1),
-        ioeventfd("e", MMIO, 4),  # a different bus: no collision
-    ),
-    _s(
-        "ioeventfd-flag-0x10",
-        "flag 0x10 is accepted on x86 and changes nothing",
-        eventfd("f"),
-        ioeventfd("f", MMIO + 8, 4, flags=0x10),
-        write(MMIO + 8, 4, 1),
-        ioeventfd("f", MMIO + 8, 4),
-    ),
-    _s(
-        "ioeventfd-flags-unknown",
-        "flag bits outside 0x1f are refused",
-        eventfd("e"),
-        ioeventfd("e", MMIO, 4, flags=0x20),
-        ioeventfd("e", MMIO, 4, flags=0x80000000),
-    ),
-    _s(
-        "ioeventfd-order-len-first",
-        "a bad length wins over a bad fd and flags",
-        ioeventfd(BADFD, MMIO, 3, flags=0x80),
-    ),
-    _s(
-        "ioeventfd-order-overflow-before-flags",
-        "overflow is checked before flags",
-        ioeventfd(BADFD, 0xFFFF_FFFF_FFFF_FFFC, 8, flags=0x80),
-    ),
-    _s(
-        "ioeventfd-order-flags-before-fd",
-        "unknown flags before the fd",
-        ioeventfd(BADFD, MMIO, 4, flags=0x80),
-    ),
-    _s("ioeventfd-bad-fd", "a descriptor that is not open", ioeventfd(BADFD, MMIO, 4)),
-    _s(
-        "ioeventfd-not-eventfd",
-        "an open descriptor that is not an eventfd",
-        memfd("m"),
-        ioeventfd("m", MMIO, 4),
-    ),
-    _s(
-        "ioeventfd-collision-wildcard",
-        "a wildcard collides with anything of its length",
-        eventfd("e"),
-        eventfd("f"),
-        ioeventfd("e", MMIO, 4),
-        ioeventfd("f", MMIO, 4, datamatch=1),
-        ioeventfd("f", MMIO, 2),
-        ioeventfd("f", MMIO, 4, pio=True),
-    ),
-    _s(
-        "ioeventfd-collision-datamatch",
-        "distinct datamatch values coexist",
-        eventfd("e"),
-        eventfd("f"),
-        ioeventfd("e", MMIO, 4, datamatch=1),
-        ioeventfd("f", MMIO, 4, datamatch=2),
-        ioeventfd("f", MMIO, 4, datamatch=1),
-        ioeventfd("f", MMIO, 4),
-        write(MMIO, 4, 2),
-        write(MMIO, 4, 1),
-        write(MMIO, 4, 3),
-    ),
-    _s(
-        "ioeventfd-collision-len0",
-        "length 0 collides with every length at its address",
-        eventfd("e"),
-        eventfd("f"),
-        ioeventfd("e", MMIO, 0),
-        ioeventfd("f", MMIO, 8),
-        ioeventfd("f", MMIO, 0),
-        ioeventfd("f", MMIO + 8, 0),
-    ),
-    _s(
-        "ioeventfd-same-eventfd-twice",
-        "one eventfd may back several ioeventfds",
-        eventfd("e"),
-        ioeventfd("e", MMIO, 4),
-        ioeventfd("e", PORT, 4, pio=True),
-        write(MMIO, 4, 1),
-        write(PORT, 4, 1, pio=True),
-    ),
-    _s(
-        "ioeventfd-deassign",
-        "deassign stops absorbing",
-        eventfd("e"),
-        ioeventfd("e", MMIO, 4, datamatch=5),
-        write(MMIO, 4, 5),
-        ioeventfd_deassign("e", MMIO, 4, datamatch=5),
-        write(MMIO, 4, 5),
-    ),
-    _s(
-        "ioeventfd-deassign-validates-nothing",
-        "deassign of length 3 is ENOENT",
-        eventfd("e"),
-        ioeventfd_deassign("e", MMIO, 3),
-        ioeventfd_deassign("e", 0xFFFF_FFFF_FFFF_FFFC, 8),
-    ),
-    _s(
-        "ioeventfd-deassign-ignores-flags",
-        "deassign ignores unknown flag bits",
-        eventfd("e"),
-        ioeventfd("e", MMIO, 4),
-        ioeventfd_deassign("e", MMIO, 4, flags=0x80),
-        write(MMIO, 4, 1),
-    ),
-    _s(
-        "ioeventfd-deassign-must-match",
-        "deassign matches bus, fd, addr, len, datamatch",
-        eventfd("e"),
-        eventfd("f"),
-        ioeventfd("e", MMIO, 4, datamatch=1),
-        ioeventfd_deassign("f", MMIO, 4, datamatch=1),
-        ioeventfd_deassign("e", MMIO, 2, datamatch=1),
-        ioeventfd_deassign("e", MMIO, 4, datamatch=2),
-        ioeventfd_deassign("e", MMIO, 4),
-        ioeventfd_deassign("e", MMIO, 4, datamatch=1, pio=True),
-        ioeventfd_deassign("e", MMIO, 4, datamatch=1),
-    ),
-    _s(
-        "ioeventfd-deassign-bad-fd",
-        "deassign with a bad descriptor",
-        memfd("m"),
-        ioeventfd_deassign(BADFD, MMIO, 4),
-        ioeventfd_deassign("m", MMIO, 4),
-    ),
-    _s(
-        "ioeventfd-read-never-matches",
-        "a read always exits",
-        eventfd("e"),
-        eventfd("f"),
-        ioeventfd("e", PORT, 2, pio=True),
-        ioeventfd("f", MMIO, 0),
-        read(PORT, 2, pio=True),
-        read(MMIO, 4),
-    ),
-    _s(
-        "ioeventfd-close-stays",
-        "an ioeventfd has no HUP path: it stays after close",
-        eventfd("e"),
-        ioeventfd("e", MMIO, 4),
-        close("e"),
-        write(MMIO, 4, 1),
-        ioeventfd_deassign(BADFD, MMIO, 4),
-    ),
-    _s(
-        "ioeventfd-teardown",
-        "VM teardown removes the ioeventfds",
-        eventfd("e"),
-        ioeventfd("e", MMIO, 4),
-        teardown(),
-        signal("e"),
-    ),
-    _s(
-        "ioeventfd-after-teardown",
-        "the VM is gone",
-        eventfd("e"),
-        teardown(),
-        ioeventfd("e", MMIO, 4).dev("vm-id"),
-    ),
-    _s(
-        "ioeventfd-no-irqchip",
-        "ioeventfds need no irqchip",
-        eventfd("e"),
-        ioeventfd("e", PORT, 1, pio=True),
-        write(PORT, 1, 1, pio=True),
-        irqchip=False,
-    ),
-    _s(
-        "ioeventfd-semaphore-counter",
-        "each absorbed write adds 1",
-        eventfd("e"),
-        ioeventfd("e", MMIO, 4),
-        write(MMIO, 4, 1),
-        write(MMIO, 4, 2),
-        write(MMIO, 4, 3),
-    ),
-]
-
 COMBINED = [
     _s(
         "doorbell-to-irq",
@@ -998,6 +635,6 @@ COMBINED = [
     ),
 ]
 
-SCENARIOS: tuple[Scenario, ...] = (*IRQFD, *IOEVENTFD, *COMBINED)
+SCENARIOS: tuple[Scenario, ...] = (*IRQFD, *IOEVENTFD, *MMIO64, *COMBINED)
 BY_NAME: dict[str, Scenario] = {s.name: s for s in SCENARIOS}
 assert len(BY_NAME) == len(SCENARIOS), "scenario names must be unique"
