@@ -38,6 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from hostemu import kvm as K
+from hostemu import kvm_real as R
 
 GDT_ADDR = 0x0500
 """Between the real-mode vector table (0x000-0x3ff) and :data:`~hostemu.kvm.DATA_ADDR`."""
@@ -167,7 +168,7 @@ class Program:
 
 
 _MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
-_DONE = b"\x66\xba" + struct.pack("<H", K.DONE_PORT) + b"\xee\xf4"  # mov dx ; out dx, al ; hlt
+_DONE = b"\x66\xba" + struct.pack("<H", R.DONE_PORT) + b"\xee\xf4"  # mov dx ; out dx, al ; hlt
 
 
 def _mov_acc(width: int, value: int) -> bytes:
@@ -209,11 +210,11 @@ def run(vcpu: K.Vcpu, prog: Program, max_exits: int = 16) -> list[K.Exit]:
     ram = vcpu.vm.ram
     for at, blob in prog.image:
         ram[at : at + len(blob)] = blob
-    ram[K.CODE_ADDR : K.CODE_ADDR + len(prog.code)] = prog.code
+    ram[R.CODE_ADDR : R.CODE_ADDR + len(prog.code)] = prog.code
     sregs = vcpu.reset_sregs()
     long_mode_sregs(sregs)
     K._ioctl(vcpu.fd, K.KVM_SET_SREGS, sregs)
-    K._ioctl(vcpu.fd, K.KVM_SET_REGS, K.KvmRegs(rip=K.CODE_ADDR, rflags=0x2, rsp=K.STACK_TOP))
+    K._ioctl(vcpu.fd, K.KVM_SET_REGS, K.KvmRegs(rip=R.CODE_ADDR, rflags=0x2, rsp=R.STACK_TOP))
     return vcpu.run_loop(max_exits)
 
 

@@ -50,6 +50,7 @@ from typing import Any
 
 from hostemu import kvm as K
 from hostemu import kvm_long as L
+from hostemu import kvm_real as R
 from hostemu.conform.scenarios import BADFD, Scenario, Step
 from shared.errors import BrokerError
 
@@ -212,7 +213,7 @@ class KernelBackend:
         for MMIO that reaches above."""
         addr, width, value = a["addr"], a["len"], a.get("value", 0)
         if a["pio"] or addr + width <= 1 << 32:
-            code, data = K.program(pio=a["pio"], write=write, addr=addr, width=width, value=value)
+            code, data = R.program(pio=a["pio"], write=write, addr=addr, width=width, value=value)
             return vm.vcpu().run_program(code, data)
         if self._phys_bits is None:
             self._phys_bits = L.phys_bits(self.kvm)

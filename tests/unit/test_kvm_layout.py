@@ -14,6 +14,7 @@ import struct
 import pytest
 
 from hostemu import kvm as K
+from hostemu import kvm_real as R
 
 LAYOUTS = [
     # struct, size, {field: offset}
@@ -127,15 +128,15 @@ def test_ioapic_entry_decodes_the_bit_fields() -> None:
     [(True, 1), (True, 2), (True, 4), (False, 1), (False, 2), (False, 4), (False, 8)],
 )
 def test_program_ends_at_the_done_port(pio: bool, width: int) -> None:
-    code, _ = K.program(pio=pio, write=True, addr=0x500, width=width, value=0x1FF)
-    assert code.endswith(b"\xba" + K.DONE_PORT.to_bytes(2, "little") + b"\xee\xf4")
+    code, _ = R.program(pio=pio, write=True, addr=0x500, width=width, value=0x1FF)
+    assert code.endswith(b"\xba" + R.DONE_PORT.to_bytes(2, "little") + b"\xee\xf4")
 
 
 def test_program_refuses_what_real_mode_cannot_do() -> None:
     with pytest.raises(ValueError):
-        K.program(pio=True, write=True, addr=0x500, width=8)
+        R.program(pio=True, write=True, addr=0x500, width=8)
     with pytest.raises(ValueError):
-        K.program(pio=False, write=True, addr=1 << 32, width=4)
+        R.program(pio=False, write=True, addr=1 << 32, width=4)
 
 
 # ------------------------------------------------------------------ taking interrupts
@@ -185,8 +186,8 @@ def effects(code: bytes) -> list[tuple[object, ...]]:
 
 
 def test_pic_init_programs_both_8259s_like_a_bios() -> None:
-    base = K.PIC_VECTOR_BASE
-    assert effects(K.pic_init_program()) == [
+    base = R.PIC_VECTOR_BASE
+    assert effects(R.pic_init_program()) == [
         ("out", 0x20, 0x11),  # ICW1: edge, cascade, ICW4 follows
         ("out", 0x21, base),  # ICW2: vector base
         ("out", 0x21, 0x04),  # ICW3: the slave on line 2
@@ -197,70 +198,70 @@ def test_pic_init_programs_both_8259s_like_a_bios() -> None:
         ("out", 0xA1, 0x01),
         ("out", 0x21, 0x00),  # OCW1: nothing masked
         ("out", 0xA1, 0x00),
-        ("out", K.DONE_PORT, 0x00),
+        ("out", R.DONE_PORT, 0x00),
         ("hlt",),
     ]
 
 
 @pytest.mark.parametrize("gsi", [0, 5, 7])
 def test_a_master_line_handler_eois_then_reports(gsi: int) -> None:
-    assert effects(K.pic_handler(gsi)) == [
+    assert effects(R.pic_handler(gsi)) == [
         ("out", 0x20, 0x20),
-        ("out", K.TAKEN_PORT, gsi),
+        ("out", R.TAKEN_PORT, gsi),
         ("iret",),
     ]
 
 
 @pytest.mark.parametrize("gsi", [8, 10, 15])
 def test_a_slave_line_handler_eois_the_slave_then_the_master(gsi: int) -> None:
-    assert effects(K.pic_handler(gsi)) == [
+    assert effects(R.pic_handler(gsi)) == [
         ("out", 0xA0, 0x20),
         ("out", 0x20, 0x20),
-        ("out", K.TAKEN_PORT, gsi),
+        ("out", R.TAKEN_PORT, gsi),
         ("iret",),
     ]
 
 
-@pytest.mark.parametrize("gsi", list(K.IOAPIC_ONLY_PINS))
+@pytest.mark.parametrize("gsi", list(R.IOAPIC_ONLY_PINS))
 def test_an_ioapic_pin_handler_eois_the_local_apic(gsi: int) -> None:
-    assert effects(K.lapic_handler(gsi)) == [
-        ("mmio", K.LAPIC_EOI),
-        ("out", K.TAKEN_PORT, gsi),
+    assert effects(R.lapic_handler(gsi)) == [
+        ("mmio", R.LAPIC_EOI),
+        ("out", R.TAKEN_PORT, gsi),
         ("iret",),
     ]
 
 
 def test_the_vector_table_leads_each_vector_to_its_handler() -> None:
-    image = dict(K.interrupt_image())
-    ivt = image.pop(K.IVT_ADDR)
+    image = dict(R.interrupt_image())
+    ivt = image.pop(R.IVT_ADDR)
     assert len(ivt) == 256 * 4
-    by_vector = {K.vector_of(g): g for g in range(24)}
+    by_vector = {R.vector_of(g): g for g in range(24)}
     assert sorted(by_vector) == [*range(0x20, 0x30), *range(0x50, 0x58)]
     for vector in range(256):
         offset, segment = struct.unpack_from("<HH", ivt, 4 * vector)
-        assert segment == 0 and offset == K.HANDLERS_ADDR + vector * K.HANDLER_SLOT
+        assert segment == 0 and offset == R.HANDLERS_ADDR + vector * R.HANDLER_SLOT
         code = image[offset]
-        assert len(code) <= K.HANDLER_SLOT
+        assert len(code) <= R.HANDLER_SLOT
         if vector in by_vector:
-            assert ("out", K.TAKEN_PORT, by_vector[vector]) in effects(code)
+            assert ("out", R.TAKEN_PORT, by_vector[vector]) in effects(code)
         else:
-            assert effects(code) == [("out", K.STRAY_PORT, vector), ("hlt",)]
+            assert effects(code) == [("out", R.STRAY_PORT, vector), ("hlt",)]
     # Nothing the programs use overlaps: table, staged data, code, handlers, stack.
-    assert K.IVT_ADDR + len(ivt) <= K.DATA_ADDR < K.DATA_ADDR + 8 <= K.CODE_ADDR
-    assert K.CODE_ADDR + len(K.take_program()) <= K.HANDLERS_ADDR
-    assert K.HANDLERS_ADDR + 256 * K.HANDLER_SLOT <= K.STACK_TOP - 0x100 < K.RAM_SIZE
+    assert R.IVT_ADDR + len(ivt) <= R.DATA_ADDR < R.DATA_ADDR + 8 <= R.CODE_ADDR
+    assert R.CODE_ADDR + len(R.take_program()) <= R.HANDLERS_ADDR
+    assert R.HANDLERS_ADDR + 256 * R.HANDLER_SLOT <= R.STACK_TOP - 0x100 < R.RAM_SIZE
     with pytest.raises(ValueError):
-        K.vector_of(24)
+        R.vector_of(24)
 
 
 def test_the_take_program_opens_a_window_of_exits() -> None:
-    window = [("out", K.WINDOW_PORT, 0)] * K.TAKE_WINDOWS
-    assert effects(K.take_program()) == [
+    window = [("out", R.WINDOW_PORT, 0)] * R.TAKE_WINDOWS
+    assert effects(R.take_program()) == [
         ("sti",),
         ("nop",),  # the instruction sti still keeps interrupts off for
         *window,
         ("cli",),
-        ("out", K.DONE_PORT, 0),
+        ("out", R.DONE_PORT, 0),
         ("hlt",),
     ]
-    assert K.TAKE_WINDOWS > 16 + 8  # one per line that can be pending, and one more
+    assert R.TAKE_WINDOWS > 16 + 8  # one per line that can be pending, and one more

@@ -11,6 +11,7 @@ import pytest
 
 from hostemu import kvm as K
 from hostemu import kvm_long as L
+from hostemu import kvm_real as R
 
 
 def test_cpuid_layouts_and_ioctls() -> None:
@@ -103,15 +104,15 @@ def test_page_tables_map_each_page_at_its_canonical_address(addrs: tuple[int, ..
     for at, blob in tables:
         assert len(blob) == 4096 and at % 4096 == 0
         assert L.PML4_ADDR <= at < L.TABLES_END
-    for phys in (0, K.CODE_ADDR, K.DATA_ADDR, L.GDT_ADDR, K.STACK_TOP - 8, *addrs):
+    for phys in (0, R.CODE_ADDR, R.DATA_ADDR, L.GDT_ADDR, R.STACK_TOP - 8, *addrs):
         assert _walk(image, L.virtual(phys)) == phys
     assert _walk(image, L.virtual(0x7_0000_0000)) is None  # nothing else is mapped
 
 
 def test_the_tables_fit_between_the_handlers_and_the_stack() -> None:
-    handlers_end = K.HANDLERS_ADDR + 256 * K.HANDLER_SLOT
-    assert handlers_end <= L.PML4_ADDR and L.TABLES_END <= K.STACK_TOP - 0x1000
-    assert L.GDT_ADDR >= K.IVT_ADDR + 256 * 4 and L.GDT_ADDR + len(L.gdt()) <= K.DATA_ADDR
+    handlers_end = R.HANDLERS_ADDR + 256 * R.HANDLER_SLOT
+    assert handlers_end <= L.PML4_ADDR and L.TABLES_END <= R.STACK_TOP - 0x1000
+    assert L.GDT_ADDR >= R.IVT_ADDR + 256 * 4 and L.GDT_ADDR + len(L.gdt()) <= R.DATA_ADDR
 
 
 def _run64(code: bytes) -> list[tuple[object, ...]]:
@@ -159,7 +160,7 @@ def test_program_stores_the_value_at_the_address(width: int, addr: int) -> None:
     value = 0x1122_3344_5566_7788 & ((1 << 8 * width) - 1)
     assert _run64(prog.code) == [
         ("store", L.virtual(addr), width, value),
-        ("out", K.DONE_PORT),
+        ("out", R.DONE_PORT),
         ("hlt",),
     ]
     image = dict(prog.image)
