@@ -102,6 +102,15 @@ class DeviceKernels:
             self._ram = (table, ring._mem.translate(table.gpas[s], table.sizes[s]), table.gpas[s])
         return self._ram
 
+    def _finish_pass(self, ring: DeviceRing) -> list[int] | None:
+        """A fused device pass's ``out`` as a list, its effect committed to ``ring``
+        (``out[1]`` chains taken); ``None`` if it declined (nothing changed)."""
+        out: list[int] = self.out.tolist()
+        if out[0] != STAGE_DONE:
+            return None
+        _commit_pass(ring, out[1])
+        return out
+
     def consume(
         self, ring: DeviceRing, sink: U8Array, first_seq: int, limit: int, max_width: int
     ) -> tuple[int, int, int, bool, bool] | None:
@@ -138,12 +147,10 @@ class DeviceKernels:
         st[9] = max_width
         st[10] = gpa
         fd.device_consume_t(bound[2].table, self.st, self.out)
-        out: list[int] = self.out.tolist()
-        if out[0] != STAGE_DONE:
+        out = self._finish_pass(ring)
+        if out is None:
             return None
-        taken = out[1]
-        _commit_pass(ring, taken)
-        return taken, out[2], out[3], bool(out[4]), bool(out[5])
+        return out[1], out[2], out[3], bool(out[4]), bool(out[5])
 
     def forward(
         self, ring: DeviceRing, rx: DeviceRing, limit: int, width_cap: int
@@ -214,11 +221,10 @@ class DeviceKernels:
         st[12] = limit
         st[13] = gpa
         fd.device_forward_t(bound[2].table, self.st_forward, self.out)
-        out: list[int] = self.out.tolist()
-        if out[0] != STAGE_DONE:
+        out = self._finish_pass(ring)
+        if out is None:
             return None
         taken = out[1]
-        _commit_pass(ring, taken)
         if taken:
             rx._last_avail = (rx._last_avail + taken) & INDEX_MASK
             rx._next_used = (rx._next_used + taken) & INDEX_MASK
