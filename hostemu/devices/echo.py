@@ -96,6 +96,7 @@ def _pieces(readable: list[int], room: int) -> list[tuple[int, int, int]]:
 class EchoModel(DeviceModel):
     name = "echo"
     data_path = True
+    kicks_announce_ring_work = True  # (a kick is a ring to look at: served before it is read)
 
     def __init__(self, busy_poll_ns: int = 0, *, sink: bool = False) -> None:
         self.busy_poll_ns = busy_poll_ns

@@ -62,6 +62,12 @@ class DeviceModel:
     # A high-rate model runs its rings on the compiled kernels (VBUSEMU_JIT permitting);
     # a low-rate one keeps the reference path, and its process never imports numba.
     data_path = False
+    kicks_announce_ring_work = False
+    """True when a kick means only "look at the ring" (the model's work is exactly what
+    ``ring.has_available()`` shows): the runtime then serves the ring first and reads the
+    kick after, off the path from kick to interrupt. A model whose passes are driven by
+    the kicks themselves (one pass per kick read, say) keeps the default: read, then
+    serve."""
 
     def attach(self, runtime: DeviceRuntime) -> None:
         self.runtime = runtime
@@ -199,6 +205,11 @@ class DeviceRuntime(DeviceAgent):
     def _on_kick(self, queue: int) -> None:
         entry = self.kicks.get(queue)
         if entry is None:
+            return
+        if not self.model.kicks_announce_ring_work:
+            if entry[1].drain():
+                self.counters["kicks"] += 1
+            self._run_queue(queue)
             return
         # Serve the ring first and read the kick after: the read is then off the path
         # from the guest's kick to our interrupt. A kick that lands meanwhile is read along
