@@ -37,6 +37,23 @@ from shared.errors import ConfigError, VbusError
 from shared.wire import Policy
 
 
+def _positive(kind: type[int] | type[float]) -> Any:
+    """An argparse type: a number of ``kind`` above 0 (a bad one is a usage error, exit 2,
+    before anything starts)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be above 0 (and finite)")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse names in its messages
+    return parse
+
+
 def _policy(name: str) -> Policy:
     try:
         return Policy[name.upper()]
@@ -102,30 +119,45 @@ def main(argv: list[str] | None = None) -> int:
         help="run a topology of VMs and devices (default: two VMs "
         "through venet, each with a disk and a console)",
     )
-    p.add_argument("topology", nargs="?", default=None)
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument(
+        "topology",
+        nargs="?",
+        default=None,
+        help="a topology file (default: the two-VM example)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=120.0,
+        help="seconds the whole run may take (default 120)",
+    )
     p = sub.add_parser("bench", help="measure the data path next to its baselines")
     p.add_argument("--quick", action="store_true", help="a reduced matrix (< 60 s)")
     p.add_argument("--out", default=None, help="results directory (default bench-results/…)")
     p = sub.add_parser("demo", help="the 2009 assign-then-close scenario in real processes")
     p.add_argument("--policy", default="both", choices=["hup", "refcount", "both"])
-    p.add_argument("--signals", type=int, default=1000)
+    p.add_argument(
+        "--signals", type=_positive(int), default=1000, help="signals per policy (default 1000)"
+    )
     p = sub.add_parser(
         "soak",
         help="random SIGKILL/restart of guests and devices, control "
         "churn and traffic; fails on any loss or leak",
     )
-    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--seconds", type=_positive(float), default=60.0, help="how long (default 60)")
     p.add_argument("--seed", type=int, default=None, help="fault schedule (default: random)")
     p.add_argument(
-        "--fault-every", type=float, default=1.0, help="mean seconds between injected faults"
+        "--fault-every",
+        type=_positive(float),
+        default=1.0,
+        help="mean seconds between injected faults (default 1)",
     )
     p = sub.add_parser("broker", help="run a broker (the emulated host kernel)")
     p.add_argument("--socket", default=default_socket_path())
     p.add_argument("--policy", type=_policy, default=Policy.HUP)
     p.add_argument(
         "--ack-timeout",
-        type=float,
+        type=_positive(float),
         default=2.0,
         help="seconds a consumer may take to acknowledge a detach",
     )
@@ -165,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("guest", "device"):
         p = sub.add_parser(name, help=f"run a {name} process on an inherited channel")
         p.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("guest", "device"):
+        # (reported by the subcommand's parser, with its own usage line)
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
 
     if args.command != "run" and CTRL_C.installed:
         CTRL_C.uninstall()  # every other command: Ctrl-C is a KeyboardInterrupt again
@@ -229,11 +264,19 @@ def main(argv: list[str] | None = None) -> int:
             from hostemu.device import main as device_main
 
             return device_main(args.rest)
+    except ConfigError as e:  # a configuration value: nothing was started
+        print(f"vbusemu {args.command}: {e}", file=sys.stderr)
+        return 2
     except VbusError as e:
         print(f"vbusemu {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (``vbusemu ps | head``): quietly stop
+        from shared.loop import silence_stdout
+
+        silence_stdout()
+        return 141  # as a process killed by SIGPIPE
     parser.error(f"unknown command {args.command}")
     return 2
 
