@@ -411,6 +411,13 @@ def _parse_workload(c: _Checker, raw: object, path: str) -> WorkloadSpec | None:
     if not ok:
         c.fail(f"{path}.name", f"unknown workload {name!r} (known: {', '.join(known_workloads())})")
         return None
+    check = getattr(importlib.import_module(f"guestemu.workloads.{name}"), "check_params", None)
+    if check is not None:
+        try:
+            check(params)  # what the guest will do: reject bad params now
+        except (ConfigError, ValueError, TypeError) as e:
+            c.fail(path, str(e))
+            return None
     return WorkloadSpec(name, params)
 
 
@@ -553,12 +560,15 @@ def _check_device(
             f'(none lists "{vm.name}/{dev.name}")',
         )
         return int(module.VECTORS)
-    make_config = getattr(module, "device_config", None)
-    if make_config is not None:
+    for check_name in ("check_params", "device_config"):  # what the device and the VMM do
+        check = getattr(module, check_name, None)
+        if check is None:
+            continue
         try:
-            make_config(dev.params)  # what the VMM will do: reject bad params now
+            check(dev.params)  # reject bad params now
         except (ConfigError, ValueError, TypeError, KeyError, OSError) as e:
             c.fail(f"{dev.path}.params", str(e))
+            break
     return int(module.VECTORS)
 
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from guestemu import pci
 from guestemu.drivers import GuestRam, PacketQueues, boot, find
+from guestemu.workloads import check_choice, check_int
 from shared import pci_layout as pl
 from shared.errors import VbusError
 from shared.frames import HEADER, MULTIPLIER, check, stamp
@@ -411,20 +412,26 @@ class EchoSession:
         }
 
 
+def check_params(params: dict[str, Any]) -> None:
+    """The echo workload's parameters, checked before anything starts (see the package)."""
+    check_int(params, "count", 0)
+    for key in ("size", "batch", "qsize", "window"):
+        check_int(params, key, 1)
+    check_choice(params, "notify", ("always", "event_idx"))
+    check_choice(params, "chains", ("single", "indirect_tail"))
+
+
 def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
     """The echo workload: ``count`` frames of ``size`` bytes in batches of ``batch``. With
     ``rebind`` the BAR and then the MSI vectors move between three equal thirds of the
     transfer, and every frame must still arrive. ``chains``: ``"single"`` (default, one
     descriptor per buffer) or ``"indirect_tail"`` (each TX and RX buffer a normal descriptor
     followed by an indirect one, see :class:`~guestemu.drivers.PacketQueues`)."""
+    check_params(params)
     count = int(params.get("count", 1000))
     rebind = bool(params.get("rebind", False))
     notify = str(params.get("notify", "event_idx"))
-    if notify not in ("always", "event_idx"):
-        raise VbusError(f"echo: notify must be 'always' or 'event_idx', not {notify!r}")
     chains = str(params.get("chains", "single"))
-    if chains not in ("single", "indirect_tail"):
-        raise VbusError(f"echo: chains must be 'single' or 'indirect_tail', not {chains!r}")
     session = EchoSession(
         agent,
         int(params.get("size", 64)),

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from guestemu.drivers import Function, GuestRam, PacketQueues, boot, find
+from guestemu.workloads import check_choice, check_int, check_positive
 from shared import pci_layout as pl
-from shared.errors import VbusError
+from shared.errors import ConfigError, VbusError
 from shared.frames import HEADER, check, stamp
 
 if TYPE_CHECKING:
@@ -282,14 +283,29 @@ def flood(port: NetPort, peer: int, count: int, batch: int, timeout: float) -> d
     }
 
 
+ROLES = ("send", "reflect", "flood")
+
+
+def check_params(params: dict[str, Any]) -> None:
+    """The port's parameters, checked before anything starts (see the package)."""
+    check_choice(params, "role", ROLES)
+    if "peer" not in params:
+        raise ConfigError(f"net role {params.get('role', 'send')!r} needs peer (a port id)")
+    check_int(params, "peer", 0)
+    check_int(params, "count", 0)
+    for key in ("size", "batch", "window"):
+        check_int(params, key, 1)
+    check_positive(params, "timeout")
+    check_choice(params, "others", ("fail", "count"))
+
+
 def run_port(
     agent: GuestAgent, ram: GuestRam, fn: Function, params: dict[str, Any]
 ) -> dict[str, Any]:
+    check_params(params)
     size = max(int(params.get("size", 256)), L2 + HEADER + 1)
     port = NetPort(agent, ram, fn, size)
     role = params.get("role", "send")
-    if "peer" not in params:
-        raise VbusError(f"net role {role!r} needs params.peer (a port id)")
     peer = int(params["peer"])
     count = int(params.get("count", 0 if role == "flood" else 1000))
     timeout = float(params.get("timeout", 60.0))

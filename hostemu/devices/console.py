@@ -186,6 +186,11 @@ QUEUES = 1
 VECTORS = 1
 
 
-def make_model(params: dict[str, Any]) -> DeviceModel:
+def check_params(params: dict[str, Any]) -> None:
+    """Checked by the topology before anything starts: no options."""
     no_params("console", params)
+
+
+def make_model(params: dict[str, Any]) -> DeviceModel:
+    check_params(params)
     return ConsoleModel()

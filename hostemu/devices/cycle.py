@@ -69,6 +69,11 @@ class CycleModel(DeviceModel):
         }
 
 
-def make_model(params: dict[str, Any]) -> DeviceModel:
+def check_params(params: dict[str, Any]) -> None:
+    """Checked by the topology before anything starts: no options."""
     no_params("cycle", params)
+
+
+def make_model(params: dict[str, Any]) -> DeviceModel:
+    check_params(params)
     return CycleModel()

@@ -197,6 +197,26 @@ CASES: list[tuple[str, str, list[str]]] = [
         ["vm[0].workload.name: unknown workload 'nope' (known: ", "console", "echo"],
     ),
     ("workload-no-name", VM + "workload = { count = 1 }\n", ["vm[0].workload.name: missing"]),
+    (
+        "workload-param-role",
+        VM + 'workload = { name = "net", role = "sned", peer = 1 }\n',
+        ["vm[0].workload: role must be one of send, reflect, flood, not 'sned'"],
+    ),
+    (
+        "workload-param-count",
+        VM + 'workload = { name = "echo", count = -5 }\n',
+        ["vm[0].workload: count must be an integer >= 0, not -5"],
+    ),
+    (
+        "workload-param-missing-peer",
+        VM + 'workload = { name = "net" }\n',
+        ["vm[0].workload: net role 'send' needs peer"],
+    ),
+    (
+        "device-params-none-taken",
+        VM + CONSOLE + "params = { foo = 1 }\n",
+        ["vm[0].device[0].params: console takes no options, got ['foo']"],
+    ),
     ("workload-type", VM + "workload = 3\n", ["vm[0].workload: must be a table, got integer"]),
     (
         "workload-date",
