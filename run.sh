@@ -7,8 +7,10 @@
 # pyproject.toml changed since the last install. Quiet when nothing to do. Concurrent
 # first runs take turns on .venv.lock: one sets up, the others wait and reuse it.
 set -euo pipefail
-# Ctrl-C before vbusemu starts (setting up .venv): one line, exit 130.
-trap 'printf "run.sh: interrupted\n" >&2; exit 130' INT
+# Ctrl-C before vbusemu starts (setting up .venv): one line, exit 130 -- on the terminal's
+# stderr (fd 8), not into the install log the setup's output is redirected to.
+exec 8>&2
+trap 'printf "run.sh: interrupted\n" >&8; exit 130' INT
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 venv="$here/.venv"
@@ -53,6 +55,8 @@ if ! ready; then
 fi
 
 export PATH="$venv/bin:$PATH"
+exec 8>&-  # (only for the interrupted line above; vbusemu and pytest do not inherit it)
+trap 'printf "run.sh: interrupted\n" >&2; exit 130' INT
 if [ "${1-}" = test ]; then
   shift; exec "$venv/bin/python" -m pytest "$@"
 fi

@@ -1,4 +1,4 @@
-"""The ``vbusemu`` command: thin entry points, no logic of their own.
+"""vbusemu: emulate a KVM-style host -- guests, devices and a broker as real processes.
 
 vbusemu run [topology.toml] [--timeout S]                 run a topology (main job)
 vbusemu bench [--quick] [--out DIR]                       benchmarks with baselines
