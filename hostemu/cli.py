@@ -54,6 +54,10 @@ def _positive(kind: type[int] | type[float]) -> Any:
     return parse
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # (unwinds: every ``finally`` and ``with`` cleans up)
+
+
 def _policy(name: str) -> Policy:
     try:
         return Policy[name.upper()]
@@ -206,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         CTRL_C.uninstall()  # every other command: Ctrl-C is a KeyboardInterrupt again
         if CTRL_C.pending:
             return 130
+    if args.command in ("demo", "soak", "conform", "bench"):
+        # SIGTERM unwinds like Ctrl-C: their temporary directories and processes go too
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         if args.command == "run":
             from hostemu.run import main as run_main
@@ -271,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vbusemu {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print(f"vbusemu {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (``vbusemu ps | head``): quietly stop
         from shared.loop import silence_stdout

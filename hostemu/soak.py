@@ -351,46 +351,55 @@ def main(
     shm_before = set(os.listdir("/dev/shm"))
     kids_before = children_of_me()
     workdir = Path(tempfile.mkdtemp(prefix="vbsoak-"))
-    run_dir = workdir / "run"
-    run_dir.mkdir(mode=0o700)
-    log_path = workdir / "soak.log"
-    print(
-        f"soak: {seconds:.0f} s, seed {seed}, a fault every {fault_every} s on average; "
-        f"logs in {log_path}",
-        file=out,
-        flush=True,
-    )
-    with open(log_path, "w") as log:
-        # The embedded VMM logs (restarts, deferred configurations) go to the log file.
-        handler = logging.StreamHandler(log)
-        handler.setFormatter(logging.Formatter("soak-vmm: %(levelname)s %(message)s"))
-        logging.getLogger("vbusemu").addHandler(handler)
-        logging.getLogger("vbusemu").propagate = False
-        broker = start_broker(str(run_dir / "broker.sock"), Policy.REFCOUNT, stderr=log, stdout=log)
-        soak = Soak(seconds, seed=seed, fault_every=fault_every, workdir=workdir, log=log, out=out)
-        try:
-            soak.run(str(run_dir / "broker.sock"), broker)
-        except VbusError as e:
-            soak.tally.problems.append(f"{type(e).__name__}: {e}")
-        finally:
-            status = broker.stop()
-            soak.loop.close()
-        if status != 0:
-            soak.tally.problems.append(f"the broker exited with status {status}")
-    soak.check_image()
-    if "Traceback" in log_path.read_text(errors="replace"):
-        soak.tally.problems.append(f"a traceback in the logs (see {log_path})")
-    for entry in sorted(set(os.listdir("/dev/shm")) - shm_before):
-        soak.tally.leaks.append(f"/dev/shm/{entry}")
-    for pid in sorted(children_of_me() - kids_before):
-        soak.tally.leaks.append(f"process {pid} left running (killed)")
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-    print(soak.report(), file=out, flush=True)
-    if soak.ok:
-        shutil.rmtree(workdir, ignore_errors=True)
-        return 0
-    print(f"soak: logs and image kept in {workdir}", file=out, flush=True)
-    return 1
+    keep = False  # a failed soak keeps its logs and image; anything else leaves nothing
+    try:
+        run_dir = workdir / "run"
+        run_dir.mkdir(mode=0o700)
+        log_path = workdir / "soak.log"
+        print(
+            f"soak: {seconds:.0f} s, seed {seed}, a fault every {fault_every} s on average; "
+            f"logs in {log_path}",
+            file=out,
+            flush=True,
+        )
+        with open(log_path, "w") as log:
+            # The embedded VMM logs (restarts, deferred configurations) go to the log file.
+            handler = logging.StreamHandler(log)
+            handler.setFormatter(logging.Formatter("soak-vmm: %(levelname)s %(message)s"))
+            logging.getLogger("vbusemu").addHandler(handler)
+            logging.getLogger("vbusemu").propagate = False
+            broker = start_broker(
+                str(run_dir / "broker.sock"), Policy.REFCOUNT, stderr=log, stdout=log
+            )
+            soak = Soak(
+                seconds, seed=seed, fault_every=fault_every, workdir=workdir, log=log, out=out
+            )
+            try:
+                soak.run(str(run_dir / "broker.sock"), broker)
+            except VbusError as e:
+                soak.tally.problems.append(f"{type(e).__name__}: {e}")
+            finally:
+                status = broker.stop()
+                soak.loop.close()
+            if status != 0:
+                soak.tally.problems.append(f"the broker exited with status {status}")
+        soak.check_image()
+        if "Traceback" in log_path.read_text(errors="replace"):
+            soak.tally.problems.append(f"a traceback in the logs (see {log_path})")
+        for entry in sorted(set(os.listdir("/dev/shm")) - shm_before):
+            soak.tally.leaks.append(f"/dev/shm/{entry}")
+        for pid in sorted(children_of_me() - kids_before):
+            soak.tally.leaks.append(f"process {pid} left running (killed)")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        print(soak.report(), file=out, flush=True)
+        if soak.ok:
+            return 0
+        keep = True
+        print(f"soak: logs and image kept in {workdir}", file=out, flush=True)
+        return 1
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
