@@ -7,7 +7,7 @@ vbusemu soak [--seconds N] [--seed S] [--fault-every S]  faults + churn + traffi
 vbusemu broker [--socket PATH] [--policy hup|refcount]    run a broker
 vbusemu ps [--socket PATH] [--json]                       what a broker owns
 vbusemu conform [--json] [--scenario NAME]...             the broker next to real KVM
-vbusemu guest|device --channel-fd N                       agent processes
+vbusemu guest|device --channel-fd N                       (internal) what the launcher starts
 """
 
 from __future__ import annotations
@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vbusemu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{run,bench,demo,soak,broker,ps,conform}"
+    )
     p = sub.add_parser(
         "run",
         help="run a topology of VMs and devices (default: two VMs "
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "topology",
         nargs="?",
         default=None,
-        help="a topology file (default: the two-VM example)",
+        help="a topology file, or a shipped example by name: two-vms (the default), echo, minimal",
     )
     p.add_argument(
         "--timeout",
@@ -139,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a reduced matrix (< 60 s)")
     p.add_argument("--out", default=None, help="results directory (default bench-results/…)")
     p = sub.add_parser("demo", help="the 2009 assign-then-close scenario in real processes")
-    p.add_argument("--policy", default="both", choices=["hup", "refcount", "both"])
+    p.add_argument(
+        "--policy",
+        default="both",
+        choices=["hup", "refcount", "both"],
+        help="which release policy to play it under (default: both, one after the other)",
+    )
     p.add_argument(
         "--signals", type=_positive(int), default=1000, help="signals per policy (default 1000)"
     )
@@ -157,8 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         help="mean seconds between injected faults (default 1)",
     )
     p = sub.add_parser("broker", help="run a broker (the emulated host kernel)")
-    p.add_argument("--socket", default=default_socket_path())
-    p.add_argument("--policy", type=_policy, default=Policy.HUP)
+    p.add_argument(
+        "--socket", default=default_socket_path(), help="where it listens (default: %(default)s)"
+    )
+    p.add_argument(
+        "--policy",
+        type=_policy,
+        default=Policy.HUP,
+        help="eventfd release policy: hup (Linux as merged, the default) or refcount",
+    )
     p.add_argument(
         "--ack-timeout",
         type=_positive(float),
@@ -182,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
     p = sub.add_parser("ps", help="list what a broker owns, with both reference counts")
-    p.add_argument("--socket", default=default_socket_path())
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--socket", default=default_socket_path(), help="the broker's (default: %(default)s)"
+    )
+    p.add_argument("--json", action="store_true", help="the whole state as JSON")
     p = sub.add_parser(
         "conform",
         help="run the control-plane scenarios on the broker and "
@@ -199,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     for name in ("guest", "device"):
-        p = sub.add_parser(name, help=f"run a {name} process on an inherited channel")
+        # (internal: what the launcher starts; not listed)
+        p = sub.add_parser(name)
         p.add_argument("rest", nargs=argparse.REMAINDER)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("guest", "device"):

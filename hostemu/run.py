@@ -53,16 +53,50 @@ DEFAULT_TOPOLOGY = Path(__file__).resolve().parent / "examples" / "two-vms.toml"
 
 
 def default_topology() -> topo.Topology:
-    """The default topology. In a source checkout its disk images go next to it (in
-    ``examples/``); in an installed package -- not a place to write -- to the user's data
-    directory (``$XDG_DATA_HOME/vbusemu``, else ``~/.local/share/vbusemu``)."""
+    """The default topology (the two-VM example)."""
+    return example_topology(DEFAULT_TOPOLOGY)
+
+
+def example_topology(path: Path) -> topo.Topology:
+    """A topology shipped in the package's ``examples``. In a source checkout its disk
+    images go next to it (in ``examples/``); in an installed package -- not a place to
+    write -- to the user's data directory (``$XDG_DATA_HOME/vbusemu``, else
+    ``~/.local/share/vbusemu``)."""
     if (DEFAULT_TOPOLOGY.parent.parent.parent / "examples").is_dir():
-        return topo.load(DEFAULT_TOPOLOGY)
+        return topo.load(path)
     data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     base = data / "vbusemu"
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    topology = topo.loads(DEFAULT_TOPOLOGY.read_text(), base, str(DEFAULT_TOPOLOGY))
-    return dataclasses.replace(topology, source=DEFAULT_TOPOLOGY)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise topo.TopologyError(str(path), [f"cannot read: {e}"]) from None
+    return dataclasses.replace(topo.loads(text, base, str(path)), source=path)
+
+
+def examples() -> list[str]:
+    """The names of the shipped example topologies."""
+    return sorted(p.stem for p in DEFAULT_TOPOLOGY.parent.glob("*.toml"))
+
+
+def resolve_topology(arg: str | None) -> topo.Topology:
+    """What ``vbusemu run [arg]`` runs: the default; a topology file; or, where no such
+    file exists, a shipped example by name (``echo``, ``echo.toml``). A file inside the
+    shipped examples is treated as that example (its disk images do not go into an
+    installed package)."""
+    if arg is None:
+        return default_topology()
+    path = Path(arg)
+    shipped = DEFAULT_TOPOLOGY.parent / path.name
+    if path.exists():
+        if shipped.exists() and path.resolve() == shipped.resolve():
+            return example_topology(shipped)
+        return topo.load(path)
+    if path.name == arg and path.stem in examples():  # a bare name: the example
+        return example_topology(DEFAULT_TOPOLOGY.parent / f"{path.stem}.toml")
+    raise topo.TopologyError(
+        arg, [f"no such file, nor a shipped example (examples: {', '.join(examples())})"]
+    )
 
 
 EXIT_INTERRUPTED = 130
@@ -79,6 +113,16 @@ def _fmt(value: Any, unit: str = "", digits: int = 1) -> str:
     if isinstance(value, float):
         return f"{value:,.{digits}f}{unit}"
     return f"{value:,}{unit}"
+
+
+def ok_line(rows: list[dict[str, Any]]) -> str:
+    """What a good run checked, as its last line says it."""
+    checked = []
+    if any(r.get("frames") for r in rows):
+        checked.append("every frame arrived exactly once, in order, intact")
+    if any(r.get("disk_mb_per_s_read") is not None for r in rows):
+        checked.append("every block read matched")
+    return "; ".join(checked) or "every workload finished and reported no problem"
 
 
 def summary_rows(done: dict[str, Any]) -> list[dict[str, Any]]:
@@ -240,7 +284,8 @@ class Launcher:
             stderr=self.logfile,
         )
         self._check_interrupt()
-        self.say(f"vmm pid {self.vmm.pid}: {len(self.topology.vms)} VMs")
+        n_vms = len(self.topology.vms)
+        self.say(f"vmm pid {self.vmm.pid}: {n_vms} VM{'' if n_vms == 1 else 's'}")
         done = self._follow(self.vmm)
         if done is None:
             self.say("FAILED: the VMM ended without a result")
@@ -252,9 +297,7 @@ class Launcher:
         if problem is not None or not rows:
             self.say(f"\nFAILED: {problem or 'no workload reported'}")
             return 1
-        self.say(
-            "\nOK: every frame arrived exactly once, in order, intact; every block read matched"
-        )
+        self.say(f"\nOK: {ok_line(rows)}")
         return 0
 
     def _follow(self, vmm: ManagedProcess) -> dict[str, Any] | None:
@@ -307,7 +350,7 @@ def main(path: str | None, timeout: float = 120.0) -> int:
     ctrl_c.install()
     try:
         try:
-            topology = topo.load(Path(path)) if path else default_topology()
+            topology = resolve_topology(path)
             # Before anything starts: a second run of the same images stops here.
             locks = lock_images(topo.image_paths(topology))
         except ConfigError as e:

@@ -169,7 +169,11 @@ class Console:
 
 
 def default_lines(functions: list[Function]) -> list[str]:
-    return ["vbusemu guest booting", f"pci: {len(functions)} functions", "console: ready"]
+    return [
+        "vbusemu guest booting",
+        f"pci: {len(functions)} function{'' if len(functions) == 1 else 's'}",
+        "console: ready",
+    ]
 
 
 PARAMS = frozenset({"lines", "qsize", "buf_size"})

@@ -181,7 +181,11 @@ def summary(results: list[ScenarioResult]) -> str:
         for s in r.steps:
             counts[s.verdict] = counts.get(s.verdict, 0) + 1
     parts = [f"{counts.get(k, 0)} {k}" for k in (SAME, DEVIATION, KNOWN_BUG, DIFFERENT)]
-    return f"{len(results)} scenarios, " + ", ".join(parts) + " (steps)"
+    return (
+        f"{len(results)} scenario{'' if len(results) == 1 else 's'}, "
+        + ", ".join(parts)
+        + " (steps)"
+    )
 
 
 def list_scenarios() -> str:
@@ -196,7 +200,8 @@ def main(names: list[str], as_json: bool) -> int:
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         print(
-            f"vbusemu conform: unknown scenario {', '.join(map(repr, unknown))} (see --list)",
+            f"vbusemu conform: unknown scenario{'' if len(unknown) == 1 else 's'} "
+            f"{', '.join(map(repr, unknown))} (see --list)",
             file=sys.stderr,
         )
         return 2
@@ -204,7 +209,7 @@ def main(names: list[str], as_json: bool) -> int:
     if why is not None:
         print(f"vbusemu conform: cannot use KVM here: {why}", file=sys.stderr)
         return 2
-    chosen = [BY_NAME[n] for n in names] if names else list(SCENARIOS)
+    chosen = [BY_NAME[n] for n in dict.fromkeys(names)] if names else list(SCENARIOS)
     with Conformance() as c:
         results = list(c.run_all(chosen))
     if as_json:

@@ -103,7 +103,7 @@ def test_boot_lines_reach_the_host(broker_factory, policy: Policy) -> None:  # t
     r = result["results"]["vm0"]
     assert r["ok"] and r["lines"] == 3 and r["error"] is None, r
     stats = console_stats(result)
-    assert stats["recent"] == ["vbusemu guest booting", "pci: 1 functions", "console: ready"]
+    assert stats["recent"] == ["vbusemu guest booting", "pci: 1 function", "console: ready"]
     assert stats["lines"] == 3 and stats["truncated"] == 0 and stats["pending"] == 0
     assert stats["bytes"] == sum(len(line) + 1 for line in stats["recent"])
     assert result["errors"] == []
