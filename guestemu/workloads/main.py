@@ -16,6 +16,7 @@ from guestemu.drivers import GuestRam, boot, find
 from guestemu.workloads import blk, net
 from guestemu.workloads.console import Console
 from shared import pci_layout as pl
+from shared.errors import ConfigError
 
 if TYPE_CHECKING:
     from guestemu.guest import GuestAgent
@@ -28,7 +29,23 @@ KIND = {
 }
 
 
+def check_params(params: dict[str, Any]) -> None:
+    """The parts' parameters, checked before anything starts (see the package): ``net``
+    as the ``net`` workload checks it, ``disk`` and ``hostname`` by type."""
+    for key in ("net", "disk"):
+        if key in params and not isinstance(params[key], dict):
+            raise ConfigError(f"{key} must be a table, not {params[key]!r}")
+    if "net" in params:
+        try:
+            net.check_params(params["net"])
+        except ConfigError as e:
+            raise ConfigError(f"net.{e}") from None
+    if "hostname" in params and not isinstance(params["hostname"], str):
+        raise ConfigError(f"hostname must be a string, not {params['hostname']!r}")
+
+
 def run(agent: GuestAgent, params: dict[str, Any]) -> dict[str, Any]:
+    check_params(params)
     ram = GuestRam(agent.memory.map)
     functions = boot(agent.vcpu)
     consoles = find(functions, pl.DEVICE_CONSOLE)

@@ -290,7 +290,7 @@ def check_params(params: dict[str, Any]) -> None:
     """The port's parameters, checked before anything starts (see the package)."""
     check_choice(params, "role", ROLES)
     if "peer" not in params:
-        raise ConfigError(f"net role {params.get('role', 'send')!r} needs peer (a port id)")
+        raise ConfigError(f"peer is missing (role {params.get('role', 'send')!r} needs a port id)")
     check_int(params, "peer", 0)
     check_int(params, "count", 0)
     for key in ("size", "batch", "window"):

@@ -203,6 +203,16 @@ CASES: list[tuple[str, str, list[str]]] = [
         ["vm[0].workload: role must be one of send, reflect, flood, not 'sned'"],
     ),
     (
+        "workload-main-net-role",
+        VM + 'workload = { name = "main", net = { role = "sned", peer = 1 } }\n',
+        ["vm[0].workload: net.role must be one of send, reflect, flood, not 'sned'"],
+    ),
+    (
+        "workload-main-net-type",
+        VM + 'workload = { name = "main", net = 3 }\n',
+        ["vm[0].workload: net must be a table, not 3"],
+    ),
+    (
         "workload-param-count",
         VM + 'workload = { name = "echo", count = -5 }\n',
         ["vm[0].workload: count must be an integer >= 0, not -5"],
@@ -210,7 +220,7 @@ CASES: list[tuple[str, str, list[str]]] = [
     (
         "workload-param-missing-peer",
         VM + 'workload = { name = "net" }\n',
-        ["vm[0].workload: net role 'send' needs peer"],
+        ["vm[0].workload: peer is missing (role 'send' needs a port id)"],
     ),
     (
         "device-params-none-taken",
