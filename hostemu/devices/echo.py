@@ -119,6 +119,10 @@ class EchoModel(DeviceModel):
         self._pass_limit = BUDGET
         self.echoed = 0
         self.bytes = 0
+        # times frames were held with no RX buffer to deliver them (the device then waits
+        # for the guest to post one): never, for a guest that keeps as many RX buffers
+        # posted as it has frames in flight
+        self.rx_waits = 0
 
     def attach(self, runtime: DeviceRuntime) -> None:
         super().attach(runtime)
@@ -338,22 +342,27 @@ class EchoModel(DeviceModel):
         self.bytes += int(lens.sum()) if n > 8 else sum(lens.tolist())
 
     def _fill_rx(self, q: Queue) -> bool:
+        """Deliver held frames into RX buffers. RX kicks are wanted only while frames wait
+        for a buffer: otherwise a TX pass looks at RX itself, and a kick per reposted
+        buffer would wake this process for nothing."""
         self._deferred_tx()  # (drops deferred chains that can no longer be read)
-        if not self.backlog_frames:
-            return False
-        deferred = self._deferred
-        if self.backlog:  # the staged copies first; the deferred chains on a later pass
-            want = self.backlog_frames - (len(deferred) if deferred is not None else 0)
-        else:  # only deferred chains: straight TX -> RX, within the per-pass copy budget
-            assert deferred is not None
-            width = min(MAX_FRAME, max(1, max(deferred.readable_list)))
-            want = min(len(deferred), max(1, MAX_PASS_BYTES // width))
-        batch = q.ring.pop_batch(max_n=min(BUDGET, want))
-        if len(batch) == 0:
-            q.ring.enable_notifications()
-            return False
-        self._deliver(q, batch)
-        return bool(self.backlog_frames)
+        if self.backlog_frames:
+            deferred = self._deferred
+            if self.backlog:  # the staged copies first; the deferred chains on a later pass
+                want = self.backlog_frames - (len(deferred) if deferred is not None else 0)
+            else:  # only deferred chains: straight TX -> RX, within the per-pass copy budget
+                assert deferred is not None
+                width = min(MAX_FRAME, max(1, max(deferred.readable_list)))
+                want = min(len(deferred), max(1, MAX_PASS_BYTES // width))
+            batch = q.ring.pop_batch(max_n=min(BUDGET, want))
+            if len(batch) == 0:
+                self.rx_waits += 1
+                return q.ring.enable_notifications()  # re-check: no lost kick
+            self._deliver(q, batch)
+            if self.backlog_frames:
+                return True
+        q.ring.disable_notifications()
+        return False
 
     def _deliver(self, q: Queue, batch: Batch) -> None:
         """Fill RX ``batch`` (at most as many buffers as frames are held) in TX order: from
@@ -433,6 +442,7 @@ class EchoModel(DeviceModel):
             "bytes": self.bytes,
             "backlog": self.backlog_frames,
             "backlog_bytes": self.backlog_bytes,
+            "rx_waits": self.rx_waits,
         }
         if self.sink:
             out.update(sunk=self.echoed, seq_errors=self.seq_errors)

@@ -8,6 +8,7 @@ and every frame is checked for sequence and checksum by the guest.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from typing import Any
 
@@ -87,6 +88,29 @@ def test_echo_round_trip_through_every_process(broker_factory, policy: Policy) -
     assert result["errors"] == []
     # everything the VMM created was torn down
     assert not broker.connect().state()["objects"]
+
+
+def test_pipelined_echo_keeps_rx_stocked_and_waits_on_replies(broker: BrokerHandle) -> None:
+    """A guest keeps an RX buffer posted for every frame in flight -- a reply seen but not
+    taken still holds its buffer -- so the echo device never holds a request with nowhere to
+    put its reply until the guest reposts. Guest and device share one CPU here: each runs
+    while the other waits, and a guest that sent before reposting would leave the device
+    with requests and no buffers (it did, counting seen replies as back)."""
+    cpu = min(os.sched_getaffinity(0))
+    vm = echo_vm("vm0", 20000, size=64)
+    vm["cpus"] = [cpu]
+    vm["devices"][0]["cpus"] = [cpu]
+    result = run_vmm(broker, [vm])
+    assert result["returncode"] == 0, result
+    assert result["results"]["vm0"]["frames"] == 20000
+    dev = result["stats"]["vm0"]["devices"]["echo0"]
+    assert dev["model"]["echoed"] == 20000
+    assert dev["model"]["rx_waits"] == 0, dev
+    # and it waits for replies, not for TX completions: the device completes a TX buffer in
+    # the pass that delivers its reply, so a guest woken by both takes two interrupts per
+    # pass (one per vector); this one takes the TX completions when the replies wake it
+    took = sorted(result["results"]["vm0"]["interrupts"].values())
+    assert took and (len(took) == 1 or took[0] * 10 <= took[-1]), result["results"]["vm0"]
 
 
 def test_bar_move_and_msi_reprogramming_rebind_without_loss(broker: BrokerHandle) -> None:

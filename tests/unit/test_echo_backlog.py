@@ -124,6 +124,11 @@ class Rig:
         heads = self.rx_pair.driver.add_batch(addrs, [size] * n, True).tolist()
         self.rx_addr.update(zip(heads, addrs, strict=True))
 
+    def kick_rx(self, n: int, size: int = BIG) -> bool:
+        """Post ``n`` RX buffers; whether the device wants a kick for them."""
+        self.post_rx(n, size)
+        return self.rx_pair.driver.kick_needed()
+
     def reap_rx(self) -> None:
         ids, lens = self.rx_pair.driver.get_used()
         for head, n in zip(ids.tolist(), lens.tolist(), strict=True):
@@ -323,3 +328,52 @@ def test_deferred_chains_of_a_replaced_ring_are_dropped(rig: Rig) -> None:
     rig.tx = rig.runtime.queues[TX] = Queue(TX, rig.tx_pair.device, vector=0)
     rig.pump(TX)
     assert rig.model._deferred is None and rig.model.backlog_frames == 4
+
+
+def test_rx_kicks_are_wanted_only_while_frames_wait_for_rx(rig: Rig) -> None:
+    """Reposted RX buffers need no kick while no frame waits for one (a TX pass looks at RX
+    itself): an RX pass with nothing held turns RX kicks off. Frames staged with no RX buffer
+    turn them back on, and the next buffer posted asks for a kick that delivers them."""
+    rig.kick_rx(4)
+    assert rig.rx_pair.device.notifications_enabled  # (a new ring starts with kicks on)
+    rig.pump(RX)
+    assert not rig.rx_pair.device.notifications_enabled
+    assert not rig.kick_rx(4)  # nothing waits for RX: no kick wanted
+    rig.post_tx([BIG] * 10)
+    rig.pump(TX)  # 8 delivered straight, 2 staged: they wait for RX buffers
+    assert rig.model.backlog_frames == 2
+    assert rig.rx_pair.device.notifications_enabled
+    assert rig.kick_rx(2)  # the buffers the staged frames wait for ask for a kick
+    rig.pump(RX)
+    rig.reap_rx()
+    check_in_order(rig)
+    assert not rig.kick_rx(1)  # and once none waits, kicks are off again
+
+
+def test_an_rx_buffer_posted_while_kicks_come_back_on_is_not_missed(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The RX pass that finds no buffer for a staged frame turns RX kicks on and re-checks:
+    a buffer the driver posted before it could see them on (so it sent no kick) asks for
+    another pass, which delivers."""
+    rig.post_tx([BIG] * 3)
+    rig.pump(TX)  # no RX buffers: all three staged, RX kicks on
+    assert rig.model.backlog_frames == 3
+    rig.rx_pair.device.disable_notifications()  # the driver posts while kicks are off:
+    assert not rig.kick_rx(3)
+    ring = rig.rx_pair.device
+    real_pop = ring.pop_batch
+    raced = [True]
+
+    def pop_batch(*args: Any, **kw: Any) -> Any:  # the pass looked just before the post
+        if raced[0]:
+            raced[0] = False
+            return real_pop(max_n=0)
+        return real_pop(*args, **kw)
+
+    monkeypatch.setattr(ring, "pop_batch", pop_batch)
+    assert rig.model.on_queue(rig.rx) is True  # re-check found them: another pass
+    assert ring.notifications_enabled
+    rig.pump(RX)
+    rig.reap_rx()
+    check_in_order(rig)
