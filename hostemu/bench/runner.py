@@ -163,7 +163,7 @@ class Plan:
                     "rtt": 300,
                     "bulk64k": 4000,
                     "bulk1m": 600,
-                    "scale": 400000,
+                    "scale": 1200000,
                     "ops": 200,
                 },
                 modes=("event-idx",),
@@ -181,7 +181,7 @@ class Plan:
                 "rtt": 2000,
                 "bulk64k": 30000,
                 "bulk1m": 3000,
-                "scale": 1200000,
+                "scale": 4000000,
                 "ops": 1000,
             },
         )

@@ -270,7 +270,7 @@ class EchoModel(DeviceModel):
                 self._sink_mem = np.empty(room, dtype=np.uint8)
             done = kernels.consume(q.ring, self._sink_mem, self.next_seq, BUDGET, MAX_FRAME)
             if done is not None:
-                taken, nbytes, errors, interrupt, more = done
+                taken, nbytes, errors, interrupt, more, _ = done
                 if not taken:
                     return more  # nothing there; notifications back on, re-checked
                 self.next_seq += taken

@@ -35,6 +35,7 @@ from shared.virtio.batch import Batch, empty_batch, simple_batch
 from shared.virtio.layout import (
     INDEX_MASK,
     VRING_USED_F_NO_NOTIFY,
+    I64Array,
     KernelViews,
     U8Array,
     U16Array,
@@ -113,11 +114,12 @@ class DeviceKernels:
 
     def consume(
         self, ring: DeviceRing, sink: U8Array, first_seq: int, limit: int, max_width: int
-    ) -> tuple[int, int, int, bool, bool] | None:
+    ) -> tuple[int, int, int, bool, bool, int] | None:
         """:func:`~shared.virtio.fused_device.device_consume` into ``sink``, for frames up
-        to ``max_width`` bytes: ``(taken, bytes, seq_errors, interrupt, more)`` with the
-        ring's state committed, or ``None``: declined, nothing changed (the caller runs
-        its reference step)."""
+        to ``max_width`` bytes: ``(taken, bytes, seq_errors, interrupt, more, stride)`` with
+        the ring's state committed, or ``None``: declined, nothing changed (the caller runs
+        its reference step). With ``stride`` > 0 the frames are rows of ``sink`` (their
+        lengths in :meth:`taken_lengths`)."""
         ram = self._ram_slot(ring)
         if ram is None or ring._broken is not None:
             return None
@@ -150,7 +152,14 @@ class DeviceKernels:
         out = self._finish_pass(ring)
         if out is None:
             return None
-        return out[1], out[2], out[3], bool(out[4]), bool(out[5])
+        return out[1], out[2], out[3], bool(out[4]), bool(out[5]), out[6]
+
+    def taken_lengths(self, k: int) -> I64Array:
+        """The bytes each of the ``k`` chains the last :meth:`consume` took carried (0 for
+        a device-writable buffer, which has nothing to read), as a new array -- what
+        :meth:`~shared.virtio.DeviceRing.read_payloads` returns as the lengths copied."""
+        lens: I64Array = np.where(self.wflags[:k] != 0, 0, self.lens[:k]).astype(np.int64)
+        return lens
 
     def forward(
         self, ring: DeviceRing, rx: DeviceRing, limit: int, width_cap: int

@@ -106,15 +106,17 @@ def device_consume(
 
     ``st``: ``q, last_avail, num_in_flight, next_used, event_idx, used_flags_shadow,
     max_len, limit, first_seq, max_width``. ``out``: ``stage, taken, bytes, seq_errors,
-    interrupt, more`` -- stage ``STAGE_START`` declined (nothing written; the reference
-    runs the step), ``STAGE_DONE`` done."""
+    interrupt, more, stride`` -- stage ``STAGE_START`` declined (nothing written; the
+    reference runs the step), ``STAGE_DONE`` done; ``stride``: frame ``i`` is at
+    ``sink[i * stride:]`` (a row each, as wide as the widest), or 0 when they did not all
+    fit and each was copied to the start in turn."""
     q = st[0]
     last_avail = st[1]
     num_in_flight = st[2]
     next_used = st[3]
     event_idx = st[4] != 0
     flags = st[5]
-    for i in range(6):
+    for i in range(7):
         out[i] = 0
     avail_idx = int(load_acquire_u16_unchecked(avail16, 1))  # read once
     n = (avail_idx - last_avail) & 0xFFFF
@@ -178,6 +180,7 @@ def device_consume(
     out[3] = errors
     out[4] = r
     out[5] = 1
+    out[6] = stride
 
 
 @njit(cache=True, nogil=True)

@@ -43,11 +43,13 @@ class FakeRuntime:
         self.reported: list[int] = []
 
     def complete(self, q: Queue, ids: Any, lens: Any) -> None:
-        if q.ring.push_used(ids, lens):
+        self.used_published(q, q.ring.push_used(ids, lens))
+
+    def used_published(self, q: Queue, interrupt: bool) -> None:
+        if interrupt:
             self.interrupts[q.vector] += 1
 
     def report_broken(self, q: Queue) -> None:
-        """(Not in DeviceRuntime yet: the report's proposed public name for ``_report_broken``.)"""
         if q.index not in self.reported:
             self.reported.append(q.index)
 
@@ -71,6 +73,7 @@ class Guest:
         rx_buffers: int | None = None,
         rx: bool = True,
         rx_size: int = BUF,
+        jit: bool | None = None,
     ) -> None:
         self.port = port
         self.qsize = qsize
@@ -85,11 +88,13 @@ class Guest:
         self.rx = DriverRing(self.mem.translate(RX_RING, layout.size), layout, event_idx=False)
         self.runtime = FakeRuntime()
         self.runtime.queues[TX] = Queue(
-            TX, DeviceRing.from_layout(self.mem, TX_RING, layout, event_idx=False), 0
+            TX, DeviceRing.from_layout(self.mem, TX_RING, layout, event_idx=False, jit=jit), 0
         )
         if rx:
             self.runtime.queues[RX] = Queue(
-                RX, DeviceRing.from_layout(self.mem, RX_RING, layout, event_idx=False), 1
+                RX,
+                DeviceRing.from_layout(self.mem, RX_RING, layout, event_idx=False, jit=jit),
+                1,
             )
         port.attach(cast(DeviceRuntime, self.runtime))
         self.rx_size = rx_size
