@@ -3,10 +3,19 @@
 Invariants
 ----------
 * Each irqfd binding the broker attached is one :class:`IrqLine` holding the guest's own
-  copies of the eventfd (and, for level-triggered lines, the resamplefd), and an epoll
-  instance watching that eventfd *edge-triggered* (:attr:`IrqLine.edges`): the caller's
-  loop watches that instance, so a line wakes once per write to the eventfd, whatever
-  count it holds -- KVM's irqfd sits on the eventfd's wait queue the same way.
+  copies of the eventfd (and, for level-triggered lines, the resamplefd). A line wakes
+  once per write to the eventfd (per batch of writes made before it looks), whatever
+  count it holds -- KVM's irqfd sits on the eventfd's wait queue the same way. Two ways
+  to watch it, chosen at attach (:attr:`IrqLine.edges`):
+
+  - *direct*: the caller's loop watches the eventfd itself. A delivery reads the whole
+    count, so the eventfd is not readable again until the next write: once per write,
+    one syscall per interrupt. Only where that holds: the eventfd is not in semaphore
+    mode (a read would take 1 and leave it readable) and holds no count at attach (a
+    count KVM leaves unread would keep it readable), as the kernel's fdinfo says;
+  - *edge*: otherwise (and where fdinfo cannot tell), an epoll instance watching the
+    eventfd edge-triggered, which the caller's loop watches: readable once per write
+    since the last :meth:`IrqLine.take_edge`, whatever is left in the eventfd.
 * A delivery (a new write) reads the eventfd once -- the whole count, or 1 in semaphore
   mode, as KVM's irqfd wakeup does -- and injects. ``delivered[gsi]`` counts the signals
   those reads took; ``wakeups[gsi]`` counts injections.
@@ -52,13 +61,20 @@ Invariants
 
 from __future__ import annotations
 
+import contextlib
 import select
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from shared.fds import EventConsumer, EventNotifier, OwnedFd
+from shared.fds import (
+    EventConsumer,
+    EventNotifier,
+    OwnedFd,
+    eventfd_info,
+    fdinfo_shows_semaphore,
+)
 
 TAKE_ORDER: Final = (0, 1, 2, *range(8, 16), *range(3, 8), *range(23, 15, -1))
 """The gsis an interrupt can be taken on, in the order KVM delivers requests latched
@@ -73,12 +89,15 @@ class IrqLine:
     gsi: int
     consumer: EventConsumer
     resample: EventNotifier | None = None
-    edges: select.epoll = field(default_factory=select.epoll)
-    """The eventfd, edge-triggered: readable once per write since the last :meth:`take_edge`."""
+    edges: select.epoll | None = field(default_factory=select.epoll)
+    """Edge mode: the eventfd, edge-triggered -- readable once per write since the last
+    :meth:`take_edge`. ``None``: direct mode, the eventfd itself is watched."""
     held: bool = False
     """A count pending at attach, not injected yet (the gsi was masked)."""
 
     def __post_init__(self) -> None:
+        if self.edges is None:
+            return
         try:
             self.edges.register(self.consumer.fileno(), select.EPOLLIN | select.EPOLLET)
         except BaseException:
@@ -87,15 +106,16 @@ class IrqLine:
 
     def fileno(self) -> int:
         """What a loop watches (level-triggered) to learn of new writes."""
-        return self.edges.fileno()
+        return self.consumer.fileno() if self.edges is None else self.edges.fileno()
 
     def take_edge(self) -> bool:
-        """True once per batch of writes since the last call (or since the line attached,
-        for a count already pending then)."""
-        return bool(self.edges.poll(0))
+        """Edge mode: True once per batch of writes since the last call (or since the line
+        attached, for a count already pending then). Direct mode: True -- the read says."""
+        return True if self.edges is None else bool(self.edges.poll(0))
 
     def close(self) -> None:
-        self.edges.close()
+        if self.edges is not None:
+            self.edges.close()
         self.consumer.close()
         if self.resample is not None:
             self.resample.close()
@@ -153,15 +173,22 @@ class InterruptController:
         """Attach a line. A count already pending is not read: the line is marked
         :attr:`~IrqLine.held`, and the caller's next :meth:`deliver` (at once, or on
         unmask) injects it once."""
+        info = None
+        if fdinfo_shows_semaphore():
+            # (out of fds or memory: the edge mode's epoll below fails the same way)
+            with contextlib.suppress(OSError):
+                info = eventfd_info(fd.fd)
+        direct = info is not None and not info.semaphore and info.count == 0
         line = IrqLine(
             binding,
             gsi,
             EventConsumer(fd),
             EventNotifier(resample) if resample is not None else None,
+            edges=None if direct else select.epoll(),
         )
-        # Registering it made the edge epoll ready if a count was pending: take that
-        # edge now, so that only writes from here on read the eventfd.
-        line.held = line.take_edge()
+        # Edge mode: registering it made the edge epoll ready if a count was pending: take
+        # that edge now, so that only writes from here on read the eventfd.
+        line.held = not direct and line.take_edge()
         self.lines[binding] = line
         if line.resample is not None:
             self.resamplers.setdefault(gsi, []).append(line)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import array
 import errno
 import fcntl
+import functools
 import os
 import select
 import socket
@@ -197,6 +198,24 @@ def eventfd_info(fd: int) -> EventFdInfo | None:
         )
     except (KeyError, ValueError):
         return None
+
+
+@functools.cache
+def fdinfo_shows_semaphore() -> bool:
+    """Whether this kernel's fdinfo says if an eventfd is in semaphore mode (Linux 6.4 and
+    later); before that :func:`eventfd_info` cannot tell and reports ``semaphore`` False.
+    Probed once with a semaphore-mode eventfd of our own."""
+    try:
+        probe = new_eventfd(semaphore=True)
+    except OSError:
+        return False
+    try:
+        info = eventfd_info(probe.fd)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return info is not None and info.semaphore
 
 
 class EventNotifier:
