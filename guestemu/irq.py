@@ -46,10 +46,11 @@ Invariants
   first). A request stays latched when its line falls again (the PIC latches edges), so
   detaching an asserted irqfd leaves it to be taken.
 * A masked gsi is not read: its writes stay pending in the eventfds (coalescing there,
-  as in hardware's pending bit) and their edges in each line's epoll; the caller stops
-  watching a masked line (see :meth:`fds_of`) and, on unmask, watches it again: pending
-  writes are then delivered as one interrupt. A count pending at attach on a masked gsi
-  is held (:attr:`IrqLine.held`) and injected, unread, on unmask.
+  as in hardware's pending bit) and, in edge mode, their edges in each line's epoll;
+  the caller stops watching a masked line (see :meth:`fds_of`) and, on unmask, watches
+  it again: pending writes are then delivered as one interrupt. A count pending at
+  attach on a masked gsi is held (:attr:`IrqLine.held`) and injected, unread, on
+  unmask.
 * Each gsi may have a handler, called with ``(gsi, signals)`` on every injection
   (``signals`` is 0 for a count pending at attach, which is not read).
 * An ioeventfd match follows KVM: same bus and exact address; length 0 matches any
@@ -195,9 +196,9 @@ class InterruptController:
         return line
 
     def deliver(self, binding: int) -> bool:
-        """The line's epoll is readable (a write), or it holds a count pending at attach:
-        read the eventfd once if written and inject -- unless a resampling irqfd holds
-        the gsi high already (no new edge). Returns whether it injected."""
+        """The watched fd is readable (a write), or the line holds a count pending at
+        attach: read the eventfd once if written and inject -- unless a resampling irqfd
+        holds the gsi high already (no new edge). Returns whether it injected."""
         line = self.lines[binding]
         gsi = line.gsi
         if gsi in self.masked:

@@ -273,11 +273,13 @@ class EchoSession:
         kick or the window is full, so the interpreter is not entered per batch (one batch per
         call when stop-and-wait, ``window`` 1). The same frames, checks, waits and results as
         the reference loop, with one change of order: frames the device has returned (its used
-        entries, seen but not taken yet) already count as back for the window, so the next
-        frames are sent -- and the device kicked -- *before* the returned ones are verified. A
+        entries, seen but not taken yet) count as back for the window -- as far as RX has
+        buffers beyond the window, since each still holds its RX buffer -- so the next frames
+        are sent -- and the device kicked -- *before* the returned ones are verified. A
         stop-and-wait exchange then verifies each reply while the device works on the next
         request, instead of before sending it; a verification failure still ends the transfer at
-        once. A round trip ends when its reply is seen (its used entry), before it is verified."""
+        once. A round trip ends when its reply is seen (its used entry), before it is verified.
+        (A window of the whole RX ring has no such room: it takes its replies first.)"""
         q = self.queues
         send, receive, wait = q.send_frames, q.receive_frames, q.wait
         tx_ring, rx_ring = q.tx.ring, q.rx.ring

@@ -238,8 +238,9 @@ TARGETS: list[Target] = [
         ("scale", {"vms": 4}, "msgs/s"),
         ("scale", {"vms": 1}, "msgs/s"),
         "1 VM's guest and device run side by side on the 2 CPUs with no wakeup; 4 VMs "
-        "take turns, each turn a wakeup and ~60 us of Python per ring's worth of frames "
-        "on each side, against ~0.3 us of kernel work per frame",
+        "take turns, a wakeup on each side per ring's worth of frames: ~60 us of "
+        "interpreter time per 256-frame turn (both sides), on top of ~0.3 us of CPU per "
+        "frame",
     ),
 ]
 

@@ -223,6 +223,16 @@ class Switch:
         self.ports: dict[int, VenetPort] = {}
         self.stage_frames = stage_frames
         self.stage_bytes = stage_bytes
+        self._copy_buffer = np.empty(0, dtype=np.uint8)
+
+    def copy_buffer(self) -> np.ndarray[Any, Any]:
+        """Where the compiled TX pass copies a port's frames out, one row each: room for
+        ``BUDGET`` frames of ``MAX_FRAME`` bytes, one buffer for every port (the passes
+        run one at a time, and each copies its frames out of it before it returns).
+        Allocated at the first pass; pages are backed as far as the largest pass wrote."""
+        if self._copy_buffer.shape[0] == 0:
+            self._copy_buffer = np.empty(BUDGET * MAX_FRAME, dtype=np.uint8)
+        return self._copy_buffer
 
     def deliver(self, src: int, frames: np.ndarray[Any, Any], lens: np.ndarray[Any, Any]) -> None:
         dst = frames[:, 0:4].copy().view("<u4").reshape(-1) if len(frames) else frames
@@ -248,7 +258,6 @@ class VenetPort(DeviceModel):
         self.rx_from: Counter[int] = Counter()
         self.rx_dropped_from: Counter[int] = Counter()
         self.stage = FairStage(switch.stage_frames, switch.stage_bytes)
-        self._rows = np.empty(0, dtype=np.uint8)  # compiled path: TX frames copied out
         switch.ports[port] = self
 
     def on_queue(self, q: Queue) -> bool:
@@ -258,24 +267,26 @@ class VenetPort(DeviceModel):
             return False
         kernels = q.ring.kernels
         if kernels is not None:
-            # The compiled path: pop, validate, copy the frames out as rows of the port's
-            # reused copy buffer and complete them, in one fused kernel; None if it
-            # declined (an unusual ring, a frame over MAX_FRAME) having changed nothing --
-            # then the reference below.
-            if self._rows.shape[0] == 0:  # (virtual until written: rows used are touched)
-                self._rows = np.empty(BUDGET * MAX_FRAME, dtype=np.uint8)
-            done = kernels.consume(q.ring, self._rows, 0, BUDGET, MAX_FRAME)
+            # The compiled path: pop, validate, copy the frames out as rows of the switch's
+            # copy buffer and complete them, in one fused kernel; None if it declined (an
+            # unusual ring, a frame over MAX_FRAME) having changed nothing -- then the
+            # reference below.
+            rows = self.switch.copy_buffer()
+            done = kernels.consume(q.ring, rows, 0, BUDGET, MAX_FRAME)
             if done is not None:
                 taken, _, _, interrupt, more, stride = done
                 if not taken:
                     return more  # nothing there; notifications back on, re-checked
+                # (the buffer holds BUDGET frames of MAX_FRAME: every frame has its row)
+                assert stride > 0, "frames copied over each other"
                 self.runtime.used_published(q, interrupt)
                 lens = kernels.taken_lengths(taken)
-                # (rows narrower than a header hold only runts: never read, all dropped)
-                width = max(L2_HEADER, stride)
-                frames = np.zeros((taken, width), np.uint8)
-                if stride:
-                    frames[:, :stride] = self._rows[: taken * stride].reshape(taken, stride)
+                taken_rows = rows[: taken * stride].reshape(taken, stride)
+                if stride >= L2_HEADER:
+                    frames = taken_rows.copy()  # (the buffer is the next pass's)
+                else:  # only runts (under a header: dropped), in rows wide enough to parse
+                    frames = np.zeros((taken, L2_HEADER), np.uint8)
+                    frames[:, :stride] = taken_rows
                 self._forward(frames, lens)
                 return True
         q.ring.disable_notifications()

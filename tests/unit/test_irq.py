@@ -11,8 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from guestemu import irq as irq_module
 from guestemu.irq import TAKE_ORDER, InterruptController
-from shared.fds import OwnedFd, eventfd_info, new_eventfd
+from shared.fds import OwnedFd, eventfd_info, fdinfo_shows_semaphore, new_eventfd
 
 
 def count(fd: OwnedFd) -> int:
@@ -143,12 +144,22 @@ def readable(fd: int) -> bool:
     [(0, False, True), (0, True, False), (2, False, False)],
     ids=["direct", "semaphore-edge", "pending-edge"],
 )
+@pytest.mark.parametrize("kernel_tells", [True, False], ids=["fdinfo-mode", "no-fdinfo-mode"])
 def test_the_watched_fd_is_readable_once_per_write_in_either_mode(
-    irq: InterruptController, initval: int, semaphore: bool, direct: bool
+    monkeypatch: pytest.MonkeyPatch,
+    irq: InterruptController,
+    initval: int,
+    semaphore: bool,
+    direct: bool,
+    kernel_tells: bool,
 ) -> None:
     """A line is watched directly (its eventfd) where a delivery's read clears it -- not
-    in semaphore mode, no count at attach -- else through its edge epoll. Either way the
-    watched fd is readable after writes and not after their delivery."""
+    in semaphore mode, no count at attach -- else through its edge epoll; where the
+    kernel's fdinfo does not show the mode (before Linux 6.4), always the edge epoll.
+    Either way the watched fd is readable after writes and not after their delivery."""
+    if not kernel_tells:
+        monkeypatch.setattr(irq_module, "fdinfo_shows_semaphore", lambda: False)
+    direct = direct and kernel_tells and fdinfo_shows_semaphore()
     b, e = attach(irq, 3, initval, semaphore=semaphore)
     with e:
         line = irq.lines[b]
