@@ -307,12 +307,18 @@ def ping(ch: Channel, token: int = 0) -> float:
 
 
 def assert_counts_sane(state: dict[str, Any]) -> None:
-    """No reference count of any object is negative (or claims a non-existent binding)."""
+    """No reference count of any object is negative, and no binding names a freed object.
+
+    The state is read section by section (objects before bindings), each page consistent
+    on its own: while other clients work, a binding read later may name an object created
+    after the objects were read. Ids come from one counter, so such an object is newer
+    than every object read; any other missing object was freed under a live binding."""
     bad = [o for o in state["objects"] if o["handles"] < 0 or o["bindings"] < 0]
     assert not bad, f"negative reference counts: {bad}"
     live = {o["id"] for o in state["objects"]}
+    newest = max(live, default=0)
     for b in state["bindings"]:
-        assert b["eventfd"] in live, f"binding {b} names a freed object"
+        assert b["eventfd"] in live or b["eventfd"] > newest, f"binding {b} names a freed object"
 
 
 def broker_children(pid: int) -> list[int]:
@@ -345,11 +351,14 @@ def baseline(ctl: Channel) -> Baseline:
 
 
 def settle(ctl: Channel, connections: int = 1, timeout: float = WAIT) -> dict[str, Any]:
-    """The broker's state once it has handled every hang-up (``connections`` remain)."""
+    """The broker's state once it has handled every hang-up (``connections`` remain),
+    judged by the summary's count: the state is read section by section, and the summary
+    -- with the process's open fds -- comes before the connection list, so a list that
+    shows the last hang-up handled may come with open fds from before it."""
     deadline = time.monotonic() + timeout
     while True:
         state = ctl.state()
-        if len(state["connections"]) <= connections or time.monotonic() > deadline:
+        if state["counts"]["connections"] <= connections or time.monotonic() > deadline:
             return state
 
 
