@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -321,34 +322,66 @@ class Program:
     # ----------------------------------------------------------------- hostility
 
     def corrupt(self) -> None:
-        r, q = self.rng, self.qsize
-        what = r.choice(["used_idx", "used_entry", "avail_idx", "desc", "avail_entry"])
-        i = r.randrange(q)
-        bump = r.choice([1, 2, q, q + 1, 0x8000])
-        used = (r.choice([0, i, q, 0xFFFF]), r.choice([0, 1, 0xFFFFFFFF]))
-        desc = (r.choice([0, 0x10, RAM - 4, RAM + 64, 1 << 63]), r.choice([0, 8, 64, 1 << 20]))
-        flags = r.choice([0, 1, 2, 4])
-        entry = r.choice([0, i, q, 0xFFFF])
-        queue = r.choice([0, 1])
+        bad = Corruption.draw(self.rng, self.qsize, RAM, Corruption.KINDS)
+        queue = self.rng.choice([0, 1])
 
         def op(w: World) -> None:
             size, d, a, u = w.queues.fn.driver.queues[queue]
-            layout = RingLayout(size)
-            if what == "used_idx":
-                view = w.mem.translate(u + 2, 2).view("<u2")
-                view[0] = (int(view[0]) + bump) & INDEX_MASK
-            elif what == "used_entry":
-                w.mem.translate(u + 4 + 8 * i, 8).view("<u4")[:] = used
-            elif what == "avail_idx":
-                view = w.mem.translate(a + 2, 2).view("<u2")
-                view[0] = (int(view[0]) + bump) & INDEX_MASK
-            elif what == "avail_entry":
-                w.mem.translate(a + 4 + 2 * i, 2).view("<u2")[0] = entry
-            else:
-                table = w.mem.translate(d, layout.desc_size).view(DESC_DTYPE)
-                table[i] = (desc[0], desc[1], flags, 0)
+            bad.apply(w.mem, size, d, a, u)
 
         self.both(op)
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """One hostile rewrite of a split ring in guest memory, drawn at random once and
+    applied the same to both worlds: an index jump, a forged used or avail entry, or a
+    rewritten descriptor (address, length and flags)."""
+
+    KINDS: ClassVar[tuple[str, ...]] = (
+        "used_idx",
+        "used_entry",
+        "avail_idx",
+        "desc",
+        "avail_entry",
+    )
+    what: str
+    i: int
+    bump: int
+    entry: int
+    used: tuple[int, int]
+    desc: tuple[int, int]
+    flags: int
+
+    @classmethod
+    def draw(cls, r: random.Random, q: int, ram: int, kinds: Sequence[str]) -> Corruption:
+        i = r.randrange(q)
+        return cls(
+            what=r.choice(kinds),
+            i=i,
+            bump=r.choice([1, 2, q, q + 1, 0x8000]),
+            entry=r.choice([0, i, q, 0xFFFF]),
+            used=(r.choice([0, i, q, 0xFFFF]), r.choice([0, 1, 0xFFFFFFFF])),
+            desc=(r.choice([0, 0x10, ram - 4, ram + 64, 1 << 63]), r.choice([0, 8, 64, 1 << 20])),
+            flags=r.choice([0, 1, 2, 4]),
+        )
+
+    def apply(self, mem: GuestMemoryMap, qsize: int, desc: int, avail: int, used: int) -> None:
+        """Rewrite the ring of ``qsize`` entries whose areas start at these addresses."""
+        i = self.i
+        if self.what == "used_idx":
+            view = mem.translate(used + 2, 2).view("<u2")
+            view[0] = (int(view[0]) + self.bump) & INDEX_MASK
+        elif self.what == "used_entry":
+            mem.translate(used + 4 + 8 * i, 8).view("<u4")[:] = self.used
+        elif self.what == "avail_idx":
+            view = mem.translate(avail + 2, 2).view("<u2")
+            view[0] = (int(view[0]) + self.bump) & INDEX_MASK
+        elif self.what == "avail_entry":
+            mem.translate(avail + 4 + 2 * i, 2).view("<u2")[0] = self.entry
+        else:
+            table = mem.translate(desc, RingLayout(qsize).desc_size).view(DESC_DTYPE)
+            table[i] = (self.desc[0], self.desc[1], self.flags, 0)
 
 
 @pytest.fixture

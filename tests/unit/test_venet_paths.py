@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 
 from hostemu.devices import venet
-from shared.virtio import DESC_DTYPE, INDEX_MASK
 from shared.virtio import compiled as compiled_path
-from tests.unit.test_fused import _device_state
+from tests.unit.test_fused import Corruption, _device_state
 from tests.unit.test_ring_scalar import norm
 from tests.unit.test_venet import BUF, RAM, RX_BUF, TX_RING, Guest, frame
 
@@ -117,27 +116,14 @@ class Program:
         self.both(op)
 
     def corrupt(self) -> None:
-        r, q = self.rng, self.qsize
-        g = r.randrange(PORTS)
-        what = r.choice(["avail_idx", "avail_entry", "desc"])
-        i = r.randrange(q)
-        bump = r.choice([1, 2, q, q + 1, 0x8000])
-        entry = r.choice([0, i, q, 0xFFFF])
-        desc = (r.choice([0, 0x10, RAM - 4, RAM + 64, 1 << 63]), r.choice([0, 8, 64, 1 << 20]))
-        flags = r.choice([0, 1, 2, 4])
+        g = self.rng.randrange(PORTS)
+        # (what the guest writes: the switch only reads TX)
+        bad = Corruption.draw(self.rng, self.qsize, RAM, ("avail_idx", "avail_entry", "desc"))
 
         def op(w: World) -> None:
-            guest = w.guests[g]
-            layout = guest.layout
-            avail = TX_RING + layout.avail_offset
-            if what == "avail_idx":
-                view = guest.mem.translate(avail + 2, 2).view("<u2")
-                view[0] = (int(view[0]) + bump) & INDEX_MASK
-            elif what == "avail_entry":
-                guest.mem.translate(avail + 4 + 2 * i, 2).view("<u2")[0] = entry
-            else:
-                table = guest.mem.translate(TX_RING, layout.desc_size).view(DESC_DTYPE)
-                table[i] = (desc[0], desc[1], flags, 0)
+            layout = w.guests[g].layout
+            avail, used = TX_RING + layout.avail_offset, TX_RING + layout.used_offset
+            bad.apply(w.guests[g].mem, self.qsize, TX_RING, avail, used)
 
         self.both(op)
 
